@@ -1,0 +1,99 @@
+"""The client update: K local optimiser steps on a sub-model, as pure functions.
+
+Split fedjax-style into ``init`` / ``step`` / ``final`` so that every execution
+strategy in ``engine`` (a Python loop of jitted steps, or vmap over clients with
+the steps in a scan) runs the very same arithmetic.
+
+Conventions:
+* ``delta = params_received − params_trained`` (old − new, as the authors' code);
+  the server applies ``w ← w − η_g · avg(delta)``.
+* ``mask`` is the sub-model the client *received* (``policy.mask`` at the
+  round's start); θ and the round's spec stay fixed, while ``policy.apply``
+  may re-evaluate the mask from the current weights at every step (FIARSE does).
+* Batches: each round the client draws one random order of its ``count`` valid
+  rows and cycles through it, ``batch_size`` rows per step (wrapping around, so
+  a client with fewer rows than a batch repeats rows). Padding rows beyond
+  ``count`` are never read, so unequal client sizes need no truncation.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fiarse_jax.policies.base import MaskPolicy
+
+Params = Any
+#: (sub-model params, x batch, y batch, rng) -> scalar mean loss.
+LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+class ClientData(NamedTuple):
+    """One client's padded rows (or, stacked, many clients' with a leading axis)."""
+
+    x: jax.Array      # [n_max, ...]
+    y: jax.Array      # [n_max]
+    count: jax.Array  # [] number of valid rows (≥ 1)
+
+
+class ClientState(NamedTuple):
+    params: Params
+    opt_state: Any
+    order: jax.Array     # [n_max] valid row indices first, in random order
+    rng: jax.Array
+    loss_sum: jax.Array
+
+
+class ClientResult(NamedTuple):
+    delta: Params        # old − new
+    mask: Params         # 0/1, coordinates held
+    loss: jax.Array      # mean training loss over the K steps
+
+
+class ClientFns(NamedTuple):
+    """The three pure pieces of a client update, plus K."""
+
+    init: Callable[[Params, Any, ClientData, jax.Array], ClientState]
+    step: Callable[[ClientState, Any, ClientData, jax.Array], ClientState]
+    final: Callable[[Params, ClientState, Any], ClientResult]
+    num_steps: int
+
+
+def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
+                    optimizer: optax.GradientTransformation, *,
+                    num_steps: int, batch_size: int) -> ClientFns:
+    """Client update for ``policy``: ``num_steps`` steps of ``optimizer`` at ``batch_size``."""
+
+    def init(params, spec, data: ClientData, key):
+        del spec
+        k_order, k_run = jax.random.split(key)
+        n_max = data.y.shape[0]
+        scores = jax.random.uniform(k_order, (n_max,))
+        scores = jnp.where(jnp.arange(n_max) < data.count, scores, 2.0)
+        return ClientState(params=params, opt_state=optimizer.init(params),
+                           order=jnp.argsort(scores), rng=k_run,
+                           loss_sum=jnp.zeros((), jnp.float32))
+
+    def step(state: ClientState, spec, data: ClientData, k):
+        pos = (k * batch_size + jnp.arange(batch_size)) % data.count
+        idx = state.order[pos]
+        xb, yb = data.x[idx], data.y[idx]
+        rng, sub = jax.random.split(state.rng)
+
+        def objective(p):
+            return loss_fn(policy.apply(p, spec), xb, yb, sub)
+
+        loss, grads = jax.value_and_grad(objective)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return ClientState(params, opt_state, state.order, rng,
+                           state.loss_sum + loss.astype(jnp.float32))
+
+    def final(params0, state: ClientState, spec):
+        delta = jax.tree_util.tree_map(jnp.subtract, params0, state.params)
+        return ClientResult(delta=delta, mask=policy.mask(params0, spec),
+                            loss=state.loss_sum / num_steps)
+
+    return ClientFns(init=init, step=step, final=final, num_steps=int(num_steps))

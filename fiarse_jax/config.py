@@ -1,0 +1,89 @@
+"""Config validation: every bad value stops the run before any work, in one line."""
+from __future__ import annotations
+
+from typing import Any
+
+from fiarse_jax import engine, fiarse, masks, models, policies
+from fiarse_jax.data import federated
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the run cannot use."""
+
+
+def _get(config, field: str) -> Any:
+    node = config
+    for part in field.split("."):
+        try:
+            node = node[part]
+        except (KeyError, AttributeError, TypeError):
+            raise ConfigError(f"config.{field} is missing") from None
+    return node
+
+
+def _fail(field: str, value: Any, allowed: str):
+    raise ConfigError(f"config.{field} = {value!r}: {allowed}")
+
+
+def _int(config, field: str, lo: int = 1, hi: int | None = None) -> int:
+    v = _get(config, field)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        _fail(field, v, f"must be an integer in [{lo}, {hi}]" if hi is not None
+              else f"must be an integer ≥ {lo}")
+    return v
+
+
+def _positive(config, field: str) -> float:
+    v = _get(config, field)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        _fail(field, v, "must be a number > 0")
+    return float(v)
+
+
+def _choice(config, field: str, allowed) -> str:
+    v = _get(config, field)
+    if v not in allowed:
+        _fail(field, v, f"must be one of {sorted(allowed)}")
+    return v
+
+
+def validate_config(config) -> None:
+    """Raise ``ConfigError`` naming the first bad field and its allowed values."""
+    _int(config, "seed", lo=0)
+    _choice(config, "data.name", federated.DATASETS)
+    num_clients = _int(config, "data.num_clients")
+    _positive(config, "data.alpha")
+    tf = _get(config, "data.test_fraction")
+    if isinstance(tf, bool) or not isinstance(tf, (int, float)) or not 0 < tf < 1:
+        _fail("data.test_fraction", tf, "must be in (0, 1)")
+    _int(config, "data.min_client_size", lo=2)
+
+    caps = _get(config, "capacities")
+    if not isinstance(caps, (tuple, list)) or not caps:
+        _fail("capacities", caps, "must be a non-empty sequence of ratios in (0, 1]")
+    for c in caps:
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
+            _fail("capacities", tuple(caps), f"every ratio must be in (0, 1]; {c!r} is not")
+    if len(set(caps)) != len(caps):
+        _fail("capacities", tuple(caps), "ratios must be distinct")
+    if len(caps) > num_clients:
+        _fail("capacities", tuple(caps),
+              f"more capacity levels than clients (data.num_clients = {num_clients})")
+
+    method = _choice(config, "method", policies.POLICIES)
+    if method == "fiarse":
+        _choice(config, "fiarse.scope", masks.SCOPES)
+        _choice(config, "fiarse.gradient", fiarse.GRADIENTS)
+    _choice(config, "model.name", models.MODELS)
+
+    _int(config, "num_rounds")
+    _int(config, "clients_per_round", hi=num_clients)
+    _choice(config, "client.optimizer", OPTIMIZERS)
+    _positive(config, "client.learning_rate")
+    _int(config, "client.local_steps")
+    _int(config, "client.batch_size")
+    _positive(config, "server.learning_rate")
+    _choice(config, "engine.strategy", engine.STRATEGIES)
+    _int(config, "eval_every")

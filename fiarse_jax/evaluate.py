@@ -1,0 +1,90 @@
+"""Evaluation: the full model and every capacity's sub-model, on global and local tests.
+
+For each capacity level r the sub-model ``policy.apply(params, spec_r)`` (no
+training, so it is just x ⊙ M_r for FIARSE) is scored on
+* the *global* test set: every client's test samples pooled, and
+* the *local* tests of that capacity's clients: pooled over their samples
+  (``local_accuracy``) and as the mean of per-client accuracies
+  (``local_accuracy_client_mean``, the paper's per-size local number).
+So every cell of the paper's tables has a counterpart. The full (unmasked)
+global model is scored on the global test set (``global_accuracy``).
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fiarse_jax.data.federated import FederatedData
+from fiarse_jax.policies.base import MaskPolicy
+
+
+def capacity_label(r: float) -> str:
+    """'1', '1/4', '1/16' for reciprocals of integers, else the decimal ('0.64')."""
+    inv = Fraction(1.0 / r).limit_denominator(1000)
+    if inv.denominator == 1:
+        return "1" if inv == 1 else f"1/{inv.numerator}"
+    return f"{r:g}"
+
+
+def make_evaluator(logits_fn: Callable[[Any, jax.Array], jax.Array], policy: MaskPolicy,
+                   capacities: Sequence[float], assignment: np.ndarray, *,
+                   batch_size: int = 1024) -> Callable[..., dict]:
+    """``evaluate(params, round_state, data) -> metrics dict`` (see module docstring).
+
+    ``assignment[c]`` is the capacity level index of client ``c``.
+    """
+    labels = [capacity_label(r) for r in capacities]
+    assignment = np.asarray(assignment)
+
+    @jax.jit
+    def score(params, x, y):
+        logits = logits_fn(params, x)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return (jnp.argmax(logits, -1) == y), loss
+
+    @jax.jit
+    def extract(params, round_state, level):
+        spec = policy.client_spec(round_state, level, jax.random.PRNGKey(0))
+        return policy.apply(params, spec)
+
+    def predict(params, data: FederatedData):
+        n = data.test_y.shape[0]
+        correct, losses = [], []
+        for s in range(0, n, batch_size):
+            x, y = data.test_x[s:s + batch_size], data.test_y[s:s + batch_size]
+            pad = batch_size - y.shape[0] if n > batch_size else 0
+            if pad:  # keep one compiled shape for the last batch
+                x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+                y = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
+            c, l = score(params, x, y)
+            correct.append(np.asarray(c)[:batch_size - pad])
+            losses.append(np.asarray(l)[:batch_size - pad])
+        return np.concatenate(correct).astype(np.float64), np.concatenate(losses)
+
+    def evaluate(params, round_state, data: FederatedData) -> dict:
+        test_client = np.asarray(data.test_client)
+        num_clients = len(assignment)
+        sample_level = assignment[test_client]
+        correct, loss = predict(params, data)
+        out = {"global_accuracy": float(correct.mean()), "global_loss": float(loss.mean()),
+               "local_accuracy": {}, "local_accuracy_client_mean": {},
+               "capacity_global_accuracy": {}}
+        for lvl, label in enumerate(labels):
+            sub = extract(params, round_state, jnp.asarray(lvl, jnp.int32))
+            c, _ = predict(sub, data)
+            own = sample_level == lvl
+            per_client_n = np.bincount(test_client[own], minlength=num_clients)
+            per_client_c = np.bincount(test_client[own], weights=c[own], minlength=num_clients)
+            has = per_client_n > 0
+            out["capacity_global_accuracy"][label] = float(c.mean())
+            out["local_accuracy"][label] = float(c[own].mean()) if own.any() else float("nan")
+            out["local_accuracy_client_mean"][label] = (
+                float((per_client_c[has] / per_client_n[has]).mean()) if has.any() else float("nan"))
+        return out
+
+    return evaluate

@@ -1,0 +1,43 @@
+"""Server aggregation as pytree reductions over a leading client axis.
+
+Sign convention: ``delta = old − new`` (what a client subtracted), so the server
+applies ``w ← w − η_g · avg`` (the authors' code, η_g = 1 by default).
+
+Every coordinate is averaged over the clients that hold it (mask = 1); a
+coordinate nobody holds keeps its value. Holders are counted by the mask, not by
+``delta ≠ 0`` as the authors' code does: a kept weight whose update is exactly 0
+still counts (it voted "no change"). Normalisation parameters, held by everyone,
+are averaged over all participants. No data-size weighting (as the authors).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Params = Any
+
+
+def holder_average(deltas: Params, masks: Params) -> tuple[Params, Params]:
+    """(Σ_i m_i·d_i / Σ_i m_i, Σ_i m_i) per coordinate; 0 where no client holds it."""
+    def avg(d, m):
+        m = m.astype(d.dtype)
+        count = m.sum(axis=0)
+        total = (d * m).sum(axis=0)
+        return jnp.where(count > 0, total / jnp.maximum(count, 1), 0).astype(d.dtype)
+
+    counts = jax.tree_util.tree_map(lambda m: m.sum(axis=0), masks)
+    return jax.tree_util.tree_map(avg, deltas, masks), counts
+
+
+@jax.jit
+def aggregate(params: Params, deltas: Params, masks: Params, *,
+              server_lr: float = 1.0) -> Params:
+    """New global params: each coordinate moves by −η_g × its holders' mean delta.
+
+    ``deltas`` and ``masks`` carry a leading client axis; ``masks`` are 0/1.
+    """
+    avg, _ = holder_average(deltas, masks)
+    return jax.tree_util.tree_map(lambda p, a: p - jnp.asarray(server_lr, p.dtype) * a,
+                                  params, avg)

@@ -1,0 +1,158 @@
+"""``train_and_evaluate(config, workdir)``: the federated training loop.
+
+Data flows config → data → model → mask policy → client engine → server →
+metrics. Per round: sample clients (a pure function of seed and round), let the
+policy prepare every level's extraction from the global model (one sort), give
+each client its spec, run the clients with the chosen strategy, aggregate the
+deltas over holders, and evaluate every ``eval_every`` rounds.
+
+Outputs in ``workdir``: ``metrics.jsonl`` (one JSON object per evaluation) and
+``summary.json`` (config, final metrics, kept fractions, timing).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from fiarse_jax import client as client_lib
+from fiarse_jax import engine, evaluate, models, policies, server
+from fiarse_jax.config import ConfigError, validate_config
+from fiarse_jax.data import federate, load_dataset
+
+
+def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> np.ndarray:
+    """The round's clients, uniformly without replacement; a pure function of (seed, round)."""
+    rng = np.random.default_rng([seed, round_index])
+    return np.sort(rng.choice(num_clients, per_round, replace=False))
+
+
+def assign_capacities(num_clients: int, num_levels: int) -> np.ndarray:
+    """Level index per client in equal contiguous blocks (clients 0..N/L−1 → level 0, …)."""
+    return (np.arange(num_clients) * num_levels) // num_clients
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    lr = config.client.learning_rate
+    if config.client.optimizer == "sgd":
+        return optax.sgd(lr)
+    return optax.adamw(lr)
+
+
+def kept_fractions(policy, params, round_state, capacities, is_maskable=None) -> list[float]:
+    """Fraction of maskable scalars each level's sub-model keeps."""
+    from fiarse_jax.masks import maskable_flags
+    flags = maskable_flags(params, is_maskable)
+    total = sum(l.size for l, f in zip(jax.tree_util.tree_leaves(params), flags) if f)
+    out = []
+    for lvl in range(len(capacities)):
+        spec = policy.client_spec(round_state, lvl, jax.random.PRNGKey(0))
+        m = jax.tree_util.tree_leaves(policy.mask(params, spec))
+        out.append(float(sum(float(x.sum()) for x, f in zip(m, flags) if f) / total))
+    return out
+
+
+def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) -> dict[str, Any]:
+    """Train ``config.method`` federatedly and evaluate it; returns the summary dict.
+
+    ``progress``: show a tqdm bar (``None``: only on an interactive terminal).
+    """
+    validate_config(config)
+    t_start = time.time()
+    capacities = tuple(float(c) for c in config.capacities)
+    ds = load_dataset(config.data.name)
+    try:
+        data = federate(ds, num_clients=config.data.num_clients, alpha=config.data.alpha,
+                        test_fraction=config.data.test_fraction,
+                        min_client_size=config.data.min_client_size, seed=config.seed)
+    except ValueError as e:  # e.g. too many clients for the data at this alpha
+        raise ConfigError(f"config.data: {e}") from None
+
+    model_opts = {k: v for k, v in config.model.items() if k != "name"}
+    model = models.build_model(config.model.name, ds.num_classes, model_opts)
+    init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    params = model.init(init_key, data.train.x[0, :1])["params"]
+
+    def logits_fn(p, x):
+        return model.apply({"params": p}, x)
+
+    def loss_fn(p, x, y, rng):
+        del rng
+        return optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, x), y).mean()
+
+    policy = policies.build_policy(config.method, capacities,
+                                   dict(config.get(config.method, {})))
+    fns = client_lib.make_client_fns(loss_fn, policy, make_optimizer(config),
+                                     num_steps=config.client.local_steps,
+                                     batch_size=config.client.batch_size)
+    run_clients = engine.make_round_runner(fns, config.engine.strategy)
+    assignment = assign_capacities(config.data.num_clients, len(capacities))
+    evaluator = evaluate.make_evaluator(logits_fn, policy, capacities, assignment)
+    prepare = jax.jit(policy.prepare)
+    client_specs = jax.jit(jax.vmap(policy.client_spec, in_axes=(None, 0, 0)))
+
+    os.makedirs(workdir, exist_ok=True)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    history = []
+    bar = tqdm(range(config.num_rounds), desc=f"{config.method}", unit="round",
+               disable=(not progress) if progress is not None else None)
+    with open(metrics_path, "w") as metrics_file:
+        for rnd in bar:
+            ids = sample_clients(config.seed, rnd, config.data.num_clients,
+                                 config.clients_per_round)
+            round_key = jax.random.fold_in(train_key, rnd)
+            round_state = prepare(params, rnd, round_key)
+            keys = jax.vmap(jax.random.fold_in, (None, 0))(round_key, jnp.asarray(ids))
+            specs = client_specs(round_state, jnp.asarray(assignment[ids]), keys)
+            batch = jax.tree_util.tree_map(lambda a: a[ids], data.train)
+            result = run_clients(params, specs, batch, keys)
+            params = server.aggregate(params, result.delta, result.mask,
+                                      server_lr=config.server.learning_rate)
+            train_loss = float(result.loss.mean())
+            if (rnd + 1) % config.eval_every == 0 or rnd + 1 == config.num_rounds:
+                m = evaluator(params, prepare(params, rnd + 1, round_key), data)
+                m = {"round": rnd + 1, "train_loss": train_loss, **m,
+                     "elapsed_s": round(time.time() - t_start, 2)}
+                history.append(m)
+                metrics_file.write(json.dumps(m) + "\n")
+                metrics_file.flush()
+                bar.set_postfix(acc=f"{m['global_accuracy']:.3f}", loss=f"{train_loss:.3f}")
+                if bar.disable:
+                    print(f"round {rnd + 1}: global acc {m['global_accuracy']:.4f}, "
+                          f"local {m['local_accuracy']}", flush=True)
+
+    final_state = prepare(params, config.num_rounds, train_key)
+    summary = {
+        "config": config.to_dict(),
+        "final": history[-1],
+        "capacities": {evaluate.capacity_label(c): c for c in capacities},
+        "kept_fraction": dict(zip((evaluate.capacity_label(c) for c in capacities),
+                                  kept_fractions(policy, params, final_state, capacities))),
+        "num_classes": data.num_classes,
+        "num_params": int(sum(l.size for l in jax.tree_util.tree_leaves(params))),
+        "clients_per_level": {evaluate.capacity_label(c): int((assignment == i).sum())
+                              for i, c in enumerate(capacities)},
+        "strategy": engine.resolve_strategy(config.engine.strategy),
+        "backend": jax.default_backend(),
+        "wall_time_s": round(time.time() - t_start, 2),
+    }
+    tmp = os.path.join(workdir, "summary.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2, default=_jsonable)
+    os.replace(tmp, os.path.join(workdir, "summary.json"))
+    return summary
+
+
+def _jsonable(x):
+    if isinstance(x, (np.generic,)):
+        return x.item()
+    if isinstance(x, (tuple, set)):
+        return list(x)
+    return str(x)
