@@ -23,7 +23,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
                       str(summary["clients_per_level"][label]),
                       f"{final['local_accuracy'][label]:.2%}",
                       f"{final['capacity_global_accuracy'][label]:.2%}")
-    table.add_row("full global model", "100.0%", "all", "",
+    table.add_row("full model", "100.0%", "all", "",
                   f"{final['global_accuracy']:.2%}", style="bold")
     return table
 

@@ -1,0 +1,35 @@
+"""The command line as a user runs it (a real subprocess)."""
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "default.py")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "fiarse_jax", "--config", CONFIG, *args],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def test_cli_runs_and_prints_table(tmp_path):
+    r = run_cli("--workdir", str(tmp_path), "--config.num_rounds=2", "--config.eval_every=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for text in ("capacity 1/16", "capacity 1/4", "full model", "local test"):
+        assert text in r.stdout, r.stdout
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "metrics.jsonl").exists()
+
+
+def test_cli_bad_value_is_one_line_and_writes_nothing(tmp_path):
+    workdir = tmp_path / "run"
+    r = run_cli("--workdir", str(workdir), "--config.data.alpha=-1")
+    assert r.returncode == 2
+    assert "config.data.alpha = -1.0: must be a number > 0" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not workdir.exists()
+
+
+def test_console_script_is_declared():
+    eps = importlib.metadata.entry_points(group="console_scripts")
+    assert any(ep.name == "fiarse-jax" and ep.value == "fiarse_jax.main:run" for ep in eps)

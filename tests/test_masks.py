@@ -1,0 +1,134 @@
+"""masks: thresholds and masks against a NumPy re-derivation."""
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import MASKABLE, make_params
+from fiarse_jax import masks
+
+RATIOS = (1.0, 0.64, 0.5, 0.37, 0.25, 0.1, 1 / 16, 1 / 64)
+
+
+def np_maskable_abs(params):
+    return np.concatenate([np.abs(params[a][b]).ravel() for a, b in MASKABLE])
+
+
+def np_threshold(values, ratio):
+    if ratio == 1.0:
+        return 0.0
+    k = math.ceil(round(ratio * values.size, 6))
+    return np.sort(values)[::-1][k - 1]
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_global_threshold_matches_numpy_and_keeps_ceil_count(params, ratio):
+    vals = np_maskable_abs(params)
+    theta = masks.importance_threshold(params, ratio)
+    assert theta.shape == ()
+    np.testing.assert_allclose(float(theta), np_threshold(vals, ratio))
+    # Distinct magnitudes: exactly ⌈r·N⌉ kept (ratio 1: everything).
+    expected = vals.size if ratio == 1.0 else math.ceil(round(ratio * vals.size, 6))
+    assert int((vals >= float(theta)).sum()) == expected
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_global_mask_matches_numpy_and_spares_norm(params, ratio):
+    m = masks.importance_mask(params, ratio)
+    theta = np_threshold(np_maskable_abs(params), ratio)
+    for a, b in MASKABLE:
+        np.testing.assert_array_equal(np.asarray(m[a][b]),
+                                      (np.abs(params[a][b]) >= theta).astype(np.float32))
+    for leaf in ("scale", "bias"):
+        np.testing.assert_array_equal(np.asarray(m["BatchNorm_0"][leaf]), 1.0)
+
+
+def test_ratio_one_keeps_zeros_too():
+    params = make_params()
+    params["Dense_1"]["bias"] = np.zeros(5, np.float32)  # Flax's zero-initialised biases
+    m = masks.importance_mask(params, 1.0)
+    assert all(float(x.min()) == 1.0 for x in jax.tree_util.tree_leaves(m))
+
+
+def test_ties_are_all_kept():
+    params = {"Dense_0": {"kernel": np.array([[3.0, -2.0, 2.0, 2.0, 1.0, -0.5]], np.float32),
+                          "bias": np.array([2.0, 0.1], np.float32)}}
+    # |w| sorted: 3, 2, 2, 2, 2, 1, .5, .1 ; r = 0.25 → k = 2 → θ = 2, and all four 2s kept.
+    theta = masks.importance_threshold(params, 0.25)
+    assert float(theta) == 2.0
+    m = masks.importance_mask(params, 0.25)
+    kept = float(m["Dense_0"]["kernel"].sum() + m["Dense_0"]["bias"].sum())
+    assert kept == 5.0
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25, 0.1])
+def test_layer_scope_counts_per_group(params, ratio):
+    th = masks.importance_threshold(params, ratio, scope="layer")
+    m = masks.importance_mask(params, ratio, scope="layer")
+    for layer in ("Dense_0", "Dense_1"):
+        vals = np.concatenate([np.abs(params[layer]["kernel"]).ravel(),
+                               np.abs(params[layer]["bias"]).ravel()])
+        ref = np_threshold(vals, ratio)
+        assert float(th[layer]["kernel"]) == pytest.approx(ref)
+        assert float(th[layer]["bias"]) == pytest.approx(ref)
+        kept = float(m[layer]["kernel"].sum() + m[layer]["bias"].sum())
+        assert kept == math.ceil(round(ratio * vals.size, 6))
+    assert float(th["BatchNorm_0"]["scale"]) == 0.0
+
+
+def test_layer_scope_custom_groups(params):
+    # One group for everything reproduces the global threshold.
+    th = masks.importance_threshold(params, 0.3, scope="layer", group_fn=lambda path: "all")
+    g = masks.importance_threshold(params, 0.3)
+    assert float(th["Dense_0"]["kernel"]) == float(g) == float(th["Dense_1"]["bias"])
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_all_levels_from_one_sort_match_single_calls(params, scope):
+    many = masks.importance_thresholds(params, RATIOS, scope=scope)
+    for i, r in enumerate(RATIOS):
+        one = masks.importance_threshold(params, r, scope=scope)
+        chex.assert_trees_all_close(jax.tree_util.tree_map(lambda t: t[i], many), one)
+    jaxpr = jax.make_jaxpr(lambda p: masks.importance_thresholds(p, RATIOS, scope=scope))(params)
+    n_sorts = str(jaxpr).count("sort[")
+    assert n_sorts == (1 if scope == "global" else 2)  # one per group, not per level
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_jit_compatible_with_static_ratio(params, scope):
+    f = jax.jit(functools.partial(masks.importance_mask, ratio=0.25, scope=scope))
+    chex.assert_trees_all_close(f(params), masks.importance_mask(params, 0.25, scope=scope))
+
+
+def test_default_is_maskable_rules():
+    ok = masks.default_is_maskable
+    assert ok(("Dense_0", "kernel")) and ok(("Conv_1", "bias")) and ok(("Embed_0", "embedding"))
+    assert ok(("encoder", "layer_3", "attention", "query", "kernel"))
+    for path in [("BatchNorm_0", "scale"), ("BatchNorm_0", "bias"), ("LayerNorm_2", "bias"),
+                 ("block", "norm1", "scale"), ("bn1", "bias"), ("ln_f", "bias"), ("Dense_0", "scale")]:
+        assert not ok(path), path
+
+
+def test_custom_is_maskable(params):
+    only_first = lambda path, leaf: path[0] == "Dense_0"  # noqa: E731
+    m = masks.importance_mask(params, 0.1, is_maskable=only_first)
+    np.testing.assert_array_equal(np.asarray(m["Dense_1"]["kernel"]), 1.0)
+    vals = np.concatenate([np.abs(params["Dense_0"][k]).ravel() for k in ("kernel", "bias")])
+    assert float(m["Dense_0"]["kernel"].sum() + m["Dense_0"]["bias"].sum()) == math.ceil(0.1 * vals.size)
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.5, 1.5, float("nan")])
+def test_bad_ratio_names_the_value(params, ratio):
+    with pytest.raises(ValueError, match="capacity ratio must be in \\(0, 1\\], got"):
+        masks.importance_threshold(params, ratio)
+
+
+def test_bad_scope_and_no_maskable(params):
+    with pytest.raises(ValueError, match="'neuronwise'"):
+        masks.importance_threshold(params, 0.5, scope="neuronwise")
+    with pytest.raises(ValueError, match="no maskable parameters"):
+        masks.importance_threshold({"BatchNorm_0": {"scale": jnp.ones(3)}}, 0.5)

@@ -1,0 +1,123 @@
+"""train_and_evaluate end to end on the embedded digits data, and config validation."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import default as default_config  # noqa: E402
+
+from fiarse_jax import train  # noqa: E402
+from fiarse_jax.config import ConfigError, validate_config  # noqa: E402
+
+
+def small_config(**overrides):
+    config = default_config.get_config()
+    config.num_rounds = 3
+    config.eval_every = 1
+    for field, value in overrides.items():
+        node = config
+        *parents, leaf = field.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def test_default_config_is_valid():
+    validate_config(default_config.get_config())
+
+
+def test_short_run_learns_and_writes_metrics(tmp_path):
+    config = small_config(num_rounds=40, eval_every=20)
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    final = summary["final"]
+    assert final["global_accuracy"] > 0.85          # chance is 0.10
+    for label in ("1", "1/4", "1/16"):
+        assert final["local_accuracy"][label] > 0.7, (label, final)
+        assert final["capacity_global_accuracy"][label] > 0.7, (label, final)
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in lines] == [20, 40]
+    assert lines[-1] == final
+    assert set(lines[0]) >= {"round", "global_accuracy", "local_accuracy", "global_loss",
+                             "train_loss", "capacity_global_accuracy"}
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["final"] == final and on_disk["config"]["num_rounds"] == 40
+
+
+def test_same_seed_same_results_and_other_seed_differs(tmp_path):
+    a = train.train_and_evaluate(small_config(), str(tmp_path / "a"))
+    b = train.train_and_evaluate(small_config(), str(tmp_path / "b"))
+    c = train.train_and_evaluate(small_config(seed=1), str(tmp_path / "c"))
+    strip = lambda s: {k: v for k, v in s["final"].items() if k != "elapsed_s"}  # noqa: E731
+    assert strip(a) == strip(b)
+    assert strip(a) != strip(c)
+
+
+def test_vmap_and_loop_strategies_agree_end_to_end(tmp_path):
+    a = train.train_and_evaluate(small_config(**{"engine.strategy": "loop"}), str(tmp_path / "l"))
+    b = train.train_and_evaluate(small_config(**{"engine.strategy": "vmap"}), str(tmp_path / "v"))
+    assert a["final"]["global_loss"] == pytest.approx(b["final"]["global_loss"], rel=1e-4)
+    assert a["final"]["local_accuracy"] == pytest.approx(b["final"]["local_accuracy"], abs=0.01)
+
+
+@pytest.mark.parametrize("scope,gradient", [("layer", "masked"), ("global", "masked")])
+def test_scopes_and_gradient_modes_run_and_keep_their_share(tmp_path, scope, gradient):
+    s = train.train_and_evaluate(
+        small_config(**{"fiarse.scope": scope, "fiarse.gradient": gradient}), str(tmp_path))
+    for label, cap in s["capacities"].items():
+        # ⌈r·N⌉ per group: at least r, and at most a few parameters more.
+        assert cap <= s["kept_fraction"][label] <= cap + 0.01, (label, s["kept_fraction"])
+
+
+BAD = [
+    ("capacities", (1.0, 1.5), "config.capacities = (1.0, 1.5): every ratio must be in (0, 1]"),
+    ("capacities", (), "config.capacities = ()"),
+    ("capacities", (0.5, 0.5), "ratios must be distinct"),
+    ("data.alpha", 0.0, "config.data.alpha = 0.0: must be a number > 0"),
+    ("data.name", "cifar10", "config.data.name = 'cifar10': must be one of ['digits']"),
+    ("data.test_fraction", 1.0, "config.data.test_fraction = 1.0: must be in (0, 1)"),
+    ("clients_per_round", 51, "config.clients_per_round = 51: must be an integer in [1, 50]"),
+    ("model.name", "resnet", "config.model.name = 'resnet': must be one of ['cnn', 'mlp']"),
+    ("method", "heterofl", "config.method = 'heterofl': must be one of ['fiarse']"),
+    ("fiarse.scope", "neuron", "config.fiarse.scope = 'neuron'"),
+    ("fiarse.gradient", "ste", "config.fiarse.gradient = 'ste'"),
+    ("engine.strategy", "pmap", "config.engine.strategy = 'pmap'"),
+    ("client.learning_rate", -0.1, "config.client.learning_rate = -0.1: must be a number > 0"),
+    ("client.local_steps", 0, "config.client.local_steps = 0: must be an integer ≥ 1"),
+    ("client.optimizer", "lbfgs", "config.client.optimizer = 'lbfgs'"),
+    ("server.learning_rate", 0.0, "config.server.learning_rate = 0.0"),
+    ("num_rounds", 0, "config.num_rounds = 0"),
+    ("eval_every", 0, "config.eval_every = 0"),
+]
+
+
+@pytest.mark.parametrize("field,value,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_fails_fast_with_one_clear_line(tmp_path, field, value, message):
+    config = default_config.get_config()
+    with config.unlocked():
+        node = config
+        *parents, leaf = field.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError) as err:
+        train.train_and_evaluate(config, str(workdir))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not workdir.exists()  # nothing half-written
+
+
+def test_impossible_partition_is_a_config_error(tmp_path):
+    config = small_config(**{"data.num_clients": 1000, "clients_per_round": 10})
+    with pytest.raises(ConfigError, match="config.data: 1000 clients"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_sampling_is_a_pure_function_of_seed_and_round():
+    a = train.sample_clients(0, 5, 50, 10)
+    assert list(a) == list(train.sample_clients(0, 5, 50, 10))
+    assert len(set(a)) == 10 and list(a) != list(train.sample_clients(0, 6, 50, 10))
+    assert list(train.assign_capacities(7, 3)) == [0, 0, 0, 1, 1, 2, 2]
