@@ -35,9 +35,23 @@ def main(argv: list[str]) -> None:
     report.print_summary(summary)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, but an unknown ``--config.FIELD`` is one line, not a traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError) as e:
+        overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+        while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError)
+            e = e.args[0]
+        reason = " ".join(str(e.args[0] if e.args else e).split())
+        print(f"fiarse-jax: error: unknown config field in {overrides}: {reason}",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 def run() -> None:
     """Console-script entry point."""
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,12 @@ def test_cli_bad_value_is_one_line_and_writes_nothing(tmp_path):
 def test_console_script_is_declared():
     eps = importlib.metadata.entry_points(group="console_scripts")
     assert any(ep.name == "fiarse-jax" and ep.value == "fiarse_jax.main:run" for ep in eps)
+
+
+def test_cli_unknown_field_is_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    r = run_cli("--workdir", str(workdir), "--config.client.learning_rat=3")
+    assert r.returncode == 2
+    assert "unknown config field in --config.client.learning_rat=3" in r.stderr
+    assert 'Did you mean "learning_rate"' in r.stderr
+    assert "Traceback" not in r.stderr and not workdir.exists()
