@@ -9,12 +9,12 @@ Public surface (see each module's docstring):
 * ``train.train_and_evaluate``: the experiment loop.
 """
 from fiarse_jax.fiarse import submodel
-from fiarse_jax.masks import (default_is_maskable, importance_mask, importance_threshold,
+from fiarse_jax.masks import (default_maskable, importance_mask, importance_threshold,
                               importance_thresholds)
 from fiarse_jax.policies import MaskPolicy, build_policy
 from fiarse_jax.server import aggregate
 
 __version__ = "0.1.0"
 
-__all__ = ["MaskPolicy", "__version__", "aggregate", "build_policy", "default_is_maskable",
+__all__ = ["MaskPolicy", "__version__", "aggregate", "build_policy", "default_maskable",
            "importance_mask", "importance_threshold", "importance_thresholds", "submodel"]

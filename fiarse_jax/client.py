@@ -23,19 +23,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fiarse_jax.data.federated import ClientData
 from fiarse_jax.policies.base import MaskPolicy
 
 Params = Any
 #: (sub-model params, x batch, y batch, rng) -> scalar mean loss.
 LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array], jax.Array]
-
-
-class ClientData(NamedTuple):
-    """One client's padded rows (or, stacked, many clients' with a leading axis)."""
-
-    x: jax.Array      # [n_max, ...]
-    y: jax.Array      # [n_max]
-    count: jax.Array  # [] number of valid rows (≥ 1)
 
 
 class ClientState(NamedTuple):

@@ -1,9 +1,11 @@
 """Config validation: every bad value stops the run before any work, in one line."""
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
-from fiarse_jax import engine, fiarse, masks, models, policies
+from fiarse_jax import engine, evaluate, fiarse, masks, models, policies
 from fiarse_jax.data import federated
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -37,8 +39,8 @@ def _int(config, field: str, lo: int = 1, hi: int | None = None) -> int:
 
 def _positive(config, field: str) -> float:
     v = _get(config, field)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-        _fail(field, v, "must be a number > 0")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+        _fail(field, v, "must be a finite number > 0")
     return float(v)
 
 
@@ -47,6 +49,21 @@ def _choice(config, field: str, allowed) -> str:
     if v not in allowed:
         _fail(field, v, f"must be one of {sorted(allowed)}")
     return v
+
+
+def _check_model(config) -> None:
+    """The model exists, every field is one it has, and layer sizes are positive ints."""
+    name = _choice(config, "model.name", models.MODELS)
+    known = {f.name for f in dataclasses.fields(models.MODELS[name])} - {"parent", "name"}
+    for key, value in _get(config, "model").items():
+        if key == "name":
+            continue
+        if key not in known or key == "num_classes":
+            _fail(f"model.{key}", value, f"is not a field of model {name!r}; "
+                  f"fields: {sorted(known - {'num_classes'})}")
+        if isinstance(value, (tuple, list)) and not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+            _fail(f"model.{key}", tuple(value), "every size must be an integer ≥ 1")
 
 
 def validate_config(config) -> None:
@@ -68,6 +85,9 @@ def validate_config(config) -> None:
             _fail("capacities", tuple(caps), f"every ratio must be in (0, 1]; {c!r} is not")
     if len(set(caps)) != len(caps):
         _fail("capacities", tuple(caps), "ratios must be distinct")
+    labels = [evaluate.capacity_label(c) for c in caps]
+    if len(set(labels)) != len(labels):
+        _fail("capacities", tuple(caps), f"ratios must have distinct labels, got {labels}")
     if len(caps) > num_clients:
         _fail("capacities", tuple(caps),
               f"more capacity levels than clients (data.num_clients = {num_clients})")
@@ -76,7 +96,7 @@ def validate_config(config) -> None:
     if method == "fiarse":
         _choice(config, "fiarse.scope", masks.SCOPES)
         _choice(config, "fiarse.gradient", fiarse.GRADIENTS)
-    _choice(config, "model.name", models.MODELS)
+    _check_model(config)
 
     _int(config, "num_rounds")
     _int(config, "clients_per_round", hi=num_clients)

@@ -7,8 +7,10 @@
   many times slower (jax-ml/jax#12868).
 * ``"auto"``: ``vmap`` on GPU/TPU, ``loop`` on CPU.
 
-Both run the same ``ClientFns``, so with the same keys they agree up to float
-rounding. Inputs carry a leading client axis: ``specs`` (from the policy),
+Both run the same ``ClientFns``, so with the same keys one round agrees up to
+float rounding (tested). Over many rounds the tiny differences can flip a
+threshold decision |w| ≥ θ, so long trajectories drift apart like any two
+float orderings would; final accuracies agree to within noise, not bit for bit. Inputs carry a leading client axis: ``specs`` (from the policy),
 ``data`` (``ClientData``) and ``keys``; the output is a ``ClientResult`` stacked
 on that axis.
 """
@@ -19,7 +21,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fiarse_jax.client import ClientData, ClientFns, ClientResult
+from fiarse_jax.client import ClientFns, ClientResult
+from fiarse_jax.data.federated import ClientData
 
 STRATEGIES = ("auto", "loop", "vmap")
 RoundRunner = Callable[[Any, Any, ClientData, jax.Array], ClientResult]

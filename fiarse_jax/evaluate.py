@@ -11,7 +11,6 @@ global model is scored on the global test set (``global_accuracy``).
 """
 from __future__ import annotations
 
-from fractions import Fraction
 from typing import Any, Callable, Sequence
 
 import jax
@@ -24,11 +23,11 @@ from fiarse_jax.policies.base import MaskPolicy
 
 
 def capacity_label(r: float) -> str:
-    """'1', '1/4', '1/16' for reciprocals of integers, else the decimal ('0.64')."""
-    inv = Fraction(1.0 / r).limit_denominator(1000)
-    if inv.denominator == 1:
-        return "1" if inv == 1 else f"1/{inv.numerator}"
-    return f"{r:g}"
+    """'1', '1/4', '1/16' when 1/r is an integer (to 1e-9), else the decimal ('0.64')."""
+    inv = 1.0 / r
+    if abs(inv - round(inv)) < 1e-9 * inv:
+        return "1" if round(inv) == 1 else f"1/{round(inv)}"
+    return f"{r:.6g}"
 
 
 def make_evaluator(logits_fn: Callable[[Any, jax.Array], jax.Array], policy: MaskPolicy,

@@ -79,8 +79,8 @@ def submodel(params: Any, thresholds, *, gradient: str = "tcb",
       thresholds: a scalar θ (global scope) or a pytree like ``params`` of
         per-leaf scalars (layer scope), e.g. from ``masks.importance_threshold``.
       gradient: ``"tcb"`` (paper Eq. 3) or ``"masked"`` (g ⊙ M, the authors' runs).
-      is_maskable: which leaves may be masked (default
-        ``masks.default_is_maskable``); the others pass through unchanged.
+      is_maskable: which leaves may be masked, ``(path, leaf) -> bool`` (default:
+        ``masks.default_maskable``); the others pass through unchanged.
     """
     check_gradient(gradient)
     flags = masks_lib.maskable_flags(params, is_maskable)

@@ -32,6 +32,9 @@ def main(argv: list[str]) -> None:
     except ConfigError as e:
         print(f"fiarse-jax: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except train.TrainingError as e:
+        print(f"fiarse-jax: error: {e}", file=sys.stderr)
+        sys.exit(1)
     report.print_summary(summary)
 
 

@@ -17,7 +17,6 @@ and thresholds for *every* level of a round come from one sort per scope group.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Callable, Hashable, Sequence
 
 import jax
@@ -30,10 +29,8 @@ GroupFn = Callable[[Path], Hashable]
 
 SCOPES = ("global", "layer")
 
-#: Leaf names that carry weights a sub-model may drop.
-MASKABLE_LEAF_NAMES = frozenset({"kernel", "bias", "embedding"})
-# A module whose name says it normalises (BatchNorm_0, LayerNorm_1, norm1, bn1, ln_f).
-_NORM_MODULE = re.compile(r"norm|^bn(\d|_|$)|^ln(\d|_|$)", re.IGNORECASE)
+#: Leaf names the default rule treats as weights (see ``default_maskable``).
+WEIGHT_LEAF_NAMES = frozenset({"kernel", "embedding"})
 
 
 def path_names(path) -> Path:
@@ -49,17 +46,26 @@ def path_names(path) -> Path:
     return tuple(out)
 
 
-def default_is_maskable(path: Path, leaf: Any = None) -> bool:
-    """Dense/conv/embedding kernels and biases are maskable; normalisation is not.
+def default_maskable(params: Params) -> list[bool]:
+    """The default rule, decided from the tree's structure (one bool per leaf).
 
-    A leaf is maskable when its name is ``kernel``, ``bias`` or ``embedding`` and
-    no enclosing module is a normalisation layer (its name contains ``norm`` or is
-    ``bn*``/``ln*``), following the paper: BatchNorm/LayerNorm γ, β are never masked.
+    Maskable: every ``kernel`` (dense, conv) and ``embedding`` leaf, and a ``bias``
+    whose module also has a ``kernel`` (a dense/conv bias). Not maskable: every
+    leaf of a module with a ``scale`` leaf, and a ``bias`` without a ``kernel``
+    beside it, i.e. BatchNorm/LayerNorm/GroupNorm γ and β whatever the module is
+    called (paper: normalisation parameters are never masked).
     """
-    del leaf
-    if not path or path[-1] not in MASKABLE_LEAF_NAMES:
-        return False
-    return not any(_NORM_MODULE.search(p) for p in path[:-1])
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    paths = [path_names(p) for p, _ in flat]
+    siblings: dict[Path, set[str]] = {}
+    for path in paths:
+        siblings.setdefault(path[:-1], set()).add(path[-1] if path else "")
+    out = []
+    for path in paths:
+        sib, name = siblings[path[:-1]], (path[-1] if path else "")
+        out.append("scale" not in sib and (
+            name in WEIGHT_LEAF_NAMES or (name == "bias" and "kernel" in sib)))
+    return out
 
 
 def default_group(path: Path) -> Hashable:
@@ -68,8 +74,13 @@ def default_group(path: Path) -> Hashable:
 
 
 def maskable_flags(params: Params, is_maskable: IsMaskable | None = None) -> list[bool]:
-    """One Python bool per leaf of ``params`` (in ``tree_leaves`` order)."""
-    is_maskable = is_maskable or default_is_maskable
+    """One Python bool per leaf of ``params`` (in ``tree_leaves`` order).
+
+    ``is_maskable(path, leaf) -> bool`` overrides the default structural rule
+    (``default_maskable``); ``path`` is a tuple of key names.
+    """
+    if is_maskable is None:
+        return default_maskable(params)
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     return [bool(is_maskable(path_names(p), leaf)) for p, leaf in flat]
 

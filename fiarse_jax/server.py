@@ -21,13 +21,15 @@ Params = Any
 
 def holder_average(deltas: Params, masks: Params) -> tuple[Params, Params]:
     """(Σ_i m_i·d_i / Σ_i m_i, Σ_i m_i) per coordinate; 0 where no client holds it."""
-    def avg(d, m):
-        m = m.astype(d.dtype)
-        count = m.sum(axis=0)
-        total = (d * m).sum(axis=0)
-        return jnp.where(count > 0, total / jnp.maximum(count, 1), 0).astype(d.dtype)
+    def count(m):  # float32 counts stay exact up to 2**24 clients, even for bf16 masks
+        return m.astype(jnp.float32).sum(axis=0)
 
-    counts = jax.tree_util.tree_map(lambda m: m.sum(axis=0), masks)
+    def avg(d, m):
+        n = count(m)
+        total = (d.astype(jnp.float32) * m.astype(jnp.float32)).sum(axis=0)
+        return jnp.where(n > 0, total / jnp.maximum(n, 1), 0).astype(d.dtype)
+
+    counts = jax.tree_util.tree_map(count, masks)
     return jax.tree_util.tree_map(avg, deltas, masks), counts
 
 

@@ -28,6 +28,10 @@ from fiarse_jax.config import ConfigError, validate_config
 from fiarse_jax.data import federate, load_dataset
 
 
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss became NaN); the message says why."""
+
+
 def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> np.ndarray:
     """The round's clients, uniformly without replacement; a pure function of (seed, round)."""
     rng = np.random.default_rng([seed, round_index])
@@ -116,6 +120,11 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
             params = server.aggregate(params, result.delta, result.mask,
                                       server_lr=config.server.learning_rate)
             train_loss = float(result.loss.mean())
+            if not np.isfinite(train_loss):
+                raise TrainingError(
+                    f"training diverged in round {rnd + 1} (mean client loss {train_loss}); "
+                    f"lower config.client.learning_rate ({config.client.learning_rate}) or "
+                    f"config.server.learning_rate ({config.server.learning_rate})")
             if (rnd + 1) % config.eval_every == 0 or rnd + 1 == config.num_rounds:
                 m = evaluator(params, prepare(params, rnd + 1, round_key), data)
                 m = {"round": rnd + 1, "train_loss": train_loss, **m,

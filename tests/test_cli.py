@@ -25,7 +25,7 @@ def test_cli_bad_value_is_one_line_and_writes_nothing(tmp_path):
     workdir = tmp_path / "run"
     r = run_cli("--workdir", str(workdir), "--config.data.alpha=-1")
     assert r.returncode == 2
-    assert "config.data.alpha = -1.0: must be a number > 0" in r.stderr
+    assert "config.data.alpha = -1.0: must be a finite number > 0" in r.stderr
     assert "Traceback" not in r.stderr
     assert not workdir.exists()
 

@@ -7,8 +7,8 @@ import optax
 import pytest
 
 from fiarse_jax import engine, masks, models, policies
-from fiarse_jax.client import ClientData, make_client_fns
-from fiarse_jax.data import stack_clients
+from fiarse_jax.client import make_client_fns
+from fiarse_jax.data import ClientData, stack_clients
 
 
 def linear_loss(p, x, y, rng):

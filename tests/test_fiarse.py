@@ -109,3 +109,32 @@ def test_float64_free_and_dtype_preserved():
     p = make_params()
     sub = fiarse.submodel(p, masks.importance_threshold(p, 0.5))
     assert all(l.dtype == np.float32 for l in jax.tree_util.tree_leaves(sub))
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_tcb_equals_autodiff_of_the_float_mask_surrogate(params, scope):
+    """Independent route to Eq. 3: let autodiff run the chain rule through x·M(|x|), where
+    M's value is the hard mask but its derivative is 2θ/(|x|+θ)² on the kept set (the
+    authors' backward). s(a) = −2θ/(a+θ) has s'(a) = 2θ/(a+θ)²."""
+    theta = masks.importance_threshold(params, 0.3, scope=scope)
+    coef = coefficients(params, seed=4)
+    th_leaves = masks.broadcast_thresholds(params, theta)
+    flags = masks.maskable_flags(params)
+
+    def surrogate(p):
+        leaves, treedef = jax.tree_util.tree_flatten(p)
+        out = []
+        for x, th, f in zip(leaves, th_leaves, flags):
+            if not f:
+                out.append(x)
+                continue
+            a = jnp.abs(x)
+            hard = (a >= th).astype(x.dtype)
+            s = -2.0 * th / (a + th)
+            m = hard + hard * (s - jax.lax.stop_gradient(s))   # value: hard; slope: hard·s'
+            out.append(x * m)
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    g_ref = jax.grad(lambda p: nonlinear_loss(surrogate(p), coef))(params)
+    g = jax.grad(lambda p: nonlinear_loss(fiarse.submodel(p, theta, gradient="tcb"), coef))(params)
+    chex.assert_trees_all_close(g, g_ref, rtol=1e-5, atol=1e-6)

@@ -1,9 +1,11 @@
 """masks: thresholds and masks against a NumPy re-derivation."""
 import functools
 import math
+from fractions import Fraction
 
 import chex
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +14,9 @@ from conftest import MASKABLE, make_params
 from fiarse_jax import masks
 
 RATIOS = (1.0, 0.64, 0.5, 0.37, 0.25, 0.1, 1 / 16, 1 / 64)
+#: The same ratios as exact fractions, for a reference ⌈r·N⌉ free of float noise.
+EXACT = {1.0: Fraction(1), 0.64: Fraction(16, 25), 0.5: Fraction(1, 2), 0.37: Fraction(37, 100),
+         0.25: Fraction(1, 4), 0.1: Fraction(1, 10), 1 / 16: Fraction(1, 16), 1 / 64: Fraction(1, 64)}
 
 
 def np_maskable_abs(params):
@@ -21,7 +26,7 @@ def np_maskable_abs(params):
 def np_threshold(values, ratio):
     if ratio == 1.0:
         return 0.0
-    k = math.ceil(round(ratio * values.size, 6))
+    k = math.ceil(EXACT.get(ratio, Fraction(ratio)) * values.size)
     return np.sort(values)[::-1][k - 1]
 
 
@@ -32,7 +37,7 @@ def test_global_threshold_matches_numpy_and_keeps_ceil_count(params, ratio):
     assert theta.shape == ()
     np.testing.assert_allclose(float(theta), np_threshold(vals, ratio))
     # Distinct magnitudes: exactly ⌈r·N⌉ kept (ratio 1: everything).
-    expected = vals.size if ratio == 1.0 else math.ceil(round(ratio * vals.size, 6))
+    expected = math.ceil(EXACT[ratio] * vals.size)
     assert int((vals >= float(theta)).sum()) == expected
 
 
@@ -76,7 +81,7 @@ def test_layer_scope_counts_per_group(params, ratio):
         assert float(th[layer]["kernel"]) == pytest.approx(ref)
         assert float(th[layer]["bias"]) == pytest.approx(ref)
         kept = float(m[layer]["kernel"].sum() + m[layer]["bias"].sum())
-        assert kept == math.ceil(round(ratio * vals.size, 6))
+        assert kept == math.ceil(Fraction(ratio).limit_denominator(100) * vals.size)
     assert float(th["BatchNorm_0"]["scale"]) == 0.0
 
 
@@ -104,13 +109,37 @@ def test_jit_compatible_with_static_ratio(params, scope):
     chex.assert_trees_all_close(f(params), masks.importance_mask(params, 0.25, scope=scope))
 
 
-def test_default_is_maskable_rules():
-    ok = masks.default_is_maskable
-    assert ok(("Dense_0", "kernel")) and ok(("Conv_1", "bias")) and ok(("Embed_0", "embedding"))
-    assert ok(("encoder", "layer_3", "attention", "query", "kernel"))
-    for path in [("BatchNorm_0", "scale"), ("BatchNorm_0", "bias"), ("LayerNorm_2", "bias"),
-                 ("block", "norm1", "scale"), ("bn1", "bias"), ("ln_f", "bias"), ("Dense_0", "scale")]:
-        assert not ok(path), path
+class _Net(nn.Module):
+    """Every kind of leaf the default rule must classify, under misleading names."""
+
+    @nn.compact
+    def __call__(self, tokens, x):
+        e = nn.Embed(11, 4)(tokens).sum(1)
+        x = nn.Conv(3, (3, 3), name="normal_conv")(x).reshape((x.shape[0], -1))
+        x = nn.BatchNorm(use_running_average=False, name="stem")(x)
+        x = nn.LayerNorm(name="attn_ln")(x)
+        x = nn.LayerNorm(use_scale=False, name="pre")(x)   # bias only
+        x = nn.GroupNorm(num_groups=1, name="gn")(x[:, None, :])[:, 0]
+        return nn.Dense(2, name="Denormalize_0")(x) + nn.Dense(2, use_bias=False)(e)
+
+
+def test_default_rule_from_structure_not_names():
+    variables = _Net().init(jax.random.PRNGKey(0), jnp.zeros((1, 3), jnp.int32),
+                            jnp.zeros((1, 4, 4, 1)))
+    flat, _ = jax.tree_util.tree_flatten_with_path(variables["params"])
+    got = {masks.path_names(p): f
+           for (p, _), f in zip(flat, masks.default_maskable(variables["params"]))}
+    expected = {
+        ("Embed_0", "embedding"): True,
+        ("normal_conv", "kernel"): True, ("normal_conv", "bias"): True,
+        ("Denormalize_0", "kernel"): True, ("Denormalize_0", "bias"): True,
+        ("Dense_0", "kernel"): True,
+        ("stem", "scale"): False, ("stem", "bias"): False,
+        ("attn_ln", "scale"): False, ("attn_ln", "bias"): False,
+        ("pre", "bias"): False,
+        ("gn", "scale"): False, ("gn", "bias"): False,
+    }
+    assert got == expected
 
 
 def test_custom_is_maskable(params):

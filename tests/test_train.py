@@ -62,7 +62,8 @@ def test_vmap_and_loop_strategies_agree_end_to_end(tmp_path):
     assert a["final"]["local_accuracy"] == pytest.approx(b["final"]["local_accuracy"], abs=0.01)
 
 
-@pytest.mark.parametrize("scope,gradient", [("layer", "masked"), ("global", "masked")])
+@pytest.mark.parametrize("scope,gradient", [("layer", "tcb"), ("layer", "masked"),
+                                            ("global", "masked")])
 def test_scopes_and_gradient_modes_run_and_keep_their_share(tmp_path, scope, gradient):
     s = train.train_and_evaluate(
         small_config(**{"fiarse.scope": scope, "fiarse.gradient": gradient}), str(tmp_path))
@@ -75,7 +76,8 @@ BAD = [
     ("capacities", (1.0, 1.5), "config.capacities = (1.0, 1.5): every ratio must be in (0, 1]"),
     ("capacities", (), "config.capacities = ()"),
     ("capacities", (0.5, 0.5), "ratios must be distinct"),
-    ("data.alpha", 0.0, "config.data.alpha = 0.0: must be a number > 0"),
+    ("data.alpha", 0.0, "config.data.alpha = 0.0: must be a finite number > 0"),
+    ("capacities", (0.25, 0.2500000001), "ratios must have distinct labels, got ['1/4', '1/4']"),
     ("data.name", "cifar10", "config.data.name = 'cifar10': must be one of ['digits']"),
     ("data.test_fraction", 1.0, "config.data.test_fraction = 1.0: must be in (0, 1)"),
     ("clients_per_round", 51, "config.clients_per_round = 51: must be an integer in [1, 50]"),
@@ -84,7 +86,10 @@ BAD = [
     ("fiarse.scope", "neuron", "config.fiarse.scope = 'neuron'"),
     ("fiarse.gradient", "ste", "config.fiarse.gradient = 'ste'"),
     ("engine.strategy", "pmap", "config.engine.strategy = 'pmap'"),
-    ("client.learning_rate", -0.1, "config.client.learning_rate = -0.1: must be a number > 0"),
+    ("client.learning_rate", -0.1, "config.client.learning_rate = -0.1: must be a finite number > 0"),
+    ("client.learning_rate", float("inf"), "config.client.learning_rate = inf"),
+    ("model.hidden_sizes", (0,), "config.model.hidden_sizes = (0,): every size must be an integer ≥ 1"),
+    ("model.depth", 3, "config.model.depth = 3: is not a field of model 'mlp'; fields: ['hidden_sizes']"),
     ("client.local_steps", 0, "config.client.local_steps = 0: must be an integer ≥ 1"),
     ("client.optimizer", "lbfgs", "config.client.optimizer = 'lbfgs'"),
     ("server.learning_rate", 0.0, "config.server.learning_rate = 0.0"),
@@ -96,7 +101,7 @@ BAD = [
 @pytest.mark.parametrize("field,value,message", BAD, ids=[b[0] for b in BAD])
 def test_bad_config_fails_fast_with_one_clear_line(tmp_path, field, value, message):
     config = default_config.get_config()
-    with config.unlocked():
+    with config.unlocked():  # lets a test add an unknown field (model.depth)
         node = config
         *parents, leaf = field.split(".")
         for p in parents:
@@ -107,6 +112,13 @@ def test_bad_config_fails_fast_with_one_clear_line(tmp_path, field, value, messa
         train.train_and_evaluate(config, str(workdir))
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not workdir.exists()  # nothing half-written
+
+
+def test_divergence_stops_with_a_clear_error(tmp_path):
+    config = small_config(**{"client.learning_rate": 1e30})
+    with pytest.raises(train.TrainingError, match="training diverged in round 1"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "summary.json").exists()
 
 
 def test_impossible_partition_is_a_config_error(tmp_path):

@@ -13,8 +13,15 @@ from typing import Callable, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from fiarse_jax.client import ClientData
 from fiarse_jax.data.partition import dirichlet_partition, train_test_split
+
+
+class ClientData(NamedTuple):
+    """One client's padded rows (or, stacked, many clients' with a leading axis)."""
+
+    x: jax.Array      # [n_max, ...]
+    y: jax.Array      # [n_max]
+    count: jax.Array  # [] number of valid rows (≥ 1)
 
 
 class Dataset(NamedTuple):
