@@ -2,7 +2,7 @@
 
 Usage:
   python benchmarks/engine_strategies.py [--rounds 20] [--clients 10] [--model mlp]
-      [--out benchmarks/results/engine_strategies.json]
+      [--out benchmarks/results/engine_strategies.json]  (default path)
 
 Prints a table (seconds per round after a compile/warm-up round, client-steps/s,
 and each strategy's time relative to ``loop``) and writes it as JSON. All
@@ -38,7 +38,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="mlp", choices=sorted(models.MODELS))
     ap.add_argument("--strategies", default="loop,vmap")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                  "engine_strategies.json"))
+                                                  "engine_strategies.json"),
+                    help="where to write the JSON result")
     args = ap.parse_args(argv)
 
     cfg = default_config.get_config()

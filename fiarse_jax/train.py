@@ -26,6 +26,7 @@ from fiarse_jax import client as client_lib
 from fiarse_jax import engine, evaluate, models, policies, server
 from fiarse_jax.config import ConfigError, validate_config
 from fiarse_jax.data import federate, load_dataset
+from fiarse_jax.masks import maskable_flags
 
 
 class TrainingError(RuntimeError):
@@ -52,7 +53,6 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 def kept_fractions(policy, params, round_state, capacities, is_maskable=None) -> list[float]:
     """Fraction of maskable scalars each level's sub-model keeps."""
-    from fiarse_jax.masks import maskable_flags
     flags = maskable_flags(params, is_maskable)
     total = sum(l.size for l, f in zip(jax.tree_util.tree_leaves(params), flags) if f)
     out = []
@@ -134,8 +134,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                 metrics_file.flush()
                 bar.set_postfix(acc=f"{m['global_accuracy']:.3f}", loss=f"{train_loss:.3f}")
                 if bar.disable:
-                    print(f"round {rnd + 1}: global acc {m['global_accuracy']:.4f}, "
-                          f"local {m['local_accuracy']}", flush=True)
+                    local = ", ".join(f"{k}: {v:.1%}" for k, v in m["local_accuracy"].items())
+                    print(f"round {rnd + 1}/{config.num_rounds}: full model {m['global_accuracy']:.1%}"
+                          f" | local by capacity {local} | train loss {train_loss:.3f}", flush=True)
 
     final_state = prepare(params, config.num_rounds, train_key)
     summary = {
