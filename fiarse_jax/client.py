@@ -90,3 +90,12 @@ def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
                             loss=state.loss_sum / num_steps)
 
     return ClientFns(init=init, step=step, final=final, num_steps=int(num_steps))
+
+
+def client_update(fns: ClientFns, params: Params, spec: Any, data: ClientData,
+                  key: jax.Array) -> ClientResult:
+    """One client's whole round as one pure function: (params, spec, data, rng) →
+    (delta, mask, loss). The K steps run in a ``fori_loop``, so it jits and vmaps."""
+    state = fns.init(params, spec, data, key)
+    state = jax.lax.fori_loop(0, fns.num_steps, lambda k, s: fns.step(s, spec, data, k), state)
+    return fns.final(params, state, spec)

@@ -16,12 +16,13 @@ on that axis.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from fiarse_jax.client import ClientFns, ClientResult
+from fiarse_jax.client import ClientFns, ClientResult, client_update
 from fiarse_jax.data.federated import ClientData
 
 STRATEGIES = ("auto", "loop", "vmap")
@@ -59,12 +60,7 @@ def _loop_runner(fns: ClientFns) -> RoundRunner:
 
 
 def _vmap_runner(fns: ClientFns) -> RoundRunner:
-    def one_client(params, spec, data, key):
-        state = fns.init(params, spec, data, key)
-        state = jax.lax.fori_loop(0, fns.num_steps,
-                                  lambda k, s: fns.step(s, spec, data, k), state)
-        return fns.final(params, state, spec)
-
+    one_client = functools.partial(client_update, fns)
     return jax.jit(jax.vmap(one_client, in_axes=(None, 0, 0, 0)))
 
 
