@@ -15,6 +15,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # fiarse | fiarse_neuron | heterofl | fedrolex | fed_dropout | fedavg_full | fedavg_smallest
     config.method = "fiarse"
     # Capacity ratios r: level i keeps ⌈r·N⌉ of the N maskable parameters.
     config.capacities = (1.0, 0.25, 0.0625)
@@ -34,6 +35,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.fiarse = ml_collections.ConfigDict()
     config.fiarse.scope = "global"     # "global" | "layer"
     config.fiarse.gradient = "tcb"     # "tcb" (paper Eq. 3) | "masked" (authors' runs)
+
+    # Options of the other methods (used when config.method names them).
+    config.fiarse_neuron = ml_collections.ConfigDict()
+    config.fiarse_neuron.scope = "layer"   # "layer" | "global"
+    config.heterofl = ml_collections.ConfigDict()
+    # HeteroFL's 1/r output scaler relies on a BatchNorm after each layer to absorb the
+    # scale; these models have none, and units shared by levels with scales 1, 4, 16
+    # then conflict (1/16 sub-model ~23% with it, ~93% without). Off here; on in HeteroFL.
+    config.heterofl.scaler = False
 
     config.num_rounds = 200
     config.clients_per_round = 10

@@ -93,9 +93,14 @@ def validate_config(config) -> None:
               f"more capacity levels than clients (data.num_clients = {num_clients})")
 
     method = _choice(config, "method", policies.POLICIES)
-    if method == "fiarse":
+    # Every method section present is checked, used by this run or not.
+    if method == "fiarse" or "fiarse" in config:
         _choice(config, "fiarse.scope", masks.SCOPES)
         _choice(config, "fiarse.gradient", fiarse.GRADIENTS)
+    if method == "fiarse_neuron" or "fiarse_neuron" in config:
+        _choice(config, "fiarse_neuron.scope", masks.SCOPES)
+    if "heterofl" in config and not isinstance(config.heterofl.get("scaler", False), bool):
+        _fail("heterofl.scaler", config.heterofl.scaler, "must be True or False")
     _check_model(config)
 
     _int(config, "num_rounds")

@@ -1,7 +1,8 @@
 """Evaluation: the full model and every capacity's sub-model, on global and local tests.
 
-For each capacity level r the sub-model ``policy.apply(params, spec_r)`` (no
-training, so it is just x ⊙ M_r for FIARSE) is scored on
+For each capacity level r the sub-model ``policy.apply(params, spec_r)`` — the
+model a client of that level computes with (x ⊙ 1[|x| ≥ θ_r] for FIARSE; a random
+policy uses one fixed draw, key 0) — is scored on
 * the *global* test set: every client's test samples pooled, and
 * the *local* tests of that capacity's clients: pooled over their samples
   (``local_accuracy``) and as the mean of per-client accuracies
@@ -48,6 +49,9 @@ def make_evaluator(logits_fn: Callable[[Any, jax.Array], jax.Array], policy: Mas
 
     @jax.jit
     def extract(params, round_state, level):
+        # The sub-model as a client of this level computes with it: x ⊙ 1[|x| ≥ θ] for
+        # FIARSE; with HeteroFL's scaler on, the 1/r scale it was trained with (our
+        # models have no normalisation layer that would absorb it).
         spec = policy.client_spec(round_state, level, jax.random.PRNGKey(0))
         return policy.apply(params, spec)
 

@@ -91,8 +91,13 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         del rng
         return optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, x), y).mean()
 
-    policy = policies.build_policy(config.method, capacities,
-                                   dict(config.get(config.method, {})))
+    unit_groups = model.unit_groups(params) if hasattr(model, "unit_groups") else None
+    try:
+        policy = policies.build_policy(config.method, capacities,
+                                       dict(config.get(config.method, {})),
+                                       unit_groups=unit_groups)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.{config.method}: {e}") from None
     fns = client_lib.make_client_fns(loss_fn, policy, make_optimizer(config),
                                      num_steps=config.client.local_steps,
                                      batch_size=config.client.batch_size)

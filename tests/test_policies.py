@@ -26,8 +26,8 @@ def test_each_client_gets_its_levels_threshold_and_mask(scope):
 
 
 def test_registry_errors():
-    with pytest.raises(ValueError, match="unknown method 'heterofl'"):
-        policies.build_policy("heterofl", CAPS)
+    with pytest.raises(ValueError, match="unknown method 'fedprox'"):
+        policies.build_policy("fedprox", CAPS)
     with pytest.raises(ValueError, match="'blockwise'"):
         policies.build_policy("fiarse", CAPS, {"scope": "blockwise"})
     with pytest.raises(TypeError):

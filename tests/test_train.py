@@ -82,7 +82,8 @@ BAD = [
     ("data.test_fraction", 1.0, "config.data.test_fraction = 1.0: must be in (0, 1)"),
     ("clients_per_round", 51, "config.clients_per_round = 51: must be an integer in [1, 50]"),
     ("model.name", "resnet", "config.model.name = 'resnet': must be one of ['cnn', 'mlp']"),
-    ("method", "heterofl", "config.method = 'heterofl': must be one of ['fiarse']"),
+    ("method", "fedprox", "config.method = 'fedprox': must be one of ['fed_dropout', 'fedavg_full', "),
+    ("fiarse_neuron.scope", "unit", "config.fiarse_neuron.scope = 'unit'"),
     ("fiarse.scope", "neuron", "config.fiarse.scope = 'neuron'"),
     ("fiarse.gradient", "ste", "config.fiarse.gradient = 'ste'"),
     ("engine.strategy", "pmap", "config.engine.strategy = 'pmap'"),
@@ -112,6 +113,22 @@ def test_bad_config_fails_fast_with_one_clear_line(tmp_path, field, value, messa
         train.train_and_evaluate(config, str(workdir))
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not workdir.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("method", ["heterofl", "fedrolex", "fed_dropout", "fiarse_neuron",
+                                    "fedavg_full", "fedavg_smallest"])
+def test_every_method_runs_on_the_same_engine(tmp_path, method):
+    s = train.train_and_evaluate(small_config(method=method, num_rounds=2), str(tmp_path))
+    assert 0.0 <= s["final"]["global_accuracy"] <= 1.0 and s["final"]["round"] == 2
+
+
+def test_bad_method_option_is_a_config_error(tmp_path):
+    config = small_config(method="heterofl")
+    with config.unlocked():
+        config.heterofl.scale = 2
+    with pytest.raises(ConfigError, match="config.heterofl: .*'scale'"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_divergence_stops_with_a_clear_error(tmp_path):

@@ -6,6 +6,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
+from fiarse_jax import units
+
 
 class CNN(nn.Module):
     """3×3 conv-ReLU blocks (2×2 max-pool after each but the last), then dense layers."""
@@ -24,3 +26,19 @@ class CNN(nn.Module):
         for h in self.hidden_sizes:
             x = nn.relu(nn.Dense(h)(x))
         return nn.Dense(self.num_classes)(x)
+
+    def layer_names(self) -> list[str]:
+        return ([f"Conv_{i}" for i in range(len(self.features))]
+                + [f"Dense_{i}" for i in range(len(self.hidden_sizes) + 1)])
+
+    def unit_groups(self, params) -> list[units.UnitGroup]:
+        """Output channels of every conv and hidden dense layer (classes stay full)."""
+        return units.chain_groups(params, self.layer_names())
+
+    def with_widths(self, widths: dict[str, int]) -> "CNN":
+        """The same architecture with the groups' kept widths (for ``units.shrink``)."""
+        conv = [f"Conv_{i}" for i in range(len(self.features))]
+        dense = [f"Dense_{i}" for i in range(len(self.hidden_sizes))]
+        return self.clone(
+            features=tuple(widths.get(n, f) for n, f in zip(conv, self.features)),
+            hidden_sizes=tuple(widths.get(n, h) for n, h in zip(dense, self.hidden_sizes)))

@@ -1,23 +1,42 @@
-"""Mask policies by name. Add a method: one module here plus one registry line."""
+"""Mask policies by name. Add a method: one module here plus one registry line.
+
+A builder is ``builder(capacities, *, unit_groups=None, **options) -> MaskPolicy``;
+``unit_groups`` is the model's unit description (``units.UnitGroup``), needed by the
+structured methods; ``options`` come from ``config.<method>``.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
 from fiarse_jax.policies.base import MaskPolicy, select_level
+from fiarse_jax.policies.fed_dropout import fed_dropout_policy
+from fiarse_jax.policies.fedavg import fedavg_full_policy, fedavg_smallest_policy
+from fiarse_jax.policies.fedrolex import fedrolex_policy
 from fiarse_jax.policies.fiarse import fiarse_policy
+from fiarse_jax.policies.fiarse_neuron import fiarse_neuron_policy
+from fiarse_jax.policies.heterofl import heterofl_policy
 
-#: name -> builder(capacities, **options) -> MaskPolicy
+#: name -> builder(capacities, *, unit_groups=None, **options) -> MaskPolicy
 POLICIES: dict[str, Callable[..., MaskPolicy]] = {
     "fiarse": fiarse_policy,
+    "fiarse_neuron": fiarse_neuron_policy,
+    "heterofl": heterofl_policy,
+    "fedrolex": fedrolex_policy,
+    "fed_dropout": fed_dropout_policy,
+    "fedavg_full": fedavg_full_policy,
+    "fedavg_smallest": fedavg_smallest_policy,
 }
+
+#: Methods whose masks drop whole units (the sub-model can be shrunk to dense arrays).
+STRUCTURED = frozenset(POLICIES) - {"fiarse"}
 
 
 def build_policy(name: str, capacities: Sequence[float],
-                 options: Mapping[str, Any] | None = None) -> MaskPolicy:
+                 options: Mapping[str, Any] | None = None, *, unit_groups=None) -> MaskPolicy:
     """The policy ``name`` for these capacity levels, with its config options."""
     if name not in POLICIES:
         raise ValueError(f"unknown method {name!r}; expected one of {sorted(POLICIES)}")
-    return POLICIES[name](capacities, **dict(options or {}))
+    return POLICIES[name](capacities, unit_groups=unit_groups, **dict(options or {}))
 
 
-__all__ = ["MaskPolicy", "POLICIES", "build_policy", "fiarse_policy", "select_level"]
+__all__ = ["MaskPolicy", "POLICIES", "STRUCTURED", "build_policy", "select_level"]

@@ -20,8 +20,13 @@ from fiarse_jax.policies.base import MaskPolicy, select_level
 def fiarse_policy(capacities: Sequence[float], *, scope: str = "global",
                   gradient: str = "tcb",
                   is_maskable: masks_lib.IsMaskable | None = None,
-                  group_fn: masks_lib.GroupFn | None = None) -> MaskPolicy:
-    """Build the FIARSE policy for the given capacity ratios (level i ↔ capacities[i])."""
+                  group_fn: masks_lib.GroupFn | None = None,
+                  unit_groups=None) -> MaskPolicy:
+    """Build the FIARSE policy for the given capacity ratios (level i ↔ capacities[i]).
+
+    ``unit_groups`` is accepted for the common builder signature and unused.
+    """
+    del unit_groups
     capacities = tuple(float(c) for c in capacities)
     masks_lib._check_scope(scope)
     fiarse_lib.check_gradient(gradient)
