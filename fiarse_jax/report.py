@@ -28,8 +28,21 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def cost_table(summary: dict[str, Any]) -> Table:
+    """Per-capacity costs: parameters held, forward FLOPs (and on what), bytes per round."""
+    table = Table(title="cost per client of each capacity (one forward pass, one round)")
+    for col in ("capacity", "params held", "forward FLOPs", "FLOPs counted on",
+                "bytes down", "bytes up"):
+        table.add_column(col, justify="left" if col in ("capacity", "FLOPs counted on") else "right")
+    for label, c in summary["costs"].items():
+        table.add_row(label, f"{c['params_held']:,}", f"{c['flops']:,.0f}", c["flops_basis"],
+                      f"{c['bytes_down']:,}", f"{c['bytes_up']:,}")
+    return table
+
+
 def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     console.print(summary_table(summary))
+    console.print(cost_table(summary))
     console.print(f"wall time {summary['wall_time_s']:.1f} s on {summary['backend']} "
                   f"(strategy {summary['strategy']})")

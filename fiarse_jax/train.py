@@ -23,7 +23,7 @@ import optax
 from tqdm.auto import tqdm
 
 from fiarse_jax import client as client_lib
-from fiarse_jax import engine, evaluate, models, policies, server
+from fiarse_jax import costs, engine, evaluate, models, policies, server
 from fiarse_jax.config import ConfigError, validate_config
 from fiarse_jax.data import federate, load_dataset
 from fiarse_jax.masks import maskable_flags
@@ -144,12 +144,16 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                           f" | local by capacity {local} | train loss {train_loss:.3f}", flush=True)
 
     final_state = prepare(params, config.num_rounds, train_key)
+    cost = costs.capacity_costs(model, params, policy, final_state, capacities,
+                                structured=config.method in policies.STRUCTURED,
+                                unit_groups=unit_groups, x_one=data.train.x[0, :1])
     summary = {
         "config": config.to_dict(),
         "final": history[-1],
         "capacities": {evaluate.capacity_label(c): c for c in capacities},
         "kept_fraction": dict(zip((evaluate.capacity_label(c) for c in capacities),
                                   kept_fractions(policy, params, final_state, capacities))),
+        "costs": cost,
         "num_classes": data.num_classes,
         "num_params": int(sum(l.size for l in jax.tree_util.tree_leaves(params))),
         "clients_per_level": {evaluate.capacity_label(c): int((assignment == i).sum())
