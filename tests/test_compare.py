@@ -1,0 +1,63 @@
+"""The comparison command end to end on a tiny config."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import default as default_config  # noqa: E402
+
+from fiarse_jax import compare  # noqa: E402
+from fiarse_jax.config import ConfigError  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny():
+    c = default_config.get_config()
+    c.num_rounds, c.eval_every = 2, 1
+    return c
+
+
+def test_compare_same_schedule_table_and_plots(tmp_path):
+    res = compare.compare(tiny(), ["fiarse", "heterofl", "fedavg_full"], str(tmp_path))
+    table = (tmp_path / "comparison.md").read_text()
+    lines = table.strip().splitlines()
+    assert lines[0].startswith("| method | local 1/16 | local 1/4 | local 1 |")
+    assert [l.split("|")[1].strip() for l in lines[2:]] == ["`fiarse`", "`heterofl`", "`fedavg_full`"]
+    for png in ("accuracy_vs_round.png", "accuracy_per_capacity.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
+    s = res["summaries"]
+    # Same partition and schedule: identical client counts per level and identical data sizes.
+    assert s["fiarse"]["clients_per_level"] == s["heterofl"]["clients_per_level"]
+    # fedavg_full's every level is the full model, so its per-level global numbers are equal.
+    g = s["fedavg_full"]["final"]["capacity_global_accuracy"]
+    assert len(set(g.values())) == 1 and g["1"] == s["fedavg_full"]["final"]["global_accuracy"]
+    # The table's "global" column is the mean over sizes of each sub-model's global accuracy.
+    f = s["fiarse"]["final"]["capacity_global_accuracy"]
+    assert f"{100 * sum(f.values()) / 3:.2f}" in lines[2]
+    assert json.loads((tmp_path / "comparison.json").read_text())["methods"] == [
+        "fiarse", "heterofl", "fedavg_full"]
+
+
+@pytest.mark.parametrize("methods,match", [(["fiarse", "fedprox"], "unknown \\['fedprox'\\]"),
+                                           (["fiarse", "fiarse"], "listed twice"), ([], "unknown")])
+def test_compare_rejects_bad_methods_before_any_run(tmp_path, methods, match):
+    with pytest.raises(ConfigError, match=match):
+        compare.compare(tiny(), methods, str(tmp_path / "cmp"))
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_cli(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fiarse_jax", "compare", "--config",
+                        os.path.join(REPO, "configs", "default.py"), "--methods", "fiarse,fedrolex",
+                        "--workdir", str(tmp_path), "--config.num_rounds=1"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| `fedrolex` |" in r.stdout and (tmp_path / "comparison.md").exists()
+    r = subprocess.run([sys.executable, "-m", "fiarse_jax", "--config",
+                        os.path.join(REPO, "configs", "default.py"), "--methods", "fiarse",
+                        "--workdir", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--methods goes with" in r.stderr
