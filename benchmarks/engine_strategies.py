@@ -28,7 +28,7 @@ import default as default_config  # noqa: E402
 from fiarse_jax import engine, models, policies  # noqa: E402
 from fiarse_jax.client import make_client_fns  # noqa: E402
 from fiarse_jax.data import federate, load_digits  # noqa: E402
-from fiarse_jax.train import assign_capacities, sample_clients  # noqa: E402
+from fiarse_jax.train import assign_capacities, make_model_fns, sample_clients  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -50,12 +50,9 @@ def main(argv=None) -> dict:
     model = models.build_model(args.model, 10, {} if args.model == "cnn" else {"hidden_sizes": (128,)})
     params = model.init(jax.random.PRNGKey(0), data.train.x[0, :1])["params"]
 
-    def loss_fn(p, x, y, rng):
-        del rng
-        return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
-
     caps = tuple(cfg.capacities)
     policy = policies.build_policy("fiarse", caps, dict(cfg.fiarse))
+    _, loss_fn = make_model_fns(model, policy)
     fns = make_client_fns(loss_fn, policy, optax.sgd(cfg.client.learning_rate),
                           num_steps=cfg.client.local_steps, batch_size=cfg.client.batch_size)
     assignment = assign_capacities(cfg.data.num_clients, len(caps))

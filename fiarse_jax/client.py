@@ -27,8 +27,8 @@ from fiarse_jax.data.federated import ClientData
 from fiarse_jax.policies.base import MaskPolicy
 
 Params = Any
-#: (sub-model params, x batch, y batch, rng) -> scalar mean loss.
-LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array], jax.Array]
+#: (sub-model params, x batch, y batch, rng, client spec) -> scalar mean loss.
+LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array, Any], jax.Array]
 
 
 class ClientState(NamedTuple):
@@ -76,7 +76,7 @@ def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
         rng, sub = jax.random.split(state.rng)
 
         def objective(p):
-            return loss_fn(policy.apply(p, spec), xb, yb, sub)
+            return loss_fn(policy.apply(p, spec), xb, yb, sub, spec)
 
         loss, grads = jax.value_and_grad(objective)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

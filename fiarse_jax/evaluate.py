@@ -31,19 +31,20 @@ def capacity_label(r: float) -> str:
     return f"{r:.6g}"
 
 
-def make_evaluator(logits_fn: Callable[[Any, jax.Array], jax.Array], policy: MaskPolicy,
+def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
                    capacities: Sequence[float], assignment: np.ndarray, *,
                    batch_size: int = 1024) -> Callable[..., dict]:
     """``evaluate(params, round_state, data) -> metrics dict`` (see module docstring).
 
-    ``assignment[c]`` is the capacity level index of client ``c``.
+    ``assignment[c]`` is the capacity level index of client ``c``;
+    ``logits_fn(params, x, spec=None)`` (``spec`` picks a sub-model's readout head).
     """
     labels = [capacity_label(r) for r in capacities]
     assignment = np.asarray(assignment)
 
     @jax.jit
-    def score(params, x, y):
-        logits = logits_fn(params, x)
+    def score(params, x, y, spec):
+        logits = logits_fn(params, x, spec)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return (jnp.argmax(logits, -1) == y), loss
 
@@ -53,9 +54,9 @@ def make_evaluator(logits_fn: Callable[[Any, jax.Array], jax.Array], policy: Mas
         # FIARSE; with HeteroFL's scaler on, the 1/r scale it was trained with (our
         # models have no normalisation layer that would absorb it).
         spec = policy.client_spec(round_state, level, jax.random.PRNGKey(0))
-        return policy.apply(params, spec)
+        return policy.apply(params, spec), spec
 
-    def predict(params, data: FederatedData):
+    def predict(params, data: FederatedData, spec=None):
         n = data.test_y.shape[0]
         correct, losses = [], []
         for s in range(0, n, batch_size):
@@ -64,7 +65,7 @@ def make_evaluator(logits_fn: Callable[[Any, jax.Array], jax.Array], policy: Mas
             if pad:  # keep one compiled shape for the last batch
                 x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
                 y = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
-            c, l = score(params, x, y)
+            c, l = score(params, x, y, spec)
             correct.append(np.asarray(c)[:batch_size - pad])
             losses.append(np.asarray(l)[:batch_size - pad])
         return np.concatenate(correct).astype(np.float64), np.concatenate(losses)
@@ -78,8 +79,8 @@ def make_evaluator(logits_fn: Callable[[Any, jax.Array], jax.Array], policy: Mas
                "local_accuracy": {}, "local_accuracy_client_mean": {},
                "capacity_global_accuracy": {}}
         for lvl, label in enumerate(labels):
-            sub = extract(params, round_state, jnp.asarray(lvl, jnp.int32))
-            c, _ = predict(sub, data)
+            sub, spec = extract(params, round_state, jnp.asarray(lvl, jnp.int32))
+            c, _ = predict(sub, data, spec)
             own = sample_level == lvl
             per_client_n = np.bincount(test_client[own], minlength=num_clients)
             per_client_c = np.bincount(test_client[own], weights=c[own], minlength=num_clients)

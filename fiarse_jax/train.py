@@ -51,6 +51,32 @@ def make_optimizer(config) -> optax.GradientTransformation:
     return optax.adamw(lr)
 
 
+def make_model_fns(model, policy):
+    """``logits_fn(params, x, spec=None)`` and ``loss_fn(params, x, y, rng, spec)``.
+
+    With ``spec=None`` the logits are the model's own output (the full model).
+    A policy with a ``readout`` (early exits) gets the stacked exit outputs: its
+    ``objective`` is the training loss and its ``readout`` picks a sub-model's logits.
+    """
+    exits = policy.readout is not None
+
+    def outputs(p, x):
+        return model.apply({"params": p}, x, exits=True) if exits else model.apply({"params": p}, x)
+
+    def logits_fn(p, x, spec=None):
+        if spec is None or not exits:
+            return model.apply({"params": p}, x)
+        return policy.readout(outputs(p, x), spec)
+
+    def loss_fn(p, x, y, rng, spec):
+        del rng
+        if policy.objective is not None:
+            return policy.objective(outputs(p, x), y, spec)
+        return optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, x, spec), y).mean()
+
+    return logits_fn, loss_fn
+
+
 def kept_fractions(policy, params, round_state, capacities, is_maskable=None) -> list[float]:
     """Fraction of maskable scalars each level's sub-model keeps."""
     flags = maskable_flags(params, is_maskable)
@@ -84,13 +110,6 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
     params = model.init(init_key, data.train.x[0, :1])["params"]
 
-    def logits_fn(p, x):
-        return model.apply({"params": p}, x)
-
-    def loss_fn(p, x, y, rng):
-        del rng
-        return optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, x), y).mean()
-
     unit_groups = model.unit_groups(params) if hasattr(model, "unit_groups") else None
     try:
         policy = policies.build_policy(config.method, capacities,
@@ -98,6 +117,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                                        unit_groups=unit_groups)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config.{config.method}: {e}") from None
+    logits_fn, loss_fn = make_model_fns(model, policy)
     fns = client_lib.make_client_fns(loss_fn, policy, make_optimizer(config),
                                      num_steps=config.client.local_steps,
                                      batch_size=config.client.batch_size)

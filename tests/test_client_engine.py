@@ -11,9 +11,9 @@ from fiarse_jax.client import make_client_fns
 from fiarse_jax.data import ClientData, stack_clients
 
 
-def linear_loss(p, x, y, rng):
+def linear_loss(p, x, y, rng, spec=None):
     """mean_i (w · x_i): its gradient is the batch mean of x, so we can sum steps by hand."""
-    del y, rng
+    del y, rng, spec
     return jnp.mean(x.reshape(x.shape[0], -1) @ p["Dense_0"]["kernel"][:, 0])
 
 
@@ -40,7 +40,7 @@ def test_one_step_masked_equals_reference_with_fixed_numpy_mask():
     yb = np.array([0, 1, 2, 1], np.int32)
     params = model.init(jax.random.PRNGKey(0), xb)["params"]
 
-    def loss(p, x, y, key):
+    def loss(p, x, y, key, spec=None):
         del key
         return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
 
@@ -63,7 +63,7 @@ def test_mask_is_reevaluated_each_step_with_theta_fixed():
     """A weight pushed below θ by local training drops out and stops moving."""
     params = {"Dense_0": {"kernel": jnp.array([[1.0, 0.55]])}}
 
-    def loss(p, x, y, key):
+    def loss(p, x, y, key, spec=None):
         del x, y, key
         return jnp.sum(p["Dense_0"]["kernel"])  # gradient 1 on every kept weight
 
@@ -91,7 +91,7 @@ def test_loop_and_vmap_strategies_agree(gradient):
     data = stack_clients(x, y, parts)
     params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
 
-    def loss(p, xb, yb, key):
+    def loss(p, xb, yb, key, spec=None):
         del key
         return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, xb), yb).mean()
 

@@ -29,7 +29,7 @@ def test_metrics_match_numpy(batch_size):
                          test_y=jnp.asarray(y), test_client=jnp.asarray(client), num_classes=3,
                          train_sizes=np.full(4, 2), test_sizes=np.bincount(client))
     policy = policies.build_policy("fiarse", caps)
-    evaluate = make_evaluator(lambda p, xb: xb @ p["Dense_0"]["kernel"], policy, caps,
+    evaluate = make_evaluator(lambda p, xb, spec=None: xb @ p["Dense_0"]["kernel"], policy, caps,
                               assignment, batch_size=batch_size)
     out = evaluate(params, policy.prepare(params, 0, None), data)
 

@@ -11,6 +11,13 @@ it (a pytree of arrays, identical in structure across clients, so it can be
 vmapped). ``apply`` is the differentiable sub-model used in the client's loss;
 ``mask`` says which coordinates the client holds (the server averages each
 coordinate over its holders).
+
+Two optional hooks serve methods whose sub-models read out through different
+heads (early exits, ScaleFL/DepthFL-style): with ``readout`` set, the model is
+called with ``exits=True`` and returns every exit's logits stacked ``[E, B, K]``;
+``objective(outputs, y, spec)`` is the client's training loss on them and
+``readout(outputs, spec)`` the logits a sub-model predicts with. Without them
+the model returns logits and the loss is the mean cross-entropy.
 """
 from __future__ import annotations
 
@@ -35,6 +42,10 @@ class MaskPolicy(NamedTuple):
     apply: Callable[[Params, ClientSpec], Params]
     #: (params, spec) -> 0/1 pytree of the coordinates the client holds.
     mask: Callable[[Params, ClientSpec], Params]
+    #: optional (outputs [E, B, K], labels, spec) -> scalar training loss.
+    objective: Callable[[Any, Any, ClientSpec], Any] | None = None
+    #: optional (outputs [E, B, K], spec) -> logits [B, K] the sub-model predicts with.
+    readout: Callable[[Any, ClientSpec], Any] | None = None
 
 
 def select_level(round_state: RoundState, level: Any, key: jax.Array = None) -> ClientSpec:
