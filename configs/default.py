@@ -61,4 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.engine.strategy = "auto"    # "auto" | "loop" | "vmap"
 
     config.eval_every = 20
+    # Orbax checkpoints under WORKDIR/checkpoints; rerunning on the same workdir resumes.
+    config.checkpoint_every = 50       # rounds; 0 = no checkpoints
+    config.keep_checkpoints = 2
     return config

@@ -112,3 +112,5 @@ def validate_config(config) -> None:
     _positive(config, "server.learning_rate")
     _choice(config, "engine.strategy", engine.STRATEGIES)
     _int(config, "eval_every")
+    _int(config, "checkpoint_every", lo=0)
+    _int(config, "keep_checkpoints", lo=1)

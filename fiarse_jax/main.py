@@ -13,6 +13,7 @@ import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from fiarse_jax import compare, report, train
@@ -29,6 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     # absl turns INFO on; JAX then logs every backend it probes (TPU, CUDA) as noise.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     command = argv[1] if len(argv) > 1 else "train"
     if command not in ("train", "compare") or len(argv) > 2:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}; "

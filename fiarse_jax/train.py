@@ -6,13 +6,17 @@ policy prepare every level's extraction from the global model (one sort), give
 each client its spec, run the clients with the chosen strategy, aggregate the
 deltas over holders, and evaluate every ``eval_every`` rounds.
 
-Outputs in ``workdir``: ``metrics.jsonl`` (one JSON object per evaluation) and
-``summary.json`` (config, final metrics, kept fractions, timing).
+Outputs in ``workdir``: ``metrics.jsonl`` (one JSON object per evaluation),
+``summary.json`` (config, final metrics, kept fractions, costs, timing) and
+``checkpoints/`` (Orbax; see ``checkpoint``): running the same command again on the
+same ``workdir`` resumes from the latest checkpoint and gives the uninterrupted
+run's results bit for bit.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -23,7 +27,7 @@ import optax
 from tqdm.auto import tqdm
 
 from fiarse_jax import client as client_lib
-from fiarse_jax import costs, engine, evaluate, models, policies, server
+from fiarse_jax import checkpoint, costs, engine, evaluate, models, policies, server
 from fiarse_jax.config import ConfigError, validate_config
 from fiarse_jax.data import federate, load_dataset
 from fiarse_jax.masks import maskable_flags
@@ -128,40 +132,75 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     client_specs = jax.jit(jax.vmap(policy.client_spec, in_axes=(None, 0, 0)))
 
     os.makedirs(workdir, exist_ok=True)
+    ckpt = (checkpoint.RunCheckpoints(workdir, keep=config.keep_checkpoints)
+            if config.checkpoint_every > 0 else None)
+    start, history, resumed_from = 0, [], None
+    if ckpt is not None:
+        template = {"params": params, "round": np.asarray(0, np.int32), "key": train_key,
+                    "assignment": assignment.astype(np.int32)}
+        restored, warnings = ckpt.restore_latest(template)
+        for w in warnings:
+            print(f"fiarse-jax: warning: {w}", file=sys.stderr, flush=True)
+        if restored is not None:
+            resumed_from, state, meta = restored
+            checkpoint.check_resumable(meta["config"], config, resumed_from)
+            if (not np.array_equal(np.asarray(state["key"]), np.asarray(train_key))
+                    or not np.array_equal(np.asarray(state["assignment"]), assignment)):
+                raise ConfigError("the checkpoint's PRNG key or capacity assignment differs from "
+                                  "this config's (made by another version of the code?); "
+                                  "use a new --workdir")
+            start, params, history = resumed_from, state["params"], list(meta["history"])
+            print(f"resuming from the checkpoint at round {resumed_from} "
+                  f"({config.num_rounds - resumed_from} rounds to go)", flush=True)
+
+    # metrics.jsonl is rewritten from the checkpoint's history, so rounds evaluated after
+    # the checkpoint by a killed run are not duplicated.
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    history = []
-    bar = tqdm(range(config.num_rounds), desc=f"{config.method}", unit="round",
+    _write_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in history))
+    bar = tqdm(range(start, config.num_rounds), desc=f"{config.method}", unit="round",
+               initial=start, total=config.num_rounds,
                disable=(not progress) if progress is not None else None)
-    with open(metrics_path, "w") as metrics_file:
-        for rnd in bar:
-            ids = sample_clients(config.seed, rnd, config.data.num_clients,
-                                 config.clients_per_round)
-            round_key = jax.random.fold_in(train_key, rnd)
-            round_state = prepare(params, rnd, round_key)
-            keys = jax.vmap(jax.random.fold_in, (None, 0))(round_key, jnp.asarray(ids))
-            specs = client_specs(round_state, jnp.asarray(assignment[ids]), keys)
-            batch = jax.tree_util.tree_map(lambda a: a[ids], data.train)
-            result = run_clients(params, specs, batch, keys)
-            params = server.aggregate(params, result.delta, result.mask,
-                                      server_lr=config.server.learning_rate)
-            train_loss = float(result.loss.mean())
-            if not np.isfinite(train_loss):
-                raise TrainingError(
-                    f"training diverged in round {rnd + 1} (mean client loss {train_loss}); "
-                    f"lower config.client.learning_rate ({config.client.learning_rate}) or "
-                    f"config.server.learning_rate ({config.server.learning_rate})")
-            if (rnd + 1) % config.eval_every == 0 or rnd + 1 == config.num_rounds:
-                m = evaluator(params, prepare(params, rnd + 1, round_key), data)
-                m = {"round": rnd + 1, "train_loss": train_loss, **m,
-                     "elapsed_s": round(time.time() - t_start, 2)}
-                history.append(m)
-                metrics_file.write(json.dumps(m) + "\n")
-                metrics_file.flush()
-                bar.set_postfix(acc=f"{m['global_accuracy']:.3f}", loss=f"{train_loss:.3f}")
-                if bar.disable:
-                    local = ", ".join(f"{k}: {v:.1%}" for k, v in m["local_accuracy"].items())
-                    print(f"round {rnd + 1}/{config.num_rounds}: full model {m['global_accuracy']:.1%}"
-                          f" | local by capacity {local} | train loss {train_loss:.3f}", flush=True)
+    try:
+        with open(metrics_path, "a") as metrics_file:
+            for rnd in bar:
+                ids = sample_clients(config.seed, rnd, config.data.num_clients,
+                                     config.clients_per_round)
+                round_key = jax.random.fold_in(train_key, rnd)
+                round_state = prepare(params, rnd, round_key)
+                keys = jax.vmap(jax.random.fold_in, (None, 0))(round_key, jnp.asarray(ids))
+                specs = client_specs(round_state, jnp.asarray(assignment[ids]), keys)
+                batch = jax.tree_util.tree_map(lambda a: a[ids], data.train)
+                result = run_clients(params, specs, batch, keys)
+                params = server.aggregate(params, result.delta, result.mask,
+                                          server_lr=config.server.learning_rate)
+                train_loss = float(result.loss.mean())
+                if not np.isfinite(train_loss):
+                    raise TrainingError(
+                        f"training diverged in round {rnd + 1} (mean client loss {train_loss}); "
+                        f"lower config.client.learning_rate ({config.client.learning_rate}) or "
+                        f"config.server.learning_rate ({config.server.learning_rate})")
+                done = rnd + 1
+                if done % config.eval_every == 0 or done == config.num_rounds:
+                    m = evaluator(params, prepare(params, done, round_key), data)
+                    m = {"round": done, "train_loss": train_loss, **m,
+                         "elapsed_s": round(time.time() - t_start, 2)}
+                    history.append(m)
+                    metrics_file.write(json.dumps(m) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(acc=f"{m['global_accuracy']:.3f}", loss=f"{train_loss:.3f}")
+                    if bar.disable:
+                        local = ", ".join(f"{k}: {v:.1%}" for k, v in m["local_accuracy"].items())
+                        print(f"round {done}/{config.num_rounds}: full model "
+                              f"{m['global_accuracy']:.1%} | local by capacity {local} | "
+                              f"train loss {train_loss:.3f}", flush=True)
+                if ckpt is not None and (done % config.checkpoint_every == 0
+                                         or done == config.num_rounds):
+                    ckpt.save(done, {"params": params, "round": np.asarray(done, np.int32),
+                                     "key": train_key, "assignment": assignment.astype(np.int32)},
+                              {"config": config.to_dict(), "history": history})
+    finally:
+        if ckpt is not None:
+            ckpt.close()
 
     final_state = prepare(params, config.num_rounds, train_key)
     cost = costs.capacity_costs(model, params, policy, final_state, capacities,
@@ -180,13 +219,19 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                               for i, c in enumerate(capacities)},
         "strategy": engine.resolve_strategy(config.engine.strategy),
         "backend": jax.default_backend(),
+        "resumed_from_round": resumed_from,
         "wall_time_s": round(time.time() - t_start, 2),
     }
-    tmp = os.path.join(workdir, "summary.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2, default=_jsonable)
-    os.replace(tmp, os.path.join(workdir, "summary.json"))
+    _write_atomic(os.path.join(workdir, "summary.json"),
+                  json.dumps(summary, indent=2, default=_jsonable))
     return summary
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _jsonable(x):

@@ -1,0 +1,141 @@
+"""Exact resumption with Orbax: a run killed at any moment continues as if nothing happened.
+
+``WORKDIR/checkpoints/<round>/`` is written by ``orbax.checkpoint.CheckpointManager``
+every ``config.checkpoint_every`` rounds and after the last round, keeping the last
+``config.keep_checkpoints``. Orbax writes a step into a temporary directory and
+renames it when complete, so a kill during a save leaves the previous checkpoint as
+the latest usable one (the unfinished directory is ignored and cleaned up).
+
+A checkpoint holds everything the next round depends on:
+
+* ``state`` (arrays): the global params, the round number, the run's base PRNG key
+  and the client → capacity assignment;
+* ``meta`` (JSON): the config it was made from and the metrics history.
+
+Everything else a round uses is a pure function of (seed, round): the client sample
+(``train.sample_clients``), the round's keys (``fold_in(key, round)``), the policy's
+round state (FedRolex's window is ``round mod C``), Dirichlet partition and model
+init. The server has no optimiser state (plain step η_g). So restoring the state
+gives bit-identical later rounds on the same backend and strategy.
+
+Resuming with a config that differs in anything but ``SAFE_TO_CHANGE`` stops with a
+``ConfigError`` naming the differing fields.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from fiarse_jax.config import ConfigError
+
+#: Config fields that may change between a run and its resumption: the length of
+#: the run, bookkeeping, and the execution strategy (strategies agree to float
+#: rounding, so bit-for-bit equality holds only when it is unchanged).
+SAFE_TO_CHANGE = ("num_rounds", "eval_every", "checkpoint_every", "keep_checkpoints",
+                  "engine.strategy")
+
+log = logging.getLogger(__name__)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Dotted names of fields (outside ``SAFE_TO_CHANGE``) that differ, with both values."""
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in SAFE_TO_CHANGE:
+            continue
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if va != vb:
+            diffs.append(f"{key}: checkpoint {va!r}, now {vb!r}")
+    return diffs
+
+
+class RunCheckpoints:
+    """The checkpoints of one run directory (see module docstring)."""
+
+    def __init__(self, workdir: str, *, keep: int = 3):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 cleanup_tmp_directories=True,
+                                                 enable_async_checkpointing=True),
+            item_names=("state", "meta"))
+
+    def save(self, round_index: int, state: dict, meta: dict) -> None:
+        """Start saving the state after ``round_index`` rounds (asynchronously)."""
+        self.manager.save(round_index, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore_latest(self, template: dict) -> tuple[tuple[int, dict, dict] | None, list[str]]:
+        """((round, state, meta) of the newest readable checkpoint or None, warnings).
+
+        ``template`` is a state pytree of the right structure, shapes and dtypes. A
+        checkpoint that cannot be read (corrupt or partial files) is deleted and the
+        previous one tried; each such fallback adds a warning.
+        """
+        warnings = []
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+        for step in reversed(self.steps()):
+            try:
+                got = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                state, meta = got["state"], got["meta"]
+                if not isinstance(meta, dict) or "config" not in meta or "history" not in meta:
+                    raise ValueError("its metadata is missing or incomplete")
+                _check_finite(state["params"])
+            except Exception as e:  # noqa: BLE001 — any unreadable checkpoint: fall back
+                reason = " ".join(str(e).split())[:200] or type(e).__name__
+                warnings.append(f"checkpoint at round {step} is unreadable ({reason}); "
+                                "falling back to the previous one")
+                self.manager.delete(step)
+                continue
+            return (step, state, meta), warnings
+        if warnings:
+            warnings.append("no readable checkpoint left; starting from round 0")
+        return None, warnings
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _check_finite(tree) -> None:
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if not np.all(np.isfinite(np.asarray(leaf))):
+            raise ValueError("it holds non-finite parameters")
+
+
+def check_resumable(saved_config: dict, config, saved_round: int) -> None:
+    """Raise ``ConfigError`` if ``config`` cannot continue a run saved with ``saved_config``."""
+    diffs = config_differences(saved_config, config.to_dict())
+    if diffs:
+        raise ConfigError(
+            "the workdir holds a checkpoint of a different run; these fields differ: "
+            + "; ".join(diffs) + f". Only {', '.join(SAFE_TO_CHANGE)} may change on resume "
+            "(use a new --workdir for a new run)")
+    if saved_round > config.num_rounds:
+        raise ConfigError(f"config.num_rounds = {config.num_rounds}: the workdir's checkpoint is "
+                          f"already at round {saved_round}; use num_rounds ≥ {saved_round}")

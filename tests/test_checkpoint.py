@@ -1,0 +1,149 @@
+"""Orbax resumption: a killed run, restarted, equals the uninterrupted run bit for bit."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import default as default_config  # noqa: E402
+
+from fiarse_jax import checkpoint, train  # noqa: E402
+from fiarse_jax.config import ConfigError  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROUNDS = 24
+
+
+def tiny(**over):
+    c = default_config.get_config()
+    c.num_rounds, c.eval_every, c.checkpoint_every, c.keep_checkpoints = ROUNDS, 4, 1, 2
+    c.client.local_steps = 5
+    for k, v in over.items():
+        node = c
+        *head, last = k.split(".")
+        for h in head:
+            node = node[h]
+        node[last] = v
+    return c
+
+
+def final_params(workdir):
+    """The params of the run's last checkpoint, read with plain Orbax (no template)."""
+    d = os.path.join(workdir, "checkpoints")
+    step = max(int(s) for s in os.listdir(d) if s.isdigit())
+    with ocp.CheckpointManager(d, item_names=("state", "meta")) as mngr:
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    return step, {k: {n: np.asarray(a) for n, a in v.items()} for k, v in state["params"].items()}
+
+
+def metrics(workdir):
+    """metrics.jsonl without the wall-clock field (timing is not a result)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    for r in rows:
+        r.pop("elapsed_s")
+    return rows
+
+
+def assert_same_run(a, b):
+    sa, pa = final_params(a)
+    sb, pb = final_params(b)
+    assert sa == sb == ROUNDS
+    for layer in pa:
+        for name in pa[layer]:
+            np.testing.assert_array_equal(pa[layer][name], pb[layer][name])  # bit for bit
+    assert metrics(a) == metrics(b)
+    assert [m["round"] for m in metrics(b)] == list(range(4, ROUNDS + 1, 4))  # no duplicates
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run."""
+    w = str(tmp_path_factory.mktemp("uninterrupted"))
+    train.train_and_evaluate(tiny(), w, progress=False)
+    return w
+
+
+def test_sigkill_mid_run_then_resume_is_bit_identical(reference, tmp_path):
+    w = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "fiarse_jax", "--config", os.path.join(REPO, "configs", "default.py"),
+           "--workdir", w, f"--config.num_rounds={ROUNDS}", "--config.eval_every=4",
+           "--config.checkpoint_every=1", "--config.keep_checkpoints=2",
+           "--config.client.local_steps=5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+    ckdir = os.path.join(w, "checkpoints")
+    deadline = time.time() + 240
+    # Kill right after the round-7 checkpoint is committed: with a save every round, the
+    # next async save is typically in flight, so this is also a kill during a save.
+    while not os.path.isdir(os.path.join(ckdir, "7")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    steps = sorted(int(s) for s in os.listdir(ckdir) if s.isdigit())
+    assert steps and max(steps) < ROUNDS, f"the run finished before the kill: {steps}"
+
+    train.train_and_evaluate(tiny(), w, progress=False)
+    assert_same_run(reference, w)
+
+
+def test_partial_save_and_corrupt_latest_fall_back(reference, tmp_path, capsys):
+    w = str(tmp_path / "corrupt")
+    train.train_and_evaluate(tiny(num_rounds=12), w, progress=False)
+    ckdir = os.path.join(w, "checkpoints")
+    assert sorted(os.listdir(ckdir)) == ["11", "12"]
+    # A save killed half-way leaves an uncommitted temporary directory ...
+    shutil.copytree(os.path.join(ckdir, "12"), os.path.join(ckdir, "13.orbax-checkpoint-tmp-99"))
+    # ... and the committed latest one gets damaged on disk.
+    for root, _, files in os.walk(os.path.join(ckdir, "12", "state")):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"garbage")
+    summary = train.train_and_evaluate(tiny(), w, progress=False)
+    err = capsys.readouterr().err
+    assert "checkpoint at round 12 is unreadable" in err and "falling back" in err
+    assert summary["resumed_from_round"] == 11
+    assert not any("tmp" in s for s in os.listdir(ckdir))
+    assert_same_run(reference, w)
+
+
+def test_extending_num_rounds_continues_the_run(reference, tmp_path):
+    w = str(tmp_path / "extended")
+    train.train_and_evaluate(tiny(num_rounds=8), w, progress=False)
+    summary = train.train_and_evaluate(tiny(), w, progress=False)
+    assert summary["resumed_from_round"] == 8
+    assert_same_run(reference, w)
+
+
+def test_mismatched_config_is_refused_naming_fields(tmp_path):
+    w = str(tmp_path / "run")
+    train.train_and_evaluate(tiny(num_rounds=3), w, progress=False)
+    before = sorted(os.listdir(os.path.join(w, "checkpoints")))
+    with pytest.raises(ConfigError, match=r"client\.learning_rate: checkpoint 0.1, now 0.05; seed: checkpoint 0, now 5"):
+        train.train_and_evaluate(tiny(num_rounds=3, seed=5, **{"client.learning_rate": 0.05}), w,
+                                 progress=False)
+    with pytest.raises(ConfigError, match=r"config.num_rounds = 2: .* already at round 3"):
+        train.train_and_evaluate(tiny(num_rounds=2), w, progress=False)
+    assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == before  # nothing written
+
+
+def test_config_differences_ignores_safe_fields():
+    a = tiny().to_dict()
+    b = tiny(num_rounds=99, eval_every=7, checkpoint_every=3, **{"engine.strategy": "vmap"}).to_dict()
+    assert checkpoint.config_differences(a, b) == []
+    b = tiny(**{"model.hidden_sizes": (64,)}).to_dict()
+    assert checkpoint.config_differences(a, b) == ["model.hidden_sizes: checkpoint [128], now [64]"]
+
+
+def test_checkpoint_every_zero_writes_none(tmp_path):
+    train.train_and_evaluate(tiny(num_rounds=2, checkpoint_every=0), str(tmp_path), progress=False)
+    assert not (tmp_path / "checkpoints").exists()
