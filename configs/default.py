@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     # fiarse | fiarse_neuron | heterofl | fedrolex | fed_dropout | fedavg_full | fedavg_smallest
+    # | scalefl (needs model.early_exits = True and ≥ 2 hidden layers; configs/digits_scalefl.py)
     config.method = "fiarse"
     # Capacity ratios r: level i keeps ⌈r·N⌉ of the N maskable parameters.
     config.capacities = (1.0, 0.25, 0.0625)
@@ -44,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
     # scale; these models have none, and units shared by levels with scales 1, 4, 16
     # then conflict (1/16 sub-model ~23% with it, ~93% without). Off here; on in HeteroFL.
     config.heterofl.scaler = False
+    config.scalefl = ml_collections.ConfigDict()
+    config.scalefl.depth_exponent = 0.5   # depth d_r = ⌈r^a·L⌉; width fills the r·N budget
+    config.scalefl.kd_weight = 1.0        # self-distillation from the deepest kept exit
+    config.scalefl.temperature = 3.0
 
     config.num_rounds = 200
     config.clients_per_round = 10

@@ -101,7 +101,20 @@ def validate_config(config) -> None:
         _choice(config, "fiarse_neuron.scope", masks.SCOPES)
     if "heterofl" in config and not isinstance(config.heterofl.get("scaler", False), bool):
         _fail("heterofl.scaler", config.heterofl.scaler, "must be True or False")
+    if "scalefl" in config:
+        for field in ("depth_exponent", "kd_weight"):
+            v = config.scalefl.get(field, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+                _fail(f"scalefl.{field}", v, "must be a finite number ≥ 0")
+        if "temperature" in config.scalefl:
+            _positive(config, "scalefl.temperature")
     _check_model(config)
+    if method == "scalefl":   # early exits on an MLP with ≥ 2 hidden layers
+        m = _get(config, "model")
+        hidden = tuple(m.get("hidden_sizes", models.MLP.hidden_sizes))
+        if m.name != "mlp" or m.get("early_exits", False) is not True or len(hidden) < 2:
+            _fail("model", f"{m.name} early_exits={m.get('early_exits', False)} "
+                  f"hidden_sizes={hidden}", policies.scalefl.NEEDS)
 
     _int(config, "num_rounds")
     _int(config, "clients_per_round", hi=num_clients)

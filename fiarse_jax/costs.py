@@ -8,7 +8,10 @@ For every level:
   sample, ``jax.jit(apply).lower(...).compile().cost_analysis()["flops"]``.
   Structured masks (whole units) are measured on the *physically shrunk dense*
   sub-model; unstructured masks (parameter-wise FIARSE) on the *masked dense* model,
-  which XLA runs at full dense cost: sparsity saves no FLOPs there.
+  which XLA runs at full dense cost: sparsity saves no FLOPs there. A depth-reduced
+  sub-model (spec with a ``depth``, scalefl) is shrunk to its first d blocks and read
+  out through exit d (``model.with_depth``/``depth_params``); FLOPs are that one
+  readout path (a client's training pass also runs its shallower exit heads).
 * ``bytes_down`` / ``bytes_up``: one transfer of the sub-model (down) and of its
   delta (up, same support). Structured: dense values. Unstructured: values plus an
   int32 index per kept maskable scalar, or the dense model if that is smaller.
@@ -18,7 +21,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fiarse_jax import units
@@ -34,6 +36,19 @@ def forward_flops(model, params, x_one: jax.Array) -> float:
     if isinstance(cost, (list, tuple)):   # older jax: one dict per computation
         cost = cost[0]
     return float(cost.get("flops", float("nan")))
+
+
+def shrunk_submodel(model, params, spec, unit_groups):
+    """(smaller model, its dense parameters) for a structured ``spec``: every group at its
+    kept width (``units.shrink``); with a ``depth`` in the spec (early exits, scalefl) only
+    the first d blocks, read out through exit d (``model.with_depth``/``depth_params``)."""
+    u = {k: np.asarray(v) for k, v in spec["units"].items()}
+    small = model.with_widths(units.kept_sizes(unit_groups, u))
+    shrunk = units.shrink(params, unit_groups, u)
+    if isinstance(spec, dict) and "depth" in spec:
+        d = int(spec["depth"])
+        small, shrunk = small.with_depth(d), small.depth_params(shrunk, d)
+    return small, shrunk
 
 
 def capacity_costs(model, params, policy: MaskPolicy, round_state: Any,
@@ -55,9 +70,7 @@ def capacity_costs(model, params, policy: MaskPolicy, round_state: Any,
         maskable_kept = sum(k for k, f in zip(kept, flags) if f)
         held = sum(k if f else l.size for k, f, l in zip(kept, flags, leaves))
         if structured and unit_groups is not None:
-            u = {k: np.asarray(v) for k, v in spec["units"].items()}
-            small = model.with_widths(units.kept_sizes(unit_groups, u))
-            shrunk = units.shrink(params, unit_groups, u)
+            small, shrunk = shrunk_submodel(model, params, spec, unit_groups)
             flops, basis = forward_flops(small, shrunk, x_one), "shrunk dense"
             held = sum(v.size for v in jax.tree_util.tree_leaves(shrunk))
             nbytes = sum(v.size * np.dtype(v.dtype).itemsize for v in jax.tree_util.tree_leaves(shrunk))

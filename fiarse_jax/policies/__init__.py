@@ -3,6 +3,10 @@
 A builder is ``builder(capacities, *, unit_groups=None, **options) -> MaskPolicy``;
 ``unit_groups`` is the model's unit description (``units.UnitGroup``), needed by the
 structured methods; ``options`` come from ``config.<method>``.
+
+``scalefl``: a simplified ScaleFL/DepthFL-style baseline (width and depth shrink
+together, early exits, self-distillation); needs ``MLP(early_exits=True)``, see
+``docs/scalefl.md``.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from fiarse_jax.policies.fedrolex import fedrolex_policy
 from fiarse_jax.policies.fiarse import fiarse_policy
 from fiarse_jax.policies.fiarse_neuron import fiarse_neuron_policy
 from fiarse_jax.policies.heterofl import heterofl_policy
+from fiarse_jax.policies.scalefl import scalefl_policy
 
 #: name -> builder(capacities, *, unit_groups=None, **options) -> MaskPolicy
 POLICIES: dict[str, Callable[..., MaskPolicy]] = {
@@ -25,6 +30,7 @@ POLICIES: dict[str, Callable[..., MaskPolicy]] = {
     "fed_dropout": fed_dropout_policy,
     "fedavg_full": fedavg_full_policy,
     "fedavg_smallest": fedavg_smallest_policy,
+    "scalefl": scalefl_policy,
 }
 
 #: Methods whose masks drop whole units (the sub-model can be shrunk to dense arrays).
