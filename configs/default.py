@@ -69,4 +69,5 @@ def get_config() -> ml_collections.ConfigDict:
     # Orbax checkpoints under WORKDIR/checkpoints; rerunning on the same workdir resumes.
     config.checkpoint_every = 50       # rounds; 0 = no checkpoints
     config.keep_checkpoints = 2
+    config.tensorboard = True          # event files under WORKDIR/tensorboard
     return config

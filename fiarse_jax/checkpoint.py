@@ -37,7 +37,7 @@ from fiarse_jax.config import ConfigError
 #: the run, bookkeeping, and the execution strategy (strategies agree to float
 #: rounding, so bit-for-bit equality holds only when it is unchanged).
 SAFE_TO_CHANGE = ("num_rounds", "eval_every", "checkpoint_every", "keep_checkpoints",
-                  "engine.strategy")
+                  "tensorboard", "engine.strategy")
 
 log = logging.getLogger(__name__)
 

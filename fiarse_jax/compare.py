@@ -22,8 +22,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fiarse_jax import policies, train
+from fiarse_jax import plots, policies, train
 from fiarse_jax.config import ConfigError, validate_config
+from fiarse_jax.metrics import read_jsonl
 
 
 def _method_config(config, method: str):
@@ -57,47 +58,6 @@ def markdown_table(summaries: dict[str, dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def plot_comparison(summaries: dict[str, dict], histories: dict[str, list], workdir: str) -> list[str]:
-    """Write the two PNGs; returns their paths."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    first = next(iter(summaries.values()))
-    labels = sorted(first["capacities"], key=lambda k: first["capacities"][k])
-    panels = [(f"capacity {l}: local test", lambda m, l=l: m["local_accuracy"][l]) for l in labels]
-    panels.append(("full model: global test", lambda m: m["global_accuracy"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), sharey=True)
-    for ax, (title, get) in zip(np.atleast_1d(axes), panels):
-        for method, hist in histories.items():
-            ax.plot([m["round"] for m in hist], [100 * get(m) for m in hist], marker=".", label=method)
-        ax.set_title(title)
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
-    np.atleast_1d(axes)[0].set_ylabel("accuracy (%)")
-    np.atleast_1d(axes)[-1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    p1 = os.path.join(workdir, "accuracy_vs_round.png")
-    fig.savefig(p1, dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(3.2 + 0.45 * len(labels) * len(summaries), 3.6))
-    width = 0.8 / len(summaries)
-    for i, (method, s) in enumerate(summaries.items()):
-        ax.bar(np.arange(len(labels)) + i * width - 0.4 + width / 2,
-               [100 * s["final"]["local_accuracy"][l] for l in labels], width, label=method)
-    ax.set_xticks(np.arange(len(labels)), [f"capacity {l}" for l in labels])
-    ax.set_ylabel("local test accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    p2 = os.path.join(workdir, "accuracy_per_capacity.png")
-    fig.savefig(p2, dpi=110)
-    plt.close(fig)
-    return [p1, p2]
-
-
 def compare(config, methods: Sequence[str], workdir: str, *,
             progress: bool | None = None) -> dict[str, Any]:
     """Train every method in ``methods`` under ``config``; write table, JSON and plots."""
@@ -115,13 +75,12 @@ def compare(config, methods: Sequence[str], workdir: str, *,
     for m, cfg in configs.items():
         run_dir = os.path.join(workdir, m)
         summaries[m] = train.train_and_evaluate(cfg, run_dir, progress=progress)
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            histories[m] = [json.loads(line) for line in f]
+        histories[m] = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     table = markdown_table(summaries)
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
         f.write(table)
-    plots = plot_comparison(summaries, histories, workdir)
-    result = {"methods": methods, "table": table, "plots": plots, "summaries": summaries}
+    pngs = plots.plot_comparison(summaries, histories, workdir)
+    result = {"methods": methods, "table": table, "plots": pngs, "summaries": summaries}
     with open(os.path.join(workdir, "comparison.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
     return result

@@ -127,3 +127,5 @@ def validate_config(config) -> None:
     _int(config, "eval_every")
     _int(config, "checkpoint_every", lo=0)
     _int(config, "keep_checkpoints", lo=1)
+    if not isinstance(_get(config, "tensorboard"), bool):
+        _fail("tensorboard", config.tensorboard, "must be True or False")

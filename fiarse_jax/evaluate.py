@@ -12,7 +12,7 @@ global model is scored on the global test set (``global_accuracy``).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -1,8 +1,10 @@
 """Command line (kept thin on purpose, as flax/examples: flags in, a library call, a table out).
 
-  fiarse-jax --config configs/default.py --workdir runs/default
+  fiarse-jax --config configs/default.py --workdir runs/default   # train (resumes if DIR has checkpoints)
   fiarse-jax compare --config configs/default.py --methods fiarse,heterofl,fedrolex \
       --workdir runs/cmp
+  fiarse-jax plot --workdir runs/default                            # PNGs of a finished run
+  fiarse-jax export --workdir runs/default --capacity 1/4 --out sub.npz
 
 Any config field can be overridden, e.g.
 ``--config.num_rounds=3 --config.fiarse.gradient=masked``.
@@ -16,7 +18,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from fiarse_jax import compare, report, train
+from fiarse_jax import compare, export, plots, report, train
 from fiarse_jax.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -24,7 +26,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and the summary.")
 _METHODS = flags.DEFINE_list("methods", None, "With `compare`: the methods to run, comma-separated.")
-flags.mark_flags_as_required(["config", "workdir"])
+_CAPACITY = flags.DEFINE_string("capacity", None, "With `export`: the capacity, e.g. 1/4 or 0.25.")
+_OUT = flags.DEFINE_string("out", None, "With `export`: the .npz file to write.")
+flags.mark_flags_as_required(["workdir"])
+
+COMMANDS = ("train", "compare", "plot", "export")
+#: flags each sub-command needs (and only it may get).
+_NEEDS = {"train": {"config"}, "compare": {"config", "methods"}, "plot": set(),
+          "export": {"capacity", "out"}}
 
 
 def main(argv: list[str]) -> None:
@@ -32,25 +41,36 @@ def main(argv: list[str]) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     command = argv[1] if len(argv) > 1 else "train"
-    if command not in ("train", "compare") or len(argv) > 2:
+    if command not in COMMANDS or len(argv) > 2:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}; "
-                             "the only sub-command is `compare`")
-    if (command == "compare") != (_METHODS.value is not None):
-        raise app.UsageError("--methods goes with (and only with) the `compare` sub-command")
+                             f"sub-commands: {', '.join(COMMANDS)} (train is the default)")
+    given = {n for n, f in (("config", _CONFIG), ("methods", _METHODS), ("capacity", _CAPACITY),
+                            ("out", _OUT)) if f.value is not None}
+    for name in sorted(_NEEDS[command] - given):
+        raise app.UsageError(f"`{command}` needs --{name}")
+    for name in sorted(given - _NEEDS[command]):
+        raise app.UsageError(f"--{name} does not go with `{command}`")
     try:
         if command == "compare":
             result = compare.compare(_CONFIG.value, _METHODS.value, _WORKDIR.value)
             print(result["table"])
             print("wrote " + ", ".join(result["plots"]))
-            return
-        summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except ConfigError as e:
+        elif command == "plot":
+            print("wrote " + ", ".join(plots.plot_run(_WORKDIR.value)))
+        elif command == "export":
+            info = export.export_submodel(_WORKDIR.value, _CAPACITY.value, _OUT.value)
+            print(f"wrote {_OUT.value} ({info['file_bytes']:,} bytes) and its .json: "
+                  f"{info['method']} capacity {info['label']} after round {info['round']}, "
+                  f"{info['params_held']:,} of {info['params_total']:,} parameters held"
+                  + (f", dense sub-model {info['dense_params']:,}" if "dense_params" in info else ""))
+        else:
+            report.print_summary(train.train_and_evaluate(_CONFIG.value, _WORKDIR.value))
+    except (ConfigError, FileNotFoundError) as e:
         print(f"fiarse-jax: error: {e}", file=sys.stderr)
         sys.exit(2)
     except train.TrainingError as e:
         print(f"fiarse-jax: error: {e}", file=sys.stderr)
         sys.exit(1)
-    report.print_summary(summary)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

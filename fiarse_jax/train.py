@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 
 from fiarse_jax import client as client_lib
 from fiarse_jax import checkpoint, costs, engine, evaluate, models, policies, server
+from fiarse_jax import metrics as metrics_lib
 from fiarse_jax.config import ConfigError, validate_config
 from fiarse_jax.data import federate, load_dataset
-from fiarse_jax.masks import maskable_flags
+from fiarse_jax.masks import maskable_flags, path_names
 
 
 class TrainingError(RuntimeError):
@@ -81,25 +82,61 @@ def make_model_fns(model, policy):
     return logits_fn, loss_fn
 
 
-def kept_fractions(policy, params, round_state, capacities, is_maskable=None) -> list[float]:
-    """Fraction of maskable scalars each level's sub-model keeps."""
+@jax.jit
+def update_norms(deltas) -> jax.Array:
+    """L2 norm of each client's delta (leading client axis) over the whole pytree."""
+    sq = sum(jnp.sum(jnp.square(d.reshape(d.shape[0], -1)), axis=1)
+             for d in jax.tree_util.tree_leaves(deltas))
+    return jnp.sqrt(sq)
+
+
+def kept_fractions(policy, params, round_state, capacities, is_maskable=None
+                   ) -> tuple[list[float], list[dict[str, float]]]:
+    """Per level: the fraction of maskable scalars its sub-model keeps, overall and per
+    top-level module (layer)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    layers = [path_names(p)[0] for p, _ in flat]
     flags = maskable_flags(params, is_maskable)
-    total = sum(l.size for l, f in zip(jax.tree_util.tree_leaves(params), flags) if f)
-    out = []
+    total = sum(l.size for (_, l), f in zip(flat, flags) if f)
+    overall, per_layer = [], []
     for lvl in range(len(capacities)):
         spec = policy.client_spec(round_state, lvl, jax.random.PRNGKey(0))
         m = jax.tree_util.tree_leaves(policy.mask(params, spec))
-        out.append(float(sum(float(x.sum()) for x, f in zip(m, flags) if f) / total))
-    return out
+        kept, size = {}, {}
+        for x, f, layer in zip(m, flags, layers):
+            if f:
+                kept[layer] = kept.get(layer, 0.0) + float(x.sum())
+                size[layer] = size.get(layer, 0) + x.size
+        overall.append(sum(kept.values()) / total)
+        per_layer.append({k: kept[k] / size[k] for k in kept})
+    return overall, per_layer
 
 
-def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) -> dict[str, Any]:
-    """Train ``config.method`` federatedly and evaluate it; returns the summary dict.
+class Run(NamedTuple):
+    """Everything a run is built from, derived from its config alone (no state)."""
 
-    ``progress``: show a tqdm bar (``None``: only on an interactive terminal).
-    """
+    config: Any
+    capacities: tuple[float, ...]
+    data: Any                       # FederatedData
+    model: Any
+    init_params: Any
+    train_key: jax.Array
+    unit_groups: Any
+    policy: policies.MaskPolicy
+    logits_fn: Any                  # (params, x, spec=None) -> logits
+    loss_fn: Any                    # (params, x, y, rng, spec) -> loss
+    assignment: np.ndarray          # client -> capacity level index
+    prepare: Any                    # jitted policy.prepare
+
+    def eval_state(self, params, rounds_done: int):
+        """The policy's round state the evaluation after ``rounds_done`` rounds uses."""
+        key = jax.random.fold_in(self.train_key, rounds_done - 1)
+        return self.prepare(params, rounds_done, key)
+
+
+def build_run(config) -> Run:
+    """Validate ``config`` and build data, model, initial params and policy from it."""
     validate_config(config)
-    t_start = time.time()
     capacities = tuple(float(c) for c in config.capacities)
     ds = load_dataset(config.data.name)
     try:
@@ -122,19 +159,34 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config.{config.method}: {e}") from None
     logits_fn, loss_fn = make_model_fns(model, policy)
+    assignment = assign_capacities(config.data.num_clients, len(capacities))
+    return Run(config, capacities, data, model, params, train_key, unit_groups, policy,
+               logits_fn, loss_fn, assignment, jax.jit(policy.prepare))
+
+
+def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) -> dict[str, Any]:
+    """Train ``config.method`` federatedly and evaluate it; returns the summary dict.
+
+    ``progress``: show a tqdm bar (``None``: only on an interactive terminal).
+    """
+    t_start = time.time()
+    run = build_run(config)
+    capacities, data, model, params = run.capacities, run.data, run.model, run.init_params
+    policy, train_key, assignment, unit_groups = (run.policy, run.train_key, run.assignment,
+                                                  run.unit_groups)
+    loss_fn = run.loss_fn
     fns = client_lib.make_client_fns(loss_fn, policy, make_optimizer(config),
                                      num_steps=config.client.local_steps,
                                      batch_size=config.client.batch_size)
     run_clients = engine.make_round_runner(fns, config.engine.strategy)
-    assignment = assign_capacities(config.data.num_clients, len(capacities))
-    evaluator = evaluate.make_evaluator(logits_fn, policy, capacities, assignment)
-    prepare = jax.jit(policy.prepare)
+    evaluator = evaluate.make_evaluator(run.logits_fn, policy, capacities, assignment)
+    prepare = run.prepare
     client_specs = jax.jit(jax.vmap(policy.client_spec, in_axes=(None, 0, 0)))
 
     os.makedirs(workdir, exist_ok=True)
     ckpt = (checkpoint.RunCheckpoints(workdir, keep=config.keep_checkpoints)
             if config.checkpoint_every > 0 else None)
-    start, history, resumed_from = 0, [], None
+    start, history, round_rows, resumed_from = 0, [], [], None
     if ckpt is not None:
         template = {"params": params, "round": np.asarray(0, np.int32), "key": train_key,
                     "assignment": assignment.astype(np.int32)}
@@ -150,59 +202,70 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                                   "this config's (made by another version of the code?); "
                                   "use a new --workdir")
             start, params, history = resumed_from, state["params"], list(meta["history"])
+            round_rows = list(meta.get("rounds", []))
             print(f"resuming from the checkpoint at round {resumed_from} "
                   f"({config.num_rounds - resumed_from} rounds to go)", flush=True)
 
-    # metrics.jsonl is rewritten from the checkpoint's history, so rounds evaluated after
-    # the checkpoint by a killed run are not duplicated.
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    _write_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in history))
+    # The JSON-lines files are rewritten from the checkpoint's rows, so rounds a killed
+    # run logged after its last checkpoint are not duplicated.
+    writer = metrics_lib.MetricWriter(workdir, evals=history, rounds=round_rows,
+                                      start_round=start, tensorboard=config.tensorboard)
     bar = tqdm(range(start, config.num_rounds), desc=f"{config.method}", unit="round",
                initial=start, total=config.num_rounds,
                disable=(not progress) if progress is not None else None)
     try:
-        with open(metrics_path, "a") as metrics_file:
-            for rnd in bar:
-                ids = sample_clients(config.seed, rnd, config.data.num_clients,
-                                     config.clients_per_round)
-                round_key = jax.random.fold_in(train_key, rnd)
-                round_state = prepare(params, rnd, round_key)
-                keys = jax.vmap(jax.random.fold_in, (None, 0))(round_key, jnp.asarray(ids))
-                specs = client_specs(round_state, jnp.asarray(assignment[ids]), keys)
-                batch = jax.tree_util.tree_map(lambda a: a[ids], data.train)
-                result = run_clients(params, specs, batch, keys)
-                params = server.aggregate(params, result.delta, result.mask,
-                                          server_lr=config.server.learning_rate)
-                train_loss = float(result.loss.mean())
-                if not np.isfinite(train_loss):
-                    raise TrainingError(
-                        f"training diverged in round {rnd + 1} (mean client loss {train_loss}); "
-                        f"lower config.client.learning_rate ({config.client.learning_rate}) or "
-                        f"config.server.learning_rate ({config.server.learning_rate})")
-                done = rnd + 1
-                if done % config.eval_every == 0 or done == config.num_rounds:
-                    m = evaluator(params, prepare(params, done, round_key), data)
-                    m = {"round": done, "train_loss": train_loss, **m,
-                         "elapsed_s": round(time.time() - t_start, 2)}
-                    history.append(m)
-                    metrics_file.write(json.dumps(m) + "\n")
-                    metrics_file.flush()
-                    bar.set_postfix(acc=f"{m['global_accuracy']:.3f}", loss=f"{train_loss:.3f}")
-                    if bar.disable:
-                        local = ", ".join(f"{k}: {v:.1%}" for k, v in m["local_accuracy"].items())
-                        print(f"round {done}/{config.num_rounds}: full model "
-                              f"{m['global_accuracy']:.1%} | local by capacity {local} | "
-                              f"train loss {train_loss:.3f}", flush=True)
-                if ckpt is not None and (done % config.checkpoint_every == 0
-                                         or done == config.num_rounds):
-                    ckpt.save(done, {"params": params, "round": np.asarray(done, np.int32),
-                                     "key": train_key, "assignment": assignment.astype(np.int32)},
-                              {"config": config.to_dict(), "history": history})
+        for rnd in bar:
+            t_round = time.time()
+            ids = sample_clients(config.seed, rnd, config.data.num_clients,
+                                 config.clients_per_round)
+            round_key = jax.random.fold_in(train_key, rnd)
+            round_state = prepare(params, rnd, round_key)
+            keys = jax.vmap(jax.random.fold_in, (None, 0))(round_key, jnp.asarray(ids))
+            specs = client_specs(round_state, jnp.asarray(assignment[ids]), keys)
+            batch = jax.tree_util.tree_map(lambda a: a[ids], data.train)
+            result = run_clients(params, specs, batch, keys)
+            params = server.aggregate(params, result.delta, result.mask,
+                                      server_lr=config.server.learning_rate)
+            train_loss = float(result.loss.mean())
+            if not np.isfinite(train_loss):
+                raise TrainingError(
+                    f"training diverged in round {rnd + 1} (mean client loss {train_loss}); "
+                    f"lower config.client.learning_rate ({config.client.learning_rate}) or "
+                    f"config.server.learning_rate ({config.server.learning_rate})")
+            done = rnd + 1
+            norms = np.asarray(update_norms(result.delta))
+            row = {"round": done, "train_loss": train_loss,
+                   "update_norm_mean": float(norms.mean()),
+                   "update_norm_max": float(norms.max()),
+                   "round_time_s": round(time.time() - t_round, 4)}
+            round_rows.append(row)
+            writer.write_round(row)
+            if done % config.eval_every == 0 or done == config.num_rounds:
+                m = evaluator(params, run.eval_state(params, done), data)
+                m = {"round": done, "train_loss": train_loss, **m,
+                     "elapsed_s": round(time.time() - t_start, 2)}
+                history.append(m)
+                writer.write_eval(m)
+                bar.set_postfix(acc=f"{m['global_accuracy']:.3f}", loss=f"{train_loss:.3f}")
+                if bar.disable:
+                    local = ", ".join(f"{k}: {v:.1%}" for k, v in m["local_accuracy"].items())
+                    print(f"round {done}/{config.num_rounds}: full model "
+                          f"{m['global_accuracy']:.1%} | local by capacity {local} | "
+                          f"train loss {train_loss:.3f}", flush=True)
+            if ckpt is not None and (done % config.checkpoint_every == 0
+                                     or done == config.num_rounds):
+                ckpt.save(done, {"params": params, "round": np.asarray(done, np.int32),
+                                 "key": train_key, "assignment": assignment.astype(np.int32)},
+                          {"config": config.to_dict(), "history": history,
+                           "rounds": round_rows})
     finally:
+        writer.close()
         if ckpt is not None:
             ckpt.close()
 
-    final_state = prepare(params, config.num_rounds, train_key)
+    final_state = run.eval_state(params, config.num_rounds)
+    labels = [evaluate.capacity_label(c) for c in capacities]
+    kept_overall, kept_layers = kept_fractions(policy, params, final_state, capacities)
     cost = costs.capacity_costs(model, params, policy, final_state, capacities,
                                 structured=config.method in policies.STRUCTURED,
                                 unit_groups=unit_groups, x_one=data.train.x[0, :1])
@@ -210,8 +273,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         "config": config.to_dict(),
         "final": history[-1],
         "capacities": {evaluate.capacity_label(c): c for c in capacities},
-        "kept_fraction": dict(zip((evaluate.capacity_label(c) for c in capacities),
-                                  kept_fractions(policy, params, final_state, capacities))),
+        "kept_fraction": dict(zip(labels, kept_overall)),
+        "kept_fraction_per_layer": dict(zip(labels, kept_layers)),
         "costs": cost,
         "num_classes": data.num_classes,
         "num_params": int(sum(l.size for l in jax.tree_util.tree_leaves(params))),

@@ -16,6 +16,7 @@ import default as default_config  # noqa: E402
 
 from fiarse_jax import checkpoint, train  # noqa: E402
 from fiarse_jax.config import ConfigError  # noqa: E402
+from helpers import override, read_scalars  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = 24
@@ -25,13 +26,7 @@ def tiny(**over):
     c = default_config.get_config()
     c.num_rounds, c.eval_every, c.checkpoint_every, c.keep_checkpoints = ROUNDS, 4, 1, 2
     c.client.local_steps = 5
-    for k, v in over.items():
-        node = c
-        *head, last = k.split(".")
-        for h in head:
-            node = node[h]
-        node[last] = v
-    return c
+    return override(c, **over)
 
 
 def final_params(workdir):
@@ -43,12 +38,13 @@ def final_params(workdir):
     return step, {k: {n: np.asarray(a) for n, a in v.items()} for k, v in state["params"].items()}
 
 
-def metrics(workdir):
-    """metrics.jsonl without the wall-clock field (timing is not a result)."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+def metrics(workdir, name="metrics.jsonl"):
+    """A JSON-lines file's rows without wall-clock fields (timing is not a result)."""
+    with open(os.path.join(workdir, name)) as f:
         rows = [json.loads(line) for line in f]
     for r in rows:
-        r.pop("elapsed_s")
+        r.pop("elapsed_s", None)
+        r.pop("round_time_s", None)
     return rows
 
 
@@ -60,6 +56,8 @@ def assert_same_run(a, b):
         for name in pa[layer]:
             np.testing.assert_array_equal(pa[layer][name], pb[layer][name])  # bit for bit
     assert metrics(a) == metrics(b)
+    assert metrics(a, "rounds.jsonl") == metrics(b, "rounds.jsonl")
+    assert [r["round"] for r in metrics(b, "rounds.jsonl")] == list(range(1, ROUNDS + 1))
     assert [m["round"] for m in metrics(b)] == list(range(4, ROUNDS + 1, 4))  # no duplicates
 
 
@@ -94,6 +92,10 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(reference, tmp_path):
 
     train.train_and_evaluate(tiny(), w, progress=False)
     assert_same_run(reference, w)
+    # TensorBoard: what the killed run logged after its checkpoint is purged, not doubled.
+    tb, ref = read_scalars(os.path.join(w, "tensorboard")), read_scalars(os.path.join(reference, "tensorboard"))
+    assert [s for s, _ in tb["train_loss"]] == list(range(1, ROUNDS + 1))
+    assert tb["global_accuracy"] == ref["global_accuracy"]
 
 
 def test_partial_save_and_corrupt_latest_fall_back(reference, tmp_path, capsys):

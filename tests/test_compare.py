@@ -60,4 +60,4 @@ def test_compare_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fiarse_jax", "--config",
                         os.path.join(REPO, "configs", "default.py"), "--methods", "fiarse",
                         "--workdir", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "--methods goes with" in r.stderr
+    assert r.returncode != 0 and "--methods does not go with `train`" in r.stderr

@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
+from helpers import override  # noqa: E402
 
 from fiarse_jax import train  # noqa: E402
 from fiarse_jax.config import ConfigError, validate_config  # noqa: E402
@@ -16,13 +17,7 @@ def small_config(**overrides):
     config = default_config.get_config()
     config.num_rounds = 3
     config.eval_every = 1
-    for field, value in overrides.items():
-        node = config
-        *parents, leaf = field.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return override(config, **overrides)
 
 
 def test_default_config_is_valid():

@@ -1,0 +1,169 @@
+"""Export one capacity's sub-model from a run's checkpoint, and load it for inference.
+
+``fiarse-jax export --workdir DIR --capacity 1/4 --out FILE.npz`` writes
+
+* ``FILE.npz``: ``params/<layer>/<name>``, the sub-model's values exactly as the run
+  evaluated it (``policy.apply``: x ⊙ 1[|x| ≥ θ_r] for FIARSE, leading units for
+  HeteroFL, ...); ``mask/<layer>/<name>``, the 0/1 mask (uint8) of the coordinates
+  the sub-model holds; and, for structured methods, ``dense/<layer>/<name>``, the
+  physically smaller dense arrays of the shrunk sub-model (fewer units, fewer
+  layers for depth-reduced ones).
+* ``FILE.json``: method, capacity, round, the model to build (full and, when
+  present, the shrunk dense one), parameter counts, file size and the accuracy the
+  run reported for this sub-model on the pooled test set.
+
+``load_submodel(FILE)`` rebuilds the model and returns a ``SubModel`` whose
+``predict(x)`` gives the logits (from the dense arrays when there are any, else the
+masked full-size model); its accuracy on the run's test data equals the reported one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fiarse_jax import checkpoint, costs, evaluate, models, policies, train
+from fiarse_jax.config import ConfigError
+
+FORMAT = "fiarse_jax.submodel/1"
+
+
+def _flat(tree, prefix: str) -> dict[str, np.ndarray]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    from fiarse_jax.masks import path_names
+    return {prefix + "/".join(path_names(p)): np.asarray(v) for p, v in flat}
+
+
+def _unflat(arrays: dict[str, np.ndarray], prefix: str) -> dict:
+    out: dict = {}
+    for key, value in arrays.items():
+        if not key.startswith(prefix):
+            continue
+        node = out
+        *head, last = key[len(prefix):].split("/")
+        for h in head:
+            node = node.setdefault(h, {})
+        node[last] = jnp.asarray(value)
+    return out
+
+
+def parse_capacity(text: str, capacities) -> int:
+    """Level index of ``text`` ('0.25', '1/4', '.25') among the run's capacities."""
+    labels = [evaluate.capacity_label(c) for c in capacities]
+    try:
+        num, _, den = str(text).partition("/")
+        value = float(num) / float(den) if den else float(num)
+    except ValueError:
+        value = None
+    for i, (c, l) in enumerate(zip(capacities, labels)):
+        if text == l or (value is not None and abs(value - c) < 1e-9):
+            return i
+    raise ConfigError(f"--capacity {text!r}: the run has capacities {', '.join(labels)}")
+
+
+def load_run_state(workdir: str) -> tuple[train.Run, Any, int, dict]:
+    """(run, params, rounds done, checkpoint meta) from the run directory's latest checkpoint."""
+    ck_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ck_dir):
+        raise ConfigError(f"--workdir {workdir!r} holds no checkpoints/ (run it with "
+                          "config.checkpoint_every > 0 first)")
+    ck = checkpoint.RunCheckpoints(workdir)
+    try:
+        steps = ck.steps()
+        if not steps:
+            raise ConfigError(f"--workdir {workdir!r}: checkpoints/ is empty")
+        meta = ck.manager.restore(steps[-1], args=checkpoint.ocp.args.Composite(
+            meta=checkpoint.ocp.args.JsonRestore()))["meta"]
+        run = train.build_run(ml_collections.ConfigDict(meta["config"]))
+        template = {"params": run.init_params, "round": np.asarray(0, np.int32),
+                    "key": run.train_key, "assignment": run.assignment.astype(np.int32)}
+        restored, warnings = ck.restore_latest(template)
+    finally:
+        ck.close()
+    if restored is None:
+        raise ConfigError(f"--workdir {workdir!r}: no readable checkpoint ({'; '.join(warnings)})")
+    step, state, meta = restored
+    return run, state["params"], step, meta
+
+
+def export_submodel(workdir: str, capacity: str, out: str) -> dict:
+    """Write ``out`` (.npz) and ``out`` with .json (see module docstring); returns the JSON."""
+    if not out.endswith(".npz"):
+        raise ConfigError(f"--out {out!r}: the file name must end in .npz")
+    run, params, rounds, meta = load_run_state(workdir)
+    level = parse_capacity(capacity, run.capacities)
+    label = evaluate.capacity_label(run.capacities[level])
+    spec = run.policy.client_spec(run.eval_state(params, rounds), level, jax.random.PRNGKey(0))
+    sub = run.policy.apply(params, spec)
+    mask = run.policy.mask(params, spec)
+    arrays = {**_flat(sub, "params/"),
+              **{k: v.astype(np.uint8) for k, v in _flat(mask, "mask/").items()}}
+    cfg = meta["config"]
+    model_opts = {k: v for k, v in cfg["model"].items() if k != "name"}
+    info: dict[str, Any] = {
+        "format": FORMAT, "method": cfg["method"], "capacity": run.capacities[level],
+        "label": label, "round": rounds, "num_classes": run.data.num_classes,
+        "input_shape": list(run.data.test_x.shape[1:]),
+        "model": {"name": cfg["model"]["name"], "options": model_opts},
+        "params_total": int(sum(v.size for v in jax.tree_util.tree_leaves(params))),
+        "params_held": int(sum(float(np.asarray(m).sum()) for m in jax.tree_util.tree_leaves(mask))),
+    }
+    if cfg["method"] in policies.STRUCTURED and run.unit_groups is not None:
+        small, dense = costs.shrunk_submodel(run.model, sub, spec, run.unit_groups)
+        arrays.update(_flat(dense, "dense/"))
+        info["dense_model"] = {"name": cfg["model"]["name"],
+                               "options": _model_options(small, model_opts)}
+        info["dense_params"] = int(sum(v.size for v in jax.tree_util.tree_leaves(dense)))
+    history = meta["history"]
+    last = history[-1] if history else {}
+    info["reported"] = {"round": last.get("round"),
+                        "capacity_global_accuracy": last.get("capacity_global_accuracy", {}).get(label),
+                        "local_accuracy": last.get("local_accuracy", {}).get(label)}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, out)
+    info["file_bytes"] = os.path.getsize(out)
+    json_path = out[:-len(".npz")] + ".json"
+    with open(json_path + ".tmp", "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(json_path + ".tmp", json_path)
+    return info
+
+
+def _model_options(small_model, base: dict) -> dict:
+    """The shrunk model's own fields (those the config names), as JSON values."""
+    out = {}
+    for k in base:
+        v = getattr(small_model, k)
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+class SubModel(NamedTuple):
+    model: Any
+    params: Any
+    info: dict
+
+    def predict(self, x) -> jax.Array:
+        """Logits of the exported sub-model."""
+        return self.model.apply({"params": self.params}, jnp.asarray(x))
+
+
+def load_submodel(path: str) -> SubModel:
+    """The exported sub-model of ``path`` (.npz beside its .json), ready for ``predict``."""
+    with open(path[:-len(".npz")] + ".json") as f:
+        info = json.load(f)
+    if info.get("format") != FORMAT:
+        raise ValueError(f"{path!r}: not a {FORMAT} export (format {info.get('format')!r})")
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    spec = info.get("dense_model") or info["model"]
+    model = models.build_model(spec["name"], info["num_classes"], spec["options"])
+    params = _unflat(arrays, "dense/" if "dense_model" in info else "params/")
+    return SubModel(model, params, info)

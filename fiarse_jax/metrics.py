@@ -1,0 +1,103 @@
+"""Where a run's numbers go: JSON lines for scripts, TensorBoard for people.
+
+* ``WORKDIR/metrics.jsonl``: one object per evaluation (``round``,
+  ``global_accuracy``, ``local_accuracy`` {capacity: acc}, ...; see ``evaluate``).
+* ``WORKDIR/rounds.jsonl``: one object per round: ``round``, ``train_loss`` (mean
+  client loss), ``update_norm_mean`` / ``update_norm_max`` (L2 norm of the client
+  deltas), ``round_time_s``.
+* ``WORKDIR/tensorboard/``: the same scalars as TensorBoard events (tensorboardX).
+
+A resumed run passes the checkpoint's rows: both JSON files are rewritten from them
+and TensorBoard's earlier events are superseded by them, so no round appears twice
+or goes missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+from tensorboardX import SummaryWriter
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _rows(rows: Sequence[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSON-lines file ([] if it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def scalars(row: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Flatten a metrics row to TensorBoard tags (``local_accuracy/1/4``)."""
+    out = {}
+    for k, v in row.items():
+        if k == "round":
+            continue
+        if isinstance(v, dict):
+            out.update(scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+class MetricWriter:
+    """Writes evaluation rows and per-round rows to JSON lines and TensorBoard."""
+
+    def __init__(self, workdir: str, *, evals: Sequence[dict] = (), rounds: Sequence[dict] = (),
+                 start_round: int = 0, tensorboard: bool = True):
+        self.eval_path = os.path.join(workdir, "metrics.jsonl")
+        self.round_path = os.path.join(workdir, "rounds.jsonl")
+        _write_atomic(self.eval_path, _rows(evals))
+        _write_atomic(self.round_path, _rows(rounds))
+        self._eval = open(self.eval_path, "a")
+        self._round = open(self.round_path, "a")
+        self._tb = None
+        if tensorboard:
+            # On resume, purge_step=1 makes TensorBoard discard every earlier event (a
+            # killed run may have logged rounds past its checkpoint, or lost unflushed
+            # ones); the checkpoint's rows are then logged again, so the events match
+            # the JSON files.
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10,
+                                     purge_step=1 if start_round > 0 else None)
+            for row in rounds:
+                self._scalars(row)
+            for row in evals:
+                self._scalars(row, self.EVAL_SKIP)
+
+    #: train_loss already goes to TensorBoard with the round row; wall time is no metric.
+    EVAL_SKIP = ("train_loss", "elapsed_s")
+
+    def _scalars(self, row: dict, skip=()) -> None:
+        if self._tb is not None:
+            for tag, value in scalars(row).items():
+                if tag not in skip:
+                    self._tb.add_scalar(tag, value, global_step=row["round"])
+
+    def _emit(self, handle, row: dict, skip=()) -> None:
+        handle.write(json.dumps(row) + "\n")
+        handle.flush()
+        self._scalars(row, skip)
+
+    def write_round(self, row: dict) -> None:
+        self._emit(self._round, row)
+
+    def write_eval(self, row: dict) -> None:
+        self._emit(self._eval, row, self.EVAL_SKIP)
+
+    def close(self) -> None:
+        self._eval.close()
+        self._round.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,133 @@
+"""Plots of one run (``fiarse-jax plot --workdir DIR``) and of a method comparison.
+
+``plot_run(workdir)`` reads ``metrics.jsonl``, ``rounds.jsonl`` and ``summary.json``
+and writes, in ``workdir``:
+
+* ``accuracy_vs_round.png``: the full model and every capacity's sub-model on the
+  global test set, and every sub-model on its own clients' local tests;
+* ``loss_vs_round.png``: mean client training loss per round and global test loss;
+* ``kept_per_layer.png``: the fraction of each layer's maskable parameters every
+  capacity's sub-model keeps at the last round.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from fiarse_jax.metrics import read_jsonl
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
+def _by_size(capacities: dict[str, float]) -> list[str]:
+    """Capacity labels, smallest first (as the paper's tables)."""
+    return sorted(capacities, key=lambda k: capacities[k])
+
+
+def _grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,
+                  ylim, path: str) -> str:
+    """One bar per series inside every group; legend outside the axes."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(3.2 + 0.45 * len(groups) * len(series), 3.6))
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(np.arange(len(groups)) + i * width - 0.4 + width / 2, values, width, label=name)
+    ax.set_xticks(np.arange(len(groups)), list(groups))
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(*ylim)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+    return path
+
+
+def plot_run(workdir: str) -> list[str]:
+    """Write the run's three PNGs (see module docstring); returns their paths."""
+    import json
+    summary_path = os.path.join(workdir, "summary.json")
+    if not os.path.exists(summary_path):
+        raise FileNotFoundError(f"{workdir!r} holds no summary.json: not a finished run directory "
+                                "(run `fiarse-jax --config ... --workdir DIR` first)")
+    with open(summary_path) as f:
+        summary = json.load(f)
+    evals = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    rounds = read_jsonl(os.path.join(workdir, "rounds.jsonl"))
+    labels = _by_size(summary["capacities"])
+    plt = _pyplot()
+    x = [m["round"] for m in evals]
+
+    fig, (ax_g, ax_l) = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    ax_g.plot(x, [100 * m["global_accuracy"] for m in evals], "k--", lw=1, label="full model", zorder=3)
+    for l in labels:
+        ax_g.plot(x, [100 * m["capacity_global_accuracy"][l] for m in evals], marker=".",
+                  label=f"capacity {l}")
+        ax_l.plot(x, [100 * m["local_accuracy"][l] for m in evals], marker=".", label=f"capacity {l}")
+    for ax, title in ((ax_g, "global test (all clients)"), (ax_l, "local test (own clients)")):
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    ax_g.set_ylabel("accuracy (%)")
+    fig.suptitle(f"{summary['config']['method']} on {summary['config']['data']['name']}")
+    p1 = os.path.join(workdir, "accuracy_vs_round.png")
+    _save(fig, p1)
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    if rounds:
+        ax.plot([r["round"] for r in rounds], [r["train_loss"] for r in rounds], alpha=0.8,
+                label="client training loss (per round)")
+    ax.plot(x, [m["global_loss"] for m in evals], "k-", marker=".", label="full model, global test")
+    ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel("cross-entropy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    p2 = os.path.join(workdir, "loss_vs_round.png")
+    _save(fig, p2)
+
+    kept = summary["kept_fraction_per_layer"]
+    layers = list(kept[labels[-1]])
+    p3 = _grouped_bars(layers, {f"capacity {l}": [100 * kept[l][k] for k in layers] for l in labels},
+                       f"kept at round {summary['final']['round']} (%)", (0, 105),
+                       os.path.join(workdir, "kept_per_layer.png"))
+    return [p1, p2, p3]
+
+
+def plot_comparison(summaries: dict[str, dict], histories: dict[str, list], workdir: str) -> list[str]:
+    """Write the two PNGs; returns their paths."""
+    plt = _pyplot()
+    first = next(iter(summaries.values()))
+    labels = sorted(first["capacities"], key=lambda k: first["capacities"][k])
+    panels = [(f"capacity {l}: local test", lambda m, l=l: m["local_accuracy"][l]) for l in labels]
+    panels.append(("full model: global test", lambda m: m["global_accuracy"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), sharey=True)
+    for ax, (title, get) in zip(np.atleast_1d(axes), panels):
+        for method, hist in histories.items():
+            ax.plot([m["round"] for m in hist], [100 * get(m) for m in hist], marker=".", label=method)
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("accuracy (%)")
+    np.atleast_1d(axes)[-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    p1 = os.path.join(workdir, "accuracy_vs_round.png")
+    _save(fig, p1)
+
+    p2 = _grouped_bars(
+        [f"capacity {l}" for l in labels],
+        {m: [100 * s["final"]["local_accuracy"][l] for l in labels] for m, s in summaries.items()},
+        "local test accuracy (%)", (0, 100), os.path.join(workdir, "accuracy_per_capacity.png"))
+    return [p1, p2]

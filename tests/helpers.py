@@ -1,0 +1,35 @@
+"""Test helpers: config overrides by dotted name, a minimal TensorBoard event reader."""
+import glob
+import os
+import struct
+
+from tensorboardX.proto import event_pb2
+
+
+def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]}, read record by record (TFRecord framing: u64 length,
+    u32 crc, payload, u32 crc). As TensorBoard does, a SessionLog START event at step
+    s discards what was logged earlier at steps ≥ s (tensorboardX's ``purge_step``)."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            while header := f.read(12):
+                (length,) = struct.unpack("<Q", header[:8])
+                event = event_pb2.Event.FromString(f.read(length))
+                f.read(4)
+                if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                    out = {t: [(s, v) for s, v in rows if s < event.step] for t, rows in out.items()}
+                for v in event.summary.value:
+                    out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def override(config, **fields):
+    """Set ``config`` fields by dotted name (``**{"client.learning_rate": 0.05}``)."""
+    for field, value in fields.items():
+        node = config
+        *parents, leaf = field.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config

@@ -1,0 +1,126 @@
+"""What a run leaves behind: per-round metrics, TensorBoard events, plots, sub-model export."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import default as default_config  # noqa: E402
+import digits_scalefl  # noqa: E402
+
+from fiarse_jax import export, plots, train  # noqa: E402
+from fiarse_jax.config import ConfigError  # noqa: E402
+from fiarse_jax.metrics import read_jsonl  # noqa: E402
+from helpers import read_scalars  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(method="fiarse", rounds=6):
+    c = (digits_scalefl if method == "scalefl" else default_config).get_config()
+    c.method, c.num_rounds, c.eval_every, c.checkpoint_every = method, rounds, 3, 3
+    c.client.local_steps = 5
+    return c
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = {}
+    for method in ("fiarse", "heterofl", "scalefl"):
+        w = str(tmp_path_factory.mktemp(method))
+        out[method] = (w, train.train_and_evaluate(tiny(method), w, progress=False))
+    return out
+
+
+def test_round_rows_and_tensorboard_events(runs):
+    w, summary = runs["fiarse"]
+    rows = read_jsonl(os.path.join(w, "rounds.jsonl"))
+    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["update_norm_max"] >= r["update_norm_mean"] > 0 for r in rows)
+    # The eval rows' train loss is the round row's of the same round.
+    evals = read_jsonl(os.path.join(w, "metrics.jsonl"))
+    assert [e["train_loss"] for e in evals] == [rows[2]["train_loss"], rows[5]["train_loss"]]
+    tb = read_scalars(os.path.join(w, "tensorboard"))
+    assert {"train_loss", "global_accuracy", "local_accuracy/1/4", "update_norm_mean"} <= set(tb)
+    assert [s for s, _ in tb["global_accuracy"]] == [3, 6]
+    assert [v for _, v in tb["global_accuracy"]] == pytest.approx(  # stored as float32
+        [e["global_accuracy"] for e in evals], rel=1e-6)
+    assert [s for s, _ in tb["update_norm_mean"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_update_norms_match_numpy():
+    rng = np.random.default_rng(0)
+    deltas = {"a": {"kernel": rng.normal(size=(3, 4, 5))}, "b": {"bias": rng.normal(size=(3, 2))}}
+    want = np.sqrt((deltas["a"]["kernel"] ** 2).sum((1, 2)) + (deltas["b"]["bias"] ** 2).sum(1))
+    np.testing.assert_allclose(train.update_norms(jax.tree_util.tree_map(np.float32, deltas)),
+                               want, rtol=1e-5)
+
+
+def test_kept_fraction_per_layer_matches_mask_counts(runs):
+    w, summary = runs["heterofl"]
+    per_layer = summary["kept_fraction_per_layer"]
+    # HeteroFL at 1/4 on MLP 64-128-10: Dense_0 keeps 32 of 128 units (kernel 64×32 + bias 32),
+    # Dense_1 keeps 32 of 128 input rows of its 128×10 kernel and its whole bias.
+    assert per_layer["1/4"]["Dense_0"] == pytest.approx((64 * 32 + 32) / (64 * 128 + 128))
+    assert per_layer["1/4"]["Dense_1"] == pytest.approx((32 * 10 + 10) / (128 * 10 + 10))
+    assert per_layer["1"] == {"Dense_0": 1.0, "Dense_1": 1.0}
+
+
+def test_plot_command_writes_nonempty_pngs(runs):
+    w, _ = runs["fiarse"]
+    r = subprocess.run([sys.executable, "-m", "fiarse_jax", "plot", "--workdir", w],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("accuracy_vs_round.png", "loss_vs_round.png", "kept_per_layer.png"):
+        path = os.path.join(w, name)
+        assert path in r.stdout and os.path.getsize(path) > 10_000
+    with pytest.raises(FileNotFoundError, match="no summary.json"):
+        plots.plot_run(os.path.join(w, "checkpoints"))
+
+
+def _pooled_accuracy(sub, workdir):
+    run = train.build_run(tiny(json.load(open(os.path.join(workdir, "summary.json")))["config"]["method"]))
+    logits = sub.predict(run.data.test_x)
+    return float(np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(run.data.test_y)))
+
+
+@pytest.mark.parametrize("method,capacity", [("fiarse", "1/4"), ("fiarse", "0.0625"),
+                                             ("heterofl", "1/16"), ("heterofl", "1"),
+                                             ("scalefl", "1/16"), ("scalefl", "1/4")])
+def test_export_round_trip_reproduces_reported_accuracy(runs, tmp_path, method, capacity):
+    w, summary = runs[method]
+    out = str(tmp_path / "sub.npz")
+    info = export.export_submodel(w, capacity, out)
+    label = info["label"]
+    assert info["reported"]["capacity_global_accuracy"] == \
+        summary["final"]["capacity_global_accuracy"][label]
+    sub = export.load_submodel(out)
+    assert _pooled_accuracy(sub, w) == summary["final"]["capacity_global_accuracy"][label]
+    with np.load(out) as z:
+        names = set(z.files)
+        kernel, mask = z["params/Dense_0/kernel"], z["mask/Dense_0/kernel"]
+    np.testing.assert_array_equal(kernel[mask == 0], 0)  # dropped coordinates are zero
+    if method == "heterofl":
+        # the dense sub-model is physically smaller: ⌈r·128⌉ hidden units
+        assert sub.params["Dense_0"]["kernel"].shape == (64, int(np.ceil(summary["capacities"][label] * 128)))
+    if method in ("heterofl", "scalefl"):
+        assert info["dense_params"] == summary["costs"][label]["params_held"]
+        assert sum(v.size for v in jax.tree_util.tree_leaves(sub.params)) == info["dense_params"]
+    else:
+        assert not any(n.startswith("dense/") for n in names)
+        assert info["params_held"] == summary["costs"][label]["params_held"]
+
+
+def test_export_errors_name_the_bad_value(runs, tmp_path):
+    w, _ = runs["fiarse"]
+    with pytest.raises(ConfigError, match=r"--capacity '1/3': the run has capacities 1, 1/4, 1/16"):
+        export.export_submodel(w, "1/3", str(tmp_path / "a.npz"))
+    with pytest.raises(ConfigError, match="must end in .npz"):
+        export.export_submodel(w, "1/4", str(tmp_path / "a.bin"))
+    with pytest.raises(ConfigError, match="holds no checkpoints"):
+        export.export_submodel(str(tmp_path), "1/4", str(tmp_path / "a.npz"))
+    assert not list(tmp_path.iterdir())  # nothing half-written
