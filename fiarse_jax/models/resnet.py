@@ -1,0 +1,230 @@
+"""CIFAR ResNet-18 with static BatchNorm, the authors' model for CIFAR-10/100.
+
+Architecture (the usual CIFAR variant): 3×3 stem conv (stride 1) + BN + ReLU, no
+max-pool; stages of BasicBlocks (3×3 conv-BN-ReLU, 3×3 conv-BN, + shortcut, ReLU),
+stride 2 and a 1×1 conv + BN shortcut at the first block of every stage but the
+first; global average pool; ``Dense(num_classes)``. Convs have no bias. With the
+defaults and 10 classes: 11,173,962 parameters (BN γ/β included).
+
+"Static BN" (HeteroFL's and the FIARSE authors'): γ and β but no running
+statistics; every call normalises with the current batch's statistics, in training
+and evaluation alike. The tree therefore has only a ``params`` collection.
+
+Parameter tree (top-level modules = the authors' layer-wise scope groups)::
+
+    stem    {conv: {kernel}, bn: {scale, bias}}
+    stageS  {blockB: {conv1, bn1, conv2, bn2[, shortcut: {conv, bn}]}}   S = 1..4
+    head    {kernel, bias}
+
+``masks.default_maskable`` then masks every conv kernel (shortcuts included) and
+the head's kernel and bias, and never a BN leaf (its module has a ``scale``).
+
+Widths for structured methods: ``widths[s]`` is the width of residual stream s
+(the stem writes stream 1, stage 1 keeps it: identity shortcuts); ``inner_widths``
+(one entry per block, stage-major; empty = each block's stage width) is the width
+of each block's conv1 output. See ``unit_groups``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fiarse_jax import units
+
+#: PyTorch's default conv/linear weight init (kaiming_uniform, a=√5): U(±1/√fan_in),
+#: so magnitudes (what FIARSE ranks) start on the authors' scale.
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _uniform(bound: float):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+class StaticBatchNorm(nn.Module):
+    """BatchNorm over all axes but the last, always with the batch's own statistics.
+
+    Params ``scale`` (γ, init 1) and ``bias`` (β, init 0); biased variance, as
+    PyTorch normalises. No running averages: train and eval compute the same thing.
+    """
+
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        mean = x.mean(axes)
+        var = jnp.square(x - mean).mean(axes)
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+def _leaf(params, path: Sequence[str]):
+    for p in path:
+        params = params[p]
+    return params
+
+
+def _conv(features: int, size: int, stride: int, name: str) -> nn.Conv:
+    pad = (size - 1) // 2   # PyTorch-style symmetric padding (SAME pads 0/1 at stride 2)
+    return nn.Conv(features, (size, size), strides=(stride, stride),
+                   padding=((pad, pad), (pad, pad)), use_bias=False,
+                   kernel_init=torch_default_init, name=name)
+
+
+class ConvBN(nn.Module):
+    """Conv (no bias) + static BN: the stem and the projection shortcuts."""
+
+    features: int
+    size: int = 3
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return StaticBatchNorm(name="bn")(_conv(self.features, self.size, self.stride, "conv")(x))
+
+
+class BasicBlock(nn.Module):
+    """relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x)); ``inner`` = conv1's width."""
+
+    features: int
+    inner: int
+    stride: int = 1
+    projection: bool = False   # 1×1 conv + BN shortcut (first block of stages 2+)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nn.relu(StaticBatchNorm(name="bn1")(_conv(self.inner, 3, self.stride, "conv1")(x)))
+        y = StaticBatchNorm(name="bn2")(_conv(self.features, 3, 1, "conv2")(y))
+        if self.projection:
+            x = ConvBN(self.features, 1, self.stride, name="shortcut")(x)
+        return nn.relu(y + x)
+
+
+class Stage(nn.Module):
+    """Blocks ``block1 … blockB`` writing one residual stream of width ``features``."""
+
+    features: int
+    inner_widths: Sequence[int]
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for b, inner in enumerate(self.inner_widths):
+            x = BasicBlock(self.features, inner, self.stride if b == 0 else 1,
+                           projection=b == 0 and self.stride != 1, name=f"block{b + 1}")(x)
+        return x
+
+
+class ResNet18(nn.Module):
+    """CIFAR ResNet (18 layers by default) with static BN; input NHWC float32.
+
+    ``widths``: residual-stream width per stage (the stem writes stage 1's stream).
+    ``blocks_per_stage``: BasicBlocks per stage. ``inner_widths``: conv1 width of
+    every block, stage-major (empty: the stage's width). Stage s ≥ 2 starts with
+    stride 2 and a projection shortcut; stage 1 (stride 1, same width as the stem)
+    has identity shortcuts only, so its stream is the stem's.
+    """
+
+    widths: Sequence[int] = (64, 128, 256, 512)
+    blocks_per_stage: Sequence[int] = (2, 2, 2, 2)
+    inner_widths: Sequence[int] = ()
+    num_classes: int = 10
+
+    def _inner(self) -> list[list[int]]:
+        """Inner widths per stage, per block."""
+        if len(self.blocks_per_stage) != len(self.widths):
+            raise ValueError(f"blocks_per_stage {tuple(self.blocks_per_stage)} needs one "
+                             f"entry per stage ({len(self.widths)} widths)")
+        flat = list(self.inner_widths) or [w for w, n in zip(self.widths, self.blocks_per_stage)
+                                           for _ in range(n)]
+        if len(flat) != sum(self.blocks_per_stage):
+            raise ValueError(f"inner_widths has {len(flat)} entries; expected one per block "
+                             f"({sum(self.blocks_per_stage)})")
+        out, i = [], 0
+        for n in self.blocks_per_stage:
+            out.append(flat[i:i + n])
+            i += n
+        return out
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.relu(ConvBN(self.widths[0], 3, 1, name="stem")(x))
+        for s, (w, inner) in enumerate(zip(self.widths, self._inner())):
+            x = Stage(w, tuple(inner), 1 if s == 0 else 2, name=f"stage{s + 1}")(x)
+        x = x.mean(axis=(1, 2))
+        return nn.Dense(self.num_classes, kernel_init=torch_default_init,
+                        bias_init=_uniform(1.0 / math.sqrt(x.shape[-1])), name="head")(x)
+
+    def layer_names(self) -> list[str]:
+        """Top-level modules, i.e. the layer-scope groups: stem, stage1 … stageS, head."""
+        return ["stem"] + [f"stage{s + 1}" for s in range(len(self.widths))] + ["head"]
+
+    def _blocks(self):
+        """(stage index s ≥ 1, block index b ≥ 1, has projection) in forward order."""
+        return [(s + 1, b + 1, s > 0 and b == 0)
+                for s, n in enumerate(self.blocks_per_stage) for b in range(n)]
+
+    def unit_groups(self, params) -> list[units.UnitGroup]:
+        """Channel groups: one per residual stream and one per block's conv1 output.
+
+        Stream s (``stream{s}``) is tied by the additions: its producers are every
+        conv writing to it on the output axis (the stem for s = 1, the first block's
+        projection for s ≥ 2, every block's conv2) and the BN γ/β after each; its
+        consumers are the input axis of every conv reading it (the conv1 of every block
+        of stage s except a projecting first block, stage s+1's first conv1 and
+        projection) and, for the last stream, the head's kernel. ``stage{s}.block{b}``
+        is the block's conv1 output channels (conv1 and bn1 produce, conv2 consumes).
+        Classes and the image channels are always kept.
+        """
+        def conv_bn(conv: tuple, bn: tuple) -> tuple[units.Member, ...]:
+            """A conv's output axis and the γ, β of the BN after it."""
+            return (units.Member(conv + ("kernel",), 3), units.Member(bn + ("scale",), 0),
+                    units.Member(bn + ("bias",), 0))
+
+        stages = range(1, len(self.widths) + 1)
+        prod: dict[int, list] = {s: [] for s in stages}
+        cons: dict[int, list] = {s: [] for s in stages}
+        inner: dict[int, list] = {s: [] for s in stages}
+        prod[1] += conv_bn(("stem", "conv"), ("stem", "bn"))
+        for s, b, proj in self._blocks():
+            blk = (f"stage{s}", f"block{b}")
+            reads = s - 1 if proj else s     # the stream the block's input belongs to
+            cons[reads].append(units.Member(blk + ("conv1", "kernel"), 2))
+            if proj:
+                cons[reads].append(units.Member(blk + ("shortcut", "conv", "kernel"), 2))
+                prod[s] += conv_bn(blk + ("shortcut", "conv"), blk + ("shortcut", "bn"))
+            prod[s] += conv_bn(blk + ("conv2",), blk + ("bn2",))
+            inner[s].append(units.UnitGroup(
+                f"stage{s}.block{b}", _leaf(params, blk + ("conv1", "kernel")).shape[-1],
+                conv_bn(blk + ("conv1",), blk + ("bn1",)),
+                (units.Member(blk + ("conv2", "kernel"), 2),)))
+        cons[stages[-1]].append(units.Member(("head", "kernel"), 0))
+        groups = []
+        for s in stages:
+            size = _leaf(params, prod[s][0].path).shape[-1]
+            groups += [units.UnitGroup(f"stream{s}", size, tuple(prod[s]), tuple(cons[s]))]
+            groups += inner[s]
+        for g in groups:   # every member axis must have the group's size
+            for m in g.members:
+                n = _leaf(params, m.path).shape[m.axis]
+                if n != g.size * m.tile:
+                    raise ValueError(f"{'/'.join(m.path)} axis {m.axis} has {n} entries; "
+                                     f"group {g.name} has {g.size} units")
+        return groups
+
+    def with_widths(self, widths: dict[str, int]) -> "ResNet18":
+        """The same architecture with the groups' kept widths (for ``units.shrink``):
+        ``stream{s}`` → ``widths[s-1]``, ``stage{s}.block{b}`` → that block's inner width."""
+        inner = [w for row in self._inner() for w in row]
+        return self.clone(
+            widths=tuple(widths.get(f"stream{s + 1}", w) for s, w in enumerate(self.widths)),
+            inner_widths=tuple(widths.get(f"stage{s}.block{b}", w)
+                               for (s, b, _), w in zip(self._blocks(), inner)))
