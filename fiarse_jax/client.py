@@ -56,8 +56,14 @@ class ClientFns(NamedTuple):
 
 def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
                     optimizer: optax.GradientTransformation, *,
-                    num_steps: int, batch_size: int) -> ClientFns:
-    """Client update for ``policy``: ``num_steps`` steps of ``optimizer`` at ``batch_size``."""
+                    num_steps: int, batch_size: int,
+                    augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+                    ) -> ClientFns:
+    """Client update for ``policy``: ``num_steps`` steps of ``optimizer`` at ``batch_size``.
+
+    ``augment(x_batch, key)``, when given, transforms every batch on device (e.g. CIFAR
+    crop + flip + normalisation) with a key drawn from the client's stream.
+    """
 
     def init(params, spec, data: ClientData, key):
         del spec
@@ -74,6 +80,8 @@ def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
         idx = state.order[pos]
         xb, yb = data.x[idx], data.y[idx]
         rng, sub = jax.random.split(state.rng)
+        if augment is not None:
+            xb = augment(xb, jax.random.fold_in(sub, 1))
 
         def objective(p):
             return loss_fn(policy.apply(p, spec), xb, yb, sub, spec)

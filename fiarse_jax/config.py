@@ -76,6 +76,18 @@ def validate_config(config) -> None:
     if isinstance(tf, bool) or not isinstance(tf, (int, float)) or not 0 < tf < 1:
         _fail("data.test_fraction", tf, "must be in (0, 1)")
     _int(config, "data.min_client_size", lo=2)
+    data = _get(config, "data")
+    if "partition" in data:
+        _choice(config, "data.partition", federated.PARTITIONS)
+    for field in ("n_train", "n_test", "classes_per_client"):
+        if field in data:
+            _int(config, f"data.{field}")
+    if "mock_examples" in data:
+        _int(config, "data.mock_examples", lo=0)
+    if "download" in data and not isinstance(data.download, bool):
+        _fail("data.download", data.download, "must be True or False")
+    if data.get("data_dir") is not None and not isinstance(data.data_dir, str):
+        _fail("data.data_dir", data.data_dir, "must be a path or None")
 
     caps = _get(config, "capacities")
     if not isinstance(caps, (tuple, list)) or not caps:

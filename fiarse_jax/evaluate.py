@@ -8,7 +8,9 @@ policy uses one fixed draw, key 0) — is scored on
   (``local_accuracy``) and as the mean of per-client accuracies
   (``local_accuracy_client_mean``, the paper's per-size local number).
 So every cell of the paper's tables has a counterpart. The full (unmasked)
-global model is scored on the global test set (``global_accuracy``).
+global model is scored on the global test set (``global_accuracy``). Test samples
+go through the model in pooled batches of ``batch_size`` (the last one smaller):
+a model with static BatchNorm (ResNet-18) normalises with those batches' statistics.
 """
 from __future__ import annotations
 
@@ -33,17 +35,21 @@ def capacity_label(r: float) -> str:
 
 def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
                    capacities: Sequence[float], assignment: np.ndarray, *,
-                   batch_size: int = 1024) -> Callable[..., dict]:
+                   batch_size: int = 1024,
+                   transform: Callable[[jax.Array], jax.Array] | None = None) -> Callable[..., dict]:
     """``evaluate(params, round_state, data) -> metrics dict`` (see module docstring).
 
     ``assignment[c]`` is the capacity level index of client ``c``;
-    ``logits_fn(params, x, spec=None)`` (``spec`` picks a sub-model's readout head).
+    ``logits_fn(params, x, spec=None)`` (``spec`` picks a sub-model's readout head);
+    ``transform(x)`` prepares stored test images (e.g. CIFAR normalisation).
     """
     labels = [capacity_label(r) for r in capacities]
     assignment = np.asarray(assignment)
 
     @jax.jit
     def score(params, x, y, spec):
+        if transform is not None:
+            x = transform(x)
         logits = logits_fn(params, x, spec)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return (jnp.argmax(logits, -1) == y), loss
@@ -57,17 +63,15 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
         return policy.apply(params, spec), spec
 
     def predict(params, data: FederatedData, spec=None):
+        # Batches of ``batch_size`` and a smaller last one (one more compiled shape, no
+        # padding): with static BN a batch's statistics are part of the prediction, so
+        # padded rows would change the real rows' outputs.
         n = data.test_y.shape[0]
         correct, losses = [], []
         for s in range(0, n, batch_size):
-            x, y = data.test_x[s:s + batch_size], data.test_y[s:s + batch_size]
-            pad = batch_size - y.shape[0] if n > batch_size else 0
-            if pad:  # keep one compiled shape for the last batch
-                x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-                y = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
-            c, l = score(params, x, y, spec)
-            correct.append(np.asarray(c)[:batch_size - pad])
-            losses.append(np.asarray(l)[:batch_size - pad])
+            c, l = score(params, data.test_x[s:s + batch_size], data.test_y[s:s + batch_size], spec)
+            correct.append(np.asarray(c))
+            losses.append(np.asarray(l))
         return np.concatenate(correct).astype(np.float64), np.concatenate(losses)
 
     def evaluate(params, round_state, data: FederatedData) -> dict:

@@ -7,10 +7,12 @@ and writes, in ``workdir``:
   global test set, and every sub-model on its own clients' local tests;
 * ``loss_vs_round.png``: mean client training loss per round and global test loss;
 * ``kept_per_layer.png``: the fraction of each layer's maskable parameters every
-  capacity's sub-model keeps at the last round.
+  capacity's sub-model keeps at the last round;
+* ``partition.png``: every client's training label counts (from ``partition.json``).
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
@@ -56,7 +58,6 @@ def _grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], yla
 
 def plot_run(workdir: str) -> list[str]:
     """Write the run's three PNGs (see module docstring); returns their paths."""
-    import json
     summary_path = os.path.join(workdir, "summary.json")
     if not os.path.exists(summary_path):
         raise FileNotFoundError(f"{workdir!r} holds no summary.json: not a finished run directory "
@@ -103,7 +104,15 @@ def plot_run(workdir: str) -> list[str]:
     p3 = _grouped_bars(layers, {f"capacity {l}": [100 * kept[l][k] for k in layers] for l in labels},
                        f"kept at round {summary['final']['round']} (%)", (0, 105),
                        os.path.join(workdir, "kept_per_layer.png"))
-    return [p1, p2, p3]
+    out = [p1, p2, p3]
+    partition = os.path.join(workdir, "partition.json")
+    if os.path.exists(partition):
+        from fiarse_jax.data.summary import plot_partition
+        with open(partition) as f:
+            part = json.load(f)
+        out.append(plot_partition(part, os.path.join(workdir, "partition.png"),
+                                  title=f"training samples per client ({summary['config']['data']['name']})"))
+    return out
 
 
 def plot_comparison(summaries: dict[str, dict], histories: dict[str, list], workdir: str) -> list[str]:

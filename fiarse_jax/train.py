@@ -31,6 +31,8 @@ from fiarse_jax import checkpoint, costs, engine, evaluate, models, policies, se
 from fiarse_jax import metrics as metrics_lib
 from fiarse_jax.config import ConfigError, validate_config
 from fiarse_jax.data import federate, load_dataset
+from fiarse_jax.data.federated import LOADER_OPTIONS
+from fiarse_jax.data.summary import federated_summary
 from fiarse_jax.masks import maskable_flags, path_names
 
 
@@ -127,6 +129,9 @@ class Run(NamedTuple):
     loss_fn: Any                    # (params, x, y, rng, spec) -> loss
     assignment: np.ndarray          # client -> capacity level index
     prepare: Any                    # jitted policy.prepare
+    train_transform: Any = None     # (x, key) -> x: on-device augmentation, or None
+    eval_transform: Any = None      # x -> x: evaluation preprocessing, or None
+    x_one: Any = None               # one preprocessed input (model init, FLOP counts)
 
     def eval_state(self, params, rounds_done: int):
         """The policy's round state the evaluation after ``rounds_done`` rounds uses."""
@@ -138,18 +143,27 @@ def build_run(config) -> Run:
     """Validate ``config`` and build data, model, initial params and policy from it."""
     validate_config(config)
     capacities = tuple(float(c) for c in config.capacities)
-    ds = load_dataset(config.data.name)
+    d = config.data
     try:
-        data = federate(ds, num_clients=config.data.num_clients, alpha=config.data.alpha,
-                        test_fraction=config.data.test_fraction,
-                        min_client_size=config.data.min_client_size, seed=config.seed)
+        ds = load_dataset(d.name, **{k: d[k] for k in LOADER_OPTIONS[d.name] if k in d})
+    except RuntimeError as e:   # data not on disk and not downloadable: say how to get it
+        raise ConfigError(f"config.data: {e}") from None
+    try:
+        data = federate(ds, num_clients=d.num_clients, alpha=d.alpha,
+                        test_fraction=d.test_fraction, min_client_size=d.min_client_size,
+                        seed=config.seed,
+                        **{k: d[k] for k in ("partition", "n_train", "n_test", "classes_per_client")
+                           if k in d})
     except ValueError as e:  # e.g. too many clients for the data at this alpha
         raise ConfigError(f"config.data: {e}") from None
 
     model_opts = {k: v for k, v in config.model.items() if k != "name"}
     model = models.build_model(config.model.name, ds.num_classes, model_opts)
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    params = model.init(init_key, data.train.x[0, :1])["params"]
+    x_one = data.train.x[0, :1]
+    if ds.eval_transform is not None:
+        x_one = ds.eval_transform(x_one)
+    params = model.init(init_key, x_one)["params"]
 
     unit_groups = model.unit_groups(params) if hasattr(model, "unit_groups") else None
     try:
@@ -161,7 +175,8 @@ def build_run(config) -> Run:
     logits_fn, loss_fn = make_model_fns(model, policy)
     assignment = assign_capacities(config.data.num_clients, len(capacities))
     return Run(config, capacities, data, model, params, train_key, unit_groups, policy,
-               logits_fn, loss_fn, assignment, jax.jit(policy.prepare))
+               logits_fn, loss_fn, assignment, jax.jit(policy.prepare),
+               ds.train_transform, ds.eval_transform, x_one)
 
 
 def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) -> dict[str, Any]:
@@ -177,13 +192,18 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     loss_fn = run.loss_fn
     fns = client_lib.make_client_fns(loss_fn, policy, make_optimizer(config),
                                      num_steps=config.client.local_steps,
-                                     batch_size=config.client.batch_size)
+                                     batch_size=config.client.batch_size,
+                                     augment=run.train_transform)
     run_clients = engine.make_round_runner(fns, config.engine.strategy)
-    evaluator = evaluate.make_evaluator(run.logits_fn, policy, capacities, assignment)
+    evaluator = evaluate.make_evaluator(run.logits_fn, policy, capacities, assignment,
+                                        transform=run.eval_transform)
     prepare = run.prepare
     client_specs = jax.jit(jax.vmap(policy.client_spec, in_axes=(None, 0, 0)))
 
     os.makedirs(workdir, exist_ok=True)
+    partition_path = os.path.join(workdir, "partition.json")
+    if not os.path.exists(partition_path):   # who holds what, before any training
+        _write_atomic(partition_path, json.dumps(federated_summary(data)))
     ckpt = (checkpoint.RunCheckpoints(workdir, keep=config.keep_checkpoints)
             if config.checkpoint_every > 0 else None)
     start, history, round_rows, resumed_from = 0, [], [], None
@@ -268,7 +288,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     kept_overall, kept_layers = kept_fractions(policy, params, final_state, capacities)
     cost = costs.capacity_costs(model, params, policy, final_state, capacities,
                                 structured=config.method in policies.STRUCTURED,
-                                unit_groups=unit_groups, x_one=data.train.x[0, :1])
+                                unit_groups=unit_groups, x_one=run.x_one)
     summary = {
         "config": config.to_dict(),
         "final": history[-1],

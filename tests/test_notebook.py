@@ -21,5 +21,5 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     assert "parameters held; accuracy" in text
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
-    assert len(images) == 3
+    assert len(images) == 4   # accuracy, loss, kept per layer, partition
     assert (tmp_path / "runs" / "notebook" / "summary.json").exists()

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fiarse_jax.data.partition import dirichlet_partition, train_test_split
+from fiarse_jax.data.partition import (balanced_dirichlet_partition, dirichlet_partition,
+                                       iid_partition, shard_partition, train_test_split)
 
 
 class ClientData(NamedTuple):
@@ -26,9 +27,21 @@ class ClientData(NamedTuple):
 
 
 class Dataset(NamedTuple):
-    x: np.ndarray            # [n, H, W, C] float32
+    """A labelled image dataset in host memory, with its on-device transforms.
+
+    ``test_x``/``test_y``: a separate test split (CIFAR), or None (digits: clients'
+    test splits are carved from ``x``). ``train_transform(x, key)`` runs on every
+    training batch inside the client step (augmentation); ``eval_transform(x)`` on
+    evaluation batches. None means the stored arrays are used as they are.
+    """
+
+    x: np.ndarray            # [n, H, W, C] float32 or uint8
     y: np.ndarray            # [n] int32
     num_classes: int
+    test_x: np.ndarray | None = None
+    test_y: np.ndarray | None = None
+    train_transform: Callable | None = None
+    eval_transform: Callable | None = None
 
 
 class FederatedData(NamedTuple):
@@ -49,13 +62,27 @@ def load_digits() -> Dataset:
     return Dataset(x=x, y=d.target.astype(np.int32), num_classes=10)
 
 
-DATASETS: dict[str, Callable[[], Dataset]] = {"digits": load_digits}
+def _cifar(name: str) -> Callable[..., Dataset]:
+    def load(**options) -> Dataset:
+        from fiarse_jax.data.tfds import load_cifar   # optional dependency, imported on use
+        return load_cifar(name, **options)
+    return load
 
 
-def load_dataset(name: str) -> Dataset:
+#: name -> loader(**options); options come from config.data (data_dir, download, ...).
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "digits": load_digits, "cifar10": _cifar("cifar10"), "cifar100": _cifar("cifar100")}
+#: config.data fields each loader takes.
+LOADER_OPTIONS = {"digits": (), "cifar10": ("data_dir", "download", "mock_examples"),
+                  "cifar100": ("data_dir", "download", "mock_examples")}
+PARTITIONS = ("dirichlet", "balanced_dirichlet", "iid", "shards")
+
+
+def load_dataset(name: str, **options) -> Dataset:
+    """The dataset ``name``; ``options`` are passed to its loader (see LOADER_OPTIONS)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
-    return DATASETS[name]()
+    return DATASETS[name](**options)
 
 
 def stack_clients(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray]) -> ClientData:
@@ -70,19 +97,48 @@ def stack_clients(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray]) -> Clie
 
 
 def federate(ds: Dataset, *, num_clients: int, alpha: float, test_fraction: float,
-             min_client_size: int, seed: int) -> FederatedData:
-    """Dirichlet(α) label-skewed clients, each with its own train and test split."""
+             min_client_size: int, seed: int, partition: str = "dirichlet",
+             n_train: int = 500, n_test: int = 100, classes_per_client: int = 2) -> FederatedData:
+    """Split ``ds`` over ``num_clients`` clients, each with its own train and test data.
+
+    * ``dirichlet``: Dirichlet(α) label skew over all samples (a separate test split is
+      pooled in), then each client's samples split ``test_fraction`` for its test.
+    * ``iid`` / ``shards``: uniform split / ``classes_per_client`` label shards, then the
+      same per-client test split.
+    * ``balanced_dirichlet`` (the paper's CIFAR federation): every client exactly
+      ``n_train`` samples of the train split and ``n_test`` of the test split, both
+      following the client's own Dirichlet(α) label mix; needs a separate test split.
+    """
     rng = np.random.default_rng(seed)
-    parts = dirichlet_partition(ds.y, num_clients, alpha, rng=rng,
-                                min_size=max(min_client_size, 2))
-    splits = [train_test_split(p, test_fraction, rng=rng) for p in parts]
-    train_parts = [tr for tr, _ in splits]
-    test_parts = [te for _, te in splits]
+    if partition == "balanced_dirichlet":
+        if ds.test_x is None:
+            raise ValueError("partition 'balanced_dirichlet' needs a dataset with a separate "
+                             "test split (cifar10, cifar100)")
+        train_parts, test_parts = balanced_dirichlet_partition(
+            ds.y, ds.test_y, num_clients, alpha, n_train=n_train, n_test=n_test, rng=rng)
+        x, y, tx, ty = ds.x, ds.y, ds.test_x, ds.test_y
+    else:
+        x, y = ds.x, ds.y
+        if ds.test_x is not None:
+            x, y = np.concatenate([ds.x, ds.test_x]), np.concatenate([ds.y, ds.test_y])
+        if partition == "dirichlet":
+            parts = dirichlet_partition(y, num_clients, alpha, rng=rng,
+                                        min_size=max(min_client_size, 2))
+        elif partition == "iid":
+            parts = iid_partition(y, num_clients, rng=rng)
+        elif partition == "shards":
+            parts = shard_partition(y, num_clients, classes_per_client, rng=rng)
+        else:
+            raise ValueError(f"unknown partition {partition!r}; expected one of {PARTITIONS}")
+        splits = [train_test_split(p, test_fraction, rng=rng) for p in parts]
+        train_parts = [tr for tr, _ in splits]
+        test_parts = [te for _, te in splits]
+        tx, ty = x, y
     test_idx = np.concatenate(test_parts)
     test_client = np.concatenate([np.full(len(t), i, np.int32) for i, t in enumerate(test_parts)])
     return FederatedData(
-        train=stack_clients(ds.x, ds.y, train_parts),
-        test_x=jnp.asarray(ds.x[test_idx]), test_y=jnp.asarray(ds.y[test_idx]),
+        train=stack_clients(x, y, train_parts),
+        test_x=jnp.asarray(tx[test_idx]), test_y=jnp.asarray(ty[test_idx]),
         test_client=jnp.asarray(test_client), num_classes=ds.num_classes,
         train_sizes=np.array([len(p) for p in train_parts]),
         test_sizes=np.array([len(p) for p in test_parts]))

@@ -64,6 +64,8 @@ def structured_policy(name: str, groups: Sequence[units.UnitGroup], capacities,
                 parent = sub
                 for p in m.path[:-1]:
                     parent = parent[p]
+                if "scale" in parent:  # a norm layer's γ/β: the scaler sits before the norm
+                    continue
                 parent[m.path[-1]] = parent[m.path[-1]] / spec["rate"].astype(parent[m.path[-1]].dtype)
         return sub
 
