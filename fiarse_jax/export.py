@@ -29,6 +29,7 @@ import numpy as np
 
 from fiarse_jax import checkpoint, costs, evaluate, models, policies, train
 from fiarse_jax.config import ConfigError
+from fiarse_jax.data import augment
 
 FORMAT = "fiarse_jax.submodel/1"
 
@@ -109,6 +110,8 @@ def export_submodel(workdir: str, capacity: str, out: str) -> dict:
         "format": FORMAT, "method": cfg["method"], "capacity": run.capacities[level],
         "label": label, "round": rounds, "num_classes": run.data.num_classes,
         "input_shape": list(run.data.test_x.shape[1:]),
+        # predict() applies the dataset's evaluation transform (CIFAR: uint8 → normalised)
+        "input_transform": cfg["data"]["name"] if run.eval_transform is not None else None,
         "model": {"name": cfg["model"]["name"], "options": model_opts},
         "params_total": int(sum(v.size for v in jax.tree_util.tree_leaves(params))),
         "params_held": int(sum(float(np.asarray(m).sum()) for m in jax.tree_util.tree_leaves(mask))),
@@ -149,10 +152,14 @@ class SubModel(NamedTuple):
     model: Any
     params: Any
     info: dict
+    transform: Any = None   # the run's evaluation transform of raw inputs, or None
 
     def predict(self, x) -> jax.Array:
-        """Logits of the exported sub-model."""
-        return self.model.apply({"params": self.params}, jnp.asarray(x))
+        """Logits of the exported sub-model for raw inputs as the dataset stores them."""
+        x = jnp.asarray(x)
+        if self.transform is not None:
+            x = self.transform(x)
+        return self.model.apply({"params": self.params}, x)
 
 
 def load_submodel(path: str) -> SubModel:
@@ -166,4 +173,7 @@ def load_submodel(path: str) -> SubModel:
     spec = info.get("dense_model") or info["model"]
     model = models.build_model(spec["name"], info["num_classes"], spec["options"])
     params = _unflat(arrays, "dense/" if "dense_model" in info else "params/")
-    return SubModel(model, params, info)
+    transform = None
+    if info.get("input_transform") in ("cifar10", "cifar100"):
+        transform = augment.cifar_eval_transform()
+    return SubModel(model, params, info, transform)

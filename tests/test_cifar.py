@@ -99,3 +99,18 @@ def test_smoke_config_runs_the_cifar_path_under_both_strategies(tmp_path):
     assert run.data.train.x.dtype == np.uint8          # stored as uint8, normalised on device
     for key in ("global_accuracy", "train_loss"):
         assert out["loop"]["final"][key] == pytest.approx(out["vmap"]["final"][key], abs=0.02)
+
+
+def test_export_of_a_cifar_run_reproduces_its_accuracy(tmp_path):
+    import cifar_smoke
+    from fiarse_jax import export, train
+    c = cifar_smoke.get_config()
+    c.num_rounds = 1
+    summary = train.train_and_evaluate(c, str(tmp_path / "run"), progress=False)
+    info = export.export_submodel(str(tmp_path / "run"), "1/4", str(tmp_path / "q.npz"))
+    sub = export.load_submodel(str(tmp_path / "q.npz"))
+    run = train.build_run(c)
+    x, y = np.asarray(run.data.test_x), np.asarray(run.data.test_y)
+    assert x.dtype == np.uint8 and info["input_transform"] == "cifar10"
+    acc = float(np.mean(np.argmax(np.asarray(sub.predict(x)), -1) == y))  # one batch: same BN stats
+    assert acc == summary["final"]["capacity_global_accuracy"]["1/4"]
