@@ -16,9 +16,7 @@ K = 100 value roughly 20-fold).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -28,6 +26,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import cifar10_resnet18  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, report  # noqa: E402
 
 from fiarse_jax import engine, models, policies  # noqa: E402
 from fiarse_jax.client import make_client_fns  # noqa: E402
@@ -102,19 +103,12 @@ def main(argv=None) -> dict:
                      "client_steps_per_s": round(args.clients * args.steps / sec, 2)})
     result = {"model": "resnet18", "widths": widths, "params": int(n_params),
               "clients_per_round": args.clients, "local_steps": args.steps, "batch_size": 20,
-              "capacities": caps, "rounds_timed": args.rounds, "backend": jax.default_backend(),
-              "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
-              "machine": platform.platform(), "jax": jax.__version__, "rows": rows}
+              "capacities": caps, "rounds_timed": args.rounds, **environment(), "rows": rows}
     print(f"ResNet-18 {widths}, {n_params:,} params, {args.clients} clients × {args.steps} steps, "
           f"batch 20, {jax.default_backend()}")
-    print(f"{'strategy':<10}{'round s':>10}{'prepare s':>11}{'mask %':>8}{'steps/s':>9}")
-    for r in rows:
-        print(f"{r['strategy']:<10}{r['round_s']:>10.3f}{r['prepare_s']:>11.4f}"
-              f"{r['mask_share_pct']:>8.3f}{r['client_steps_per_s']:>9.2f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    report(result, [("strategy", "strategy", ""), ("round_s", "round s", ".3f"),
+                    ("prepare_s", "prepare s", ".4f"), ("mask_share_pct", "mask %", ".3f"),
+                    ("client_steps_per_s", "steps/s", ".2f")], args.out)
     return result
 
 

@@ -11,9 +11,7 @@ strategies run in the same process on the same data, params and keys.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -23,6 +21,9 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, report  # noqa: E402
 
 from fiarse_jax import engine, models, policies  # noqa: E402
 from fiarse_jax.client import make_client_fns  # noqa: E402
@@ -84,17 +85,10 @@ def main(argv=None) -> dict:
         r["relative_to_loop"] = round(r["round_s"] / base, 3)
     result = {"model": args.model, "clients_per_round": per_round,
               "local_steps": cfg.client.local_steps, "batch_size": cfg.client.batch_size,
-              "rounds_timed": args.rounds, "backend": jax.default_backend(),
-              "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
-              "machine": platform.platform(), "jax": jax.__version__, "rows": rows}
-    print(f"{'strategy':<10}{'first round s':>15}{'round s':>10}{'steps/s':>10}{'vs loop':>9}")
-    for r in rows:
-        print(f"{r['strategy']:<10}{r['first_round_s']:>15.3f}{r['round_s']:>10.4f}"
-              f"{r['client_steps_per_s']:>10.1f}{r['relative_to_loop']:>9.3f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+              "rounds_timed": args.rounds, **environment(), "rows": rows}
+    report(result, [("strategy", "strategy", ""), ("first_round_s", "first round s", ".3f"),
+                    ("round_s", "round s", ".4f"), ("client_steps_per_s", "steps/s", ".1f"),
+                    ("relative_to_loop", "vs loop", ".3f")], args.out)
     return result
 
 

@@ -1,0 +1,29 @@
+"""What every benchmark records about where it ran, and how it reports."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from typing import Any, Sequence
+
+import jax
+
+
+def environment() -> dict[str, Any]:
+    """Backend, devices, CPU count, OS and jax version: the context a timing needs."""
+    return {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+            "cpu_count": os.cpu_count(), "machine": platform.platform(), "jax": jax.__version__}
+
+
+def report(result: dict, columns: Sequence[tuple[str, str, str]], out: str) -> None:
+    """Print ``result["rows"]`` as a table (``(key, header, format)`` per column) and
+    write ``result`` as JSON to ``out``."""
+    print("".join(f"{h:>{max(len(h) + 2, 10)}}" if i else f"{h:<10}"
+                  for i, (_, h, _) in enumerate(columns)))
+    for r in result["rows"]:
+        print("".join(f"{r[k]:>{max(len(h) + 2, 10)}{f}}" if i else f"{r[k]:<10}"
+                      for i, (k, h, f) in enumerate(columns)))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {out}")
