@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -69,45 +69,78 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 class RunCheckpoints:
     """The checkpoints of one run directory (see module docstring)."""
 
-    def __init__(self, workdir: str, *, keep: int = 3):
+    def __init__(self, workdir: str, *, keep: int = 3, read_only: bool = False):
+        """``read_only``: only read (export, inspection): no cleanup of unfinished saves
+        and no deletion of unreadable checkpoints, so a run writing them is not disturbed."""
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.read_only = read_only
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 cleanup_tmp_directories=True,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                                 cleanup_tmp_directories=not read_only,
+                                                 read_only=read_only,
                                                  enable_async_checkpointing=True),
             item_names=("state", "meta"))
 
     def save(self, round_index: int, state: dict, meta: dict) -> None:
-        """Start saving the state after ``round_index`` rounds (asynchronously)."""
+        """Start saving the state after ``round_index`` rounds (asynchronously; ``meta`` is
+        serialised later, so pass values the caller will not mutate)."""
         self.manager.save(round_index, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, template: dict) -> tuple[tuple[int, dict, dict] | None, list[str]]:
+    def _unreadable(self, step: int, e: Exception, warnings: list[str]) -> None:
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        warnings.append(f"checkpoint at round {step} is unreadable ({reason}); "
+                        "falling back to the previous one")
+        if not self.read_only:
+            self.manager.delete(step)
+
+    def _meta(self, step: int) -> dict:
+        meta = self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+        if not isinstance(meta, dict) or "config" not in meta or "history" not in meta:
+            raise ValueError("its metadata is missing or incomplete")
+        return meta
+
+    def latest_meta(self) -> tuple[tuple[int, dict] | None, list[str]]:
+        """((round, meta) of the newest checkpoint whose metadata reads, or None, warnings)."""
+        warnings: list[str] = []
+        for step in reversed(self.steps()):
+            try:
+                return (step, self._meta(step)), warnings
+            except Exception as e:  # noqa: BLE001 — unreadable: fall back
+                self._unreadable(step, e, warnings)
+        return None, warnings
+
+    def restore_latest(self, template: dict, check_meta: Callable[[int, dict], None] | None = None
+                       ) -> tuple[tuple[int, dict, dict] | None, list[str]]:
         """((round, state, meta) of the newest readable checkpoint or None, warnings).
 
-        ``template`` is a state pytree of the right structure, shapes and dtypes. A
-        checkpoint that cannot be read (corrupt or partial files) is deleted and the
-        previous one tried; each such fallback adds a warning.
+        For each checkpoint, newest first: its metadata is read and given to
+        ``check_meta(round, meta)`` (which raises to refuse, e.g. a different config:
+        then nothing is deleted), then its arrays are restored into ``template``'s
+        structure, shapes and dtypes. A checkpoint whose files cannot be read is
+        deleted (unless read-only) and the previous one tried, with a warning.
         """
-        warnings = []
+        warnings: list[str] = []
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
         for step in reversed(self.steps()):
             try:
-                got = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-                state, meta = got["state"], got["meta"]
-                if not isinstance(meta, dict) or "config" not in meta or "history" not in meta:
-                    raise ValueError("its metadata is missing or incomplete")
+                meta = self._meta(step)
+            except Exception as e:  # noqa: BLE001
+                self._unreadable(step, e, warnings)
+                continue
+            if check_meta is not None:
+                check_meta(step, meta)
+            try:
+                state = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract)))["state"]
                 _check_finite(state["params"])
-            except Exception as e:  # noqa: BLE001 — any unreadable checkpoint: fall back
-                reason = " ".join(str(e).split())[:200] or type(e).__name__
-                warnings.append(f"checkpoint at round {step} is unreadable ({reason}); "
-                                "falling back to the previous one")
-                self.manager.delete(step)
+            except Exception as e:  # noqa: BLE001 — corrupt arrays: fall back
+                self._unreadable(step, e, warnings)
                 continue
             return (step, state, meta), warnings
         if warnings:

@@ -59,7 +59,7 @@ def parse_capacity(text: str, capacities) -> int:
     try:
         num, _, den = str(text).partition("/")
         value = float(num) / float(den) if den else float(num)
-    except ValueError:
+    except (ValueError, ZeroDivisionError):
         value = None
     for i, (c, l) in enumerate(zip(capacities, labels)):
         if text == l or (value is not None and abs(value - c) < 1e-9):
@@ -73,14 +73,13 @@ def load_run_state(workdir: str) -> tuple[train.Run, Any, int, dict]:
     if not os.path.isdir(ck_dir):
         raise ConfigError(f"--workdir {workdir!r} holds no checkpoints/ (run it with "
                           "config.checkpoint_every > 0 first)")
-    ck = checkpoint.RunCheckpoints(workdir)
+    ck = checkpoint.RunCheckpoints(workdir, read_only=True)   # never disturbs a running save
     try:
-        steps = ck.steps()
-        if not steps:
-            raise ConfigError(f"--workdir {workdir!r}: checkpoints/ is empty")
-        meta = ck.manager.restore(steps[-1], args=checkpoint.ocp.args.Composite(
-            meta=checkpoint.ocp.args.JsonRestore()))["meta"]
-        run = train.build_run(ml_collections.ConfigDict(meta["config"]))
+        latest, warnings = ck.latest_meta()
+        if latest is None:
+            raise ConfigError(f"--workdir {workdir!r}: no readable checkpoint"
+                              + (f" ({'; '.join(warnings)})" if warnings else ""))
+        run = train.build_run(ml_collections.ConfigDict(latest[1]["config"]))
         template = {"params": run.init_params, "round": np.asarray(0, np.int32),
                     "key": run.train_key, "assignment": run.assignment.astype(np.int32)}
         restored, warnings = ck.restore_latest(template)

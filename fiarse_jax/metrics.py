@@ -65,12 +65,12 @@ class MetricWriter:
         self._round = open(self.round_path, "a")
         self._tb = None
         if tensorboard:
-            # On resume, purge_step=1 makes TensorBoard discard every earlier event (a
-            # killed run may have logged rounds past its checkpoint, or lost unflushed
-            # ones); the checkpoint's rows are then logged again, so the events match
-            # the JSON files.
+            # purge_step=1 makes TensorBoard discard every earlier event in this
+            # directory (a killed run may have logged rounds past its checkpoint, or lost
+            # unflushed ones; a restart from round 0 replaces an old run); the
+            # checkpoint's rows are then logged again, so the events match the JSON files.
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10,
-                                     purge_step=1 if start_round > 0 else None)
+                                     purge_step=1)
             for row in rounds:
                 self._scalars(row)
             for row in evals:

@@ -201,21 +201,20 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     client_specs = jax.jit(jax.vmap(policy.client_spec, in_axes=(None, 0, 0)))
 
     os.makedirs(workdir, exist_ok=True)
-    partition_path = os.path.join(workdir, "partition.json")
-    if not os.path.exists(partition_path):   # who holds what, before any training
-        _write_atomic(partition_path, json.dumps(federated_summary(data)))
+    # An existing checkpoint directory is resumed from even when this config saves none.
     ckpt = (checkpoint.RunCheckpoints(workdir, keep=config.keep_checkpoints)
-            if config.checkpoint_every > 0 else None)
+            if config.checkpoint_every > 0 or os.path.isdir(os.path.join(workdir, "checkpoints"))
+            else None)
     start, history, round_rows, resumed_from = 0, [], [], None
     if ckpt is not None:
         template = {"params": params, "round": np.asarray(0, np.int32), "key": train_key,
                     "assignment": assignment.astype(np.int32)}
-        restored, warnings = ckpt.restore_latest(template)
+        restored, warnings = ckpt.restore_latest(
+            template, lambda step, meta: checkpoint.check_resumable(meta["config"], config, step))
         for w in warnings:
             print(f"fiarse-jax: warning: {w}", file=sys.stderr, flush=True)
         if restored is not None:
             resumed_from, state, meta = restored
-            checkpoint.check_resumable(meta["config"], config, resumed_from)
             if (not np.array_equal(np.asarray(state["key"]), np.asarray(train_key))
                     or not np.array_equal(np.asarray(state["assignment"]), assignment)):
                 raise ConfigError("the checkpoint's PRNG key or capacity assignment differs from "
@@ -226,6 +225,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
             print(f"resuming from the checkpoint at round {resumed_from} "
                   f"({config.num_rounds - resumed_from} rounds to go)", flush=True)
 
+    if start == 0:   # who holds what, written before any training
+        _write_atomic(os.path.join(workdir, "partition.json"), json.dumps(federated_summary(data)))
     # The JSON-lines files are rewritten from the checkpoint's rows, so rounds a killed
     # run logged after its last checkpoint are not duplicated.
     writer = metrics_lib.MetricWriter(workdir, evals=history, rounds=round_rows,
@@ -272,12 +273,13 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                     print(f"round {done}/{config.num_rounds}: full model "
                           f"{m['global_accuracy']:.1%} | local by capacity {local} | "
                           f"train loss {train_loss:.3f}", flush=True)
-            if ckpt is not None and (done % config.checkpoint_every == 0
-                                     or done == config.num_rounds):
+            if config.checkpoint_every > 0 and (done % config.checkpoint_every == 0
+                                                or done == config.num_rounds):
                 ckpt.save(done, {"params": params, "round": np.asarray(done, np.int32),
                                  "key": train_key, "assignment": assignment.astype(np.int32)},
-                          {"config": config.to_dict(), "history": history,
-                           "rounds": round_rows})
+                          # copies: the async save serialises them later
+                          {"config": config.to_dict(), "history": list(history),
+                           "rounds": list(round_rows)})
     finally:
         writer.close()
         if ckpt is not None:

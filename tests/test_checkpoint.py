@@ -135,6 +135,16 @@ def test_mismatched_config_is_refused_naming_fields(tmp_path):
                                  progress=False)
     with pytest.raises(ConfigError, match=r"config.num_rounds = 2: .* already at round 3"):
         train.train_and_evaluate(tiny(num_rounds=2), w, progress=False)
+    # A change of shapes is refused from the metadata, before any array is read, and
+    # the checkpoints are kept (not mistaken for corrupt ones).
+    with pytest.raises(ConfigError, match=r"model.hidden_sizes: checkpoint \[128\], now \[64\]"):
+        train.train_and_evaluate(tiny(num_rounds=3, **{"model.hidden_sizes": (64,)}), w,
+                                 progress=False)
+    with pytest.raises(ConfigError, match="data.num_clients"):
+        train.train_and_evaluate(tiny(num_rounds=3, **{"data.num_clients": 40}), w, progress=False)
+    # Saving no checkpoints still resumes from the ones there.
+    with pytest.raises(ConfigError, match="seed"):
+        train.train_and_evaluate(tiny(num_rounds=3, seed=5, checkpoint_every=0), w, progress=False)
     assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == before  # nothing written
 
 
@@ -149,3 +159,11 @@ def test_config_differences_ignores_safe_fields():
 def test_checkpoint_every_zero_writes_none(tmp_path):
     train.train_and_evaluate(tiny(num_rounds=2, checkpoint_every=0), str(tmp_path), progress=False)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_restart_from_round_zero_replaces_old_tensorboard_events(tmp_path):
+    w = str(tmp_path / "run")
+    train.train_and_evaluate(tiny(num_rounds=3), w, progress=False)
+    shutil.rmtree(os.path.join(w, "checkpoints"))      # e.g. killed before its first save
+    train.train_and_evaluate(tiny(num_rounds=5), w, progress=False)
+    assert [s for s, _ in read_scalars(os.path.join(w, "tensorboard"))["train_loss"]] == [1, 2, 3, 4, 5]

@@ -121,6 +121,19 @@ def test_export_errors_name_the_bad_value(runs, tmp_path):
         export.export_submodel(w, "1/3", str(tmp_path / "a.npz"))
     with pytest.raises(ConfigError, match="must end in .npz"):
         export.export_submodel(w, "1/4", str(tmp_path / "a.bin"))
+    with pytest.raises(ConfigError, match=r"--capacity '1/0'"):
+        export.export_submodel(w, "1/0", str(tmp_path / "a.npz"))
     with pytest.raises(ConfigError, match="holds no checkpoints"):
         export.export_submodel(str(tmp_path), "1/4", str(tmp_path / "a.npz"))
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_export_leaves_an_in_flight_save_alone(runs, tmp_path):
+    w, _ = runs["fiarse"]
+    tmp_save = os.path.join(w, "checkpoints", "99.orbax-checkpoint-tmp-1234567")
+    os.makedirs(tmp_save)
+    try:
+        export.export_submodel(w, "1/4", str(tmp_path / "q.npz"))
+        assert os.path.isdir(tmp_save)   # read-only: no cleanup of another process's save
+    finally:
+        os.rmdir(tmp_save)

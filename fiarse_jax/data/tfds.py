@@ -96,6 +96,8 @@ def load_cifar(name: str, *, data_dir: str | None = None, download: bool = False
         tx, ty = _read_split(test)
     if mock_examples > 0:   # mock labels are random over int64; fold them into the classes
         y, ty = y % num_classes, ty % num_classes
+    # One set of normalisation constants (CIFAR-10's, as listed for the authors' code) for
+    # both datasets.
     return Dataset(x=x, y=y, num_classes=num_classes, test_x=tx, test_y=ty,
                    train_transform=augment.cifar_train_transform(),
                    eval_transform=augment.cifar_eval_transform())
