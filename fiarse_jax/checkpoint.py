@@ -23,7 +23,6 @@ Resuming with a config that differs in anything but ``SAFE_TO_CHANGE`` stops wit
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Callable
 
@@ -38,9 +37,6 @@ from fiarse_jax.config import ConfigError
 #: rounding, so bit-for-bit equality holds only when it is unchanged).
 SAFE_TO_CHANGE = ("num_rounds", "eval_every", "checkpoint_every", "keep_checkpoints",
                   "tensorboard", "engine.strategy")
-
-log = logging.getLogger(__name__)
-
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
@@ -147,12 +143,15 @@ class RunCheckpoints:
             warnings.append("no readable checkpoint left; starting from round 0")
         return None, warnings
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def run_state(params, rounds_done: int, key, assignment) -> dict:
+    """The arrays a checkpoint holds (also the restore template: same structure and dtypes)."""
+    return {"params": params, "round": np.asarray(rounds_done, np.int32), "key": key,
+            "assignment": np.asarray(assignment, np.int32)}
 
 
 def _check_finite(tree) -> None:

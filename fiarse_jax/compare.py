@@ -40,8 +40,7 @@ def _fmt_int(n: float) -> str:
 
 def markdown_table(summaries: dict[str, dict]) -> str:
     """The comparison table (capacities smallest first, as in the paper)."""
-    first = next(iter(summaries.values()))
-    labels = sorted(first["capacities"], key=lambda k: first["capacities"][k])
+    labels = plots.by_size(next(iter(summaries.values()))["capacities"])
     head = (["method"] + [f"local {l}" for l in labels] + ["global (mean over sizes)", "full model"]
             + ["params held (" + " / ".join(labels) + ")", "forward FLOPs (" + " / ".join(labels) + ")",
                "FLOPs counted on"])

@@ -114,12 +114,11 @@ def validate_config(config) -> None:
     if "heterofl" in config and not isinstance(config.heterofl.get("scaler", False), bool):
         _fail("heterofl.scaler", config.heterofl.scaler, "must be True or False")
     if "scalefl" in config:
-        for field in ("depth_exponent", "kd_weight"):
-            v = config.scalefl.get(field, 0.0)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-                _fail(f"scalefl.{field}", v, "must be a finite number ≥ 0")
-        if "temperature" in config.scalefl:
-            _positive(config, "scalefl.temperature")
+        try:
+            policies.scalefl.check_options(**{k: config.scalefl[k] for k in (
+                "depth_exponent", "kd_weight", "temperature") if k in config.scalefl})
+        except ValueError as e:
+            raise ConfigError(f"config.scalefl.{e}") from None
     _check_model(config)
     if method == "scalefl":   # early exits on an MLP with ≥ 2 hidden layers
         m = _get(config, "model")

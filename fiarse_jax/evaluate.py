@@ -57,8 +57,8 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
     @jax.jit
     def extract(params, round_state, level):
         # The sub-model as a client of this level computes with it: x ⊙ 1[|x| ≥ θ] for
-        # FIARSE; with HeteroFL's scaler on, the 1/r scale it was trained with (our
-        # models have no normalisation layer that would absorb it).
+        # FIARSE; with HeteroFL's scaler on, the 1/r scale it was trained with (a norm
+        # layer after it, as in ResNet-18, absorbs it; the MLP/CNN have none).
         spec = policy.client_spec(round_state, level, jax.random.PRNGKey(0))
         return policy.apply(params, spec), spec
 

@@ -30,13 +30,14 @@ import numpy as np
 from fiarse_jax import checkpoint, costs, evaluate, models, policies, train
 from fiarse_jax.config import ConfigError
 from fiarse_jax.data import augment
+from fiarse_jax.masks import path_names
+from fiarse_jax.metrics import write_atomic
 
 FORMAT = "fiarse_jax.submodel/1"
 
 
 def _flat(tree, prefix: str) -> dict[str, np.ndarray]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    from fiarse_jax.masks import path_names
     return {prefix + "/".join(path_names(p)): np.asarray(v) for p, v in flat}
 
 
@@ -80,9 +81,8 @@ def load_run_state(workdir: str) -> tuple[train.Run, Any, int, dict]:
             raise ConfigError(f"--workdir {workdir!r}: no readable checkpoint"
                               + (f" ({'; '.join(warnings)})" if warnings else ""))
         run = train.build_run(ml_collections.ConfigDict(latest[1]["config"]))
-        template = {"params": run.init_params, "round": np.asarray(0, np.int32),
-                    "key": run.train_key, "assignment": run.assignment.astype(np.int32)}
-        restored, warnings = ck.restore_latest(template)
+        restored, warnings = ck.restore_latest(
+            checkpoint.run_state(run.init_params, 0, run.train_key, run.assignment))
     finally:
         ck.close()
     if restored is None:
@@ -131,10 +131,7 @@ def export_submodel(workdir: str, capacity: str, out: str) -> dict:
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, out)
     info["file_bytes"] = os.path.getsize(out)
-    json_path = out[:-len(".npz")] + ".json"
-    with open(json_path + ".tmp", "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(json_path + ".tmp", json_path)
+    write_atomic(out[:-len(".npz")] + ".json", json.dumps(info, indent=2))
     return info
 
 

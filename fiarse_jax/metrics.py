@@ -20,7 +20,8 @@ from typing import Any, Sequence
 from tensorboardX import SummaryWriter
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename: never half-written."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
@@ -56,11 +57,11 @@ class MetricWriter:
     """Writes evaluation rows and per-round rows to JSON lines and TensorBoard."""
 
     def __init__(self, workdir: str, *, evals: Sequence[dict] = (), rounds: Sequence[dict] = (),
-                 start_round: int = 0, tensorboard: bool = True):
+                 tensorboard: bool = True):
         self.eval_path = os.path.join(workdir, "metrics.jsonl")
         self.round_path = os.path.join(workdir, "rounds.jsonl")
-        _write_atomic(self.eval_path, _rows(evals))
-        _write_atomic(self.round_path, _rows(rounds))
+        write_atomic(self.eval_path, _rows(evals))
+        write_atomic(self.round_path, _rows(rounds))
         self._eval = open(self.eval_path, "a")
         self._round = open(self.round_path, "a")
         self._tb = None

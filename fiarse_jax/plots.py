@@ -34,7 +34,7 @@ def _save(fig, path: str) -> None:
     _pyplot().close(fig)
 
 
-def _by_size(capacities: dict[str, float]) -> list[str]:
+def by_size(capacities: dict[str, float]) -> list[str]:
     """Capacity labels, smallest first (as the paper's tables)."""
     return sorted(capacities, key=lambda k: capacities[k])
 
@@ -66,7 +66,7 @@ def plot_run(workdir: str) -> list[str]:
         summary = json.load(f)
     evals = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     rounds = read_jsonl(os.path.join(workdir, "rounds.jsonl"))
-    labels = _by_size(summary["capacities"])
+    labels = by_size(summary["capacities"])
     plt = _pyplot()
     x = [m["round"] for m in evals]
 
@@ -119,7 +119,7 @@ def plot_comparison(summaries: dict[str, dict], histories: dict[str, list], work
     """Write the two PNGs; returns their paths."""
     plt = _pyplot()
     first = next(iter(summaries.values()))
-    labels = sorted(first["capacities"], key=lambda k: first["capacities"][k])
+    labels = by_size(first["capacities"])
     panels = [(f"capacity {l}: local test", lambda m, l=l: m["local_accuracy"][l]) for l in labels]
     panels.append(("full model: global test", lambda m: m["global_accuracy"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), sharey=True)

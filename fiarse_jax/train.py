@@ -207,8 +207,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
             else None)
     start, history, round_rows, resumed_from = 0, [], [], None
     if ckpt is not None:
-        template = {"params": params, "round": np.asarray(0, np.int32), "key": train_key,
-                    "assignment": assignment.astype(np.int32)}
+        template = checkpoint.run_state(params, 0, train_key, assignment)
         restored, warnings = ckpt.restore_latest(
             template, lambda step, meta: checkpoint.check_resumable(meta["config"], config, step))
         for w in warnings:
@@ -226,11 +225,12 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                   f"({config.num_rounds - resumed_from} rounds to go)", flush=True)
 
     if start == 0:   # who holds what, written before any training
-        _write_atomic(os.path.join(workdir, "partition.json"), json.dumps(federated_summary(data)))
+        metrics_lib.write_atomic(os.path.join(workdir, "partition.json"),
+                                 json.dumps(federated_summary(data)))
     # The JSON-lines files are rewritten from the checkpoint's rows, so rounds a killed
     # run logged after its last checkpoint are not duplicated.
     writer = metrics_lib.MetricWriter(workdir, evals=history, rounds=round_rows,
-                                      start_round=start, tensorboard=config.tensorboard)
+                                      tensorboard=config.tensorboard)
     bar = tqdm(range(start, config.num_rounds), desc=f"{config.method}", unit="round",
                initial=start, total=config.num_rounds,
                disable=(not progress) if progress is not None else None)
@@ -275,8 +275,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                           f"train loss {train_loss:.3f}", flush=True)
             if config.checkpoint_every > 0 and (done % config.checkpoint_every == 0
                                                 or done == config.num_rounds):
-                ckpt.save(done, {"params": params, "round": np.asarray(done, np.int32),
-                                 "key": train_key, "assignment": assignment.astype(np.int32)},
+                ckpt.save(done, checkpoint.run_state(params, done, train_key, assignment),
                           # copies: the async save serialises them later
                           {"config": config.to_dict(), "history": list(history),
                            "rounds": list(round_rows)})
@@ -294,7 +293,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     summary = {
         "config": config.to_dict(),
         "final": history[-1],
-        "capacities": {evaluate.capacity_label(c): c for c in capacities},
+        "capacities": dict(zip(labels, capacities)),
         "kept_fraction": dict(zip(labels, kept_overall)),
         "kept_fraction_per_layer": dict(zip(labels, kept_layers)),
         "costs": cost,
@@ -307,16 +306,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         "resumed_from_round": resumed_from,
         "wall_time_s": round(time.time() - t_start, 2),
     }
-    _write_atomic(os.path.join(workdir, "summary.json"),
-                  json.dumps(summary, indent=2, default=_jsonable))
+    metrics_lib.write_atomic(os.path.join(workdir, "summary.json"),
+                             json.dumps(summary, indent=2, default=_jsonable))
     return summary
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _jsonable(x):

@@ -120,17 +120,24 @@ def level_widths(shapes: dict, groups, hidden, exits, r: float, depth: int) -> d
     return best
 
 
-def scalefl_policy(capacities, *, unit_groups=None, depth_exponent: float = 0.5,
-                   kd_weight: float = 1.0, temperature: float = 3.0) -> MaskPolicy:
-    """Build the ScaleFL-style policy (see module docstring)."""
-    hidden, exits = exit_layout(unit_groups)
-    groups = list(unit_groups)
+def check_options(depth_exponent: float = 0.5, kd_weight: float = 1.0,
+                  temperature: float = 3.0) -> None:
+    """Raise ``ValueError`` naming the first bad option (``depth_exponent``, ``kd_weight``
+    finite ≥ 0; ``temperature`` finite > 0)."""
     for name, v, ok in (("depth_exponent", depth_exponent, lambda x: 0 <= x < math.inf),
                         ("kd_weight", kd_weight, lambda x: 0 <= x < math.inf),
                         ("temperature", temperature, lambda x: 0 < x < math.inf)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(float(v)):
             raise ValueError(f"{name} = {v!r}: must be a finite number "
                              + ("> 0" if name == "temperature" else "≥ 0"))
+
+
+def scalefl_policy(capacities, *, unit_groups=None, depth_exponent: float = 0.5,
+                   kd_weight: float = 1.0, temperature: float = 3.0) -> MaskPolicy:
+    """Build the ScaleFL-style policy (see module docstring)."""
+    hidden, exits = exit_layout(unit_groups)
+    groups = list(unit_groups)
+    check_options(depth_exponent, kd_weight, temperature)
     capacities = tuple(float(c) for c in capacities)
     num_layers, num_exits = len(hidden), len(exits)
     depths = np.array([depth_for(r, num_layers, float(depth_exponent)) for r in capacities],

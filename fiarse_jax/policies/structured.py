@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fiarse_jax import units
-from fiarse_jax.masks import keep_count
+from fiarse_jax.masks import default_maskable, keep_count, path_names
 from fiarse_jax.policies.base import MaskPolicy, select_level
 
 
@@ -59,13 +59,17 @@ def structured_policy(name: str, groups: Sequence[units.UnitGroup], capacities,
         sub = jax.tree_util.tree_map(jnp.multiply, params, mask(params, spec))
         if not scale_outputs:
             return sub
-        for g in groups:  # producers of hidden units: their layer's output × 1/r
+        # Producers of hidden units: their layer's output × 1/r. Norm γ/β (the leaves the
+        # maskability rule never masks) are skipped: the scaler sits before the norm.
+        flat, _ = jax.tree_util.tree_flatten_with_path(params)
+        weights = {path_names(p) for (p, _), f in zip(flat, default_maskable(params)) if f}
+        for g in groups:
             for m in g.producers:
+                if m.path not in weights:
+                    continue
                 parent = sub
                 for p in m.path[:-1]:
                     parent = parent[p]
-                if "scale" in parent:  # a norm layer's γ/β: the scaler sits before the norm
-                    continue
                 parent[m.path[-1]] = parent[m.path[-1]] / spec["rate"].astype(parent[m.path[-1]].dtype)
         return sub
 
