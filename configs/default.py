@@ -63,7 +63,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.server.learning_rate = 1.0
 
     config.engine = ml_collections.ConfigDict()
-    config.engine.strategy = "auto"    # "auto" | "loop" | "vmap"
+    # "auto" (vmap on GPU/TPU, loop on CPU) | "loop" | "vmap" | "sharded" (client axis
+    # over all devices, every process's under jax.distributed)
+    config.engine.strategy = "auto"
+    config.engine.clients_per_chunk = 0   # vmap/sharded: clients trained at once per device (0 = all)
+    config.engine.dtype = "float32"       # "bfloat16": mixed-precision local training
+    config.profile = False                # a jax.profiler trace of round 2 under WORKDIR/profile
 
     config.eval_every = 20
     # Orbax checkpoints under WORKDIR/checkpoints; rerunning on the same workdir resumes.

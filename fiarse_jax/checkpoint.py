@@ -36,7 +36,7 @@ from fiarse_jax.config import ConfigError
 #: the run, bookkeeping, and the execution strategy (strategies agree to float
 #: rounding, so bit-for-bit equality holds only when it is unchanged).
 SAFE_TO_CHANGE = ("num_rounds", "eval_every", "checkpoint_every", "keep_checkpoints",
-                  "tensorboard", "engine.strategy")
+                  "tensorboard", "engine.strategy", "engine.clients_per_chunk", "profile")
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}

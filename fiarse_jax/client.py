@@ -57,13 +57,22 @@ class ClientFns(NamedTuple):
 def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
                     optimizer: optax.GradientTransformation, *,
                     num_steps: int, batch_size: int,
-                    augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
-                    ) -> ClientFns:
+                    augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+                    compute_dtype: Any = None) -> ClientFns:
     """Client update for ``policy``: ``num_steps`` steps of ``optimizer`` at ``batch_size``.
 
     ``augment(x_batch, key)``, when given, transforms every batch on device (e.g. CIFAR
     crop + flip + normalisation) with a key drawn from the client's stream.
+    ``compute_dtype`` (e.g. ``jnp.bfloat16``): mixed precision — the forward and
+    backward pass run on the sub-model and batch cast to it, while the mask, the
+    parameters, the optimiser and the delta stay in their own (float32) dtype.
     """
+    def cast(tree):
+        if compute_dtype is None:
+            return tree
+        return jax.tree_util.tree_map(
+            lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+            tree)
 
     def init(params, spec, data: ClientData, key):
         del spec
@@ -84,7 +93,7 @@ def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
             xb = augment(xb, jax.random.fold_in(sub, 1))
 
         def objective(p):
-            return loss_fn(policy.apply(p, spec), xb, yb, sub, spec)
+            return loss_fn(cast(policy.apply(p, spec)), cast(xb), yb, sub, spec)
 
         loss, grads = jax.value_and_grad(objective)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

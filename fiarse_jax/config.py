@@ -135,6 +135,10 @@ def validate_config(config) -> None:
     _int(config, "client.batch_size")
     _positive(config, "server.learning_rate")
     _choice(config, "engine.strategy", engine.STRATEGIES)
+    _int(config, "engine.clients_per_chunk", lo=0)
+    _choice(config, "engine.dtype", ("float32", "bfloat16"))
+    if not isinstance(_get(config, "profile"), bool):
+        _fail("profile", config.profile, "must be True or False")
     _int(config, "eval_every")
     _int(config, "checkpoint_every", lo=0)
     _int(config, "keep_checkpoints", lo=1)

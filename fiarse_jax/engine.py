@@ -1,18 +1,28 @@
 """Execution strategies: run one round's client updates, knowing nothing of the method.
 
 * ``"vmap"``: the client axis vmapped, the K local steps in a ``fori_loop`` (a
-  scan), all in one jit: the accelerator path.
+  scan), all in one jit: the accelerator path. With ``clients_per_chunk = c`` the
+  round's clients run in chunks of c (vmapped within a chunk, ``lax.map`` across
+  chunks), so per-client training memory (activations, gradients, optimiser
+  state) is that of c clients however many there are.
+* ``"sharded"``: the client axis split over every device (``jax.shard_map`` on a
+  1-D ``clients`` mesh; chunked per device as above); the server's reduction over
+  that axis then becomes a cross-device sum. With ``jax.distributed`` initialised
+  the mesh spans every process's devices (the multi-host / TPU-pod path).
 * ``"loop"``: a Python loop over clients and steps of jitted ``init``/``step``/
   ``final``: the fast path on CPU, where convolution gradients inside ``scan`` are
   many times slower (jax-ml/jax#12868).
 * ``"auto"``: ``vmap`` on GPU/TPU, ``loop`` on CPU.
 
-Both run the same ``ClientFns``, so with the same keys one round agrees up to
+All run the same ``ClientFns``, so with the same keys one round agrees up to
 float rounding (tested). Over many rounds the tiny differences can flip a
 threshold decision |w| ≥ θ, so long trajectories drift apart like any two
-float orderings would; final accuracies agree to within noise, not bit for bit. Inputs carry a leading client axis: ``specs`` (from the policy),
-``data`` (``ClientData``) and ``keys``; the output is a ``ClientResult`` stacked
-on that axis.
+float orderings would; final accuracies agree to within noise, not bit for bit.
+Inputs carry a leading client axis: ``specs`` (from the policy), ``data``
+(``ClientData``) and ``keys``; the output is a ``ClientResult`` stacked on that
+axis (in the sharded strategy, sharded along it). Chunking and sharding pad the
+client axis by repeating the last client and drop the padding's results.
+Stacked outputs still hold one delta and mask per client: O(clients × params).
 """
 from __future__ import annotations
 
@@ -21,11 +31,14 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fiarse_jax.client import ClientFns, ClientResult, client_update
 from fiarse_jax.data.federated import ClientData
 
-STRATEGIES = ("auto", "loop", "vmap")
+STRATEGIES = ("auto", "loop", "vmap", "sharded")
+CLIENT_AXIS = "clients"
 RoundRunner = Callable[[Any, Any, ClientData, jax.Array], ClientResult]
 
 
@@ -42,8 +55,19 @@ def _index(tree, i):
     return jax.tree_util.tree_map(lambda a: a[i], tree)
 
 
+def _pad_clients(tree, multiple: int):
+    """Pad the leading axis to a multiple of ``multiple`` by repeating the last row."""
+    n = jax.tree_util.tree_leaves(tree)[0].shape[0]
+    pad = -n % multiple
+    if pad == 0:
+        return tree
+    return jax.tree_util.tree_map(
+        lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), tree)
+
+
 def _loop_runner(fns: ClientFns) -> RoundRunner:
-    init, step, final = jax.jit(fns.init), jax.jit(fns.step), jax.jit(fns.final)
+    init, final = jax.jit(fns.init), jax.jit(fns.final)
+    step = jax.jit(fns.step, donate_argnums=0)   # the state is replaced every step
     step_ids = [jnp.asarray(k, jnp.int32) for k in range(fns.num_steps)]
 
     def run(params, specs, data, keys):
@@ -59,12 +83,82 @@ def _loop_runner(fns: ClientFns) -> RoundRunner:
     return run
 
 
-def _vmap_runner(fns: ClientFns) -> RoundRunner:
-    one_client = functools.partial(client_update, fns)
-    return jax.jit(jax.vmap(one_client, in_axes=(None, 0, 0, 0)))
+def _chunked(fns: ClientFns, clients_per_chunk: int) -> RoundRunner:
+    """Traceable ``(params, specs, data, keys) -> ClientResult``: vmap, in chunks if asked."""
+    batched = jax.vmap(functools.partial(client_update, fns), in_axes=(None, 0, 0, 0))
+
+    def run(params, specs, data, keys):
+        n = keys.shape[0]
+        c = clients_per_chunk
+        if c <= 0 or c >= n:
+            return batched(params, specs, data, keys)
+        inputs = _pad_clients((specs, data, keys), c)
+        chunks = jax.tree_util.tree_map(lambda a: a.reshape(-1, c, *a.shape[1:]), inputs)
+        out = jax.lax.map(lambda s_d_k: batched(params, *s_d_k), chunks)
+        return jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:])[:n], out)
+
+    return run
 
 
-def make_round_runner(fns: ClientFns, strategy: str = "auto") -> RoundRunner:
-    """A function ``(params, specs, data, keys) -> ClientResult`` (stacked per client)."""
+def client_mesh(devices=None) -> Mesh:
+    """A 1-D mesh named ``clients`` over ``devices`` (default: all, every process's)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (CLIENT_AXIS,))
+
+
+def _put(tree, sharding: NamedSharding):
+    """Place ``tree`` with ``sharding``; across processes every process holds the
+    same full value (same seed, same data), and contributes its addressable slices."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(a):
+        host = np.asarray(a)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def replicate(tree, mesh: Mesh | None = None):
+    """``tree`` copied to every device of ``mesh`` (the global model for ``sharded``)."""
+    return _put(tree, NamedSharding(mesh or client_mesh(), P()))
+
+
+def _sharded_runner(fns: ClientFns, clients_per_chunk: int, mesh: Mesh) -> RoundRunner:
+    local = _chunked(fns, clients_per_chunk)
+    # No collectives inside (clients are independent), so the varying-axis type check,
+    # which would make every carry and custom VJP spell out its axis, is off.
+    mapped = jax.jit(jax.shard_map(lambda params, sdk: local(params, *sdk), mesh=mesh,
+                                   in_specs=(P(), P(CLIENT_AXIS)), out_specs=P(CLIENT_AXIS),
+                                   check_vma=False))
+    over_clients, replicated = NamedSharding(mesh, P(CLIENT_AXIS)), NamedSharding(mesh, P())
+    # Dropping the padding gathers the results (an uneven split is not a sharding):
+    # a client count that is a multiple of the device count keeps them sharded.
+    slice_to = jax.jit(lambda tree, n: jax.tree_util.tree_map(lambda a: a[:n], tree),
+                       static_argnums=1)
+
+    def run(params, specs, data, keys):
+        n = keys.shape[0]
+        inputs = _put(_pad_clients((specs, data, keys), mesh.size), over_clients)
+        out = mapped(_put(params, replicated), inputs)
+        return out if out.loss.shape[0] == n else slice_to(out, n)
+
+    return run
+
+
+def make_round_runner(fns: ClientFns, strategy: str = "auto", *, clients_per_chunk: int = 0,
+                      mesh: Mesh | None = None) -> RoundRunner:
+    """A function ``(params, specs, data, keys) -> ClientResult`` (stacked per client).
+
+    ``clients_per_chunk`` (vmap, sharded; 0 = all at once) bounds how many clients
+    train at once per device; ``mesh`` (sharded) defaults to ``client_mesh()``.
+    """
     strategy = resolve_strategy(strategy)
-    return _loop_runner(fns) if strategy == "loop" else _vmap_runner(fns)
+    if isinstance(clients_per_chunk, bool) or not isinstance(clients_per_chunk, int) \
+            or clients_per_chunk < 0:
+        raise ValueError(f"clients_per_chunk = {clients_per_chunk!r} must be an integer ≥ 0")
+    if strategy == "loop":
+        return _loop_runner(fns)
+    if strategy == "sharded":
+        return _sharded_runner(fns, clients_per_chunk, mesh or client_mesh())
+    return jax.jit(_chunked(fns, clients_per_chunk))

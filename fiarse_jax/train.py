@@ -51,6 +51,10 @@ def assign_capacities(num_clients: int, num_levels: int) -> np.ndarray:
     return (np.arange(num_clients) * num_levels) // num_clients
 
 
+#: config.engine.dtype → the client's compute dtype (None: the parameters' own).
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
     lr = config.client.learning_rate
     if config.client.optimizer == "sgd":
@@ -75,11 +79,12 @@ def make_model_fns(model, policy):
             return model.apply({"params": p}, x)
         return policy.readout(outputs(p, x), spec)
 
-    def loss_fn(p, x, y, rng, spec):
+    def loss_fn(p, x, y, rng, spec):   # in float32 whatever the compute dtype
         del rng
         if policy.objective is not None:
-            return policy.objective(outputs(p, x), y, spec)
-        return optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, x, spec), y).mean()
+            return policy.objective(outputs(p, x).astype(jnp.float32), y, spec)
+        logits = logits_fn(p, x, spec).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     return logits_fn, loss_fn
 
@@ -163,7 +168,7 @@ def build_run(config) -> Run:
     x_one = data.train.x[0, :1]
     if ds.eval_transform is not None:
         x_one = ds.eval_transform(x_one)
-    params = model.init(init_key, x_one)["params"]
+    params = jax.jit(model.init)(init_key, x_one)["params"]   # jitted: one compile, not per op
 
     unit_groups = model.unit_groups(params) if hasattr(model, "unit_groups") else None
     try:
@@ -193,8 +198,10 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     fns = client_lib.make_client_fns(loss_fn, policy, make_optimizer(config),
                                      num_steps=config.client.local_steps,
                                      batch_size=config.client.batch_size,
-                                     augment=run.train_transform)
-    run_clients = engine.make_round_runner(fns, config.engine.strategy)
+                                     augment=run.train_transform,
+                                     compute_dtype=COMPUTE_DTYPES[config.engine.dtype])
+    run_clients = engine.make_round_runner(fns, config.engine.strategy,
+                                           clients_per_chunk=config.engine.clients_per_chunk)
     evaluator = evaluate.make_evaluator(run.logits_fn, policy, capacities, assignment,
                                         transform=run.eval_transform)
     prepare = run.prepare
@@ -224,6 +231,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
             print(f"resuming from the checkpoint at round {resumed_from} "
                   f"({config.num_rounds - resumed_from} rounds to go)", flush=True)
 
+    if engine.resolve_strategy(config.engine.strategy) == "sharded":
+        params = engine.replicate(params)   # on every device, beside the sharded deltas
     if start == 0:   # who holds what, written before any training
         metrics_lib.write_atomic(os.path.join(workdir, "partition.json"),
                                  json.dumps(federated_summary(data)))
@@ -231,12 +240,16 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     # run logged after its last checkpoint are not duplicated.
     writer = metrics_lib.MetricWriter(workdir, evals=history, rounds=round_rows,
                                       tensorboard=config.tensorboard)
+    # --config.profile: a jax.profiler trace of one round after the compiling one.
+    profile_round = (min(start + 1, config.num_rounds - 1) if config.profile else -1)
     bar = tqdm(range(start, config.num_rounds), desc=f"{config.method}", unit="round",
                initial=start, total=config.num_rounds,
                disable=(not progress) if progress is not None else None)
     try:
         for rnd in bar:
             t_round = time.time()
+            if rnd == profile_round:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
             ids = sample_clients(config.seed, rnd, config.data.num_clients,
                                  config.clients_per_round)
             round_key = jax.random.fold_in(train_key, rnd)
@@ -245,9 +258,11 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
             specs = client_specs(round_state, jnp.asarray(assignment[ids]), keys)
             batch = jax.tree_util.tree_map(lambda a: a[ids], data.train)
             result = run_clients(params, specs, batch, keys)
-            params = server.aggregate(params, result.delta, result.mask,
-                                      server_lr=config.server.learning_rate)
-            train_loss = float(result.loss.mean())
+            params = server.aggregate_in_place(params, result.delta, result.mask,
+                                               server_lr=config.server.learning_rate)
+            train_loss = float(result.loss.mean())   # the round's one wait for the device
+            if rnd == profile_round:
+                jax.profiler.stop_trace()
             if not np.isfinite(train_loss):
                 raise TrainingError(
                     f"training diverged in round {rnd + 1} (mean client loss {train_loss}); "
@@ -303,6 +318,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                               for i, c in enumerate(capacities)},
         "strategy": engine.resolve_strategy(config.engine.strategy),
         "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
         "resumed_from_round": resumed_from,
         "wall_time_s": round(time.time() - t_start, 2),
     }

@@ -44,13 +44,20 @@ def test_cli_unknown_field_is_one_line(tmp_path):
     assert "Traceback" not in r.stderr and not workdir.exists()
 
 
-def test_strategy_benchmark_runs_and_writes_json(tmp_path):
-    """The benchmark command stays runnable (timings are not asserted)."""
-    out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "engine_strategies.py"),
-                        "--rounds", "1", "--clients", "2", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300, cwd=REPO)
+def test_benchmark_suite_quick_runs_and_writes_json_and_png(tmp_path):
+    """The benchmark suite stays runnable (timings are not asserted): the sharded strategy
+    in a child process with forced host devices, XLA's FLOP count, the threshold timing."""
+    out = tmp_path / "suite.json"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "suite.py"), "--quick",
+                        "--sections", "strategies,masks", "--strategies", "sharded", "--no-torch",
+                        "--host-devices", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     import json
-    rows = json.loads(out.read_text())["rows"]
-    assert [row["strategy"] for row in rows] == ["loop", "vmap"] and rows[0]["relative_to_loop"] == 1.0
+    result = json.loads(out.read_text())
+    (row,) = result["strategies"]
+    assert "error" not in row, row
+    assert row["strategy"] == "sharded" and row["devices"] == 2 and row["round_s"] > 0
+    assert row["step_gflops"] > 0 and row["num_params"] == 38282
+    assert result["masks"][0]["num_params"] == 10**6 and result["masks"][0]["prepare_s"] > 0
+    assert (tmp_path / "suite.png").stat().st_size > 0

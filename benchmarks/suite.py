@@ -1,0 +1,373 @@
+"""The benchmark suite: round throughput and peak memory per execution strategy, the
+PyTorch reference side by side, scaling curves, and the cost of mask extraction.
+
+Usage:
+  python benchmarks/suite.py [--quick] [--sections strategies,resnet,size,masks]
+      [--cnn-clients 10,100,1000] [--resnet-steps 100] [--rounds 2] [--no-torch]
+      [--out benchmarks/results/suite_<backend>.json]
+
+Every measurement runs in its own subprocess (so peak memory is its own, and the sharded
+strategy can force host devices on CPU), all pinned to the same CPU cores; PyTorch gets
+``torch.set_num_threads(len(cores))``. A round is what the server does per round in both
+frameworks: thresholds of every level from |w|, the clients' K local steps (masked
+gradient, as the authors' released runs), and the holder-average step. Times are per round
+after one warm-up (compile) round. Sections:
+
+* ``strategies``: the CNN on digits-shaped data at each ``--cnn-clients`` count per round,
+  for loop / vmap / vmap chunked / sharded, and the PyTorch reference (benchmarks/
+  torch_reference.py, clients one after another, the mask recomputed in every forward).
+* ``resnet``: CIFAR ResNet-18 (11.2 M params) on CIFAR-shaped synthetic data, 10 clients.
+* ``size``: time per round vs CNN width at 10 clients (best strategy and PyTorch).
+* ``masks``: thresholds of all levels (``policy.prepare``: one sort of |w|) for ResNet-18
+  and a 100 M-parameter synthetic pytree, beside the ResNet round.
+
+Also: XLA's FLOP count of a client step, the achieved FLOP/s and, on a GPU whose peak is
+known (``PEAK_FLOPS``), the model FLOPs utilisation. Prints tables, writes JSON and a PNG
+of the scaling curves beside it. ``--quick`` shrinks everything to seconds (the tests run it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CAPACITIES = (1.0, 0.25, 0.0625)
+#: Dense peak FLOP/s per chip by compute dtype (vendor datasheets; f32 = TF32 tensor cores).
+PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "float32": 495e12},
+              "H200": {"bfloat16": 989e12, "float32": 495e12},
+              "A100": {"bfloat16": 312e12, "float32": 156e12}}
+
+
+# ---------------------------------------------------------------- one measurement (child)
+
+def _peak_memory_mb() -> tuple[float, str]:
+    import jax
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20, "device"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host RSS"
+
+
+def _data(model: str, clients: int, samples: int):
+    """Random per-client data of digits (8×8×1 float) or CIFAR (32×32×3 uint8) shape."""
+    import numpy as np
+    from fiarse_jax.data import stack_clients
+    rng = np.random.default_rng(0)
+    n = clients * samples
+    if model == "resnet18":
+        x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    else:
+        x = rng.normal(size=(n, 8, 8, 1)).astype(np.float32)
+    y = rng.integers(0, 10, n).astype(np.int32)
+    return stack_clients(x, y, np.split(np.arange(n), clients))
+
+
+def measure_round(spec: dict) -> dict:
+    """Time ``spec['rounds']`` FIARSE rounds of ``spec['strategy']`` after a warm-up one."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from fiarse_jax import engine, models, policies, server
+    from fiarse_jax.client import make_client_fns
+    from fiarse_jax.data import augment
+    from fiarse_jax.train import COMPUTE_DTYPES, make_model_fns
+
+    name, clients, steps = spec["model"], spec["clients"], spec["steps"]
+    model = models.build_model(name, 10, dict(spec.get("model_kwargs", {})))
+    data = _data(name, clients, spec.get("samples", 100))
+    cifar = name == "resnet18"
+    x_one = augment.cifar_eval_transform()(data.x[0, :1]) if cifar else data.x[0, :1]
+    params = model.init(jax.random.PRNGKey(0), x_one)["params"]
+    policy = policies.build_policy("fiarse", CAPACITIES, {"gradient": "masked"})
+    _, loss_fn = make_model_fns(model, policy)
+    fns = make_client_fns(loss_fn, policy, optax.sgd(0.1), num_steps=steps,
+                          batch_size=spec["batch"],
+                          augment=augment.cifar_train_transform() if cifar else None,
+                          compute_dtype=COMPUTE_DTYPES[spec.get("dtype", "float32")])
+    strategy = spec["strategy"]
+    run = engine.make_round_runner(fns, strategy, clients_per_chunk=spec.get("chunk", 0))
+    prepare = jax.jit(policy.prepare)
+    specs_fn = jax.jit(jax.vmap(policy.client_spec, in_axes=(None, 0, 0)))
+    levels = jnp.arange(clients) % len(CAPACITIES)
+    if strategy == "sharded":
+        params = engine.replicate(params)
+
+    def one_round(params, r):
+        key = jax.random.PRNGKey(r)
+        keys = jax.random.split(key, clients)
+        res = run(params, specs_fn(prepare(params, r, key), levels, keys), data, keys)
+        return server.aggregate_in_place(params, res.delta, res.mask)
+
+    t0 = time.perf_counter()
+    params = jax.block_until_ready(one_round(params, 0))
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for r in range(1, spec["rounds"] + 1):
+        params = one_round(params, r)
+    jax.block_until_ready(params)
+    round_s = (time.perf_counter() - t0) / spec["rounds"]
+
+    # XLA's FLOP count of one client step (forward, backward, update) for client 0.
+    first_client = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)  # noqa: E731
+    keys = jax.random.split(jax.random.PRNGKey(0), clients)
+    spec0 = first_client(specs_fn(prepare(params, 0, keys[0]), levels, keys))
+    data0 = first_client(data)
+    state = jax.jit(fns.init)(params, spec0, data0, keys[0])
+    cost = jax.jit(fns.step).lower(state, spec0, data0, jnp.asarray(0)).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    step_flops = float(cost.get("flops", float("nan")))
+    achieved = step_flops * steps * clients / round_s
+    kind = jax.devices()[0].device_kind
+    peak = next((p[spec.get("dtype", "float32")] for k, p in PEAK_FLOPS.items() if k in kind),
+                None)
+    mem, mem_kind = _peak_memory_mb()
+    return {"framework": "jax", "strategy": strategy, "chunk": spec.get("chunk", 0),
+            "devices": jax.device_count(), "device_kind": kind,
+            "num_params": int(sum(l.size for l in jax.tree_util.tree_leaves(params))),
+            "first_round_s": first, "round_s": round_s,
+            "client_steps_per_s": clients * steps / round_s,
+            "step_gflops": step_flops / 1e9, "achieved_tflops": achieved / 1e12,
+            "mfu": achieved / peak if peak else None,
+            "peak_mem_mb": mem, "mem_kind": mem_kind}
+
+
+def measure_prepare(spec: dict) -> dict:
+    """Seconds for the thresholds of every level: ResNet-18 params or an N-param pytree."""
+    import jax
+    import jax.numpy as jnp
+    from fiarse_jax import models, policies
+    if spec["tree"] == "resnet18":
+        params = models.build_model("resnet18", 10, {}).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    else:   # N parameters as 4 dense kernels
+        side = int(math.sqrt(spec["params"] / 4))
+        keys = jax.random.split(jax.random.PRNGKey(0), 4)
+        params = {f"Dense_{i}": {"kernel": jax.random.normal(k, (side, side))}
+                  for i, k in enumerate(keys)}
+    prepare = jax.jit(policies.build_policy("fiarse", CAPACITIES, {}).prepare)
+    jax.block_until_ready(prepare(params, 0, jax.random.PRNGKey(0)))
+    times = []
+    for r in range(1, spec.get("repeats", 3) + 1):
+        t0 = time.perf_counter()
+        jax.block_until_ready(prepare(params, r, jax.random.PRNGKey(r)))
+        times.append(time.perf_counter() - t0)
+    return {"num_params": int(sum(l.size for l in jax.tree_util.tree_leaves(params))),
+            "prepare_s": min(times)}
+
+
+# ---------------------------------------------------------------- orchestration (parent)
+
+def _child(spec: dict, cores: list[int]) -> dict:
+    """Run one measurement in a fresh process (on this process's ``cores``); its JSON result."""
+    env = dict(os.environ)
+    if spec.get("strategy") == "sharded" and spec.get("host_devices"):
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={spec['host_devices']}")
+    if spec["kind"] == "torch":
+        cmd = [sys.executable, os.path.join(HERE, "torch_reference.py"), "--model", spec["model"],
+               "--clients", str(spec["clients"]), "--steps", str(spec["steps"]),
+               "--batch", str(spec["batch"]), "--rounds", str(spec["rounds"]),
+               "--threads", str(len(cores))]
+        kw = spec.get("model_kwargs", {})
+        for flag, key in (("--features", "features"), ("--hidden", "hidden_sizes"),
+                          ("--widths", "widths")):
+            if key in kw:
+                cmd += [flag, ",".join(str(v) for v in kw[key])]
+    else:
+        cmd = [sys.executable, __file__, "--measure", json.dumps(spec)]
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)   # inherits the cores
+    if r.returncode != 0:
+        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    if spec["kind"] == "torch":
+        out = {k: out[k] for k in ("framework", "num_params", "round_s", "client_steps_per_s",
+                                   "peak_rss_mb", "threads")}
+        out.update(strategy="torch", peak_mem_mb=out.pop("peak_rss_mb"), mem_kind="host RSS")
+    out["process_s"] = time.time() - t0
+    return out
+
+
+def _torch_available() -> bool:
+    sys.path.insert(0, HERE)
+    from torch_reference import available
+    return available()
+
+
+def _table(title: str, rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
+    print(f"\n{title}")
+    widths = [max(len(h), 9) for _, h, _ in cols]
+    print("  ".join(f"{h:>{w}}" for (_, h, _), w in zip(cols, widths)))
+    for r in rows:
+        cells = []
+        for (k, _, f), w in zip(cols, widths):
+            v = r.get(k)
+            cells.append(f"{'-' if v is None else format(v, f):>{w}}")
+        print("  ".join(cells))
+
+
+def _with_ratio(rows: list[dict]) -> None:
+    """Each row's round time over the PyTorch reference's in the same group."""
+    ref = next((r["round_s"] for r in rows if r.get("strategy") == "torch" and "round_s" in r),
+               None)
+    for r in rows:
+        r["vs_torch"] = r["round_s"] / ref if ref and "round_s" in r else None
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    by = {}
+    for r in result.get("strategies", []):
+        if "round_s" in r:
+            label = r["strategy"] + (f" (chunk {r['chunk']})" if r.get("chunk") else "")
+            by.setdefault(label, []).append((r["clients"], r["round_s"]))
+    for label, pts in sorted(by.items()):
+        pts.sort()
+        axes[0].plot(*zip(*pts), marker="o", label=label)
+    axes[0].set(xscale="log", yscale="log", xlabel="clients per round", ylabel="s per round",
+                title="CNN on digits-shaped data")
+    by = {}
+    for r in result.get("size", []):
+        if "round_s" in r:
+            by.setdefault(r["strategy"], []).append((r["num_params"], r["round_s"]))
+    for label, pts in sorted(by.items()):
+        pts.sort()
+        axes[1].plot(*zip(*pts), marker="o", label=label)
+    axes[1].set(xscale="log", yscale="log", xlabel="parameters", ylabel="s per round",
+                title="CNN width, 10 clients per round")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{result['environment']['backend']}: {result['environment']['devices'][0]}"
+                 f" ({result['environment']['cpu_count']} CPUs)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--measure", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
+    ap.add_argument("--sections", default="strategies,resnet,size,masks")
+    ap.add_argument("--cnn-clients", default="10,100,1000")
+    ap.add_argument("--steps", type=int, default=20, help="local steps K for the CNN")
+    ap.add_argument("--resnet-steps", type=int, default=100, help="local steps K for ResNet-18")
+    ap.add_argument("--rounds", type=int, default=2, help="timed rounds after the warm-up")
+    ap.add_argument("--strategies", default="loop,vmap,vmap:100,sharded",
+                    help="CNN strategies; vmap:C = vmap in chunks of C clients")
+    ap.add_argument("--cores", default=None,
+                    help="CPU cores for every measurement, e.g. 0,1 (default: all)")
+    ap.add_argument("--host-devices", type=int, default=8,
+                    help="CPU only: devices forced for the sharded strategy")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.measure:
+        spec = json.loads(args.measure)
+        print(json.dumps(measure_prepare(spec) if spec["kind"] == "prepare" else
+                         measure_round(spec)))
+        return {}
+
+    if args.cores:   # before jax starts its threads; the children inherit the affinity
+        os.sched_setaffinity(0, {int(c) for c in args.cores.split(",")})
+    cores = sorted(os.sched_getaffinity(0))
+    sys.path.insert(0, HERE)
+    import jax
+    from common import environment
+    backend = jax.default_backend()
+    sections = set(args.sections.split(","))
+    torch_ok = not args.no_torch and _torch_available()
+    strategies = [(s.split(":")[0], int(s.split(":")[1]) if ":" in s else 0)
+                  for s in args.strategies.split(",")]
+    cnn_clients = [int(c) for c in args.cnn_clients.split(",")]
+    steps, resnet_steps, rounds, samples = args.steps, args.resnet_steps, args.rounds, 100
+    widths = [((8, 16), (32,)), ((16, 32), (64,)), ((32, 64), (128,)), ((64, 128), (256,))]
+    resnet_kw: dict = {}
+    if args.quick:
+        cnn_clients, steps, resnet_steps, rounds, samples = [4], 2, 1, 1, 20
+        strategies = [(s, c if c == 0 else 2) for s, c in strategies]
+        widths = widths[:2]
+        resnet_kw = {"widths": [4, 8, 8, 8]}
+    host_devices = args.host_devices if backend == "cpu" else 0
+    common = {"batch": 20, "rounds": rounds, "samples": samples, "dtype": args.dtype,
+              "host_devices": host_devices}
+    result: dict = {"environment": {**environment(), "cores": cores,
+                                    "torch": torch_ok, "quick": args.quick},
+                    "settings": {"capacities": CAPACITIES, "cnn_steps": steps,
+                                 "resnet_steps": resnet_steps, "batch": 20, "rounds": rounds,
+                                 "samples_per_client": samples, "dtype": args.dtype,
+                                 "gradient": "masked"}}
+    cols = [("clients", "clients", "d"), ("strategy", "strategy", ""), ("chunk", "chunk", "d"),
+            ("round_s", "s/round", ".4f"), ("client_steps_per_s", "steps/s", ".1f"),
+            ("vs_torch", "vs torch", ".3f"), ("peak_mem_mb", "peak MB", ".0f"),
+            ("achieved_tflops", "TFLOP/s", ".4f"), ("mfu", "MFU", ".3f")]
+
+    def group(model, clients, k, kw, strats, torch_too):
+        rows = []
+        for strategy, chunk in strats:
+            if chunk and chunk >= clients:
+                continue
+            spec = {"kind": "jax", "model": model, "clients": clients, "steps": k,
+                    "model_kwargs": kw, "strategy": strategy, "chunk": chunk, **common}
+            rows.append({"clients": clients, "model_kwargs": kw, **spec, **_child(spec, cores)})
+        if torch_too:
+            spec = {"kind": "torch", "model": model, "clients": clients, "steps": k,
+                    "model_kwargs": kw, **common}
+            rows.append({"clients": clients, **spec, **_child(spec, cores)})
+        _with_ratio(rows)
+        return rows
+
+    if "strategies" in sections:
+        result["strategies"] = [r for c in cnn_clients
+                                for r in group("cnn", c, steps, {}, strategies, torch_ok)]
+        _table(f"CNN (16,32 conv, 64 dense) on 8×8×1 data, K = {steps}, batch 20",
+               result["strategies"], cols)
+    if "resnet" in sections:
+        strats = [("loop", 0), ("vmap", 0)] + ([("sharded", 0)] if backend != "cpu" else [])
+        result["resnet"] = group("resnet18", 2 if args.quick else 10, resnet_steps, resnet_kw,
+                                 strats, torch_ok)
+        _table(f"ResNet-18 on 32×32×3 data, K = {resnet_steps}, batch 20", result["resnet"], cols)
+    if "size" in sections:
+        best = "loop" if backend == "cpu" else "vmap"
+        result["size"] = [r for f, h in widths for r in group(
+            "cnn", 10 if not args.quick else 4, steps, {"features": f, "hidden_sizes": h},
+            [(best, 0)], torch_ok)]
+        _table("CNN width at 10 clients per round", result["size"],
+               [("num_params", "params", ",d")] + cols[1:])
+    if "masks" in sections:
+        trees = ([{"tree": "synthetic", "params": 10**6}] if args.quick else
+                 [{"tree": "resnet18"}, {"tree": "synthetic", "params": 10**8}])
+        result["masks"] = [{**t, **_child({"kind": "prepare", **t}, cores)} for t in trees]
+        resnet_round = min((r["round_s"] for r in result.get("resnet", [])
+                            if r.get("framework") == "jax" and "round_s" in r), default=None)
+        for r in result["masks"]:
+            if resnet_round and "prepare_s" in r:
+                r["share_of_resnet_round_pct"] = 100 * r["prepare_s"] / resnet_round
+        _table("thresholds of all levels (one sort of |w|)", result["masks"],
+               [("num_params", "params", ",d"), ("prepare_s", "s", ".3f"),
+                ("share_of_resnet_round_pct", "% of round", ".2f")])
+
+    out = args.out or os.path.join(HERE, "results", f"suite_{backend}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    png = os.path.splitext(out)[0] + ".png"
+    plot(result, png)
+    print(f"\nwrote {out} and {png}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Run in a subprocess by test_engine_scale.py (devices must be set before jax starts).
+
+  python _engine_worker.py sharded OUT.json
+      one process with the devices XLA_FLAGS forces: the sharded strategy (with and
+      without chunks, client counts that do and do not divide the device count) and the
+      server step on its outputs, against the single-device vmap round.
+  python _engine_worker.py multihost OUT.json PORT PROCESS_ID NUM_PROCESSES
+      one of several processes joined by jax.distributed on localhost: the sharded round
+      over every process's devices, against this process's own single-device round.
+
+Writes the largest absolute differences it found, as JSON.
+"""
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fiarse_jax import engine, models, policies, server
+from fiarse_jax.client import make_client_fns
+from fiarse_jax.data import stack_clients
+
+
+def problem(num_clients: int, compute_dtype=None):
+    rng = np.random.default_rng(0)
+    model = models.build_model("mlp", 4, {"hidden_sizes": (16, 8)})
+    sizes = rng.integers(3, 30, num_clients)
+    x = rng.normal(size=(int(sizes.sum()), 8, 8, 1)).astype(np.float32)
+    y = rng.integers(0, 4, int(sizes.sum())).astype(np.int32)
+    data = stack_clients(x, y, np.split(np.arange(sizes.sum()), np.cumsum(sizes)[:-1]))
+    params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
+
+    def loss(p, xb, yb, key, spec=None):
+        logits = model.apply({"params": p}, xb).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    policy = policies.build_policy("fiarse", (1.0, 0.5, 0.25), {"gradient": "tcb"})
+    fns = make_client_fns(loss, policy, optax.sgd(0.1), num_steps=3, batch_size=8,
+                          compute_dtype=compute_dtype)
+    state = policy.prepare(params, 0, jax.random.PRNGKey(0))
+    keys = jax.random.split(jax.random.PRNGKey(7), num_clients)
+    levels = jnp.asarray(np.arange(num_clients) % 3)
+    specs = jax.vmap(policy.client_spec, in_axes=(None, 0, 0))(state, levels, keys)
+    return fns, params, specs, data, keys
+
+
+def max_diff(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def compare(cases) -> dict:
+    """Per (clients, chunk): the sharded round on the first ``clients`` clients of one
+    problem against the single-device vmap round on all of them (clients are independent,
+    so its first rows are the reference)."""
+    fns, params, specs, data, keys = problem(max(n for n, _ in cases))
+    ref = engine.make_round_runner(fns, "vmap")(params, specs, data, keys)
+    runs = {}
+    for n, chunk in cases:
+        first = lambda tree: jax.tree_util.tree_map(lambda a: a[:n], tree)  # noqa: E731
+        ref_n = first(ref)
+        ref_params = server.aggregate(params, ref_n.delta, ref_n.mask)
+        out = engine.make_round_runner(fns, "sharded", clients_per_chunk=chunk)(
+            params, first(specs), first(data), first(keys))
+        new_params = server.aggregate(engine.replicate(params), out.delta, out.mask)
+        run = {"replicated": jax.tree_util.tree_leaves(new_params)[0].sharding.is_fully_replicated}
+        if jax.process_count() > 1:   # every process reads the (replicated) result locally
+            new_params = jax.tree_util.tree_map(lambda a: a.addressable_data(0), new_params)
+        else:
+            run.update(result=max_diff(out, ref_n), shape=list(out.loss.shape))
+        run["params"] = max_diff(new_params, ref_params)
+        runs[f"{n}_clients_chunk_{chunk}"] = run
+    return runs
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "multihost":   # before any computation
+        port, pid, nproc = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+        jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid,
+                                   initialization_timeout=120)
+    cases = [(8, 0), (11, 2)] if sys.argv[1] == "sharded" else [(6, 1)]
+    runs = {"devices": jax.device_count(), "processes": jax.process_count(), **compare(cases)}
+    with open(sys.argv[2], "w") as f:
+        json.dump(runs, f)
+    if sys.argv[1] == "multihost":
+        jax.distributed.shutdown()
