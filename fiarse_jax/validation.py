@@ -1,0 +1,120 @@
+"""Server-side screening of client updates before aggregation.
+
+``validate_updates`` returns ``(accepted, reason)`` per client; pass ``accepted``
+as ``client_weights`` to ``aggregators.aggregate_deltas``. Only the coordinates a
+client holds are inspected (the aggregators ignore the rest). The first failing
+test, in this order, gives the reason (``REASONS[reason]``):
+
+1. ``non_finite``: a NaN/±Inf among the held coordinates. Such clients are zeroed
+   and left out of every statistic below, so they cannot poison the others.
+2. ``norm_outlier``: the robust z-score |‖d‖ − med| / max(1.4826·MAD, s·med) of
+   the L2 norm of the delta over its held coordinates exceeds ``z_threshold``,
+   with med and MAD taken over the finite clients of the *same capacity level*
+   (sub-models of one level hold about as many coordinates, so their norms are
+   comparable; across levels they are not). The floor s = ``min_spread``
+   (default 0.1) matters with the few clients per level of a round: the MAD of 5
+   honest norms can be a few percent of their median and would flag ordinary
+   ±30 % variation as extreme; it also covers MAD = 0 (more than half the level
+   share one norm). With no spread at all (scale 0), z = 0. A level with fewer
+   than 3 finite clients is not norm-tested: a median of two says nothing about
+   which one is off.
+3. ``direction``: the cosine between the client's delta and a reference update,
+   over the coordinates the client holds, is below ``cosine_threshold``. The
+   reference defaults to the coordinate-wise holder median of the finite updates
+   (``aggregators.median``), robust to a minority of attackers; a server update
+   from trusted data (FLTrust) can be passed as ``reference`` (no client axis).
+   A zero delta, or a reference that is zero on the client's coordinates, has no
+   direction and passes. The default threshold 0 rejects updates pointing against
+   the consensus (as FLTrust's ReLU-clipped trust score).
+
+``levels`` may be a traced int array: same-level statistics use an
+[n_clients, n_clients] "same level" matrix, so the number of levels need not be
+static. Thresholds are static (``None`` disables a test). Everything is jit-able.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fiarse_jax.aggregators import flatten_clients, masked_median, num_clients
+
+Params = Any
+
+#: Names of the ``reason`` codes returned by ``validate_updates``.
+REASONS = ("ok", "non_finite", "norm_outlier", "direction")
+MIN_LEVEL_SIZE = 3  # finite clients a level needs before its norms are tested
+
+
+@jax.jit
+def robust_z(values: jax.Array, groups: jax.Array, valid: jax.Array,
+             min_spread: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """(z, group size): per entry, |v − med| / max(1.4826·MAD, min_spread·|med|) with
+    med and MAD over the ``valid`` entries of its group; z = 0 where that scale is 0."""
+    peers = (groups[:, None] == groups[None, :]) & valid[:, None]  # [peer j, entry i]
+    column = jnp.broadcast_to(values[:, None], peers.shape)
+    med = masked_median(column, peers)
+    spread = jnp.abs(column - med[None, :])
+    scale = jnp.maximum(1.4826 * masked_median(spread, peers), min_spread * jnp.abs(med))
+    dev = jnp.abs(values - med)
+    return jnp.where(scale > 0, dev / jnp.where(scale > 0, scale, 1.0), 0.0), peers.sum(axis=0)
+
+
+def _cosine(x: jax.Array, h: jax.Array, reference: jax.Array) -> jax.Array:
+    """[n] cosine of each row of ``x`` (0 where not held) with ``reference`` [P] restricted
+    to the row's held columns; 1 where either side is zero there."""
+    r = jnp.where(h, reference[None, :], 0.0)
+    denom = jnp.sqrt((x ** 2).sum(axis=1)) * jnp.sqrt((r ** 2).sum(axis=1))
+    return jnp.where(denom > 0, (x * r).sum(axis=1) / jnp.where(denom > 0, denom, 1.0), 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("z_threshold", "min_spread", "cosine_threshold"))
+def _validate(deltas: Params, masks: Params, levels: jax.Array, reference: Params | None,
+              z_threshold: float | None, min_spread: float, cosine_threshold: float | None):
+    d, h = flatten_clients(deltas), flatten_clients(masks) > 0
+    finite = jnp.where(h, jnp.isfinite(d), True).all(axis=1)
+    h = h & finite[:, None]  # non-finite clients drop out of every statistic
+    x = jnp.where(h, d, 0.0)
+
+    norm_outlier = jnp.zeros(levels.shape, bool)
+    if z_threshold is not None:
+        z, size = robust_z(jnp.sqrt((x ** 2).sum(axis=1)), levels, finite, min_spread)
+        norm_outlier = (size >= MIN_LEVEL_SIZE) & (z > z_threshold)
+
+    direction = jnp.zeros(levels.shape, bool)
+    if cosine_threshold is not None:
+        ref = masked_median(x, h) if reference is None else flatten_clients(
+            jax.tree_util.tree_map(lambda r: jnp.asarray(r)[None], reference))[0]
+        direction = _cosine(x, h, ref) < cosine_threshold
+
+    reason = jnp.select([~finite, norm_outlier, direction], [1, 2, 3], 0).astype(jnp.int32)
+    return reason == 0, reason
+
+
+def validate_updates(deltas: Params, masks: Params, levels: jax.Array, *,
+                     z_threshold: float | None = 3.5,
+                     min_spread: float = 0.1,
+                     cosine_threshold: float | None = 0.0,
+                     reference: Params | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(accepted bool[n], reason int32[n])`` for client updates with a leading client
+    axis; ``levels`` int[n] is each client's capacity level. See the module docstring."""
+    if z_threshold is not None and not (isinstance(z_threshold, numbers.Real) and z_threshold > 0):
+        raise ValueError(f"validate_updates: z_threshold = {z_threshold!r} must be > 0 or None")
+    if not (isinstance(min_spread, numbers.Real) and 0 <= min_spread < math.inf):
+        raise ValueError(f"validate_updates: min_spread = {min_spread!r} "
+                         "must be a finite number ≥ 0")
+    if cosine_threshold is not None and not (isinstance(cosine_threshold, numbers.Real)
+                                             and -1 <= cosine_threshold <= 1):
+        raise ValueError(f"validate_updates: cosine_threshold = {cosine_threshold!r} "
+                         "must be in [-1, 1] or None")
+    levels = jnp.asarray(levels)
+    n = num_clients(deltas, masks)
+    if levels.shape != (n,):
+        raise ValueError(f"validate_updates: levels has shape {levels.shape}; expected ({n},)")
+    return _validate(deltas, masks, levels, reference,
+                     None if z_threshold is None else float(z_threshold), float(min_spread),
+                     None if cosine_threshold is None else float(cosine_threshold))
