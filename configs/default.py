@@ -61,6 +61,38 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.server = ml_collections.ConfigDict()
     config.server.learning_rate = 1.0
+    # How accepted updates are combined, per coordinate over the clients holding it:
+    # mean | median | trimmed_mean | norm_bounded | multi_krum (options below).
+    config.server.aggregator = "mean"
+    config.server.trimmed_mean = ml_collections.ConfigDict({"beta": 0.2})
+    config.server.norm_bounded = ml_collections.ConfigDict({"max_norm": 1.0})
+    config.server.multi_krum = ml_collections.ConfigDict({"num_byzantine": 2})
+    # Non-finite updates are always rejected; with validate, also norm outliers (robust
+    # z-score among same-capacity clients > z_threshold) and updates whose cosine with
+    # the coordinate-wise median is < cosine_threshold.
+    config.server.validate = False
+    config.server.z_threshold = 3.5
+    config.server.cosine_threshold = 0.0
+
+    # Attack simulation: kind none | sign_flip | scale | gaussian | free_rider | nan |
+    # label_flip; a seeded `fraction` of clients, at any capacity level (or only at the
+    # level indices in `levels`).
+    config.attack = ml_collections.ConfigDict()
+    config.attack.kind = "none"
+    config.attack.fraction = 0.0
+    config.attack.scale = 10.0         # λ of `scale`
+    config.attack.noise_std = 1.0      # of `gaussian`
+    config.attack.levels = ()
+
+    # Client-level DP-FedAvg (off while noise_multiplier = 0 and target_epsilon = 0):
+    # clip each delta to clip_norm, Gaussian noise σ·C on the holders' sum. ε spent so far
+    # (dp-accounting, sampling rate clients_per_round / num_clients) goes to rounds.jsonl.
+    config.dp = ml_collections.ConfigDict()
+    config.dp.noise_multiplier = 0.0   # σ
+    config.dp.target_epsilon = 0.0     # > 0: σ calibrated so that num_rounds spend this ε
+    config.dp.clip_norm = 1.0
+    config.dp.delta = 1e-5
+    config.dp.accountant = "rdp"       # rdp | pld
 
     config.engine = ml_collections.ConfigDict()
     # "auto" (vmap on GPU/TPU, loop on CPU) | "loop" | "vmap" | "sharded" (client axis

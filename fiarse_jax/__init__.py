@@ -4,8 +4,11 @@ Public surface (see each module's docstring):
 * ``masks``: importance thresholds and masks (one sort serves every capacity).
 * ``fiarse``: the sub-model x ⊙ 1[|x| ≥ θ] with the paper's Eq. 3 or masked gradient.
 * ``policies``: extraction methods behind one ``MaskPolicy`` interface.
-* ``client`` / ``engine`` / ``server``: the pure client update, execution strategies,
-  holder-average aggregation.
+* ``client`` / ``engine`` / ``server``: the pure client update, execution strategies
+  (loop, vmap, chunked, sharded), holder-average aggregation.
+* ``aggregators`` / ``validation`` / ``privacy`` / ``attacks`` / ``server_round``: mask-aware
+  robust rules, update screening, DP-FedAvg with an accountant, attack simulation, and the
+  server step that combines them.
 * ``train.train_and_evaluate``: the experiment loop.
 """
 from fiarse_jax.fiarse import submodel

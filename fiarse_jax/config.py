@@ -5,10 +5,13 @@ import dataclasses
 import math
 from typing import Any
 
-from fiarse_jax import engine, evaluate, fiarse, masks, models, policies
+from fiarse_jax import aggregators, attacks, engine, evaluate, fiarse, masks, models, policies
+from fiarse_jax import privacy
 from fiarse_jax.data import federated
 
 OPTIMIZERS = ("sgd", "adamw")
+#: attacks.KINDS act on updates; label_flip on the attackers' training labels.
+ATTACK_KINDS = attacks.KINDS + ("label_flip",)
 
 
 class ConfigError(ValueError):
@@ -42,6 +45,24 @@ def _positive(config, field: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
         _fail(field, v, "must be a finite number > 0")
     return float(v)
+
+
+def _number(config, field: str, lo: float, hi: float, *, lo_open: bool = False,
+            hi_open: bool = False) -> float:
+    v = _get(config, field)
+    ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+          and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
+    if not ok:
+        _fail(field, v, f"must be a finite number in {'(' if lo_open else '['}{lo}, "
+              f"{hi}{')' if hi_open else ']'}")
+    return float(v)
+
+
+def _bool(config, field: str) -> bool:
+    v = _get(config, field)
+    if not isinstance(v, bool):
+        _fail(field, v, "must be True or False")
+    return v
 
 
 def _choice(config, field: str, allowed) -> str:
@@ -134,13 +155,51 @@ def validate_config(config) -> None:
     _int(config, "client.local_steps")
     _int(config, "client.batch_size")
     _positive(config, "server.learning_rate")
+    _check_robustness(config, method, num_clients, len(caps))
     _choice(config, "engine.strategy", engine.STRATEGIES)
     _int(config, "engine.clients_per_chunk", lo=0)
     _choice(config, "engine.dtype", ("float32", "bfloat16"))
-    if not isinstance(_get(config, "profile"), bool):
-        _fail("profile", config.profile, "must be True or False")
+    _bool(config, "profile")
     _int(config, "eval_every")
     _int(config, "checkpoint_every", lo=0)
     _int(config, "keep_checkpoints", lo=1)
-    if not isinstance(_get(config, "tensorboard"), bool):
-        _fail("tensorboard", config.tensorboard, "must be True or False")
+    _bool(config, "tensorboard")
+
+
+def _check_robustness(config, method: str, num_clients: int, num_levels: int) -> None:
+    """server.aggregator and its options, update validation, attack.*, dp.*."""
+    agg = _choice(config, "server.aggregator", aggregators.AGGREGATORS)
+    _number(config, "server.trimmed_mean.beta", 0.0, 0.5, hi_open=True)
+    _positive(config, "server.norm_bounded.max_norm")
+    f = _int(config, "server.multi_krum.num_byzantine", lo=0)
+    if agg == "multi_krum" and config.clients_per_round <= 2 * f + 2:
+        _fail("server.multi_krum.num_byzantine", f, f"multi-Krum needs clients_per_round "
+              f"({config.clients_per_round}) > 2·{f} + 2")
+    _bool(config, "server.validate")
+    _positive(config, "server.z_threshold")
+    _number(config, "server.cosine_threshold", -1.0, 1.0)
+
+    kind = _choice(config, "attack.kind", ATTACK_KINDS)
+    fraction = _number(config, "attack.fraction", 0.0, 1.0, hi_open=True)
+    _number(config, "attack.scale", -math.inf, math.inf, lo_open=True, hi_open=True)
+    _number(config, "attack.noise_std", 0.0, math.inf, hi_open=True)
+    levels = _get(config, "attack.levels")
+    if not isinstance(levels, (tuple, list)) or not all(
+            isinstance(l, int) and not isinstance(l, bool) and 0 <= l < num_levels for l in levels):
+        _fail("attack.levels", levels, f"must be level indices in [0, {num_levels - 1}]")
+    if kind != "none" and math.floor(fraction * num_clients + 0.5) == 0:
+        _fail("attack.fraction", fraction, f"gives no attacker among {num_clients} clients "
+              f"with attack.kind = {kind!r}")
+
+    sigma = _number(config, "dp.noise_multiplier", 0.0, math.inf, hi_open=True)
+    eps = _number(config, "dp.target_epsilon", 0.0, math.inf, hi_open=True)
+    _positive(config, "dp.clip_norm")
+    _number(config, "dp.delta", 0.0, 1.0, lo_open=True, hi_open=True)
+    _choice(config, "dp.accountant", privacy.ACCOUNTANTS)
+    if sigma > 0 and eps > 0:
+        _fail("dp.target_epsilon", eps, "give dp.noise_multiplier or dp.target_epsilon, not both")
+    if (sigma > 0 or eps > 0) and agg != "mean":
+        _fail("server.aggregator", agg, "differential privacy is DP-FedAvg: it needs 'mean'")
+    if (sigma > 0 or eps > 0) and method == "fed_dropout":
+        _fail("method", method, "differential privacy needs per-level masks; fed_dropout's "
+              "are random per client")

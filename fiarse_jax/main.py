@@ -3,6 +3,7 @@
   fiarse-jax --config configs/default.py --workdir runs/default   # train (resumes if DIR has checkpoints)
   fiarse-jax compare --config configs/default.py --methods fiarse,heterofl,fedrolex \
       --workdir runs/cmp
+  fiarse-jax robustness --config configs/default.py --workdir runs/robust  # attacks × rules, DP
   fiarse-jax plot --workdir runs/default                            # PNGs of a finished run
   fiarse-jax export --workdir runs/default --capacity 1/4 --out sub.npz
 
@@ -18,7 +19,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from fiarse_jax import compare, export, plots, report, train
+from fiarse_jax import compare, export, plots, report, robustness, train
 from fiarse_jax.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,9 +31,10 @@ _CAPACITY = flags.DEFINE_string("capacity", None, "With `export`: the capacity, 
 _OUT = flags.DEFINE_string("out", None, "With `export`: the .npz file to write.")
 flags.mark_flags_as_required(["workdir"])
 
-COMMANDS = ("train", "compare", "plot", "export")
+COMMANDS = ("train", "compare", "robustness", "plot", "export")
 #: flags each sub-command needs (and only it may get).
-_NEEDS = {"train": {"config"}, "compare": {"config", "methods"}, "plot": set(),
+_NEEDS = {"train": {"config"}, "compare": {"config", "methods"}, "robustness": {"config"},
+          "plot": set(),
           "export": {"capacity", "out"}}
 
 
@@ -55,6 +57,10 @@ def main(argv: list[str]) -> None:
             result = compare.compare(_CONFIG.value, _METHODS.value, _WORKDIR.value)
             print(result["table"])
             print("wrote " + ", ".join(result["plots"]))
+        elif command == "robustness":
+            result = robustness.robustness(_CONFIG.value, _WORKDIR.value)
+            print(result["table"])
+            print(f"wrote {result['plot']}")
         elif command == "plot":
             print("wrote " + ", ".join(plots.plot_run(_WORKDIR.value)))
         elif command == "export":

@@ -39,7 +39,7 @@ def by_size(capacities: dict[str, float]) -> list[str]:
     return sorted(capacities, key=lambda k: capacities[k])
 
 
-def _grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,
+def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,
                   ylim, path: str) -> str:
     """One bar per series inside every group; legend outside the axes."""
     plt = _pyplot()
@@ -101,7 +101,7 @@ def plot_run(workdir: str) -> list[str]:
 
     kept = summary["kept_fraction_per_layer"]
     layers = list(kept[labels[-1]])
-    p3 = _grouped_bars(layers, {f"capacity {l}": [100 * kept[l][k] for k in layers] for l in labels},
+    p3 = grouped_bars(layers, {f"capacity {l}": [100 * kept[l][k] for k in layers] for l in labels},
                        f"kept at round {summary['final']['round']} (%)", (0, 105),
                        os.path.join(workdir, "kept_per_layer.png"))
     out = [p1, p2, p3]
@@ -135,7 +135,7 @@ def plot_comparison(summaries: dict[str, dict], histories: dict[str, list], work
     p1 = os.path.join(workdir, "accuracy_vs_round.png")
     _save(fig, p1)
 
-    p2 = _grouped_bars(
+    p2 = grouped_bars(
         [f"capacity {l}" for l in labels],
         {m: [100 * s["final"]["local_accuracy"][l] for l in labels] for m, s in summaries.items()},
         "local test accuracy (%)", (0, 100), os.path.join(workdir, "accuracy_per_capacity.png"))

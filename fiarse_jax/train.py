@@ -14,6 +14,7 @@ run's results bit for bit.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -27,7 +28,8 @@ import optax
 from tqdm.auto import tqdm
 
 from fiarse_jax import client as client_lib
-from fiarse_jax import checkpoint, costs, engine, evaluate, models, policies, server
+from fiarse_jax import (attacks, checkpoint, costs, engine, evaluate, models, policies, privacy,
+                        server_round, validation)
 from fiarse_jax import metrics as metrics_lib
 from fiarse_jax.config import ConfigError, validate_config
 from fiarse_jax.data import federate, load_dataset
@@ -134,6 +136,7 @@ class Run(NamedTuple):
     loss_fn: Any                    # (params, x, y, rng, spec) -> loss
     assignment: np.ndarray          # client -> capacity level index
     prepare: Any                    # jitted policy.prepare
+    attackers: Any = None           # bool[num_clients]: the simulated malicious clients
     train_transform: Any = None     # (x, key) -> x: on-device augmentation, or None
     eval_transform: Any = None      # x -> x: evaluation preprocessing, or None
     x_one: Any = None               # one preprocessed input (model init, FLOP counts)
@@ -179,9 +182,52 @@ def build_run(config) -> Run:
         raise ConfigError(f"config.{config.method}: {e}") from None
     logits_fn, loss_fn = make_model_fns(model, policy)
     assignment = assign_capacities(config.data.num_clients, len(capacities))
+    attackers = choose_attackers(config, assignment)
+    if config.attack.kind == "label_flip":   # the attackers train on flipped labels
+        data = data._replace(train=data.train._replace(y=attacks.flip_labels(
+            data.train.y, data.num_classes, jnp.asarray(attackers))))
     return Run(config, capacities, data, model, params, train_key, unit_groups, policy,
-               logits_fn, loss_fn, assignment, jax.jit(policy.prepare),
+               logits_fn, loss_fn, assignment, jax.jit(policy.prepare), attackers,
                ds.train_transform, ds.eval_transform, x_one)
+
+
+def choose_attackers(config, assignment: np.ndarray) -> np.ndarray:
+    """bool[num_clients]: ``config.attack``'s malicious clients (none when kind is none),
+    a pure function of the seed."""
+    a = config.attack
+    if a.kind == "none":
+        return np.zeros(len(assignment), bool)
+    return attacks.choose_attackers(config.seed + 1, len(assignment), a.fraction,
+                                    levels=tuple(a.levels) or None, assignment=assignment)
+
+
+def noise_multiplier(config) -> float:
+    """σ of DP-FedAvg: ``dp.noise_multiplier``, or calibrated to ``dp.target_epsilon``
+    over ``num_rounds`` (0: no DP)."""
+    if config.dp.target_epsilon > 0:
+        return privacy.calibrate_noise(config.dp.target_epsilon, config.num_rounds,
+                                       sampling_rate=sampling_rate(config),
+                                       delta=config.dp.delta, accountant=config.dp.accountant)
+    return float(config.dp.noise_multiplier)
+
+
+def sampling_rate(config) -> float:
+    return config.clients_per_round / config.data.num_clients
+
+
+def make_divisor(policy, capacities, assignment, q: float):
+    """Jitted ``(params, round_state) -> divisor`` for DP: the expected number of sampled
+    holders per coordinate, from every level's (public) mask."""
+    counts = [int((assignment == i).sum()) for i in range(len(capacities))]
+
+    def divisor(params, round_state):
+        level_masks = [policy.mask(params, policy.client_spec(round_state, lvl,
+                                                              jax.random.PRNGKey(0)))
+                       for lvl in range(len(capacities))]
+        stacked = jax.tree_util.tree_map(lambda *m: jnp.stack(m), *level_masks)
+        return privacy.expected_holders(stacked, counts, q)
+
+    return jax.jit(divisor)
 
 
 def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) -> dict[str, Any]:
@@ -202,6 +248,20 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                                      compute_dtype=COMPUTE_DTYPES[config.engine.dtype])
     run_clients = engine.make_round_runner(fns, config.engine.strategy,
                                            clients_per_chunk=config.engine.clients_per_chunk)
+    sigma = noise_multiplier(config)
+    server_step = server_round.make_server_round(
+        aggregator=config.server.aggregator,
+        aggregator_options=dict(config.server.get(config.server.aggregator, {})),
+        z_threshold=config.server.z_threshold if config.server.validate else None,
+        cosine_threshold=config.server.cosine_threshold if config.server.validate else None,
+        server_lr=config.server.learning_rate, dp_noise_multiplier=sigma,
+        dp_clip_norm=config.dp.clip_norm)
+    divisor_fn = (make_divisor(policy, capacities, assignment, sampling_rate(config))
+                  if sigma > 0 else lambda params, state: 0.0)
+    attack_kind = config.attack.kind if config.attack.kind in attacks.KINDS else "none"
+    attack = jax.jit(functools.partial(attacks.attack_updates, attack_kind,
+                                       scale=config.attack.scale,
+                                       noise_std=config.attack.noise_std))
     evaluator = evaluate.make_evaluator(run.logits_fn, policy, capacities, assignment,
                                         transform=run.eval_transform)
     prepare = run.prepare
@@ -258,8 +318,14 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
             specs = client_specs(round_state, jnp.asarray(assignment[ids]), keys)
             batch = jax.tree_util.tree_map(lambda a: a[ids], data.train)
             result = run_clients(params, specs, batch, keys)
-            params = server.aggregate_in_place(params, result.delta, result.mask,
-                                               server_lr=config.server.learning_rate)
+            in_round = run.attackers[ids]
+            deltas = (attack(result.delta, result.mask, jnp.asarray(in_round),
+                             jax.random.fold_in(round_key, 1))
+                      if attack_kind != "none" and in_round.any() else result.delta)
+            params, info = server_step(params, deltas, result.mask,
+                                       jnp.asarray(assignment[ids]),
+                                       jax.random.fold_in(round_key, 2),
+                                       divisor_fn(params, round_state))
             train_loss = float(result.loss.mean())   # the round's one wait for the device
             if rnd == profile_round:
                 jax.profiler.stop_trace()
@@ -269,11 +335,24 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                     f"lower config.client.learning_rate ({config.client.learning_rate}) or "
                     f"config.server.learning_rate ({config.server.learning_rate})")
             done = rnd + 1
-            norms = np.asarray(update_norms(result.delta))
+            accepted, reason = np.asarray(info["accepted"]), np.asarray(info["reason"])
+            norms = np.asarray(update_norms(deltas))[accepted]
             row = {"round": done, "train_loss": train_loss,
-                   "update_norm_mean": float(norms.mean()),
-                   "update_norm_max": float(norms.max()),
+                   "update_norm_mean": float(norms.mean()) if norms.size else 0.0,
+                   "update_norm_max": float(norms.max()) if norms.size else 0.0,
+                   "rejected": int((~accepted).sum()),
+                   **{f"rejected_{name}": int((reason == i).sum())
+                      for i, name in enumerate(validation.REASONS) if i > 0},
                    "round_time_s": round(time.time() - t_round, 4)}
+            if config.attack.kind != "none":
+                row["attackers"] = int(in_round.sum())
+            if not accepted.any():
+                print(f"fiarse-jax: warning: round {done}: every update was rejected; "
+                      "the model is unchanged", file=sys.stderr, flush=True)
+            if sigma > 0:
+                row["dp_epsilon"] = privacy.epsilon_after(
+                    done, sampling_rate=sampling_rate(config), noise_multiplier=sigma,
+                    delta=config.dp.delta, accountant=config.dp.accountant)
             round_rows.append(row)
             writer.write_round(row)
             if done % config.eval_every == 0 or done == config.num_rounds:
@@ -321,6 +400,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         "devices": jax.device_count(),
         "processes": jax.process_count(),
         "resumed_from_round": resumed_from,
+        "attackers": int(run.attackers.sum()),
+        "dp": ({"noise_multiplier": sigma, "epsilon": round_rows[-1].get("dp_epsilon"),
+                "delta": config.dp.delta} if sigma > 0 else None),
         "wall_time_s": round(time.time() - t_start, 2),
     }
     metrics_lib.write_atomic(os.path.join(workdir, "summary.json"),

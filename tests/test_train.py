@@ -93,7 +93,47 @@ BAD = [
     ("server.learning_rate", 0.0, "config.server.learning_rate = 0.0"),
     ("num_rounds", 0, "config.num_rounds = 0"),
     ("eval_every", 0, "config.eval_every = 0"),
+    ("server.aggregator", "krum", "config.server.aggregator = 'krum': must be one of"),
+    ("server.trimmed_mean.beta", 0.5, "config.server.trimmed_mean.beta = 0.5: must be a finite number in [0.0, 0.5)"),
+    ("server.norm_bounded.max_norm", float("nan"), "config.server.norm_bounded.max_norm = nan"),
+    ("server.multi_krum.num_byzantine", -1, "config.server.multi_krum.num_byzantine = -1"),
+    ("server.z_threshold", 0.0, "config.server.z_threshold = 0.0: must be a finite number > 0"),
+    ("server.cosine_threshold", 1.5, "config.server.cosine_threshold = 1.5"),
+    ("attack.kind", "backdoor", "config.attack.kind = 'backdoor': must be one of"),
+    ("attack.fraction", 1.0, "config.attack.fraction = 1.0: must be a finite number in [0.0, 1.0)"),
+    ("attack.fraction", -0.1, "config.attack.fraction = -0.1"),
+    ("attack.scale", float("inf"), "config.attack.scale = inf"),
+    ("attack.noise_std", -1.0, "config.attack.noise_std = -1.0"),
+    ("attack.levels", (3,), "config.attack.levels = (3,): must be level indices in [0, 2]"),
+    ("dp.noise_multiplier", -0.5, "config.dp.noise_multiplier = -0.5"),
+    ("dp.target_epsilon", float("nan"), "config.dp.target_epsilon = nan"),
+    ("dp.clip_norm", 0.0, "config.dp.clip_norm = 0.0: must be a finite number > 0"),
+    ("dp.delta", 1.0, "config.dp.delta = 1.0: must be a finite number in (0.0, 1.0)"),
+    ("dp.accountant", "moments", "config.dp.accountant = 'moments'"),
 ]
+
+#: Bad combinations: each field set together, the message names the one at fault.
+BAD_COMBINATIONS = [
+    ({"server.aggregator": "multi_krum", "server.multi_krum.num_byzantine": 4},
+     "config.server.multi_krum.num_byzantine = 4: multi-Krum needs clients_per_round (10) > 2·4 + 2"),
+    ({"attack.kind": "sign_flip", "attack.fraction": 0.001},
+     "config.attack.fraction = 0.001: gives no attacker among 50 clients"),
+    ({"dp.noise_multiplier": 1.0, "server.aggregator": "median"},
+     "config.server.aggregator = 'median': differential privacy is DP-FedAvg"),
+    ({"dp.noise_multiplier": 1.0, "dp.target_epsilon": 8.0},
+     "config.dp.target_epsilon = 8.0: give dp.noise_multiplier or dp.target_epsilon, not both"),
+    ({"dp.noise_multiplier": 1.0, "method": "fed_dropout"},
+     "config.method = 'fed_dropout': differential privacy needs per-level masks"),
+]
+
+
+@pytest.mark.parametrize("fields,message", BAD_COMBINATIONS, ids=[m.split(":")[0] for _, m in BAD_COMBINATIONS])
+def test_bad_combination_fails_fast_naming_the_field(tmp_path, fields, message):
+    config = override(default_config.get_config(), **fields)
+    with pytest.raises(ConfigError) as err:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("field,value,message", BAD, ids=[b[0] for b in BAD])
