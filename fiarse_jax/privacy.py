@@ -36,6 +36,7 @@ use, so this module imports without it).
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -183,7 +184,15 @@ def epsilon_after(rounds: int, *, sampling_rate: float, noise_multiplier: float,
     dp = _dp_accounting()
     acc = _accountant(dp, accountant, pld_discretization)
     event = _round_event(dp, int(rounds), float(sampling_rate), float(noise_multiplier))
-    return float(acc.compose(event).get_epsilon(float(delta)))
+    # RDP logs a warning for every order whose series does not converge (that order is
+    # simply left out of the minimum): noise, once per round, in a training log.
+    rdp_log = logging.getLogger("absl")
+    level = rdp_log.level
+    rdp_log.setLevel(logging.ERROR)
+    try:
+        return float(acc.compose(event).get_epsilon(float(delta)))
+    finally:
+        rdp_log.setLevel(level)
 
 
 def calibrate_noise(target_epsilon: float, rounds: int, *, sampling_rate: float, delta: float,
