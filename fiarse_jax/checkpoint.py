@@ -150,7 +150,7 @@ class RunCheckpoints:
 
 def run_state(params, rounds_done: int, key, assignment) -> dict:
     """The arrays a checkpoint holds (also the restore template: same structure and dtypes)."""
-    return {"params": params, "round": np.asarray(rounds_done, np.int32), "key": key,
+    return {"params": params, "round": np.asarray(rounds_done, np.int32), "key": np.asarray(key),
             "assignment": np.asarray(assignment, np.int32)}
 
 

@@ -124,6 +124,21 @@ def replicate(tree, mesh: Mesh | None = None):
     return _put(tree, NamedSharding(mesh or client_mesh(), P()))
 
 
+def local_view(tree):
+    """This process's copy of a replicated ``tree`` (itself when there is one process)."""
+    if jax.process_count() == 1:
+        return tree
+    return jax.tree_util.tree_map(lambda a: a.addressable_data(0), tree)
+
+
+def to_host(x) -> np.ndarray:
+    """``x`` as a NumPy array on every process (an all-gather when it spans processes)."""
+    if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _sharded_runner(fns: ClientFns, clients_per_chunk: int, mesh: Mesh) -> RoundRunner:
     local = _chunked(fns, clients_per_chunk)
     # No collectives inside (clients are independent), so the varying-axis type check,

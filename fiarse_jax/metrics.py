@@ -52,6 +52,19 @@ def scalars(row: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+class NullWriter:
+    """``MetricWriter``'s interface, writing nothing (processes other than 0)."""
+
+    def write_round(self, row: dict) -> None:
+        del row
+
+    def write_eval(self, row: dict) -> None:
+        del row
+
+    def close(self) -> None:
+        pass
+
+
 class MetricWriter:
     """Writes evaluation rows and per-round rows to JSON lines and TensorBoard."""
 

@@ -11,6 +11,9 @@ Outputs in ``workdir``: ``metrics.jsonl`` (one JSON object per evaluation),
 ``checkpoints/`` (Orbax; see ``checkpoint``): running the same command again on the
 same ``workdir`` resumes from the latest checkpoint and gives the uninterrupted
 run's results bit for bit.
+
+Across processes (after ``jax.distributed.initialize``, strategy ``sharded``) every
+process runs this same loop; process 0 alone writes the JSON files and the summary.
 """
 from __future__ import annotations
 
@@ -267,6 +270,10 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     prepare = run.prepare
     client_specs = jax.jit(jax.vmap(policy.client_spec, in_axes=(None, 0, 0)))
 
+    multi, lead = jax.process_count() > 1, jax.process_index() == 0
+    if multi and engine.resolve_strategy(config.engine.strategy) != "sharded":
+        raise ConfigError(f"config.engine.strategy = {config.engine.strategy!r}: across "
+                          f"{jax.process_count()} processes only 'sharded' runs")
     os.makedirs(workdir, exist_ok=True)
     # An existing checkpoint directory is resumed from even when this config saves none.
     ckpt = (checkpoint.RunCheckpoints(workdir, keep=config.keep_checkpoints)
@@ -293,18 +300,23 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
 
     if engine.resolve_strategy(config.engine.strategy) == "sharded":
         params = engine.replicate(params)   # on every device, beside the sharded deltas
-    if start == 0:   # who holds what, written before any training
+    # Across processes (jax.distributed): every process runs this loop on the same inputs;
+    # arrays the server step reads are global, and process 0 alone writes files.
+    glob = engine.replicate if multi else (lambda x: x)
+    if start == 0 and lead:   # who holds what, written before any training
         metrics_lib.write_atomic(os.path.join(workdir, "partition.json"),
                                  json.dumps(federated_summary(data)))
     # The JSON-lines files are rewritten from the checkpoint's rows, so rounds a killed
     # run logged after its last checkpoint are not duplicated.
-    writer = metrics_lib.MetricWriter(workdir, evals=history, rounds=round_rows,
-                                      tensorboard=config.tensorboard)
+    writer = (metrics_lib.MetricWriter(workdir, evals=history, rounds=round_rows,
+                                       tensorboard=config.tensorboard)
+              if lead else metrics_lib.NullWriter())
     # --config.profile: a jax.profiler trace of one round after the compiling one.
     profile_round = (min(start + 1, config.num_rounds - 1) if config.profile else -1)
     bar = tqdm(range(start, config.num_rounds), desc=f"{config.method}", unit="round",
                initial=start, total=config.num_rounds,
-               disable=(not progress) if progress is not None else None)
+               disable=(not progress or not lead) if progress is not None else
+               (None if lead else True))
     try:
         for rnd in bar:
             t_round = time.time()
@@ -313,20 +325,22 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
             ids = sample_clients(config.seed, rnd, config.data.num_clients,
                                  config.clients_per_round)
             round_key = jax.random.fold_in(train_key, rnd)
-            round_state = prepare(params, rnd, round_key)
+            view = engine.local_view(params)
+            round_state = prepare(view, rnd, round_key)
             keys = jax.vmap(jax.random.fold_in, (None, 0))(round_key, jnp.asarray(ids))
             specs = client_specs(round_state, jnp.asarray(assignment[ids]), keys)
             batch = jax.tree_util.tree_map(lambda a: a[ids], data.train)
-            result = run_clients(params, specs, batch, keys)
+            result = run_clients(view, specs, batch, keys)
             in_round = run.attackers[ids]
-            deltas = (attack(result.delta, result.mask, jnp.asarray(in_round),
-                             jax.random.fold_in(round_key, 1))
+            deltas = (attack(result.delta, result.mask, glob(jnp.asarray(in_round)),
+                             glob(jax.random.fold_in(round_key, 1)))
                       if attack_kind != "none" and in_round.any() else result.delta)
             params, info = server_step(params, deltas, result.mask,
-                                       jnp.asarray(assignment[ids]),
-                                       jax.random.fold_in(round_key, 2),
-                                       divisor_fn(params, round_state))
-            train_loss = float(result.loss.mean())   # the round's one wait for the device
+                                       glob(jnp.asarray(assignment[ids])),
+                                       glob(jax.random.fold_in(round_key, 2)),
+                                       glob(divisor_fn(view, round_state)))
+            # the round's one wait for the device
+            train_loss = float(engine.to_host(result.loss).mean())
             if rnd == profile_round:
                 jax.profiler.stop_trace()
             if not np.isfinite(train_loss):
@@ -335,8 +349,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                     f"lower config.client.learning_rate ({config.client.learning_rate}) or "
                     f"config.server.learning_rate ({config.server.learning_rate})")
             done = rnd + 1
-            accepted, reason = np.asarray(info["accepted"]), np.asarray(info["reason"])
-            norms = np.asarray(update_norms(deltas))[accepted]
+            accepted, reason = engine.to_host(info["accepted"]), engine.to_host(info["reason"])
+            norms = engine.to_host(update_norms(deltas))[accepted]
             row = {"round": done, "train_loss": train_loss,
                    "update_norm_mean": float(norms.mean()) if norms.size else 0.0,
                    "update_norm_max": float(norms.max()) if norms.size else 0.0,
@@ -356,13 +370,14 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
             round_rows.append(row)
             writer.write_round(row)
             if done % config.eval_every == 0 or done == config.num_rounds:
-                m = evaluator(params, run.eval_state(params, done), data)
+                view = engine.local_view(params)
+                m = evaluator(view, run.eval_state(view, done), data)
                 m = {"round": done, "train_loss": train_loss, **m,
                      "elapsed_s": round(time.time() - t_start, 2)}
                 history.append(m)
                 writer.write_eval(m)
                 bar.set_postfix(acc=f"{m['global_accuracy']:.3f}", loss=f"{train_loss:.3f}")
-                if bar.disable:
+                if bar.disable and lead:
                     local = ", ".join(f"{k}: {v:.1%}" for k, v in m["local_accuracy"].items())
                     print(f"round {done}/{config.num_rounds}: full model "
                           f"{m['global_accuracy']:.1%} | local by capacity {local} | "
@@ -378,6 +393,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         if ckpt is not None:
             ckpt.close()
 
+    params = engine.local_view(params)
     final_state = run.eval_state(params, config.num_rounds)
     labels = [evaluate.capacity_label(c) for c in capacities]
     kept_overall, kept_layers = kept_fractions(policy, params, final_state, capacities)
@@ -405,8 +421,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                 "delta": config.dp.delta} if sigma > 0 else None),
         "wall_time_s": round(time.time() - t_start, 2),
     }
-    metrics_lib.write_atomic(os.path.join(workdir, "summary.json"),
-                             json.dumps(summary, indent=2, default=_jsonable))
+    if lead:
+        metrics_lib.write_atomic(os.path.join(workdir, "summary.json"),
+                                 json.dumps(summary, indent=2, default=_jsonable))
     return summary
 
 

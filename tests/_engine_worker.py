@@ -4,11 +4,11 @@
       one process with the devices XLA_FLAGS forces: the sharded strategy (with and
       without chunks, client counts that do and do not divide the device count) and the
       server step on its outputs, against the single-device vmap round.
-  python _engine_worker.py multihost OUT.json PORT PROCESS_ID NUM_PROCESSES
-      one of several processes joined by jax.distributed on localhost: the sharded round
-      over every process's devices, against this process's own single-device round.
+  python _engine_worker.py train WORKDIR PORT PROCESS_ID NUM_PROCESSES
+      one of several processes joined by jax.distributed on localhost, running
+      train_and_evaluate (sharded over every process's devices) on a short default run.
 
-Writes the largest absolute differences it found, as JSON.
+``sharded`` writes the largest absolute differences it found, as JSON.
 """
 import json
 import sys
@@ -65,24 +65,33 @@ def compare(cases) -> dict:
         out = engine.make_round_runner(fns, "sharded", clients_per_chunk=chunk)(
             params, first(specs), first(data), first(keys))
         new_params = server.aggregate(engine.replicate(params), out.delta, out.mask)
-        run = {"replicated": jax.tree_util.tree_leaves(new_params)[0].sharding.is_fully_replicated}
-        if jax.process_count() > 1:   # every process reads the (replicated) result locally
-            new_params = jax.tree_util.tree_map(lambda a: a.addressable_data(0), new_params)
-        else:
-            run.update(result=max_diff(out, ref_n), shape=list(out.loss.shape))
-        run["params"] = max_diff(new_params, ref_params)
+        run = {"replicated": jax.tree_util.tree_leaves(new_params)[0].sharding.is_fully_replicated,
+               "result": max_diff(out, ref_n), "shape": list(out.loss.shape),
+               "params": max_diff(new_params, ref_params)}
         runs[f"{n}_clients_chunk_{chunk}"] = run
     return runs
 
 
+def short_config():
+    """The default config, 3 rounds, sharded, a checkpoint every round: shared with the test."""
+    import os
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
+    import default
+    cfg = default.get_config()
+    cfg.num_rounds, cfg.eval_every, cfg.checkpoint_every, cfg.tensorboard = 3, 3, 1, False
+    cfg.engine.strategy = "sharded"
+    return cfg
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "multihost":   # before any computation
+    if sys.argv[1] == "train":
         port, pid, nproc = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
         jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid,
                                    initialization_timeout=120)
-    cases = [(8, 0), (11, 2)] if sys.argv[1] == "sharded" else [(6, 1)]
-    runs = {"devices": jax.device_count(), "processes": jax.process_count(), **compare(cases)}
+        from fiarse_jax import train
+        train.train_and_evaluate(short_config(), sys.argv[2], progress=False)
+        jax.distributed.shutdown()
+        sys.exit(0)
+    runs = {"devices": jax.device_count(), **compare([(8, 0), (11, 2)])}
     with open(sys.argv[2], "w") as f:
         json.dump(runs, f)
-    if sys.argv[1] == "multihost":
-        jax.distributed.shutdown()

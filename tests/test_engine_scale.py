@@ -1,5 +1,5 @@
 """engine at scale: chunked == unchunked, sharded == single device (8 forced CPU devices),
-multi-host (two jax.distributed processes on localhost) == single process, bf16 compute."""
+training across two jax.distributed processes on localhost == one process, bf16 compute."""
 import json
 import os
 import socket
@@ -61,20 +61,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_multihost_two_processes_equal_one(tmp_path):
-    """jax.distributed on localhost: 2 processes × 2 CPU devices, one global client mesh."""
+def test_training_loop_across_two_processes_equals_one(tmp_path):
+    """train_and_evaluate under jax.distributed (2 processes × 2 devices, sharded): process 0
+    alone writes the outputs, and they match a single-process sharded run."""
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, WORKER, "multihost", str(tmp_path / f"{i}.json"),
-                               port, str(i), "2"], env=_env(2),
+    procs = [subprocess.Popen([sys.executable, WORKER, "train", str(tmp_path / "multi"), port,
+                               str(i), "2"], env=_env(2),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for i in range(2)]
-    logs = [p.communicate(timeout=600)[0].decode()[-2000:] for p in procs]
+    logs = [p.communicate(timeout=600)[0].decode()[-3000:] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
-    for i in range(2):
-        runs = json.loads((tmp_path / f"{i}.json").read_text())
-        assert runs["devices"] == 4 and runs["processes"] == 2
-        r = runs["6_clients_chunk_1"]   # 6 clients over 4 devices: padded, chunked
-        assert r["params"] < 1e-6 and r["replicated"], r
+    assert logs[1].count("round 3/3") == 0 and logs[0].count("round 3/3") == 1
+    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]);"
+                    "from _engine_worker import short_config; from fiarse_jax import train;"
+                    "train.train_and_evaluate(short_config(), sys.argv[2], progress=False)",
+                    os.path.dirname(WORKER), str(tmp_path / "single")], env=_env(4), check=True,
+                   timeout=600, capture_output=True)
+    multi, single = (json.loads((tmp_path / d / "summary.json").read_text())
+                     for d in ("multi", "single"))
+    assert (multi["processes"], multi["devices"]) == (2, 4)
+    assert (single["processes"], single["devices"]) == (1, 4)
+    for key in ("global_accuracy", "train_loss"):
+        assert multi["final"][key] == pytest.approx(single["final"][key], abs=1e-3), key
+    rounds = [json.loads(l) for l in (tmp_path / "multi" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]   # written once, by process 0
 
 
 def test_bf16_compute_keeps_float32_state_and_tracks_float32():
