@@ -73,7 +73,8 @@ def measure_round(spec: dict) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
-    from fiarse_jax import engine, models, policies, server
+    from fiarse_jax import engine, models, policies
+    from fiarse_jax.server_round import make_server_round
     from fiarse_jax.client import make_client_fns
     from fiarse_jax.data import augment
     from fiarse_jax.train import COMPUTE_DTYPES, make_model_fns
@@ -95,6 +96,7 @@ def measure_round(spec: dict) -> dict:
     prepare = jax.jit(policy.prepare)
     specs_fn = jax.jit(jax.vmap(policy.client_spec, in_axes=(None, 0, 0)))
     levels = jnp.arange(clients) % len(CAPACITIES)
+    server_step = make_server_round()   # what training runs: screen, holder average, update
     if strategy == "sharded":
         params = engine.replicate(params)
 
@@ -102,7 +104,7 @@ def measure_round(spec: dict) -> dict:
         key = jax.random.PRNGKey(r)
         keys = jax.random.split(key, clients)
         res = run(params, specs_fn(prepare(params, r, key), levels, keys), data, keys)
-        return server.aggregate_in_place(params, res.delta, res.mask)
+        return server_step(params, res.delta, res.mask, levels, key, 0.0)[0]
 
     t0 = time.perf_counter()
     params = jax.block_until_ready(one_round(params, 0))

@@ -263,6 +263,14 @@ AGGREGATORS: dict[str, Aggregator] = {
 }
 
 
+def rule(name: str, options: dict[str, Any]) -> Aggregator:
+    """The rule called ``name``, after checking that ``options`` are the ones it takes."""
+    if name not in AGGREGATORS:
+        raise ValueError(f"aggregator = {name!r} is unknown; choose from {sorted(AGGREGATORS)}")
+    check_options(name, AGGREGATORS[name], options)
+    return AGGREGATORS[name]
+
+
 def check_options(name: str, rule: Aggregator, options: dict[str, Any]) -> None:
     params = list(inspect.signature(rule).parameters.values())[2:]
     known = {p.name for p in params}
@@ -282,14 +290,11 @@ def aggregate_deltas(name: str, deltas: Params, masks: Params, *,
     ``client_weights``: optional accept (> 0) / reject (0) per client, e.g.
     ``validate_updates(...)[0]``; rejected clients count as non-holders.
     """
-    if name not in AGGREGATORS:
-        raise ValueError(f"aggregator = {name!r} is unknown; choose from {sorted(AGGREGATORS)}")
-    rule = AGGREGATORS[name]
-    check_options(name, rule, options)
+    combine = rule(name, options)
     n = num_clients(deltas, masks)
     if client_weights is not None:
         if jnp.shape(client_weights) != (n,):
             raise ValueError(f"client_weights has shape {jnp.shape(client_weights)}; "
                              f"expected ({n},), one per client")
         masks = weight_masks(masks, client_weights)
-    return rule(deltas, masks, **options)
+    return combine(deltas, masks, **options)

@@ -33,19 +33,18 @@ def holder_average(deltas: Params, masks: Params) -> tuple[Params, Params]:
     return jax.tree_util.tree_map(avg, deltas, masks), counts
 
 
-def _aggregate(params: Params, deltas: Params, masks: Params, *,
-               server_lr: float = 1.0) -> Params:
-    avg, _ = holder_average(deltas, masks)
+def apply_update(params: Params, agg: Params, server_lr: float = 1.0) -> Params:
+    """``w ← w − η_g · agg`` per leaf, in each parameter's dtype."""
     return jax.tree_util.tree_map(lambda p, a: p - jnp.asarray(server_lr, p.dtype) * a,
-                                  params, avg)
+                                  params, agg)
 
 
-aggregate = jax.jit(_aggregate)
-aggregate.__doc__ = """New global params: each coordinate moves by −η_g × its holders' mean delta.
+@jax.jit
+def aggregate(params: Params, deltas: Params, masks: Params, *,
+              server_lr: float = 1.0) -> Params:
+    """New global params: each coordinate moves by −η_g × its holders' mean delta.
 
-``deltas`` and ``masks`` carry a leading client axis; ``masks`` are 0/1. With the
-client axis sharded over devices the sums are cross-device reductions."""
-
-#: ``aggregate`` that donates ``params``: the new model reuses the old one's buffers
-#: (the training loop never reads the old model again).
-aggregate_in_place = jax.jit(_aggregate, donate_argnums=0)
+    ``deltas`` and ``masks`` carry a leading client axis; ``masks`` are 0/1. With the
+    client axis sharded over devices the sums are cross-device reductions.
+    """
+    return apply_update(params, holder_average(deltas, masks)[0], server_lr)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from fiarse_jax import aggregators, privacy, validation
-from fiarse_jax.server import holder_average
+from fiarse_jax.server import apply_update, holder_average
 
 Params = Any
 
@@ -35,10 +35,7 @@ def make_server_round(*, aggregator: str = "mean", aggregator_options: dict | No
                       dp_clip_norm: float = 1.0) -> Callable:
     """The jitted round step; options are checked here, once, with the bad value named."""
     options = dict(aggregator_options or {})
-    if aggregator not in aggregators.AGGREGATORS:
-        raise ValueError(f"aggregator = {aggregator!r} is unknown; "
-                         f"choose from {sorted(aggregators.AGGREGATORS)}")
-    aggregators.check_options(aggregator, aggregators.AGGREGATORS[aggregator], options)
+    combine = aggregators.rule(aggregator, options)
     dp = dp_noise_multiplier > 0
     if dp and aggregator != "mean":
         raise ValueError(f"differential privacy is DP-FedAvg (the clipped mean); it does not "
@@ -55,12 +52,10 @@ def make_server_round(*, aggregator: str = "mean", aggregator_options: dict | No
             agg = privacy.noisy_holder_average(clipped, masks, key,
                                                noise_multiplier=dp_noise_multiplier,
                                                clip_norm=dp_clip_norm, divisor=divisor)
-        elif aggregator == "mean":
+        elif aggregator == "mean":   # per leaf: no [clients, all params] copy as the rules make
             agg, _ = holder_average(deltas, masks)
         else:
-            agg, _ = aggregators.AGGREGATORS[aggregator](deltas, masks, **options)
-        new = jax.tree_util.tree_map(lambda p, a: p - jnp.asarray(server_lr, p.dtype) * a,
-                                     params, agg)
-        return new, {"accepted": accepted, "reason": reason}
+            agg, _ = combine(deltas, masks, **options)
+        return apply_update(params, agg, server_lr), {"accepted": accepted, "reason": reason}
 
     return jax.jit(step, donate_argnums=0)

@@ -270,8 +270,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     prepare = run.prepare
     client_specs = jax.jit(jax.vmap(policy.client_spec, in_axes=(None, 0, 0)))
 
+    strategy = engine.resolve_strategy(config.engine.strategy)
     multi, lead = jax.process_count() > 1, jax.process_index() == 0
-    if multi and engine.resolve_strategy(config.engine.strategy) != "sharded":
+    if multi and strategy != "sharded":
         raise ConfigError(f"config.engine.strategy = {config.engine.strategy!r}: across "
                           f"{jax.process_count()} processes only 'sharded' runs")
     os.makedirs(workdir, exist_ok=True)
@@ -298,7 +299,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
             print(f"resuming from the checkpoint at round {resumed_from} "
                   f"({config.num_rounds - resumed_from} rounds to go)", flush=True)
 
-    if engine.resolve_strategy(config.engine.strategy) == "sharded":
+    if strategy == "sharded":
         params = engine.replicate(params)   # on every device, beside the sharded deltas
     # Across processes (jax.distributed): every process runs this loop on the same inputs;
     # arrays the server step reads are global, and process 0 alone writes files.
@@ -411,7 +412,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         "num_params": int(sum(l.size for l in jax.tree_util.tree_leaves(params))),
         "clients_per_level": {evaluate.capacity_label(c): int((assignment == i).sum())
                               for i, c in enumerate(capacities)},
-        "strategy": engine.resolve_strategy(config.engine.strategy),
+        "strategy": strategy,
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
         "processes": jax.process_count(),
