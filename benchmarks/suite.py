@@ -21,7 +21,8 @@ after one warm-up (compile) round. Sections:
 * ``masks``: thresholds of all levels (``policy.prepare``: one sort of |w|) for ResNet-18
   and a 100 M-parameter synthetic pytree, beside the ResNet round.
 
-Also: XLA's FLOP count of a client step, the achieved FLOP/s and, on a GPU whose peak is
+Also: XLA's FLOP count of a client step (always compiled for the CPU: XLA's GPU cost
+analysis leaves cuDNN convolutions out), the achieved FLOP/s and, on a GPU whose peak is
 known (``PEAK_FLOPS``), the model FLOPs utilisation. Prints tables, writes JSON and a PNG
 of the scaling curves beside it. ``--quick`` shrinks everything to seconds (the tests run it).
 """
@@ -115,28 +116,47 @@ def measure_round(spec: dict) -> dict:
     jax.block_until_ready(params)
     round_s = (time.perf_counter() - t0) / spec["rounds"]
 
-    # XLA's FLOP count of one client step (forward, backward, update) for client 0.
-    first_client = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)  # noqa: E731
-    keys = jax.random.split(jax.random.PRNGKey(0), clients)
-    spec0 = first_client(specs_fn(prepare(params, 0, keys[0]), levels, keys))
-    data0 = first_client(data)
-    state = jax.jit(fns.init)(params, spec0, data0, keys[0])
-    cost = jax.jit(fns.step).lower(state, spec0, data0, jnp.asarray(0)).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    step_flops = float(cost.get("flops", float("nan")))
-    achieved = step_flops * steps * clients / round_s
-    kind = jax.devices()[0].device_kind
-    peak = next((p[spec.get("dtype", "float32")] for k, p in PEAK_FLOPS.items() if k in kind),
-                None)
     mem, mem_kind = _peak_memory_mb()
     return {"framework": "jax", "strategy": strategy, "chunk": spec.get("chunk", 0),
-            "devices": jax.device_count(), "device_kind": kind,
+            "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
             "num_params": int(sum(l.size for l in jax.tree_util.tree_leaves(params))),
             "first_round_s": first, "round_s": round_s,
             "client_steps_per_s": clients * steps / round_s,
-            "step_gflops": step_flops / 1e9, "achieved_tflops": achieved / 1e12,
-            "mfu": achieved / peak if peak else None,
             "peak_mem_mb": mem, "mem_kind": mem_kind}
+
+
+def measure_step_flops(spec: dict) -> dict:
+    """XLA's FLOP count of one client step (forward, backward, SGD update) at ``spec``'s
+    model and batch, compiled for the CPU (the parent runs this with JAX_PLATFORMS=cpu:
+    XLA's GPU cost analysis leaves out cuDNN convolutions, so a GPU count is far too low)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from fiarse_jax import models, policies
+    from fiarse_jax.client import make_client_fns
+    from fiarse_jax.data import augment
+    from fiarse_jax.train import COMPUTE_DTYPES, make_model_fns
+
+    name = spec["model"]
+    model = models.build_model(name, 10, dict(spec.get("model_kwargs", {})))
+    data = _data(name, 1, spec.get("samples", 100))
+    cifar = name == "resnet18"
+    one = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)  # noqa: E731
+    data0 = one(data)
+    x_one = augment.cifar_eval_transform()(data0.x[:1]) if cifar else data0.x[:1]
+    params = model.init(jax.random.PRNGKey(0), x_one)["params"]
+    policy = policies.build_policy("fiarse", CAPACITIES, {"gradient": "masked"})
+    _, loss_fn = make_model_fns(model, policy)
+    fns = make_client_fns(loss_fn, policy, optax.sgd(0.1), num_steps=1,
+                          batch_size=spec["batch"],
+                          augment=augment.cifar_train_transform() if cifar else None,
+                          compute_dtype=COMPUTE_DTYPES[spec.get("dtype", "float32")])
+    key = jax.random.PRNGKey(0)
+    spec0 = policy.client_spec(policy.prepare(params, 0, key), 0, key)
+    state = jax.jit(fns.init)(params, spec0, data0, key)
+    cost = jax.jit(fns.step).lower(state, spec0, data0, jnp.asarray(0)).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {"step_gflops": float(cost.get("flops", float("nan"))) / 1e9}
 
 
 def measure_prepare(spec: dict) -> dict:
@@ -168,6 +188,8 @@ def measure_prepare(spec: dict) -> dict:
 def _child(spec: dict, cores: list[int]) -> dict:
     """Run one measurement in a fresh process (on this process's ``cores``); its JSON result."""
     env = dict(os.environ)
+    if spec["kind"] == "flops":
+        env["JAX_PLATFORMS"] = "cpu"
     if spec.get("strategy") == "sharded" and spec.get("host_devices"):
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                             f" --xla_force_host_platform_device_count={spec['host_devices']}")
@@ -175,8 +197,9 @@ def _child(spec: dict, cores: list[int]) -> dict:
         cmd = [sys.executable, os.path.join(HERE, "torch_reference.py"), "--model", spec["model"],
                "--clients", str(spec["clients"]), "--steps", str(spec["steps"]),
                "--batch", str(spec["batch"]), "--rounds", str(spec["rounds"]),
-               "--threads", str(len(cores)),
-               # PyTorch compiles nothing: a warm-up round only matters for short rounds.
+               "--threads", str(len(cores)), "--device", spec.get("torch_device", "cpu"),
+               # PyTorch compiles nothing: a warm-up round (CUDA/cuDNN start-up on a GPU)
+               # only matters for short rounds.
                "--warmup", "1" if spec["clients"] * spec["steps"] <= 2000 else "0"]
         kw = spec.get("model_kwargs", {})
         for flag, key in (("--features", "features"), ("--hidden", "hidden_sizes"),
@@ -191,9 +214,12 @@ def _child(spec: dict, cores: list[int]) -> dict:
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
     out = json.loads(r.stdout[r.stdout.index("{"):])
     if spec["kind"] == "torch":
+        device_mb = out.get("peak_device_mb")
         out = {k: out[k] for k in ("framework", "num_params", "round_s", "client_steps_per_s",
-                                   "peak_rss_mb", "threads")}
-        out.update(strategy="torch", peak_mem_mb=out.pop("peak_rss_mb"), mem_kind="host RSS")
+                                   "peak_rss_mb", "threads", "device")}
+        rss = out.pop("peak_rss_mb")
+        out.update(strategy="torch", peak_mem_mb=device_mb if device_mb is not None else rss,
+                   mem_kind="device" if device_mb is not None else "host RSS")
     out["process_s"] = time.time() - t0
     return out
 
@@ -214,6 +240,24 @@ def _table(title: str, rows: list[dict], cols: list[tuple[str, str, str]]) -> No
             v = r.get(k)
             cells.append(f"{'-' if v is None else format(v, f):>{w}}")
         print("  ".join(cells))
+
+
+def with_flops(row: dict, step_gflops: float | None) -> None:
+    """Add the step's FLOPs, the achieved FLOP/s and (for a known GPU) the MFU to a row."""
+    if step_gflops is None or "round_s" not in row:
+        return
+    achieved = step_gflops * 1e9 * row["steps"] * row["clients"] / row["round_s"]
+    kind = row.get("device_kind", "")
+    peak = next((p[row.get("dtype", "float32")] for k, p in PEAK_FLOPS.items() if k in kind),
+                None)
+    row.update(step_gflops=step_gflops, achieved_tflops=achieved / 1e12,
+               mfu=achieved / peak if peak else None)
+
+
+def _with_flops(rows: list[dict], count: dict) -> None:
+    for r in rows:
+        if r.get("framework") == "jax":
+            with_flops(r, count.get("step_gflops"))
 
 
 def _with_ratio(rows: list[dict]) -> None:
@@ -246,13 +290,22 @@ def plot(result: dict, path: str) -> None:
     for label, pts in sorted(by.items()):
         pts.sort()
         axes[1].plot(*zip(*pts), marker="o", label=label)
-    axes[1].set(xscale="log", yscale="log", xlabel="parameters", ylabel="s per round",
-                title="CNN width, 10 clients per round")
+    resnet = [r for r in result.get("resnet", []) if "round_s" in r]
+    if not by and resnet:   # no width section: the ResNet-18 round per strategy instead
+        axes[1].bar([r["strategy"] for r in resnet], [r["round_s"] for r in resnet])
+        axes[1].set(ylabel="s per round", title=f"ResNet-18, {resnet[0]['clients']} "
+                    f"clients × K = {resnet[0]['steps']}")
+    else:
+        axes[1].set(xscale="log", yscale="log", xlabel="parameters", ylabel="s per round",
+                    title="CNN width, 10 clients per round")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.suptitle(f"{result['environment']['backend']}: {result['environment']['devices'][0]}"
+    rows = [r for sec in ("strategies", "resnet", "size") for r in result.get(sec, [])]
+    device = next((r["device_kind"] for r in rows if r.get("device_kind")),
+                  result["environment"]["devices"][0])
+    fig.suptitle(f"{result['environment']['backend']}: {device}"
                  f" ({result['environment']['cpu_count']} CPUs)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -280,8 +333,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.measure:
         spec = json.loads(args.measure)
-        print(json.dumps(measure_prepare(spec) if spec["kind"] == "prepare" else
-                         measure_round(spec)))
+        measure = {"prepare": measure_prepare, "flops": measure_step_flops}.get(
+            spec["kind"], measure_round)
+        print(json.dumps(measure(spec)))
         return {}
 
     if args.cores:   # before jax starts its threads; the children inherit the affinity
@@ -306,7 +360,9 @@ def main(argv=None) -> dict:
         resnet_kw = {"widths": [4, 8, 8, 8]}
     host_devices = args.host_devices if backend == "cpu" else 0
     common = {"batch": 20, "rounds": rounds, "samples": samples, "dtype": args.dtype,
-              "host_devices": host_devices}
+              "host_devices": host_devices,
+              # The PyTorch reference runs on the same kind of device as JAX.
+              "torch_device": "cuda" if backend == "gpu" else "cpu"}
     result: dict = {"environment": {**environment(), "cores": cores,
                                     "torch": torch_ok, "quick": args.quick},
                     "settings": {"capacities": CAPACITIES, "cnn_steps": steps,
@@ -317,6 +373,15 @@ def main(argv=None) -> dict:
             ("round_s", "s/round", ".4f"), ("client_steps_per_s", "steps/s", ".1f"),
             ("vs_torch", "vs torch", ".3f"), ("peak_mem_mb", "peak MB", ".0f"),
             ("achieved_tflops", "TFLOP/s", ".4f"), ("mfu", "MFU", ".3f")]
+
+    out = args.out or os.path.join(HERE, "results", f"suite_{backend}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+    def save():
+        """Write the JSON and PNG so far (after every section: a cut-off run keeps its part)."""
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+        plot(result, os.path.splitext(out)[0] + ".png")
 
     def group(model, clients, k, kw, strats, torch_too):
         rows = []
@@ -330,6 +395,8 @@ def main(argv=None) -> dict:
             spec = {"kind": "torch", "model": model, "clients": clients, "steps": k,
                     "model_kwargs": kw, **common}
             rows.append({"clients": clients, **spec, **_child(spec, cores)})
+        _with_flops(rows, _child({"kind": "flops", "model": model, "steps": k,
+                                  "model_kwargs": kw, **common}, cores))
         _with_ratio(rows)
         return rows
 
@@ -338,12 +405,15 @@ def main(argv=None) -> dict:
                                 for r in group("cnn", c, steps, {}, strategies, torch_ok)]
         _table(f"CNN (16,32 conv, 64 dense) on 8×8×1 data, K = {steps}, batch 20",
                result["strategies"], cols)
+        save()
     if "resnet" in sections:
         # On CPU only loop: XLA's CPU conv gradients inside scan (vmap) are many times slower.
-        strats = [("loop", 0)] + ([("vmap", 0), ("sharded", 0)] if backend != "cpu" else [])
+        strats = [("loop", 0)] + ([("vmap", 0)] if backend != "cpu" else []) + (
+            [("sharded", 0)] if backend != "cpu" and jax.device_count() > 1 else [])
         result["resnet"] = group("resnet18", 2 if args.quick else 10, resnet_steps, resnet_kw,
                                  strats, torch_ok)
         _table(f"ResNet-18 on 32×32×3 data, K = {resnet_steps}, batch 20", result["resnet"], cols)
+        save()
     if "size" in sections:
         best = "loop" if backend == "cpu" else "vmap"
         result["size"] = [r for f, h in widths for r in group(
@@ -351,6 +421,7 @@ def main(argv=None) -> dict:
             [(best, 0)], torch_ok)]
         _table("CNN width at 10 clients per round", result["size"],
                [("num_params", "params", ",d")] + cols[1:])
+        save()
     if "masks" in sections:
         trees = ([{"tree": "synthetic", "params": 10**6}] if args.quick else
                  [{"tree": "resnet18"}, {"tree": "synthetic", "params": 10**8}])
@@ -364,13 +435,8 @@ def main(argv=None) -> dict:
                [("num_params", "params", ",d"), ("prepare_s", "s", ".3f"),
                 ("share_of_resnet_round_pct", "% of round", ".2f")])
 
-    out = args.out or os.path.join(HERE, "results", f"suite_{backend}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    png = os.path.splitext(out)[0] + ".png"
-    plot(result, png)
-    print(f"\nwrote {out} and {png}")
+    save()
+    print(f"\nwrote {out} and {os.path.splitext(out)[0] + '.png'}")
     return result
 
 

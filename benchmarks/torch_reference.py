@@ -264,6 +264,8 @@ def run_reference(model: str = "cnn", clients: int = 10, steps: int = 20, batch:
         "round_s": round_s, "round_times_s": times,
         "client_steps_per_s": clients * steps / round_s if times else float("nan"),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "peak_device_mb": (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
+                           else None),
         "last_loss": loss,
     }
 
