@@ -10,6 +10,9 @@ Conventions:
 * ``mask`` is the sub-model the client *received* (``policy.mask`` at the
   round's start); θ and the round's spec stay fixed, while ``policy.apply``
   may re-evaluate the mask from the current weights at every step (FIARSE does).
+  The delta is exactly 0 outside ``mask`` whatever the optimiser does there
+  (AdamW's decoupled weight decay shrinks every local weight; its moments start at
+  0 each round, so a coordinate with no gradient gets no Adam step).
 * Batches: each round the client draws one random order of its ``count`` valid
   rows and cycles through it, ``batch_size`` rows per step (wrapping around, so
   a client with fewer rows than a batch repeats rows). Padding rows beyond
@@ -102,9 +105,13 @@ def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
                            state.loss_sum + loss.astype(jnp.float32))
 
     def final(params0, state: ClientState, spec):
-        delta = jax.tree_util.tree_map(jnp.subtract, params0, state.params)
-        return ClientResult(delta=delta, mask=policy.mask(params0, spec),
-                            loss=state.loss_sum / num_steps)
+        # Only coordinates the client received leave it: under plain SGD the others get
+        # no gradient anyway, but weight decay (AdamW) would move them on the local copy.
+        mask = policy.mask(params0, spec)
+        delta = jax.tree_util.tree_map(
+            lambda a, b, m: jnp.where(m > 0, a - b, jnp.zeros_like(a)),
+            params0, state.params, mask)
+        return ClientResult(delta=delta, mask=mask, loss=state.loss_sum / num_steps)
 
     return ClientFns(init=init, step=step, final=final, num_steps=int(num_steps))
 

@@ -114,3 +114,49 @@ def test_unknown_strategy():
     with pytest.raises(ValueError, match="'pmap'"):
         engine.resolve_strategy("pmap")
     assert engine.resolve_strategy("auto") == ("loop" if jax.default_backend() == "cpu" else "vmap")
+
+
+@pytest.mark.parametrize("method", ["fiarse", "heterofl"])
+def test_adamw_leaves_coordinates_outside_the_submodel_exactly_unchanged(method):
+    """AdamW (momentum + decoupled weight decay) moves every local weight; the client's
+    delta must still be exactly 0 outside the sub-model it received, and inside it equal
+    a plain optax loop on the same batches."""
+    model = models.build_model("mlp", 3, {"hidden_sizes": (8,)})
+    rng = np.random.default_rng(1)
+    xb = rng.normal(size=(6, 5)).astype(np.float32)
+    yb = rng.integers(0, 3, 6).astype(np.int32)
+    params = model.init(jax.random.PRNGKey(2), xb)["params"]
+    params = jax.tree_util.tree_map(lambda a: a + 0.1, params)   # no zero weights or biases
+
+    def loss(p, x, y, key, spec=None):
+        del key, spec
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
+
+    policy = policies.build_policy(method, (0.25,), {"gradient": "masked"} if method == "fiarse"
+                                   else {}, unit_groups=model.unit_groups(params))
+    opt = optax.adamw(0.05, b1=0.9, b2=0.95, weight_decay=0.5)
+    fns = make_client_fns(loss, policy, opt, num_steps=4, batch_size=6)
+    spec = policy.client_spec(policy.prepare(params, 0, jax.random.PRNGKey(0)), 0,
+                              jax.random.PRNGKey(0))
+    data = ClientData(jnp.asarray(xb), jnp.asarray(yb), jnp.asarray(6))
+    st = fns.init(params, spec, data, jax.random.PRNGKey(1))
+    for k in range(4):
+        st = fns.step(st, spec, data, k)
+    res = fns.final(params, st, spec)
+
+    # Reference: the same 4 full-batch AdamW steps by hand, nothing masked afterwards.
+    p, s = params, opt.init(params)
+    for _ in range(4):
+        g = jax.grad(lambda q: loss(policy.apply(q, spec), xb, yb, None))(p)
+        u, s = opt.update(g, s, p)
+        p = optax.apply_updates(p, u)
+    raw = jax.tree_util.tree_map(jnp.subtract, params, p)
+    mask = [np.asarray(m) for m in jax.tree_util.tree_leaves(res.mask)]
+    assert 0 < sum(m.sum() for m in mask) < sum(m.size for m in mask)
+    for d, r, m in zip(jax.tree_util.tree_leaves(res.delta), jax.tree_util.tree_leaves(raw), mask):
+        d, r = np.asarray(d), np.asarray(r)
+        assert np.all(d[m == 0] == 0.0)                      # exactly, not approximately
+        np.testing.assert_allclose(d[m > 0], r[m > 0], rtol=1e-5, atol=1e-7)
+    # Without the rule the weight decay would have leaked: the reference moved them.
+    assert any(np.abs(np.asarray(r)[m == 0]).max(initial=0) > 1e-4
+               for r, m in zip(jax.tree_util.tree_leaves(raw), mask))
