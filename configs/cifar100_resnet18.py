@@ -7,6 +7,9 @@ Same federation and training as configs/cifar10_resnet18.py (see there), on TFDS
 Paper numbers to reproduce (four sizes; per-size local accuracy 1/64, 1/16, 1/4, 1, then
 global): FIARSE 39.12 / 43.24 / 43.72 / 40.96, global 38.63; global for HeteroFL 30.67,
 FedRolex 29.89, ScaleFL 37.56.
+The four methods from one command (`exits` adds the early-exit heads `scalefl` needs):
+  fiarse-jax compare --config configs/cifar100_resnet18.py:four,layer,exits \
+      --methods fiarse,heterofl,fedrolex,scalefl --workdir runs/c100_cmp
 """
 import ml_collections
 

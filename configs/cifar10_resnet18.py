@@ -6,17 +6,24 @@ label mix —, 10 clients per round, 800 rounds, local SGD lr 0.1 (no momentum),
 steps at batch 20, server step 1.0, clients in equal contiguous capacity blocks,
 augmentation random crop 32 (pad 4) + horizontal flip, CIFAR normalisation.
 
-The argument after the file name picks the capacity set and the threshold scope:
+The argument after the file name picks the capacity set and the threshold scope, and
+`exits` adds early-exit heads to the ResNet (needed by `scalefl`):
   fiarse-jax --config configs/cifar10_resnet18.py --workdir runs/c10            # four,global
   fiarse-jax --config configs/cifar10_resnet18.py:five,layer --workdir runs/c10_5l
 four = {1, 1/4, 1/16, 1/64} (25 clients each); five = {1, .64, .36, .16, .04} (20 each);
 global = one θ per size; layer = one θ per block (stem, stage 1–4, head), as the authors'
-CIFAR-100 runs.
+CIFAR-100 runs; exits = config.model.early_exits = True (an exit head after stages 1–3).
 
 Paper numbers to reproduce (four sizes, global scope; per-size local accuracy
 1/64, 1/16, 1/4, 1, then global): FIARSE 73.12 / 77.20 / 77.24 / 82.04, global 73.75;
-global for HeteroFL 66.05, FedRolex 65.98, ScaleFL 67.37 (our `scalefl` needs an
-early-exit MLP today; it does not run on ResNet-18 yet).
+global for HeteroFL 66.05, FedRolex 65.98, ScaleFL 67.37. The four methods from one
+command (one model for all: with `exits` the other methods carry the three untrained exit
+heads, 4,510 of 11.18 M parameters; see docs/scalefl.md):
+  fiarse-jax compare --config configs/cifar10_resnet18.py:four,global,exits \
+      --methods fiarse,heterofl,fedrolex,scalefl --workdir runs/c10_cmp
+(`--config.model.early_exits=True` does the same as `exits`.) `scalefl` alone:
+  fiarse-jax --config configs/cifar10_resnet18.py:four,global,exits --config.method=scalefl \
+      --workdir runs/c10_scalefl
 
 Data: TFDS `cifar10` under config.data.data_dir (default ~/tensorflow_datasets), downloaded
 on first use (needs internet; `pip install -e ".[tfds]"`). Offline it stops at once with a
@@ -34,27 +41,36 @@ import default  # noqa: E402
 CAPACITY_SETS = {"four": (1.0, 1 / 4, 1 / 16, 1 / 64), "five": (1.0, 0.64, 0.36, 0.16, 0.04)}
 
 
-def parse(arg: str) -> tuple[tuple[float, ...], str]:
-    """'four,global' → (capacities, scope); either part may be omitted."""
-    sizes, scope = "four", "global"
+def parse(arg: str) -> tuple[tuple[float, ...], str, bool]:
+    """'four,global[,exits]' → (capacities, scope, early exits); any part may be omitted."""
+    sizes, scope, exits = "four", "global", False
     for part in filter(None, (p.strip() for p in (arg or "").split(","))):
         if part in CAPACITY_SETS:
             sizes = part
         elif part in ("global", "layer"):
             scope = part
+        elif part == "exits":
+            exits = True
         else:
-            raise ValueError(f"config argument {part!r}: expected four|five and/or global|layer")
-    return CAPACITY_SETS[sizes], scope
+            raise ValueError(f"config argument {part!r}: expected four|five, global|layer "
+                             "and/or exits")
+    return CAPACITY_SETS[sizes], scope, exits
 
 
 def cifar_config(dataset: str, arg: str) -> ml_collections.ConfigDict:
     """The paper's CIFAR federation for ``dataset`` (shared by the CIFAR-10/100 configs)."""
-    capacities, scope = parse(arg)
+    capacities, scope, exits = parse(arg)
     config = default.get_config()
     config.capacities = capacities
     config.fiarse.scope = scope
     # HeteroFL's 1/r scaler, as in HeteroFL; before a static BN it changes (almost) nothing.
     config.heterofl.scaler = True
+    # scalefl's depth d_r = ⌈r^a·4⌉ stages. Stage 4 holds 75 % of ResNet-18's parameters, so
+    # a = ½ (the MLP default) leaves the small levels depth-bound far under their r·N budget
+    # (1/16 and 1/64 both get stage 1 at full width, 1.3 % of N). With a = ¼ every level
+    # holds ≈ r·N (four sizes: depths 4/3/2/2 stages, 100/24.9/6.1/1.5 % of N; see
+    # docs/scalefl.md).
+    config.scalefl.depth_exponent = 0.25
 
     config.data.name = dataset
     config.data.partition = "balanced_dirichlet"
@@ -68,6 +84,8 @@ def cifar_config(dataset: str, arg: str) -> ml_collections.ConfigDict:
     config.data.mock_examples = 0          # > 0: TFDS mock data (smoke tests)
 
     config.model = ml_collections.ConfigDict({"name": "resnet18"})
+    # Exit heads after stages 1–3: scalefl needs them; other methods leave them untrained.
+    config.model.early_exits = exits
 
     config.num_rounds = 800
     config.clients_per_round = 10

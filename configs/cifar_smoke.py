@@ -4,6 +4,9 @@ Same pipeline as configs/cifar10_resnet18.py — TFDS loader, balanced Dirichlet
 partition, on-device crop/flip/normalise, ResNet-18 with static BN, FIARSE — but on
 random mock images, a narrow ResNet-18 (widths 8-16-32-64), 8 clients and 2 rounds:
   fiarse-jax --config configs/cifar_smoke.py --workdir runs/cifar_smoke
+The paper comparison's code path, with the early-exit heads `scalefl` needs:
+  fiarse-jax compare --config configs/cifar_smoke.py:four,global,exits \
+      --methods fiarse,heterofl,fedrolex,scalefl --workdir runs/cifar_smoke_cmp
 Accuracy is meaningless here (random labels); it proves the code path.
 """
 import ml_collections

@@ -141,12 +141,14 @@ def validate_config(config) -> None:
         except ValueError as e:
             raise ConfigError(f"config.scalefl.{e}") from None
     _check_model(config)
-    if method == "scalefl":   # early exits on an MLP with ≥ 2 hidden layers
+    if method == "scalefl":   # early exits on an MLP (≥ 2 hidden layers) or ResNet (≥ 2 stages)
         m = _get(config, "model")
-        hidden = tuple(m.get("hidden_sizes", models.MLP.hidden_sizes))
-        if m.name != "mlp" or m.get("early_exits", False) is not True or len(hidden) < 2:
-            _fail("model", f"{m.name} early_exits={m.get('early_exits', False)} "
-                  f"hidden_sizes={hidden}", policies.scalefl.NEEDS)
+        depth_field = {"mlp": "hidden_sizes", "resnet18": "widths"}.get(m.name)
+        layers = (tuple(m.get(depth_field, getattr(models.MODELS[m.name], depth_field)))
+                  if depth_field else ())
+        if depth_field is None or m.get("early_exits", False) is not True or len(layers) < 2:
+            _fail("model", f"{m.name} early_exits={m.get('early_exits', False)}"
+                  + (f" {depth_field}={layers}" if depth_field else ""), policies.scalefl.NEEDS)
 
     _int(config, "num_rounds")
     _int(config, "clients_per_round", hi=num_clients)

@@ -9,8 +9,9 @@ For every level:
   Structured masks (whole units) are measured on the *physically shrunk dense*
   sub-model; unstructured masks (parameter-wise FIARSE) on the *masked dense* model,
   which XLA runs at full dense cost: sparsity saves no FLOPs there. A depth-reduced
-  sub-model (spec with a ``depth``, scalefl) is shrunk to its first d blocks and read
-  out through exit d (``model.with_depth``/``depth_params``); FLOPs are that one
+  sub-model (spec with a ``depth``, scalefl) is shrunk to its first d blocks (MLP
+  hidden layers, ResNet stages) and read out through exit d, which becomes the shrunk
+  model's output layer (``model.with_depth``/``depth_params``); FLOPs are that one
   readout path (a client's training pass also runs its shallower exit heads).
 * ``bytes_down`` / ``bytes_up``: one transfer of the sub-model (down) and of its
   delta (up, same support). Structured: dense values. Unstructured: values plus an
@@ -41,7 +42,8 @@ def forward_flops(model, params, x_one: jax.Array) -> float:
 def shrunk_submodel(model, params, spec, unit_groups):
     """(smaller model, its dense parameters) for a structured ``spec``: every group at its
     kept width (``units.shrink``); with a ``depth`` in the spec (early exits, scalefl) only
-    the first d blocks, read out through exit d (``model.with_depth``/``depth_params``)."""
+    the first d blocks (hidden layers / stages), read out through exit d
+    (``model.with_depth``/``depth_params``, which any model with exits provides)."""
     u = {k: np.asarray(v) for k, v in spec["units"].items()}
     small = model.with_widths(units.kept_sizes(unit_groups, u))
     shrunk = units.shrink(params, unit_groups, u)

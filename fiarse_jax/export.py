@@ -6,8 +6,9 @@
   evaluated it (``policy.apply``: x ⊙ 1[|x| ≥ θ_r] for FIARSE, leading units for
   HeteroFL, ...); ``mask/<layer>/<name>``, the 0/1 mask (uint8) of the coordinates
   the sub-model holds; and, for structured methods, ``dense/<layer>/<name>``, the
-  physically smaller dense arrays of the shrunk sub-model (fewer units, fewer
-  layers for depth-reduced ones).
+  physically smaller dense arrays of the shrunk sub-model (fewer units; for
+  depth-reduced ``scalefl`` levels fewer layers / ResNet stages, with the deepest kept
+  exit head as the dense model's output layer).
 * ``FILE.json``: method, capacity, round, the model to build (full and, when
   present, the shrunk dense one), parameter counts, file size and the accuracy the
   run reported for this sub-model on the pooled test set.
@@ -18,6 +19,7 @@ masked full-size model); its accuracy on the run's test data equals the reported
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, NamedTuple
@@ -119,7 +121,7 @@ def export_submodel(workdir: str, capacity: str, out: str) -> dict:
         small, dense = costs.shrunk_submodel(run.model, sub, spec, run.unit_groups)
         arrays.update(_flat(dense, "dense/"))
         info["dense_model"] = {"name": cfg["model"]["name"],
-                               "options": _model_options(small, model_opts)}
+                               "options": _model_options(small, model_opts, run.model)}
         info["dense_params"] = int(sum(v.size for v in jax.tree_util.tree_leaves(dense)))
     history = meta["history"]
     last = history[-1] if history else {}
@@ -135,10 +137,16 @@ def export_submodel(workdir: str, capacity: str, out: str) -> dict:
     return info
 
 
-def _model_options(small_model, base: dict) -> dict:
-    """The shrunk model's own fields (those the config names), as JSON values."""
+def _model_options(small_model, base: dict, full_model) -> dict:
+    """The shrunk model's own fields, as JSON values: those the config names and every
+    other field the shrinking changed (e.g. a ResNet's ``inner_widths``, and its
+    ``blocks_per_stage`` when depth-reduced), so the dense model is rebuilt exactly."""
+    keys = list(base) + sorted(
+        f.name for f in dataclasses.fields(small_model)
+        if f.name not in base and f.name not in ("parent", "name", "num_classes")
+        and getattr(small_model, f.name) != getattr(full_model, f.name))
     out = {}
-    for k in base:
+    for k in keys:
         v = getattr(small_model, k)
         out[k] = list(v) if isinstance(v, tuple) else v
     return out

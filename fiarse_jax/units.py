@@ -76,6 +76,18 @@ def chain_groups(params: Params, layers: Sequence[str]) -> list[UnitGroup]:
     return groups
 
 
+def check_groups(params: Params, groups: Sequence[UnitGroup]) -> list[UnitGroup]:
+    """``groups`` as a list, after checking that every member axis has the group's size
+    (tile·C entries); ValueError naming the first leaf that does not."""
+    for g in groups:
+        for m in g.members:
+            n = _get(params, m.path).shape[m.axis]
+            if n != g.size * m.tile:
+                raise ValueError(f"{'/'.join(m.path)} axis {m.axis} has {n} entries; "
+                                 f"group {g.name} has {g.size} units")
+    return list(groups)
+
+
 def _axis_mask(u: jax.Array, m: Member, ndim: int) -> jax.Array:
     v = jnp.tile(u, m.tile) if m.tile > 1 else u
     shape = [1] * ndim

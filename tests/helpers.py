@@ -1,7 +1,11 @@
-"""Test helpers: config overrides by dotted name, a minimal TensorBoard event reader."""
+"""Test helpers: config overrides by dotted name, a minimal TensorBoard event reader,
+parameter counts and leaves by path."""
 import glob
 import os
 import struct
+
+import jax
+import numpy as np
 
 from tensorboardX.proto import event_pb2
 
@@ -33,3 +37,15 @@ def override(config, **fields):
             node = node[p]
         node[leaf] = value
     return config
+
+
+def count(tree) -> int:
+    """Number of scalars in a pytree (of arrays or ShapeDtypeStructs)."""
+    return sum(int(np.prod(l.shape)) for l in jax.tree_util.tree_leaves(tree))
+
+
+def by_path(tree) -> dict:
+    """{path tuple: leaf}, paths as plain key names (``masks.path_names``)."""
+    from fiarse_jax import masks
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {masks.path_names(p): l for p, l in flat}

@@ -1,5 +1,6 @@
 """CIFAR ResNet-18 with static BN: parameter count by hand, maskability, batch-statistics
-BN, layer-scope groups, and channel groups whose shrunk dense model equals the masked one."""
+BN, layer-scope groups, and channel groups whose shrunk dense model equals the masked one;
+early-exit heads (scalefl) against truncated models."""
 import dataclasses
 
 import jax
@@ -10,18 +11,10 @@ import pytest
 
 from fiarse_jax import masks, models, policies, units
 from fiarse_jax.policies.structured import leading_units
+from helpers import by_path, count
 
 NARROW = {"widths": (4, 8, 8, 16)}
 X = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))
-
-
-def count(tree):
-    return sum(int(np.prod(l.shape)) for l in jax.tree_util.tree_leaves(tree))
-
-
-def by_path(tree):
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {masks.path_names(p): l for p, l in flat}
 
 
 def random_params(model, seed=0):
@@ -249,3 +242,108 @@ def test_one_sgd_step_changes_every_conv(narrow):
         if path[-1] == "kernel":
             assert not np.allclose(np.asarray(by_path(new)[path]), np.asarray(leaf)), path
     assert float(jax.jit(loss)(new)) < float(value)
+
+
+# ---- early exits (scalefl) ----------------------------------------------------------------
+
+EXITS = {"widths": (4, 8, 8, 8), "early_exits": True}
+
+
+@pytest.fixture(scope="module")
+def with_exits():
+    model = models.build_model("resnet18", 5, EXITS)
+    params = random_params(model, seed=3)
+    return model, params, model.unit_groups(params)
+
+
+def test_exit_heads_are_extra_top_level_dense_layers_initialised_like_head():
+    opts = {"widths": (2, 2, 2, 4), "blocks_per_stage": (1, 1, 1, 1)}
+    plain = models.build_model("resnet18", 5, opts)
+    model = models.build_model("resnet18", 5, {**opts, "early_exits": True})
+    p0 = plain.init(jax.random.PRNGKey(0), X[:1])["params"]
+    params = model.init(jax.random.PRNGKey(0), X[:1])["params"]
+    assert sorted(params) == sorted(list(p0) + ["exit1", "exit2", "exit3"])
+    # Same names → same initial values: the exits change nothing else.
+    for path, leaf in by_path(p0).items():
+        np.testing.assert_array_equal(np.asarray(by_path(params)[path]), np.asarray(leaf))
+    for s, w in enumerate((2, 2, 2), start=1):      # Dense(w → 5), PyTorch's Linear init
+        head = params[f"exit{s}"]
+        assert head["kernel"].shape == (w, 5) and head["bias"].shape == (5,)
+        for leaf in (head["kernel"], head["bias"]):
+            assert 0 < np.abs(np.asarray(leaf)).max() <= 1 / np.sqrt(w)
+    assert count(params) - count(p0) == 3 * (2 * 5 + 5)
+    assert model.layer_names() == ["stem", "stage1", "exit1", "stage2", "exit2", "stage3",
+                                   "exit3", "stage4", "head"]
+    with pytest.raises(ValueError, match="has no exit heads"):
+        plain.apply({"params": p0}, X[:2], exits=True)
+
+
+def test_full_size_exit_param_count():
+    p = jax.eval_shape(models.build_model("resnet18", 10, {"early_exits": True}).init,
+                       jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    assert count(p) == 11_173_962 + (64 + 128 + 256) * 10 + 3 * 10 == 11_178_472
+
+
+def _truncated(model, params, e):
+    """Exit e (1-based) computed independently: a plain ResNet (no exits) of the first e
+    stages, built by hand, whose head is ``exit{e}`` (``head`` itself for the last)."""
+    plain = models.build_model("resnet18", model.num_classes, {
+        "widths": model.widths[:e], "blocks_per_stage": model.blocks_per_stage[:e]})
+    sub = {"stem": params["stem"], **{f"stage{s}": params[f"stage{s}"] for s in range(1, e + 1)},
+           "head": params[f"exit{e}" if e < len(model.widths) else "head"]}
+    return plain, sub
+
+
+def test_exit_outputs_against_truncated_models(with_exits):
+    model, params, _ = with_exits
+    out = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, exits=True))(params, X))
+    assert out.shape == (4, 4, 5)
+    # exits=False: the head's logits, exactly the output of the same model without exits.
+    last = np.asarray(jax.jit(model.apply)({"params": params}, X))
+    np.testing.assert_array_equal(out[-1], last)
+    plain = model.clone(early_exits=False)
+    no_exits = {k: v for k, v in params.items() if not k.startswith("exit")}
+    np.testing.assert_array_equal(np.asarray(jax.jit(plain.apply)({"params": no_exits}, X)), last)
+    for e in range(1, 5):
+        small, sub = _truncated(model, params, e)
+        np.testing.assert_allclose(out[e - 1], np.asarray(small.apply({"params": sub}, X)),
+                                   rtol=1e-5, atol=1e-5, err_msg=f"exit {e}")
+        if e < 4:   # with_depth/depth_params build the same model and tree
+            d_model, d_params = model.with_depth(e), model.depth_params(params, e)
+            assert d_model.widths == small.widths
+            assert d_model.blocks_per_stage == small.blocks_per_stage
+            assert sorted(d_params) == sorted(list(sub) + [f"exit{s}" for s in range(1, e)])
+            np.testing.assert_allclose(np.asarray(d_model.apply({"params": d_params}, X)),
+                                       out[e - 1], rtol=1e-5, atol=1e-5)
+    assert model.depth_params(params, 4) is params
+    with pytest.raises(ValueError, match=r"depth 5 not in \[1, 4\]"):
+        model.with_depth(5)
+    with pytest.raises(ValueError, match="needs early_exits=True"):
+        plain.depth_params(no_exits, 2)
+
+
+def test_exit_heads_consume_their_stream_and_shrink_consistently(with_exits):
+    model, params, groups = with_exits
+    g = {x.name: x for x in groups}
+    for s in (1, 2, 3):
+        assert (f"exit{s}", "kernel") in {m.path for m in g[f"stream{s}"].consumers}
+    assert ("head", "kernel") in {m.path for m in g["stream4"].consumers}
+    members = {m.path for x in groups for m in x.members}
+    classifiers = ("exit1", "exit2", "exit3", "head")
+    assert members == set(by_path(params)) - {(n, "bias") for n in classifiers}
+    u = random_units(groups, 5)
+    m = units.expand(params, groups, u)
+    for grp in groups:   # a kept input channel of every consumer (exits too) is a kept output
+        for mem in grp.members:
+            leaf = np.asarray(by_path(m)[mem.path])
+            along = np.moveaxis(leaf, mem.axis, 0).reshape(leaf.shape[mem.axis], -1).max(1)
+            np.testing.assert_array_equal(along, u[grp.name], err_msg=str(mem.path))
+    masked = jax.tree_util.tree_map(jnp.multiply, params, m)
+    small = model.with_widths(units.kept_sizes(groups, u))
+    shrunk = units.shrink(params, groups, u)
+    want = jax.eval_shape(small.init, jax.random.PRNGKey(0), X[:1])["params"]
+    assert jax.tree_util.tree_map(np.shape, shrunk) == \
+        jax.tree_util.tree_map(lambda s: s.shape, want)
+    run = jax.jit(lambda mod, p: mod.apply({"params": p}, X, exits=True), static_argnums=0)
+    np.testing.assert_allclose(np.asarray(run(small, shrunk)), np.asarray(run(model, masked)),
+                               rtol=1e-4, atol=1e-4)

@@ -1,5 +1,5 @@
 """ScaleFL-style policy (width + depth, early exits, self-distillation) against NumPy
-references and hand-worked numbers on a tiny MLP.
+references and hand-worked numbers on a tiny MLP and (below) a narrow ResNet-18 with exits.
 
 Tiny model: MLP 5 → 8 → 6 → 4 → 3 with exits after the first two hidden layers:
   Dense_0 5·8+8 = 48, Dense_1 8·6+6 = 54, Dense_2 6·4+4 = 28, Dense_3 4·3+3 = 15,
@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiarse_jax import costs, models, policies, units
+from fiarse_jax import costs, evaluate, models, policies, units
+from fiarse_jax.policies import scalefl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
@@ -259,3 +260,176 @@ def test_short_run_learns(tmp_path):
     for label in ("1", "1/4", "1/16"):
         assert final["capacity_global_accuracy"][label] > 0.6, (label, final)
     assert s["costs"]["1/16"]["params_held"] <= 0.0625 * s["num_params"]
+
+
+# ---- ResNet-18 with early exits: exits after stages 1–3, ``head`` last; depth in stages ----
+# Narrow model (widths 4-8-8-8, two blocks per stage, 5 classes), hand count at stream
+# widths k (block-inner widths equal their stage's, as leading units of equal-size groups):
+#   stem 27·k1 + 2·k1; block: 9·c_in·k + 2k (conv1, bn1) + 9·k·k + 2k (conv2, bn2), plus
+#   c_in·k + 2k for the projection of stages 2+; exit after stage s: k_s·K + K.
+# N = 7,908. Levels (1, 1/4, 1/16, 1/64) at a = ½: depth ⌈√r·4⌉ = 4, 2, 1, 1 stages;
+#   1/4: budget 1,977 → k = (3, 6): 87 + 348 + 20 + 1,212 + 35 = 1,702 (k = (4, 8): 2,806).
+#   1/16: budget 494.25 → k1 = 3: 87 + 348 + 20 = 455 (k1 = 4: 749).
+#   1/64: budget 123.6 → k1 = 1: 29 + 44 + 10 = 83 (k1 = 2: 58 + 160 + 15 = 233).
+
+R_OPTS = {"widths": (4, 8, 8, 8), "early_exits": True}
+R_CAPS = (1.0, 0.25, 1 / 16, 1 / 64)
+R_N = 7908
+XR = jax.random.normal(jax.random.PRNGKey(5), (4, 16, 16, 3))
+
+
+def resnet_held(d, k, num_classes=5, blocks=2):
+    """Hand count of a depth-d sub-model at stream widths k (see the comment above)."""
+    n = 27 * k[0] + 2 * k[0]
+    c_in = k[0]
+    for s in range(d):
+        w = k[s]
+        for b in range(blocks):
+            n += 9 * c_in * w + 2 * w + 9 * w * w + 2 * w
+            if s > 0 and b == 0:
+                n += c_in * w + 2 * w
+            c_in = w
+        n += w * num_classes + num_classes
+    return n
+
+
+@functools.lru_cache(maxsize=None)
+def resnet_setup():
+    """The narrow ResNet with exits and NumPy-drawn parameters (no init compile)."""
+    model = models.build_model("resnet18", 5, R_OPTS)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), XR[:1])["params"]
+    rng = np.random.default_rng(0)
+
+    def draw(path, s):
+        if path[-1].key == "scale":                     # BN γ
+            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
+        return jnp.asarray(rng.uniform(-0.5, 0.5, s.shape), s.dtype)
+    params = jax.tree_util.tree_map_with_path(draw, shapes)
+    return model, params, model.unit_groups(params)
+
+
+def resnet_policy(opts=None):
+    model, params, groups = resnet_setup()
+    return model, params, groups, policies.build_policy("scalefl", R_CAPS, opts or {},
+                                                        unit_groups=groups)
+
+
+def test_resnet_layout_depths_and_widths_against_a_hand_count():
+    model, params, groups, pol = resnet_policy()
+    n = sum(l.size for l in jax.tree_util.tree_leaves(params))
+    assert n == R_N == resnet_held(4, (4, 8, 8, 8))
+    layout = scalefl.exit_layout(groups)
+    assert layout.blocks == (("stem", "stage1"), ("stage2",), ("stage3",), ("stage4",))
+    assert layout.exits == ("exit1", "exit2", "exit3", "head")
+    want = {0: (4, (4, 8, 8, 8), 7908), 1: (2, (3, 6), 1702), 2: (1, (3,), 455), 3: (1, (1,), 83)}
+    for level, (d, k, held) in want.items():
+        spec = spec_for(pol, params, level)
+        assert int(spec["depth"]) == d
+        np.testing.assert_array_equal(np.asarray(spec["exit_weights"]), np.arange(4) < d)
+        kept = units.kept_sizes(groups, {n: np.asarray(v) for n, v in spec["units"].items()})
+        for s in range(1, 5):   # the stream and both block-inner groups of every stage
+            ks = k[s - 1] if s <= d else 0
+            got = [kept[f"stream{s}"], kept[f"stage{s}.block1"], kept[f"stage{s}.block2"]]
+            assert got == [ks] * 3, (level, s)
+        m = pol.mask(params, spec)
+        assert int(sum(float(v.sum()) for v in jax.tree_util.tree_leaves(m))) == held \
+            == resnet_held(d, k) <= R_CAPS[level] * R_N
+        first_depth = {"stem": 1, "stage1": 1, "exit1": 1, "stage2": 2, "exit2": 2,
+                       "stage3": 3, "exit3": 3, "stage4": 4, "head": 4}
+        for name, deep in first_depth.items():   # whole modules held iff within the depth
+            total = sum(float(v.sum()) for v in jax.tree_util.tree_leaves(m[name]))
+            assert (total > 0) == (deep <= d), (level, name)
+        # BN γ/β of kept channels are held (and count), those of dropped channels are not.
+        np.testing.assert_array_equal(np.asarray(m["stem"]["bn"]["scale"]), np.arange(4) < k[0])
+
+
+@pytest.mark.parametrize("a", [0.5, 0.25])
+def test_resnet_widths_fill_the_budget_against_a_brute_force_search(a):
+    _, params, groups, pol = resnet_policy({"depth_exponent": a})
+    for level, r in enumerate(R_CAPS):
+        d = max(1, math.ceil(round(r ** a * 4, 6)))
+        best = None
+        for w in np.linspace(1e-3, 1, 4001):
+            k = tuple(max(1, math.ceil(round(w * c, 6))) for c in (4, 8, 8, 8)[:d])
+            if resnet_held(d, k) <= r * R_N + 1e-9:
+                best = k
+        fits = best is not None
+        best = best or (1,) * d      # nothing fits (a = ¼, r = 1/64: depth 2 at one channel)
+        spec = spec_for(pol, params, level)
+        assert int(spec["depth"]) == d
+        kept = units.kept_sizes(groups, {n: np.asarray(v) for n, v in spec["units"].items()})
+        assert tuple(kept[f"stream{s + 1}"] for s in range(d)) == best, (a, level)
+        held = int(sum(float(v.sum()) for v in jax.tree_util.tree_leaves(pol.mask(params, spec))))
+        assert held == resnet_held(d, best) and (held <= r * R_N) == fits
+
+
+@pytest.mark.parametrize("a", [0.5, 0.25])    # depths 4, 2, 1, 1 and 4, 3, 2, 2
+def test_resnet_shrunk_depth_reduced_submodels_equal_the_masked_readout(a):
+    model, params, groups, pol = resnet_policy({"depth_exponent": a})
+    full = jax.jit(lambda p: model.apply({"params": p}, XR, exits=True))
+    for level in range(len(R_CAPS)):
+        spec = spec_for(pol, params, level)
+        masked = pol.apply(params, spec)
+        ref = np.asarray(pol.readout(full(masked), spec))
+        small, shrunk = costs.shrunk_submodel(model, masked, spec, groups)
+        d = int(spec["depth"])
+        modules = (["stem", "head"] + [f"stage{s}" for s in range(1, d + 1)]
+                   + [f"exit{s}" for s in range(1, d)])
+        assert len(small.widths) == d and sorted(shrunk) == sorted(modules)
+        assert sum(v.size for v in jax.tree_util.tree_leaves(shrunk)) == \
+            int(sum(float(v.sum()) for v in jax.tree_util.tree_leaves(pol.mask(params, spec))))
+        np.testing.assert_allclose(np.asarray(small.apply({"params": shrunk}, XR)), ref,
+                                   rtol=1e-4, atol=1e-4, err_msg=f"level {level}")
+
+
+def test_resnet_bad_setups_raise_clear_errors():
+    model, params, groups = resnet_setup()
+    plain = model.clone(early_exits=False)
+    no_exits = {k: v for k, v in params.items() if not k.startswith("exit")}
+    with pytest.raises(ValueError, match="ResNet-18 with early exits"):
+        policies.build_policy("scalefl", R_CAPS, unit_groups=plain.unit_groups(no_exits))
+    cfg = default_config.get_config()
+    cfg.method = "scalefl"
+    cfg.model = type(cfg.model)({"name": "resnet18", "widths": (4, 8), "early_exits": False})
+    with pytest.raises(ConfigError, match=r"config\.model = 'resnet18 early_exits=False "
+                                          r"widths=\(4, 8\)': .*or a ResNet-18 with early exits"):
+        validate_config(cfg)
+    cfg.model.early_exits = True
+    validate_config(cfg)
+    cfg.model.widths = (4,)
+    with pytest.raises(ConfigError, match="at least 2 stages"):
+        validate_config(cfg)
+    cfg.model = type(cfg.model)({"name": "cnn"})
+    with pytest.raises(ConfigError, match=r"config\.model = 'cnn early_exits=False'"):
+        validate_config(cfg)
+
+
+def test_one_scalefl_round_on_the_cifar_resnet_smoke_path(tmp_path):
+    """configs/cifar_smoke.py with exits (TFDS mock data, on-device augmentation), shrunk
+    to one block per stage: one round under the loop strategy, evaluation and costs."""
+    pytest.importorskip("tensorflow_datasets")
+    import cifar_smoke
+    cfg = cifar_smoke.get_config("four,global,exits")
+    cfg.method = "scalefl"
+    cfg.model.widths, cfg.model.blocks_per_stage = (4, 8, 8, 8), (1, 1, 1, 1)
+    cfg.data.mock_examples, cfg.data.n_train, cfg.data.n_test = 100, 10, 4
+    cfg.num_rounds, cfg.clients_per_round, cfg.client.local_steps = 1, 4, 1
+    cfg.client.batch_size, cfg.checkpoint_every = 5, 0
+    cfg.engine.strategy = "loop"
+    s = train.train_and_evaluate(cfg, str(tmp_path), progress=False)
+    n = s["num_params"]
+
+    def held(d, k):
+        return resnet_held(d, k, num_classes=10, blocks=1)
+    assert n == held(4, (4, 8, 8, 8))
+    assert np.isfinite(s["final"]["train_loss"])
+    a = cfg.scalefl.depth_exponent
+    for r in cfg.capacities:
+        c = s["costs"][evaluate.capacity_label(r)]
+        assert c["flops_basis"] == "shrunk dense"
+        d = max(1, math.ceil(round(r ** a * 4, 6)))
+        sizes = (4, 8, 8, 8)[:d]     # the largest uniform width ratio within r·N
+        fits = [held(d, tuple(math.ceil(round(j / c_ * c2, 6)) for c2 in sizes))
+                for c_ in sizes for j in range(1, c_ + 1)]
+        fits = [h for h in fits if h <= r * n]
+        assert c["params_held"] == (max(fits) if fits else held(d, (1,) * d))

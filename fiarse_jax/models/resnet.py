@@ -6,6 +6,13 @@ stride 2 and a 1×1 conv + BN shortcut at the first block of every stage but the
 first; global average pool; ``Dense(num_classes)``. Convs have no bias. With the
 defaults and 10 classes: 11,173,962 parameters (BN γ/β included).
 
+Early exits (``early_exits=True``, for ``scalefl``): after every stage but the last an
+exit head ``exit{s}`` (global average pool → ``Dense(num_classes)``, initialised like
+``head``) reads stage s's stream; ``head`` is the last exit. ``__call__(x, exits=True)``
+returns every exit's logits stacked ``[S, B, K]``, shallowest first; ``exits=False``
+returns ``head``'s logits exactly as without exits (the heads are not computed). With
+the defaults and 10 classes the three heads add 650 + 1,290 + 2,570 = 4,510 parameters.
+
 "Static BN" (HeteroFL's and the FIARSE authors'): γ and β but no running
 statistics; every call normalises with the current batch's statistics, in training
 and evaluation alike. The tree therefore has only a ``params`` collection.
@@ -14,6 +21,7 @@ Parameter tree (top-level modules = the authors' layer-wise scope groups)::
 
     stem    {conv: {kernel}, bn: {scale, bias}}
     stageS  {blockB: {conv1, bn1, conv2, bn2[, shortcut: {conv, bn}]}}   S = 1..4
+    exitS   {kernel, bias}        S = 1..3, only with early_exits=True
     head    {kernel, bias}
 
 ``masks.default_maskable`` then masks every conv kernel (shortcuts included) and
@@ -79,6 +87,13 @@ def _conv(features: int, size: int, stride: int, name: str) -> nn.Conv:
                    kernel_init=torch_default_init, name=name)
 
 
+def _classifier(num_classes: int, fan_in: int, name: str) -> nn.Dense:
+    """Pooled stream → classes (``head`` and the exit heads): PyTorch's Linear init,
+    kernel and bias U(±1/√fan_in)."""
+    return nn.Dense(num_classes, kernel_init=torch_default_init,
+                    bias_init=_uniform(1.0 / math.sqrt(fan_in)), name=name)
+
+
 class ConvBN(nn.Module):
     """Conv (no bias) + static BN: the stem and the projection shortcuts."""
 
@@ -130,13 +145,15 @@ class ResNet18(nn.Module):
     ``blocks_per_stage``: BasicBlocks per stage. ``inner_widths``: conv1 width of
     every block, stage-major (empty: the stage's width). Stage s ≥ 2 starts with
     stride 2 and a projection shortcut; stage 1 (stride 1, same width as the stem)
-    has identity shortcuts only, so its stream is the stem's.
+    has identity shortcuts only, so its stream is the stem's. ``early_exits``: an exit
+    head ``exit{s}`` after every stage s but the last (see the module docstring).
     """
 
     widths: Sequence[int] = (64, 128, 256, 512)
     blocks_per_stage: Sequence[int] = (2, 2, 2, 2)
     inner_widths: Sequence[int] = ()
     num_classes: int = 10
+    early_exits: bool = False
 
     def _inner(self) -> list[list[int]]:
         """Inner widths per stage, per block."""
@@ -155,17 +172,40 @@ class ResNet18(nn.Module):
         return out
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, exits: bool = False) -> jax.Array:
+        if exits and not self.early_exits:
+            raise ValueError("ResNet18(early_exits=False) has no exit heads; "
+                             "call it with exits=False")
         x = nn.relu(ConvBN(self.widths[0], 3, 1, name="stem")(x))
+        outs = []
+        last = len(self.widths) - 1
         for s, (w, inner) in enumerate(zip(self.widths, self._inner())):
             x = Stage(w, tuple(inner), 1 if s == 0 else 2, name=f"stage{s + 1}")(x)
-        x = x.mean(axis=(1, 2))
-        return nn.Dense(self.num_classes, kernel_init=torch_default_init,
-                        bias_init=_uniform(1.0 / math.sqrt(x.shape[-1])), name="head")(x)
+            if self.early_exits and s < last:
+                head = _classifier(self.num_classes, x.shape[-1], f"exit{s + 1}")
+                # Heads are created at init; with exits=False they are not computed.
+                if exits or self.is_initializing():
+                    outs.append(head(x.mean(axis=(1, 2))))
+        logits = _classifier(self.num_classes, x.shape[-1], "head")(x.mean(axis=(1, 2)))
+        if exits:
+            return jnp.stack(outs + [logits])
+        return logits
+
+    def exit_names(self) -> list[str]:
+        """The classifiers, shallowest first: ``exit1 … exit{S-1}`` (early exits), ``head``."""
+        n = len(self.widths) - 1 if self.early_exits else 0
+        return [f"exit{s + 1}" for s in range(n)] + ["head"]
 
     def layer_names(self) -> list[str]:
-        """Top-level modules, i.e. the layer-scope groups: stem, stage1 … stageS, head."""
-        return ["stem"] + [f"stage{s + 1}" for s in range(len(self.widths))] + ["head"]
+        """Top-level modules in forward order, i.e. the layer-scope groups: stem, stage1
+        … stageS, head (with early exits ``exit{s}`` follows ``stage{s}``)."""
+        exits = self.exit_names()[:-1]
+        names = ["stem"]
+        for s in range(len(self.widths)):
+            names.append(f"stage{s + 1}")
+            if s < len(exits):
+                names.append(exits[s])
+        return names + ["head"]
 
     def _blocks(self):
         """(stage index s ≥ 1, block index b ≥ 1, has projection) in forward order."""
@@ -180,9 +220,10 @@ class ResNet18(nn.Module):
         projection for s ≥ 2, every block's conv2) and the BN γ/β after each; its
         consumers are the input axis of every conv reading it (the conv1 of every block
         of stage s except a projecting first block, stage s+1's first conv1 and
-        projection) and, for the last stream, the head's kernel. ``stage{s}.block{b}``
-        is the block's conv1 output channels (conv1 and bn1 produce, conv2 consumes).
-        Classes and the image channels are always kept.
+        projection) and, for the last stream, the head's kernel (with early exits, stream
+        s < S is also read by ``exit{s}``'s kernel). ``stage{s}.block{b}`` is the block's
+        conv1 output channels (conv1 and bn1 produce, conv2 consumes). Classes and the
+        image channels are always kept.
         """
         def conv_bn(conv: tuple, bn: tuple) -> tuple[units.Member, ...]:
             """A conv's output axis and the γ, β of the BN after it."""
@@ -206,19 +247,15 @@ class ResNet18(nn.Module):
                 f"stage{s}.block{b}", _leaf(params, blk + ("conv1", "kernel")).shape[-1],
                 conv_bn(blk + ("conv1",), blk + ("bn1",)),
                 (units.Member(blk + ("conv2", "kernel"), 2),)))
-        cons[stages[-1]].append(units.Member(("head", "kernel"), 0))
+        for s, name in zip(stages[-len(self.exit_names()):], self.exit_names()):
+            if name in params:   # the classifiers reading each stream (exits, head)
+                cons[s].append(units.Member((name, "kernel"), 0))
         groups = []
         for s in stages:
             size = _leaf(params, prod[s][0].path).shape[-1]
             groups += [units.UnitGroup(f"stream{s}", size, tuple(prod[s]), tuple(cons[s]))]
             groups += inner[s]
-        for g in groups:   # every member axis must have the group's size
-            for m in g.members:
-                n = _leaf(params, m.path).shape[m.axis]
-                if n != g.size * m.tile:
-                    raise ValueError(f"{'/'.join(m.path)} axis {m.axis} has {n} entries; "
-                                     f"group {g.name} has {g.size} units")
-        return groups
+        return units.check_groups(params, groups)   # every member axis has the group's size
 
     def with_widths(self, widths: dict[str, int]) -> "ResNet18":
         """The same architecture with the groups' kept widths (for ``units.shrink``):
@@ -228,3 +265,32 @@ class ResNet18(nn.Module):
             widths=tuple(widths.get(f"stream{s + 1}", w) for s, w in enumerate(self.widths)),
             inner_widths=tuple(widths.get(f"stage{s}.block{b}", w)
                                for (s, b, _), w in zip(self._blocks(), inner)))
+
+    def with_depth(self, depth: int) -> "ResNet18":
+        """The first ``depth`` stages, reading out through exit ``depth`` (its ``head``)."""
+        n = len(self.widths)
+        if not 1 <= depth <= n:
+            raise ValueError(f"depth {depth} not in [1, {n}] (stages)")
+        inner = self._inner()[:depth]
+        return self.clone(widths=tuple(self.widths[:depth]),
+                          blocks_per_stage=tuple(self.blocks_per_stage[:depth]),
+                          inner_widths=tuple(w for row in inner for w in row)
+                          if self.inner_widths else ())
+
+    def depth_params(self, params, depth: int):
+        """Parameters of ``with_depth(depth)`` taken from this model's: ``stem``,
+        ``stage1 … stage{d}``, exits ``exit1 … exit{d-1}``, and exit ``exit{d}`` as the new
+        ``head`` (for d = S the tree is returned unchanged)."""
+        n = len(self.widths)
+        if not 1 <= depth <= n:
+            raise ValueError(f"depth {depth} not in [1, {n}] (stages)")
+        if depth == n:
+            return params
+        if not self.early_exits:
+            raise ValueError("a depth-reduced ResNet18 needs early_exits=True "
+                             "(its exit is the readout)")
+        out = {"stem": params["stem"]}
+        out.update({f"stage{s + 1}": params[f"stage{s + 1}"] for s in range(depth)})
+        out.update({f"exit{s + 1}": params[f"exit{s + 1}"] for s in range(depth - 1)})
+        out["head"] = params[f"exit{depth}"]
+        return out

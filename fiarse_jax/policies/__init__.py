@@ -5,8 +5,8 @@ A builder is ``builder(capacities, *, unit_groups=None, **options) -> MaskPolicy
 structured methods; ``options`` come from ``config.<method>``.
 
 ``scalefl``: a simplified ScaleFL/DepthFL-style baseline (width and depth shrink
-together, early exits, self-distillation); needs ``MLP(early_exits=True)``, see
-``docs/scalefl.md``.
+together, early exits, self-distillation); needs ``MLP(early_exits=True)`` or
+``ResNet18(early_exits=True)``, see ``docs/scalefl.md``.
 """
 from __future__ import annotations
 

@@ -1,17 +1,24 @@
 """ScaleFL/DepthFL-style baseline (simplified): width and depth shrink together, early
 exits, self-distillation from the deepest kept exit. See ``docs/scalefl.md``.
 
-The model is an MLP with early exits (``MLP(early_exits=True)``, L ≥ 2 hidden layers):
-exit e (0-based) reads hidden layer e; exits 0 … L−2 are the heads ``Exit_e`` and exit
-L−1 is the output layer. A client of capacity r holds
+The model has E ≥ 2 exits, exit e (0-based) after *block* e, the last exit being the
+output layer: ``MLP(early_exits=True)`` (block e = hidden layer e, exits ``Exit_e`` and
+the output layer ``Dense_L``; E = L) or ``ResNet18(early_exits=True)`` (block e = stage
+e+1, the stem in block 0, exits ``exit1 …`` and ``head``; E = S stages). The policy
+reads this layout from the model's unit groups alone (``exit_layout``: an exit head is a
+module that consumes a group and produces none), so both models share one code path.
+A client of capacity r holds
 
-* depth d_r = ⌈r^a · L⌉ (1 ≤ d_r ≤ L, a = ``depth_exponent``): hidden layers 0 … d_r−1
-  and their exits 0 … d_r−1; deeper layers, their exits and (when d_r < L) the output
+* depth d_r = ⌈r^a · E⌉ (1 ≤ d_r ≤ E, a = ``depth_exponent``): blocks 0 … d_r−1 and
+  their exits 0 … d_r−1; deeper blocks, their exits and (when d_r < E) the output
   layer are not held;
-* width: the leading ⌈w_r·C⌉ units of every kept hidden layer (HeteroFL's shape), with
-  w_r the largest ratio for which the sub-model's parameter count (kept layers and kept
-  exits, what the client stores) is ≤ r·N, N = every parameter of the global model
-  (at least one unit per kept layer). So level r holds ≈ r·N parameters, like FIARSE.
+* width: the leading ⌈w_r·C⌉ units of every group of the kept blocks (hidden units,
+  ResNet streams and block-inner channels alike; HeteroFL's shape), with w_r the largest
+  ratio for which the sub-model's parameter count is ≤ r·N, N = every parameter of the
+  global model (at least one unit per kept group). The count is what the client stores:
+  every leaf of the kept blocks and kept exits with each group axis at its kept width —
+  kernels, biases and the BN γ/β of kept channels. So level r holds ≈ r·N parameters,
+  like FIARSE (less when even full width at depth d_r is under r·N).
 
 Client spec (identical structure for every level, vmappable)::
 
@@ -29,7 +36,7 @@ first ``prepare`` and cached; the builder only needs the model's unit groups.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,46 +49,84 @@ from fiarse_jax.policies.base import MaskPolicy, select_level
 
 NEEDS = ("method 'scalefl' needs an MLP with early-exit heads and at least 2 hidden "
          "layers (config.model.name = 'mlp', config.model.early_exits = True, "
-         "len(config.model.hidden_sizes) >= 2)")
+         "len(config.model.hidden_sizes) >= 2) or a ResNet-18 with early exits and at least "
+         "2 stages (config.model.name = 'resnet18', config.model.early_exits = True, "
+         "len(config.model.widths) >= 2)")
 
 
-def exit_layout(unit_groups) -> tuple[list[str], list[str]]:
-    """(hidden modules, exit modules), shallowest first, from the model's unit groups.
+class ExitLayout(NamedTuple):
+    """Where a model's exits sit, read from its unit groups (see ``exit_layout``).
 
-    Group i's producer is hidden layer i; its exit is the one consumer that produces no
-    group (``Exit_i``, or the output layer for the last group). Raises ``ValueError``
-    for a model without exits or with fewer than 2 hidden layers.
+    ``exits[e]``: exit e's top-level module, shallowest first (the last is the output
+    layer). ``blocks[e]``: the top-level modules first needed by exit e (the MLP's hidden
+    layer e; the ResNet's stage e+1, with the stem before stage 1). ``group_level``:
+    {group: the exit index from which on the group is held}. Depth d keeps
+    ``blocks[:d]`` and ``exits[:d]``.
+    """
+
+    blocks: tuple[tuple[str, ...], ...]
+    exits: tuple[str, ...]
+    group_level: dict[str, int]
+
+
+def exit_layout(unit_groups) -> ExitLayout:
+    """The exit/depth layout a model declares through its unit groups.
+
+    A top-level module that produces some group is a *block*; blocks are ordered by
+    their first appearance in the (forward-ordered) group list. A module that only
+    consumes is an *exit*: it must read exactly one group and sits after that group's
+    deepest producer. Exits are ordered by that position; block b belongs to the first
+    exit at or after it. MLP(early_exits=True): blocks ``Dense_i``, exits ``Exit_i`` and
+    the output layer. ResNet18(early_exits=True): blocks stem + stage1, stage2, …;
+    exits ``exit1 …`` and ``head``. Raises ``ValueError`` for a model with fewer than 2
+    exits (e.g. without exit heads) or exits that do not follow this shape.
     """
     if unit_groups is None:
         raise ValueError(NEEDS + "; this model declares no unit groups")
     groups = list(unit_groups)
-    hidden = [g.producers[0].path[0] for g in groups]
-    if len(hidden) < 2:
-        raise ValueError(NEEDS + f"; this model has {len(hidden)} hidden layer(s)")
-    exits = []
-    for i, g in enumerate(groups):
-        reads = {m.path[0] for m in g.consumers}
-        heads = sorted(reads - set(hidden))
-        nxt = hidden[i + 1] if i + 1 < len(hidden) else None
-        if len(heads) != 1 or (nxt is not None and nxt not in reads):
-            raise ValueError(NEEDS + f"; layer {hidden[i]!r} feeds {sorted(reads)} "
-                             "(expected the next layer and one exit head)")
-        exits.append(heads[0])
-    return hidden, exits
+    order: dict[str, int] = {}
+    for g in groups:
+        for m in g.producers:
+            order.setdefault(m.path[0], len(order))
+    last_producer = {g.name: max(order[m.path[0]] for m in g.producers) for g in groups}
+    reads: dict[str, set] = {}
+    for g in groups:
+        for m in g.consumers:
+            if m.path[0] not in order:
+                reads.setdefault(m.path[0], set()).add(g.name)
+    for name, gs in reads.items():
+        if len(gs) != 1:
+            raise ValueError(NEEDS + f"; exit {name!r} reads groups {sorted(gs)} "
+                             "(expected exactly one)")
+    attach = sorted((last_producer[next(iter(gs))], name) for name, gs in reads.items())
+    at = [a for a, _ in attach]
+    if len(set(at)) != len(at) or (at and at[-1] != len(order) - 1):
+        raise ValueError(NEEDS + f"; exits {[n for _, n in attach]} do not follow the layers "
+                         "(expected one exit after each hidden layer / stage, the output "
+                         "layer last)")
+    if len(attach) < 2:
+        raise ValueError(NEEDS + f"; this model has {len(attach)} hidden layer(s) or "
+                         "stage(s) with an exit head (the output layer is the last exit)")
+    level = {m: next(e for e, a in enumerate(at) if i <= a) for m, i in order.items()}
+    blocks = tuple(tuple(m for m in order if level[m] == e) for e in range(len(at)))
+    group_level = {g.name: level[max((m.path[0] for m in g.producers), key=order.get)]
+                   for g in groups}
+    return ExitLayout(blocks, tuple(n for _, n in attach), group_level)
 
 
-def depth_for(r: float, num_layers: int, depth_exponent: float) -> int:
-    """d_r = ⌈r^a · L⌉, at least 1."""
-    return keep_count(float(r) ** depth_exponent, num_layers)
+def depth_for(r: float, num_levels: int, depth_exponent: float) -> int:
+    """d_r = ⌈r^a · E⌉, at least 1 (E exits: hidden layers / stages)."""
+    return keep_count(float(r) ** depth_exponent, num_levels)
 
 
-def held_count(shapes: dict, groups, hidden: Sequence[str], exits: Sequence[str],
-               depth: int, kept: dict[str, int]) -> int:
+def held_count(shapes: dict, groups, layout: ExitLayout, depth: int,
+               kept: dict[str, int]) -> int:
     """Scalars a client holds: leaves of kept modules, every group axis at its kept width.
 
-    ``shapes``: {path tuple: shape}; ``kept``: {group: kept units}.
+    ``shapes``: {path tuple: shape}; ``kept``: {group: kept units}. Every leaf of a kept
+    module counts (BN γ/β of kept channels included, as producers of their group).
     """
-    dropped = set(hidden[depth:]) | set(exits[depth:])
+    dropped = {m for b in layout.blocks[depth:] for m in b} | set(layout.exits[depth:])
     axes: dict[tuple, list] = {}
     for g in groups:
         for m in g.members:
@@ -97,23 +142,25 @@ def held_count(shapes: dict, groups, hidden: Sequence[str], exits: Sequence[str]
     return total
 
 
-def level_widths(shapes: dict, groups, hidden, exits, r: float, depth: int) -> dict[str, int]:
-    """Kept units per group: leading ⌈w·C⌉ of the first ``depth`` layers, 0 beyond, with
+def level_widths(shapes: dict, groups, layout: ExitLayout, r: float,
+                 depth: int) -> dict[str, int]:
+    """Kept units per group: leading ⌈w·C⌉ of the groups held at ``depth``, 0 beyond, with
     w the largest ratio whose held count is ≤ r·N (the smallest candidate if none is)."""
     n_total = sum(int(np.prod(s)) for s in shapes.values())
     budget = r * n_total * (1 + 1e-9)
-    sizes = [g.size for g in groups]
-    candidates = sorted({k / c for c in sizes[:depth] for k in range(1, c + 1)})
+    held = [g for g in groups if layout.group_level[g.name] < depth]
+    candidates = sorted({k / g.size for g in held for k in range(1, g.size + 1)})
 
     def widths(w):
-        return {g.name: (keep_count(w, g.size) if i < depth else 0) for i, g in enumerate(groups)}
+        return {g.name: (keep_count(w, g.size) if layout.group_level[g.name] < depth else 0)
+                for g in groups}
 
     best = widths(candidates[0])
     lo, hi = 0, len(candidates) - 1
     while lo <= hi:   # held count is monotone in w
         mid = (lo + hi) // 2
         k = widths(candidates[mid])
-        if held_count(shapes, groups, hidden, exits, depth, k) <= budget:
+        if held_count(shapes, groups, layout, depth, k) <= budget:
             best, lo = k, mid + 1
         else:
             hi = mid - 1
@@ -135,12 +182,12 @@ def check_options(depth_exponent: float = 0.5, kd_weight: float = 1.0,
 def scalefl_policy(capacities, *, unit_groups=None, depth_exponent: float = 0.5,
                    kd_weight: float = 1.0, temperature: float = 3.0) -> MaskPolicy:
     """Build the ScaleFL-style policy (see module docstring)."""
-    hidden, exits = exit_layout(unit_groups)
+    layout = exit_layout(unit_groups)
     groups = list(unit_groups)
     check_options(depth_exponent, kd_weight, temperature)
     capacities = tuple(float(c) for c in capacities)
-    num_layers, num_exits = len(hidden), len(exits)
-    depths = np.array([depth_for(r, num_layers, float(depth_exponent)) for r in capacities],
+    num_exits = len(layout.exits)
+    depths = np.array([depth_for(r, num_exits, float(depth_exponent)) for r in capacities],
                       np.int32)
     kd_weight, temperature = float(kd_weight), float(temperature)
     cache: dict = {}
@@ -150,7 +197,7 @@ def scalefl_policy(capacities, *, unit_groups=None, depth_exponent: float = 0.5,
         shapes = {path_names(p): tuple(leaf.shape) for p, leaf in flat}
         key = tuple(sorted(shapes.items()))
         if key not in cache:
-            per_level = [level_widths(shapes, groups, hidden, exits, r, int(d))
+            per_level = [level_widths(shapes, groups, layout, r, int(d))
                          for r, d in zip(capacities, depths)]
             cache[key] = {g.name: (np.arange(g.size)[None, :]
                                    < np.array([w[g.name] for w in per_level])[:, None]
@@ -168,8 +215,8 @@ def scalefl_policy(capacities, *, unit_groups=None, depth_exponent: float = 0.5,
     def mask(params, spec):
         m = units.expand(params, groups, spec["units"])
         ew = spec["exit_weights"]
-        for i in range(num_layers):   # whole modules beyond the depth (exit biases too)
-            for name in (hidden[i], exits[i]):
+        for i in range(num_exits):   # whole modules beyond the depth (exit biases too)
+            for name in layout.blocks[i] + (layout.exits[i],):
                 m[name] = jax.tree_util.tree_map(lambda t: t * ew[i].astype(t.dtype), m[name])
         return m
 
