@@ -33,15 +33,18 @@ class Dataset(NamedTuple):
     test splits are carved from ``x``). ``train_transform(x, key)`` runs on every
     training batch inside the client step (augmentation); ``eval_transform(x)`` on
     evaluation batches. None means the stored arrays are used as they are.
+    ``model_options``: model fields the data fixes (a tokenizer's ``vocab_size`` and
+    ``pad_token_id``, the sequence length); ``build_run`` passes them to the model.
     """
 
-    x: np.ndarray            # [n, H, W, C] float32 or uint8
+    x: np.ndarray            # [n, H, W, C] float32 or uint8 images, or [n, L] int32 token ids
     y: np.ndarray            # [n] int32
     num_classes: int
     test_x: np.ndarray | None = None
     test_y: np.ndarray | None = None
     train_transform: Callable | None = None
     eval_transform: Callable | None = None
+    model_options: dict | None = None
 
 
 class FederatedData(NamedTuple):
@@ -69,12 +72,20 @@ def _cifar(name: str) -> Callable[..., Dataset]:
     return load
 
 
+def _ag_news(**options) -> Dataset:
+    from fiarse_jax.data.text import load_ag_news   # optional dependency, imported on use
+    return load_ag_news(**options)
+
+
 #: name -> loader(**options); options come from config.data (data_dir, download, ...).
 DATASETS: dict[str, Callable[..., Dataset]] = {
-    "digits": load_digits, "cifar10": _cifar("cifar10"), "cifar100": _cifar("cifar100")}
+    "digits": load_digits, "cifar10": _cifar("cifar10"), "cifar100": _cifar("cifar100"),
+    "ag_news": _ag_news}
 #: config.data fields each loader takes.
 LOADER_OPTIONS = {"digits": (), "cifar10": ("data_dir", "download", "mock_examples"),
-                  "cifar100": ("data_dir", "download", "mock_examples")}
+                  "cifar100": ("data_dir", "download", "mock_examples"),
+                  "ag_news": ("data_dir", "download", "mock_examples", "tokenizer",
+                              "vocab_size", "max_length")}
 PARTITIONS = ("dirichlet", "balanced_dirichlet", "iid", "shards")
 
 

@@ -1,4 +1,4 @@
-"""CIFAR-10/100 from TensorFlow Datasets, into host NumPy arrays (uint8 images).
+"""CIFAR-10/100 (and the shared TFDS plumbing of every TFDS dataset) into host NumPy arrays.
 
 Route: ``tfds.data_source`` (ArrayRecord random access), which reads prepared data
 without TensorFlow. Preparing the data the first time (``download=True``) is
@@ -13,12 +13,16 @@ download that would otherwise hang for minutes on an offline machine.
 
 ``mock_examples > 0`` reads ``tfds.testing.mock_data`` instead (random images of the
 right shapes, no files): the smoke config and the tests use it.
+
+``read_tfds_splits`` is that route for any TFDS dataset (the AG News loader,
+``fiarse_jax.data.text``, uses it too).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import socket
+from typing import Sequence
 
 import numpy as np
 
@@ -36,11 +40,12 @@ class DataUnavailable(RuntimeError):
     """The dataset is neither on disk nor downloadable; the message says how to provide it."""
 
 
-def _import_tfds():
+def _import_tfds(what: str = "CIFAR", extra: str = "tfds"):
     try:
         import tensorflow_datasets as tfds
     except ImportError:
-        raise DataUnavailable("CIFAR needs tensorflow-datasets: pip install -e \".[tfds]\"") from None
+        raise DataUnavailable(
+            f"{what} needs tensorflow-datasets: pip install -e \".[{extra}]\"") from None
     return tfds
 
 
@@ -52,12 +57,64 @@ def _online(host: str, timeout: float = 5.0) -> bool:
         return False
 
 
-def _read_split(source) -> tuple[np.ndarray, np.ndarray]:
+def default_data_dir() -> str:
+    """TFDS's default data directory (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``)."""
+    tfds = _import_tfds("TFDS data")
+    return tfds.core.constants.get_default_data_dir()
+
+
+def _ensure_prepared(tfds, name: str, tfds_name: str, host: str, data_dir: str | None,
+                     download: bool) -> None:
+    """Return if ``tfds_name`` is prepared; else download it, or fail fast saying how."""
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+    if builder.is_prepared():
+        return
+    where = builder.data_dir
+    if not download:
+        raise DataUnavailable(
+            f"{name} is not prepared under config.data.data_dir = {data_dir!r} "
+            f"(looked in {where}). Set --config.data.download=True on a machine with "
+            "internet, or copy a prepared TFDS directory there.")
+    if not _online(host):
+        raise DataUnavailable(
+            f"{name} is not prepared under {where} and {host} cannot be reached "
+            "(no internet?). Prepare it on a machine with internet "
+            f"(tfds.builder('{tfds_name}', data_dir=...).download_and_prepare(file_format="
+            "'array_record')) and point config.data.data_dir at it.")
+    builder.download_and_prepare(file_format="array_record")
+
+
+def _read_records(source) -> list[dict]:
     n = len(source)
     try:
-        records = source.__getitems__(list(range(n)))
+        return list(source.__getitems__(list(range(n))))
     except Exception:  # noqa: BLE001 — some sources (mock data) lack batched reads
-        records = [source[i] for i in range(n)]
+        return [source[i] for i in range(n)]
+
+
+def read_tfds_splits(name: str, tfds_name: str, host: str, *, splits: Sequence[str],
+                     data_dir: str | None = None, download: bool = False,
+                     mock_examples: int = 0, extra: str = "tfds") -> list[list[dict]]:
+    """Every record (a dict of NumPy values) of each split of ``tfds_name``, via
+    ``tfds.data_source``; ``mock_examples > 0`` reads ``tfds.testing.mock_data``.
+
+    ``name`` (the config's dataset name) and ``host`` (where the download comes from)
+    go into the fail-fast messages; ``extra`` is the pip extra named when TFDS is missing.
+    """
+    tfds = _import_tfds(name, extra)
+    data_dir = os.path.expanduser(data_dir) if data_dir else None
+    if mock_examples > 0:
+        ctx = tfds.testing.mock_data(num_examples=int(mock_examples))
+    else:
+        ctx = contextlib.nullcontext()
+        _ensure_prepared(tfds, name, tfds_name, host, data_dir, download)
+    with ctx:
+        return [_read_records(tfds.data_source(tfds_name, split=s, data_dir=data_dir,
+                                               download=False))
+                for s in splits]
+
+
+def _images_labels(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     x = np.stack([np.asarray(r["image"], np.uint8) for r in records])
     y = np.asarray([int(r["label"]) for r in records], np.int32)
     return x, y
@@ -68,32 +125,11 @@ def load_cifar(name: str, *, data_dir: str | None = None, download: bool = False
     """CIFAR-10 or CIFAR-100 as a ``Dataset`` with its separate test split and the
     CIFAR train/eval transforms."""
     tfds_name, num_classes, host = TFDS_DATASETS[name]
-    tfds = _import_tfds()
-    data_dir = os.path.expanduser(data_dir) if data_dir else None
-    if mock_examples > 0:
-        ctx = tfds.testing.mock_data(num_examples=int(mock_examples))
-    else:
-        ctx = contextlib.nullcontext()
-        builder = tfds.builder(tfds_name, data_dir=data_dir)
-        if not builder.is_prepared():
-            where = builder.data_dir
-            if not download:
-                raise DataUnavailable(
-                    f"{name} is not prepared under config.data.data_dir = {data_dir!r} "
-                    f"(looked in {where}). Set --config.data.download=True on a machine with "
-                    "internet, or copy a prepared TFDS directory there.")
-            if not _online(host):
-                raise DataUnavailable(
-                    f"{name} is not prepared under {where} and {host} cannot be reached "
-                    "(no internet?). Prepare it on a machine with internet "
-                    f"(tfds.builder('{tfds_name}', data_dir=...).download_and_prepare(file_format="
-                    "'array_record')) and point config.data.data_dir at it.")
-            builder.download_and_prepare(file_format="array_record")
-    with ctx:
-        train = tfds.data_source(tfds_name, split="train", data_dir=data_dir, download=False)
-        test = tfds.data_source(tfds_name, split="test", data_dir=data_dir, download=False)
-        x, y = _read_split(train)
-        tx, ty = _read_split(test)
+    train, test = read_tfds_splits(name, tfds_name, host, splits=("train", "test"),
+                                   data_dir=data_dir, download=download,
+                                   mock_examples=mock_examples)
+    x, y = _images_labels(train)
+    tx, ty = _images_labels(test)
     if mock_examples > 0:   # mock labels are random over int64; fold them into the classes
         y, ty = y % num_classes, ty % num_classes
     # One set of normalisation constants (CIFAR-10's, as listed for the authors' code) for
