@@ -8,8 +8,10 @@ import flax.linen as nn
 from fiarse_jax.models.cnn import CNN
 from fiarse_jax.models.mlp import MLP
 from fiarse_jax.models.resnet import ResNet18
+from fiarse_jax.models.roberta import RobertaClassifier
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "resnet18": ResNet18}
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "resnet18": ResNet18,
+                                 "roberta": RobertaClassifier}
 
 
 def build_model(name: str, num_classes: int, options: Mapping[str, Any] | None = None) -> nn.Module:
@@ -20,4 +22,4 @@ def build_model(name: str, num_classes: int, options: Mapping[str, Any] | None =
     return MODELS[name](num_classes=num_classes, **opts)
 
 
-__all__ = ["CNN", "MLP", "MODELS", "ResNet18", "build_model"]
+__all__ = ["CNN", "MLP", "MODELS", "ResNet18", "RobertaClassifier", "build_model"]
