@@ -54,8 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.clients_per_round = 10
 
     config.client = ml_collections.ConfigDict()
-    config.client.optimizer = "sgd"
+    config.client.optimizer = "sgd"         # "sgd" (plain, the paper's CIFAR) | "adamw"
     config.client.learning_rate = 0.1
+    config.client.betas = (0.9, 0.999)      # adamw only
+    config.client.weight_decay = 1e-4       # adamw only (decoupled)
     config.client.local_steps = 20
     config.client.batch_size = 20
 

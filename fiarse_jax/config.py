@@ -79,6 +79,10 @@ def _check_model(config) -> None:
     for key, value in _get(config, "model").items():
         if key == "name":
             continue
+        if key == "pretrained":   # a run field (weights to start from), not a module field
+            if not isinstance(value, str):
+                _fail("model.pretrained", value, "must be a path, a hub name or ''")
+            continue
         if key not in known or key == "num_classes":
             _fail(f"model.{key}", value, f"is not a field of model {name!r}; "
                   f"fields: {sorted(known - {'num_classes'})}")
@@ -109,6 +113,13 @@ def validate_config(config) -> None:
         _fail("data.download", data.download, "must be True or False")
     if data.get("data_dir") is not None and not isinstance(data.data_dir, str):
         _fail("data.data_dir", data.data_dir, "must be a path or None")
+    if "tokenizer" in data and (not isinstance(data.tokenizer, str) or not data.tokenizer):
+        _fail("data.tokenizer", data.tokenizer, "must be 'bpe', a tokenizer.json path or a "
+              "Hugging Face hub name")
+    if "vocab_size" in data:
+        _int(config, "data.vocab_size", lo=261)   # 256 bytes + 5 specials
+    if "max_length" in data:
+        _int(config, "data.max_length", lo=3)
 
     caps = _get(config, "capacities")
     if not isinstance(caps, (tuple, list)) or not caps:
@@ -154,6 +165,14 @@ def validate_config(config) -> None:
     _int(config, "clients_per_round", hi=num_clients)
     _choice(config, "client.optimizer", OPTIMIZERS)
     _positive(config, "client.learning_rate")
+    if "betas" in config.client:
+        b = _get(config, "client.betas")
+        if not (isinstance(b, (tuple, list)) and len(b) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+                for v in b)):
+            _fail("client.betas", b, "must be two numbers in [0, 1) (AdamW's β1, β2)")
+    if "weight_decay" in config.client:
+        _number(config, "client.weight_decay", 0.0, math.inf, hi_open=True)
     _int(config, "client.local_steps")
     _int(config, "client.batch_size")
     _positive(config, "server.learning_rate")

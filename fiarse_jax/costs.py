@@ -55,9 +55,11 @@ def shrunk_submodel(model, params, spec, unit_groups):
 
 def capacity_costs(model, params, policy: MaskPolicy, round_state: Any,
                    capacities: Sequence[float], *, structured: bool,
-                   unit_groups=None, x_one: jax.Array) -> dict[str, dict]:
-    """Cost figures per capacity label (see module docstring)."""
-    flags = maskable_flags(params)
+                   unit_groups=None, x_one: jax.Array,
+                   is_maskable=None) -> dict[str, dict]:
+    """Cost figures per capacity label (see module docstring); ``is_maskable`` is the
+    model's own maskability rule, if it declares one (default: ``masks.default_maskable``)."""
+    flags = maskable_flags(params, is_maskable)
     leaves = jax.tree_util.tree_leaves(params)
     itemsize = [np.dtype(l.dtype).itemsize for l in leaves]
     n_total = sum(l.size for l in leaves)

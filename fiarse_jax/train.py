@@ -17,6 +17,7 @@ process runs this same loop; process 0 alone writes the JSON files and the summa
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -61,10 +62,18 @@ COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-    lr = config.client.learning_rate
-    if config.client.optimizer == "sgd":
-        return optax.sgd(lr)
-    return optax.adamw(lr)
+    """The client optimiser, created afresh every round (clients keep no state).
+
+    ``sgd``: plain SGD (no momentum, no weight decay), as the paper's CIFAR runs.
+    ``adamw``: optax's AdamW with ``client.betas`` and ``client.weight_decay`` (optax's
+    defaults (0.9, 0.999) and 1e-4 when a config lacks them; the paper's AG News runs
+    use (0.9, 0.95) and 0).
+    """
+    c = config.client
+    if c.optimizer == "sgd":
+        return optax.sgd(c.learning_rate)
+    b1, b2 = (float(b) for b in c.get("betas", (0.9, 0.999)))
+    return optax.adamw(c.learning_rate, b1=b1, b2=b2, weight_decay=c.get("weight_decay", 1e-4))
 
 
 def make_model_fns(model, policy):
@@ -143,6 +152,7 @@ class Run(NamedTuple):
     train_transform: Any = None     # (x, key) -> x: on-device augmentation, or None
     eval_transform: Any = None      # x -> x: evaluation preprocessing, or None
     x_one: Any = None               # one preprocessed input (model init, FLOP counts)
+    is_maskable: Any = None         # the model's own maskability rule, or None (default)
 
     def eval_state(self, params, rounds_done: int):
         """The policy's round state the evaluation after ``rounds_done`` rounds uses."""
@@ -168,19 +178,27 @@ def build_run(config) -> Run:
     except ValueError as e:  # e.g. too many clients for the data at this alpha
         raise ConfigError(f"config.data: {e}") from None
 
-    model_opts = {k: v for k, v in config.model.items() if k != "name"}
-    model = models.build_model(config.model.name, ds.num_classes, model_opts)
+    model = build_model(config, ds)
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
     x_one = data.train.x[0, :1]
     if ds.eval_transform is not None:
         x_one = ds.eval_transform(x_one)
     params = jax.jit(model.init)(init_key, x_one)["params"]   # jitted: one compile, not per op
+    pretrained = config.model.get("pretrained", "")
+    if pretrained:
+        try:
+            params = model.load_pretrained(pretrained, params)
+        except (OSError, ValueError, ImportError) as e:   # ImportError: no safetensors
+            raise ConfigError(f"config.model.pretrained = {pretrained!r}: {e}") from None
 
     unit_groups = model.unit_groups(params) if hasattr(model, "unit_groups") else None
+    # A model may declare its own maskability rule and layer-scope θ groups (RoBERTa does).
+    is_maskable = getattr(model, "is_maskable", None)
     try:
         policy = policies.build_policy(config.method, capacities,
                                        dict(config.get(config.method, {})),
-                                       unit_groups=unit_groups)
+                                       unit_groups=unit_groups, is_maskable=is_maskable,
+                                       group_fn=getattr(model, "threshold_group", None))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config.{config.method}: {e}") from None
     logits_fn, loss_fn = make_model_fns(model, policy)
@@ -191,7 +209,38 @@ def build_run(config) -> Run:
             data.train.y, data.num_classes, jnp.asarray(attackers))))
     return Run(config, capacities, data, model, params, train_key, unit_groups, policy,
                logits_fn, loss_fn, assignment, jax.jit(policy.prepare), attackers,
-               ds.train_transform, ds.eval_transform, x_one)
+               ds.train_transform, ds.eval_transform, x_one, is_maskable)
+
+
+#: config.model fields that configure the run, not the Flax module.
+RUN_MODEL_FIELDS = ("name", "pretrained")
+
+
+def build_model(config, ds):
+    """The model of ``config.model`` for dataset ``ds``; fields the data fixes
+    (``ds.model_options``: a tokenizer's vocabulary size, the sequence length) are
+    filled in, and a config value that contradicts one is an error naming both."""
+    opts = {k: v for k, v in config.model.items() if k not in RUN_MODEL_FIELDS}
+    name = config.model.name
+    if config.model.get("pretrained") and not hasattr(models.MODELS.get(name), "load_pretrained"):
+        raise ConfigError(f"config.model.pretrained: model {name!r} cannot load pretrained "
+                          "weights (only 'roberta' can)")
+    if ds.model_options:
+        fields = {f.name for f in dataclasses.fields(models.MODELS[name])}
+        missing = sorted(set(ds.model_options) - fields)
+        if missing:
+            raise ConfigError(f"config.model.name = {name!r}: dataset {config.data.name!r} "
+                              f"gives token ids and fixes {missing}; use a text model "
+                              "('roberta')")
+        for k, v in ds.model_options.items():
+            if opts.get(k) not in (None, 0, v):
+                raise ConfigError(f"config.model.{k} = {opts[k]!r} contradicts the data "
+                                  f"({k} = {v!r} from config.data); leave it 0 or set {v!r}")
+            opts[k] = v
+    try:
+        return models.build_model(name, ds.num_classes, opts)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.model: {e}") from None
 
 
 def choose_attackers(config, assignment: np.ndarray) -> np.ndarray:
@@ -397,10 +446,12 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     params = engine.local_view(params)
     final_state = run.eval_state(params, config.num_rounds)
     labels = [evaluate.capacity_label(c) for c in capacities]
-    kept_overall, kept_layers = kept_fractions(policy, params, final_state, capacities)
+    kept_overall, kept_layers = kept_fractions(policy, params, final_state, capacities,
+                                               run.is_maskable)
     cost = costs.capacity_costs(model, params, policy, final_state, capacities,
                                 structured=config.method in policies.STRUCTURED,
-                                unit_groups=unit_groups, x_one=run.x_one)
+                                unit_groups=unit_groups, x_one=run.x_one,
+                                is_maskable=run.is_maskable)
     summary = {
         "config": config.to_dict(),
         "final": history[-1],

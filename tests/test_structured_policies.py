@@ -25,6 +25,30 @@ def cnn_setup():
     return model, params, model.unit_groups(params)
 
 
+def roberta_setup():
+    """The tiny RoBERTa (2 layers, 2 heads of 32, 128 MLP units) with 4 heads / 16 units
+    per layer, so that the capacity levels keep different numbers of each."""
+    model = models.build_model("roberta", 4, {"size": "tiny", "num_heads": 4,
+                                              "intermediate_size": 16, "vocab_size": 50})
+    params = model.init(jax.random.PRNGKey(0), jnp.full((1, 6), 5, jnp.int32))["params"]
+    return model, params, model.unit_groups(params)
+
+
+def setup_input(setup):
+    """A batch of 4 inputs for the model of ``setup`` (token ids with padding for RoBERTa)."""
+    if setup is roberta_setup:
+        ids = jax.random.randint(jax.random.PRNGKey(3), (4, 6), 5, 50)
+        return ids.at[0, 4:].set(1).at[:, 0].set(0)
+    shape = (5,) if setup is mlp_setup else (8, 8, 1)
+    return jax.random.normal(jax.random.PRNGKey(3), (4,) + shape)
+
+
+def _leaf(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
 def spec_for(policy, params, level, round_index=0, key=None):
     state = policy.prepare(params, round_index, jax.random.PRNGKey(0))
     return policy.client_spec(state, level, key if key is not None else jax.random.PRNGKey(0))
@@ -113,19 +137,19 @@ def test_fedavg_reference_policies():
                                     hetero.mask(params, spec_for(hetero, params, 0)))
 
 
-@pytest.mark.parametrize("setup", [mlp_setup, cnn_setup])
+@pytest.mark.parametrize("setup", [mlp_setup, cnn_setup, roberta_setup])
 @pytest.mark.parametrize("method", ["heterofl", "fedrolex", "fed_dropout", "fiarse_neuron"])
 def test_masks_are_shape_consistent_and_shrink_exactly(setup, method):
     model, params, groups = setup()
     pol = policies.build_policy(method, CAPS, unit_groups=groups)
-    x = jax.random.normal(jax.random.PRNGKey(3), (4,) + ((5,) if setup is mlp_setup else (8, 8, 1)))
+    x = setup_input(setup)
     for lvl in range(len(CAPS)):
         spec = spec_for(pol, params, lvl, round_index=7, key=jax.random.PRNGKey(lvl))
         m = pol.mask(params, spec)
         u = np_units(spec)
         for g in groups:   # a consumer's kept inputs are exactly the producer's kept units
             for c in g.consumers:
-                leaf = np.asarray(m[c.path[0]][c.path[1]])
+                leaf = np.asarray(_leaf(m, c.path))
                 along = np.moveaxis(leaf, c.axis, 0).reshape(leaf.shape[c.axis], -1).max(1)
                 np.testing.assert_array_equal(along, np.tile(u[g.name], c.tile))
         masked = jax.tree_util.tree_map(lambda p, q: p * q, params, m)
@@ -156,3 +180,27 @@ def test_heterofl_scaler_scales_hidden_outputs_by_one_over_r():
 def test_structured_methods_need_unit_groups():
     with pytest.raises(ValueError, match="'heterofl' needs a model that declares its units"):
         policies.build_policy("heterofl", CAPS)
+
+
+def test_heterofl_on_roberta_keeps_leading_heads_and_units_only():
+    """Per layer: the first ⌈r·4⌉ heads (their query/key/value columns and output rows)
+    and the first ⌈r·16⌉ MLP units; embeddings, LayerNorms and the head stay whole."""
+    model, params, groups = roberta_setup()
+    pol = policies.build_policy("heterofl", CAPS, {"scaler": False}, unit_groups=groups)
+    for lvl, r in enumerate(CAPS):
+        m = pol.mask(params, spec_for(pol, params, lvl))
+        h, u = math.ceil(4 * r), math.ceil(16 * r)
+        for i in range(2):
+            att, mlp = m[f"layer_{i}"]["attention"], m[f"layer_{i}"]["mlp"]
+            heads = np.zeros((64, 4, 16)); heads[:, :h] = 1        # [d, H, head_dim]
+            out = np.zeros((4, 16, 64)); out[:h] = 1
+            for name in ("query", "key", "value"):
+                np.testing.assert_array_equal(np.asarray(att[name]["kernel"]), heads)
+                np.testing.assert_array_equal(np.asarray(att[name]["bias"]), heads[0])
+            np.testing.assert_array_equal(np.asarray(att["output"]["kernel"]), out)
+            np.testing.assert_array_equal(np.asarray(att["output"]["bias"]), 1.0)
+            inter = np.zeros((64, 16)); inter[:, :u] = 1
+            np.testing.assert_array_equal(np.asarray(mlp["intermediate"]["kernel"]), inter)
+            np.testing.assert_array_equal(np.asarray(mlp["output"]["kernel"]), inter.T)
+        for top in ("embeddings", "head"):
+            assert all(float(x.min()) == 1.0 for x in jax.tree_util.tree_leaves(m[top]))

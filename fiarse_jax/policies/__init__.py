@@ -10,6 +10,7 @@ together, early exits, self-distillation); needs ``MLP(early_exits=True)`` or
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Mapping, Sequence
 
 from fiarse_jax.policies.base import MaskPolicy, select_level
@@ -38,11 +39,21 @@ STRUCTURED = frozenset(POLICIES) - {"fiarse"}
 
 
 def build_policy(name: str, capacities: Sequence[float],
-                 options: Mapping[str, Any] | None = None, *, unit_groups=None) -> MaskPolicy:
-    """The policy ``name`` for these capacity levels, with its config options."""
+                 options: Mapping[str, Any] | None = None, *, unit_groups=None,
+                 is_maskable=None, group_fn=None) -> MaskPolicy:
+    """The policy ``name`` for these capacity levels, with its config options.
+
+    ``is_maskable(path, leaf)`` / ``group_fn(path)``: a model's own maskability rule and
+    layer-scope θ groups (e.g. RoBERTa's: embeddings and encoder, head not masked); given
+    to the builders that rank parameters (their signature names them), else unused.
+    """
     if name not in POLICIES:
         raise ValueError(f"unknown method {name!r}; expected one of {sorted(POLICIES)}")
-    return POLICIES[name](capacities, unit_groups=unit_groups, **dict(options or {}))
+    builder = POLICIES[name]
+    accepted = inspect.signature(builder).parameters
+    extra = {k: v for k, v in (("is_maskable", is_maskable), ("group_fn", group_fn))
+             if v is not None and k in accepted}
+    return builder(capacities, unit_groups=unit_groups, **extra, **dict(options or {}))
 
 
 __all__ = ["MaskPolicy", "POLICIES", "STRUCTURED", "build_policy", "select_level"]

@@ -1,0 +1,107 @@
+"""The AG News path end to end on TFDS mock data: one federated round under both engine
+strategies, the model fields the tokenizer fixes, pretrained weights through the config."""
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("tokenizers", reason="the text path needs tokenizers (the 'text' extra)")
+
+from fiarse_jax import train  # noqa: E402
+from fiarse_jax.config import ConfigError  # noqa: E402
+from helpers import override  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import agnews_smoke  # noqa: E402
+
+
+def smoke(tmp_path, **fields):
+    c = agnews_smoke.get_config()
+    c.data.data_dir = str(tmp_path / "data")      # the BPE cache goes here, not under ~
+    c.num_rounds, c.checkpoint_every, c.tensorboard = 1, 0, False
+    return override(c, **fields)
+
+
+def test_one_round_agrees_across_strategies_and_keeps_the_grouped_budget(tmp_path):
+    out = {s: train.train_and_evaluate(smoke(tmp_path, **{"engine.strategy": s}),
+                                       str(tmp_path / s), progress=False)
+           for s in ("loop", "vmap")}
+    loop, vmap = out["loop"], out["vmap"]
+    assert loop["num_classes"] == 4 and loop["config"]["model"]["name"] == "roberta"
+    assert loop["final"]["train_loss"] == pytest.approx(vmap["final"]["train_loss"], rel=1e-4)
+    assert loop["final"]["global_accuracy"] == pytest.approx(vmap["final"]["global_accuracy"],
+                                                             abs=1e-9)
+    # Layer scope over the model's three θ groups: each group keeps ⌈r·N_g⌉, so every level
+    # keeps its share of the maskable parameters; the head and token-type embeddings are
+    # not maskable, so no kept share is reported for the head.
+    # Costs use the model's rule too: maskable = word/position embeddings + encoder dense
+    # layers, counted here from the parameter names.
+    params = train.build_run(smoke(tmp_path)).init_params
+    by_path = {"/".join(str(getattr(k, "key", k)) for k in path): leaf.size for path, leaf in
+               jax.tree_util.tree_flatten_with_path(params)[0]}
+    maskable = sum(n for p, n in by_path.items()
+                   if p.startswith(("embeddings/word/", "embeddings/position/"))
+                   or (p.startswith("layer_") and p.split("/")[1] in ("attention", "mlp")))
+    assert loop["costs"]["1"]["maskable_kept"] == maskable
+    assert loop["costs"]["1"]["params_total"] == sum(by_path.values()) > maskable
+    for label, r in (("1", 1), ("1/4", 1 / 4), ("1/16", 1 / 16), ("1/64", 1 / 64)):
+        assert loop["kept_fraction"][label] == pytest.approx(r, rel=0.01)
+        assert set(loop["kept_fraction_per_layer"][label]) == {"embeddings", "layer_0", "layer_1"}
+
+
+def test_the_tokenizer_fixes_the_model_vocabulary(tmp_path):
+    run = train.build_run(smoke(tmp_path))
+    vocab = run.model.dims().vocab_size
+    assert run.init_params["embeddings"]["word"]["embedding"].shape[0] == vocab
+    assert int(np.asarray(run.data.train.x).max()) < vocab
+    assert run.model.max_length == 32
+    with pytest.raises(ConfigError, match=r"config.model.vocab_size = 123 contradicts the data "
+                                          rf"\(vocab_size = {vocab}"):
+        train.build_run(smoke(tmp_path, **{"model.vocab_size": 123}))
+    c = smoke(tmp_path)
+    c.model = type(c.model)({"name": "mlp", "hidden_sizes": (8,)})
+    with pytest.raises(ConfigError, match="dataset 'ag_news' gives token ids"):
+        train.build_run(c)
+
+
+def _hf_checkpoint(params, rng):
+    """Random tensors under Hugging Face RoBERTa names, shaped for ``params`` (no head)."""
+    emb = params["embeddings"]
+    d = emb["word"]["embedding"].shape[1]
+    t = {"roberta.embeddings.word_embeddings.weight": emb["word"]["embedding"].shape,
+         "roberta.embeddings.position_embeddings.weight": emb["position"]["embedding"].shape,
+         "roberta.embeddings.token_type_embeddings.weight": emb["token_type"]["embedding"].shape,
+         "roberta.embeddings.LayerNorm.weight": (d,), "roberta.embeddings.LayerNorm.bias": (d,)}
+    layers = sorted(k for k in params if k.startswith("layer_"))
+    for i in range(len(layers)):
+        ff = params[f"layer_{i}"]["mlp"]["intermediate"]["kernel"].shape[1]
+        x = f"roberta.encoder.layer.{i}."
+        for name, (o, n) in {"attention.self.query": (d, d), "attention.self.key": (d, d),
+                             "attention.self.value": (d, d), "attention.output.dense": (d, d),
+                             "intermediate.dense": (ff, d), "output.dense": (d, ff)}.items():
+            t[x + name + ".weight"], t[x + name + ".bias"] = (o, n), (o,)
+        for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
+            t[x + norm + ".weight"], t[x + norm + ".bias"] = (d,), (d,)
+    return {k: rng.normal(size=s).astype(np.float32) for k, s in t.items()}
+
+
+def test_pretrained_switch_starts_from_the_checkpoint(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    scratch = train.build_run(smoke(tmp_path))
+    t = _hf_checkpoint(scratch.init_params, np.random.default_rng(0))
+    path = tmp_path / "model.safetensors"
+    safetensors_numpy.save_file(t, str(path))
+    run = train.build_run(smoke(tmp_path, **{"model.pretrained": str(path)}))
+    p = run.init_params
+    d = t["roberta.embeddings.LayerNorm.weight"].shape[0]
+    q = np.asarray(p["layer_1"]["attention"]["query"]["kernel"]).reshape(d, d)
+    np.testing.assert_array_equal(q, t["roberta.encoder.layer.1.attention.self.query.weight"].T)
+    np.testing.assert_array_equal(np.asarray(p["embeddings"]["word"]["embedding"]),
+                                  t["roberta.embeddings.word_embeddings.weight"])
+    # No classifier in the checkpoint: the head is the scratch model's initialisation.
+    np.testing.assert_array_equal(np.asarray(p["head"]["out_proj"]["kernel"]),
+                                  np.asarray(scratch.init_params["head"]["out_proj"]["kernel"]))
+    with pytest.raises(ConfigError, match="config.model.pretrained = 'nowhere/none'"):
+        train.build_run(smoke(tmp_path, **{"model.pretrained": "nowhere/none"}))
