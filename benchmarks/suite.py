@@ -2,7 +2,7 @@
 PyTorch reference side by side, scaling curves, and the cost of mask extraction.
 
 Usage:
-  python benchmarks/suite.py [--quick] [--sections strategies,resnet,size,masks]
+  python benchmarks/suite.py [--quick] [--sections strategies,resnet,size,masks,text]
       [--cnn-clients 10,100,1000] [--resnet-steps 100] [--rounds 2] [--no-torch]
       [--out benchmarks/results/suite_<backend>.json]
 
@@ -18,6 +18,9 @@ after one warm-up (compile) round. Sections:
   torch_reference.py, clients one after another, the mask recomputed in every forward).
 * ``resnet``: CIFAR ResNet-18 (11.2 M params) on CIFAR-shaped synthetic data, 10 clients.
 * ``size``: time per round vs CNN width at 10 clients (best strategy and PyTorch).
+* ``text``: the RoBERTa classifier (``small`` on CPU, ``roberta_base`` on an accelerator)
+  on random token ids, AdamW clients, per strategy: client steps/s, tokens/s, peak memory
+  with one client at a time (``vmap:1``) and with a chunk of clients.
 * ``masks``: thresholds of all levels (``policy.prepare``: one sort of |w|) for ResNet-18
   and a 100 M-parameter synthetic pytree, beside the ResNet round.
 
@@ -55,43 +58,63 @@ def _peak_memory_mb() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host RSS"
 
 
-def _data(model: str, clients: int, samples: int):
-    """Random per-client data of digits (8×8×1 float) or CIFAR (32×32×3 uint8) shape."""
+def _data(model: str, clients: int, samples: int, kw: dict | None = None):
+    """Random per-client data of digits (8×8×1 float), CIFAR (32×32×3 uint8) or token-id
+    (``[max_length]`` int32, no padding: every token is real) shape."""
     import numpy as np
     from fiarse_jax.data import stack_clients
     rng = np.random.default_rng(0)
     n = clients * samples
     if model == "resnet18":
         x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    elif model == "roberta":
+        kw = kw or {}
+        x = rng.integers(5, kw.get("vocab_size", 1000), (n, kw.get("max_length", 128)),
+                         dtype=np.int32)
+        x[:, 0] = 0   # <s>
     else:
         x = rng.normal(size=(n, 8, 8, 1)).astype(np.float32)
     y = rng.integers(0, 10, n).astype(np.int32)
     return stack_clients(x, y, np.split(np.arange(n), clients))
 
 
-def measure_round(spec: dict) -> dict:
-    """Time ``spec['rounds']`` FIARSE rounds of ``spec['strategy']`` after a warm-up one."""
+def _setup(spec: dict, clients: int, steps: int):
+    """(params, policy, client fns, data) of one benchmark configuration: FIARSE with the
+    masked gradient (the authors' released runs) on the model's own maskable leaves;
+    SGD lr 0.1, or AdamW lr 1e-4 for the text model (the paper's optimisers)."""
     import jax
-    import jax.numpy as jnp
     import optax
-    from fiarse_jax import engine, models, policies
-    from fiarse_jax.server_round import make_server_round
+    from fiarse_jax import models, policies
     from fiarse_jax.client import make_client_fns
     from fiarse_jax.data import augment
     from fiarse_jax.train import COMPUTE_DTYPES, make_model_fns
 
-    name, clients, steps = spec["model"], spec["clients"], spec["steps"]
-    model = models.build_model(name, 10, dict(spec.get("model_kwargs", {})))
-    data = _data(name, clients, spec.get("samples", 100))
+    name, kw = spec["model"], dict(spec.get("model_kwargs", {}))
+    model = models.build_model(name, 10, kw)
+    data = _data(name, clients, spec.get("samples", 100), kw)
     cifar = name == "resnet18"
     x_one = augment.cifar_eval_transform()(data.x[0, :1]) if cifar else data.x[0, :1]
-    params = model.init(jax.random.PRNGKey(0), x_one)["params"]
-    policy = policies.build_policy("fiarse", CAPACITIES, {"gradient": "masked"})
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), x_one)["params"]
+    policy = policies.build_policy("fiarse", CAPACITIES, {"gradient": "masked"},
+                                   is_maskable=getattr(model, "is_maskable", None))
     _, loss_fn = make_model_fns(model, policy)
-    fns = make_client_fns(loss_fn, policy, optax.sgd(0.1), num_steps=steps,
-                          batch_size=spec["batch"],
+    opt = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.0) if name == "roberta" else \
+        optax.sgd(0.1)
+    fns = make_client_fns(loss_fn, policy, opt, num_steps=steps, batch_size=spec["batch"],
                           augment=augment.cifar_train_transform() if cifar else None,
                           compute_dtype=COMPUTE_DTYPES[spec.get("dtype", "float32")])
+    return params, policy, fns, data
+
+
+def measure_round(spec: dict) -> dict:
+    """Time ``spec['rounds']`` FIARSE rounds of ``spec['strategy']`` after a warm-up one."""
+    import jax
+    import jax.numpy as jnp
+    from fiarse_jax import engine
+    from fiarse_jax.server_round import make_server_round
+
+    clients, steps = spec["clients"], spec["steps"]
+    params, policy, fns, data = _setup(spec, clients, steps)
     strategy = spec["strategy"]
     run = engine.make_round_runner(fns, strategy, clients_per_chunk=spec.get("chunk", 0))
     prepare = jax.jit(policy.prepare)
@@ -126,31 +149,14 @@ def measure_round(spec: dict) -> dict:
 
 
 def measure_step_flops(spec: dict) -> dict:
-    """XLA's FLOP count of one client step (forward, backward, SGD update) at ``spec``'s
+    """XLA's FLOP count of one client step (forward, backward, optimiser update) at ``spec``'s
     model and batch, compiled for the CPU (the parent runs this with JAX_PLATFORMS=cpu:
     XLA's GPU cost analysis leaves out cuDNN convolutions, so a GPU count is far too low)."""
     import jax
     import jax.numpy as jnp
-    import optax
-    from fiarse_jax import models, policies
-    from fiarse_jax.client import make_client_fns
-    from fiarse_jax.data import augment
-    from fiarse_jax.train import COMPUTE_DTYPES, make_model_fns
 
-    name = spec["model"]
-    model = models.build_model(name, 10, dict(spec.get("model_kwargs", {})))
-    data = _data(name, 1, spec.get("samples", 100))
-    cifar = name == "resnet18"
-    one = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)  # noqa: E731
-    data0 = one(data)
-    x_one = augment.cifar_eval_transform()(data0.x[:1]) if cifar else data0.x[:1]
-    params = model.init(jax.random.PRNGKey(0), x_one)["params"]
-    policy = policies.build_policy("fiarse", CAPACITIES, {"gradient": "masked"})
-    _, loss_fn = make_model_fns(model, policy)
-    fns = make_client_fns(loss_fn, policy, optax.sgd(0.1), num_steps=1,
-                          batch_size=spec["batch"],
-                          augment=augment.cifar_train_transform() if cifar else None,
-                          compute_dtype=COMPUTE_DTYPES[spec.get("dtype", "float32")])
+    params, policy, fns, data = _setup(spec, 1, 1)
+    data0 = jax.tree_util.tree_map(lambda a: a[0], data)
     key = jax.random.PRNGKey(0)
     spec0 = policy.client_spec(policy.prepare(params, 0, key), 0, key)
     state = jax.jit(fns.init)(params, spec0, data0, key)
@@ -316,11 +322,19 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
-    ap.add_argument("--sections", default="strategies,resnet,size,masks")
+    ap.add_argument("--sections", default="strategies,resnet,size,masks,text")
     ap.add_argument("--cnn-clients", default="10,100,1000")
     ap.add_argument("--steps", type=int, default=20, help="local steps K for the CNN")
     ap.add_argument("--resnet-steps", type=int, default=100, help="local steps K for ResNet-18")
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds after the warm-up")
+    ap.add_argument("--text-size", default=None,
+                    help="RoBERTa preset of the text section (default: small on CPU, "
+                         "roberta_base on an accelerator)")
+    ap.add_argument("--text-clients", type=int, default=20)
+    ap.add_argument("--text-steps", type=int, default=5, help="local AdamW steps K (text)")
+    ap.add_argument("--text-length", type=int, default=128, help="tokens per sequence")
+    ap.add_argument("--text-strategies", default=None,
+                    help="default: loop,vmap:1,vmap:5 on an accelerator, loop,vmap:5 on CPU")
     ap.add_argument("--strategies", default="loop,vmap,vmap:100,sharded",
                     help="CNN strategies; vmap:C = vmap in chunks of C clients")
     ap.add_argument("--cores", default=None,
@@ -421,6 +435,27 @@ def main(argv=None) -> dict:
             [(best, 0)], torch_ok)]
         _table("CNN width at 10 clients per round", result["size"],
                [("num_params", "params", ",d")] + cols[1:])
+        save()
+    if "text" in sections:
+        size = args.text_size or ("small" if backend == "cpu" else "roberta_base")
+        kw = {"size": "tiny" if args.quick else size, "max_length": 16 if args.quick else
+              args.text_length}
+        kw["vocab_size"] = 50265 if kw["size"] == "roberta_base" else 8000
+        strats = [(x.split(":")[0], int(x.split(":")[1]) if ":" in x else 0) for x in (
+            args.text_strategies or ("loop,vmap:5" if backend == "cpu" else "loop,vmap:1,vmap:5")
+        ).split(",")]
+        if args.quick:
+            strats = [(x, min(c, 1)) for x, c in strats]
+        n_clients = 2 if args.quick else args.text_clients
+        result["text"] = group("roberta", n_clients, 1 if args.quick else args.text_steps,
+                               kw, strats, False)
+        for r in result["text"]:
+            if "round_s" in r:
+                r["tokens_per_s"] = r["client_steps_per_s"] * r["batch"] * kw["max_length"]
+        _table(f"RoBERTa {kw['size']} on {kw['max_length']}-token sequences, K = "
+               f"{1 if args.quick else args.text_steps} AdamW steps, batch 20 (peak MB: the "
+               "whole round; vmap:1 = one client at a time)", result["text"],
+               cols[:5] + [("tokens_per_s", "tokens/s", ".0f")] + cols[6:])
         save()
     if "masks" in sections:
         trees = ([{"tree": "synthetic", "params": 10**6}] if args.quick else
