@@ -38,6 +38,12 @@ from fiarse_jax.config import ConfigError
 SAFE_TO_CHANGE = ("num_rounds", "eval_every", "checkpoint_every", "keep_checkpoints",
                   "tensorboard", "engine.strategy", "engine.clients_per_chunk", "profile")
 
+#: Config fields added after checkpoints were first written, with the value the code used
+#: before they existed: a checkpoint without the field resumes when the current value is it.
+ADDED_FIELDS = {"client.betas": [0.9, 0.999], "client.weight_decay": 1e-4,
+                "model.early_exits": False}
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -57,6 +63,8 @@ def config_differences(saved: dict, current: dict) -> list[str]:
         if key in SAFE_TO_CHANGE:
             continue
         va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if va == "<absent>" and key in ADDED_FIELDS and vb == ADDED_FIELDS[key]:
+            continue   # written before the field existed, with the behaviour it now names
         if va != vb:
             diffs.append(f"{key}: checkpoint {va!r}, now {vb!r}")
     return diffs

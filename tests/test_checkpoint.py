@@ -167,3 +167,13 @@ def test_restart_from_round_zero_replaces_old_tensorboard_events(tmp_path):
     shutil.rmtree(os.path.join(w, "checkpoints"))      # e.g. killed before its first save
     train.train_and_evaluate(tiny(num_rounds=5), w, progress=False)
     assert [s for s, _ in read_scalars(os.path.join(w, "tensorboard"))["train_loss"]] == [1, 2, 3, 4, 5]
+
+
+def test_checkpoint_from_before_a_field_existed_resumes_only_with_its_old_behaviour():
+    """A field added later (client.weight_decay) is absent from older checkpoints: they
+    resume when the field holds what the code did without it (AdamW's 1e-4), not otherwise."""
+    old = tiny().to_dict()
+    del old["client"]["weight_decay"], old["client"]["betas"]
+    assert checkpoint.config_differences(old, tiny().to_dict()) == []
+    assert checkpoint.config_differences(old, tiny(**{"client.weight_decay": 0.0}).to_dict()) == [
+        "client.weight_decay: checkpoint '<absent>', now 0.0"]
