@@ -393,8 +393,8 @@ def main(argv=None) -> dict:
 
     def save():
         """Write the JSON and PNG so far (after every section: a cut-off run keeps its part)."""
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2)
+        from fiarse_jax.metrics import write_atomic
+        write_atomic(out, json.dumps(result, indent=2))
         plot(result, os.path.splitext(out)[0] + ".png")
 
     def group(model, clients, k, kw, strats, torch_too):

@@ -26,7 +26,7 @@ on the same engine (heads and MLP units are the units):
       --workdir runs/ag_cmp
 
 Differences from the paper, on purpose: local training is K = 60 steps of batch 20 per
-round for every client (≈ 2 epochs of the mean client's ~564 samples) instead of 2
+round for every client (≈ 2 epochs of the mean client's ~600 samples) instead of 2
 epochs of each client's own data; no dropout in the model. Clients' test splits are
 carved from the pooled AG News data (`test_fraction` 0.06 ≈ the official test split's
 share), so local and global accuracies use the same per-client convention as digits.
@@ -96,8 +96,8 @@ def get_config(arg: str = "four,coarse,pretrained") -> ml_collections.ConfigDict
     config.client.weight_decay = 0.0
     config.client.local_steps = 60
     config.client.batch_size = 20
-    # 20 roberta-base clients at once need ~50 GB for params, grads and AdamW moments:
-    # 5 at a time fit a 16 GB accelerator.
+    # Clients trained at once: 5 roberta-base clients peaked at 43.9 GB on an H100
+    # (benchmarks/results/suite_gpu_text.json); lower it on a smaller accelerator.
     config.engine.clients_per_chunk = 5
     config.eval_every = 20
     config.checkpoint_every = 20

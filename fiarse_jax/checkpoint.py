@@ -30,6 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fiarse_jax import aggregators, policies
 from fiarse_jax.config import ConfigError
 
 #: Config fields that may change between a run and its resumption: the length of
@@ -55,12 +56,26 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def unused_prefixes(config: dict) -> tuple[str, ...]:
+    """Config sections this run never reads: other methods' options, other aggregators'
+    options, and AdamW's fields under SGD (a change there cannot change the run)."""
+    method = config.get("method")
+    client, server = config.get("client", {}), config.get("server", {})
+    out = [f"{m}." for m in policies.POLICIES if m != method]
+    out += [f"server.{a}." for a in aggregators.AGGREGATORS if a != server.get("aggregator")]
+    if client.get("optimizer") == "sgd":
+        out += ["client.betas", "client.weight_decay"]
+    return tuple(out)
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """Dotted names of fields (outside ``SAFE_TO_CHANGE``) that differ, with both values."""
+    """Dotted names of fields (outside ``SAFE_TO_CHANGE`` and the sections the current run
+    does not read) that differ, with both values."""
     a, b = _flatten(saved), _flatten(current)
+    unused = unused_prefixes(current)
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if key in SAFE_TO_CHANGE:
+        if key in SAFE_TO_CHANGE or key.startswith(unused):
             continue
         va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
         if va == "<absent>" and key in ADDED_FIELDS and vb == ADDED_FIELDS[key]:

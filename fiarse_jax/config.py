@@ -7,9 +7,11 @@ from typing import Any
 
 from fiarse_jax import aggregators, attacks, engine, evaluate, fiarse, masks, models, policies
 from fiarse_jax import privacy
-from fiarse_jax.data import federated
+from fiarse_jax.data import federated, text   # text imports tokenizers only on use
 
 OPTIMIZERS = ("sgd", "adamw")
+#: config.model fields that configure the run, not the Flax module (build_run, export).
+RUN_MODEL_FIELDS = ("name", "pretrained")
 #: attacks.KINDS act on updates; label_flip on the attackers' training labels.
 ATTACK_KINDS = attacks.KINDS + ("label_flip",)
 
@@ -77,11 +79,10 @@ def _check_model(config) -> None:
     name = _choice(config, "model.name", models.MODELS)
     known = {f.name for f in dataclasses.fields(models.MODELS[name])} - {"parent", "name"}
     for key, value in _get(config, "model").items():
-        if key == "name":
-            continue
         if key == "pretrained":   # a run field (weights to start from), not a module field
             if not isinstance(value, str):
                 _fail("model.pretrained", value, "must be a path, a hub name or ''")
+        if key in RUN_MODEL_FIELDS:
             continue
         if key not in known or key == "num_classes":
             _fail(f"model.{key}", value, f"is not a field of model {name!r}; "
@@ -117,9 +118,9 @@ def validate_config(config) -> None:
         _fail("data.tokenizer", data.tokenizer, "must be 'bpe', a tokenizer.json path or a "
               "Hugging Face hub name")
     if "vocab_size" in data:
-        _int(config, "data.vocab_size", lo=261)   # 256 bytes + 5 specials
+        _int(config, "data.vocab_size", lo=text.MIN_VOCAB_SIZE)   # 256 bytes + 5 specials
     if "max_length" in data:
-        _int(config, "data.max_length", lo=3)
+        _int(config, "data.max_length", lo=text.MIN_MAX_LENGTH)
 
     caps = _get(config, "capacities")
     if not isinstance(caps, (tuple, list)) or not caps:

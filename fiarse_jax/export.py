@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from fiarse_jax import checkpoint, costs, evaluate, models, policies, train
-from fiarse_jax.config import ConfigError
+from fiarse_jax.config import RUN_MODEL_FIELDS, ConfigError
 from fiarse_jax.data import augment
 from fiarse_jax.masks import path_names
 from fiarse_jax.metrics import write_atomic
@@ -82,7 +82,8 @@ def load_run_state(workdir: str) -> tuple[train.Run, Any, int, dict]:
         if latest is None:
             raise ConfigError(f"--workdir {workdir!r}: no readable checkpoint"
                               + (f" ({'; '.join(warnings)})" if warnings else ""))
-        run = train.build_run(ml_collections.ConfigDict(latest[1]["config"]))
+        # The checkpoint holds every parameter: no need to find pretrained weights again.
+        run = train.build_run(ml_collections.ConfigDict(latest[1]["config"]), pretrained=False)
         restored, warnings = ck.restore_latest(
             checkpoint.run_state(run.init_params, 0, run.train_key, run.assignment))
     finally:
@@ -106,7 +107,8 @@ def export_submodel(workdir: str, capacity: str, out: str) -> dict:
     arrays = {**_flat(sub, "params/"),
               **{k: v.astype(np.uint8) for k, v in _flat(mask, "mask/").items()}}
     cfg = meta["config"]
-    model_opts = {k: v for k, v in cfg["model"].items() if k != "name"}
+    model_opts = _model_options(run.model, {k: v for k, v in cfg["model"].items()
+                                            if k not in RUN_MODEL_FIELDS}, None)
     info: dict[str, Any] = {
         "format": FORMAT, "method": cfg["method"], "capacity": run.capacities[level],
         "label": label, "round": rounds, "num_classes": run.data.num_classes,
@@ -138,13 +140,18 @@ def export_submodel(workdir: str, capacity: str, out: str) -> dict:
 
 
 def _model_options(small_model, base: dict, full_model) -> dict:
-    """The shrunk model's own fields, as JSON values: those the config names and every
-    other field the shrinking changed (e.g. a ResNet's ``inner_widths``, and its
-    ``blocks_per_stage`` when depth-reduced), so the dense model is rebuilt exactly."""
+    """The model's own fields, as JSON values: those the config names and every other
+    field that differs from ``full_model``'s (the shrinking changed it: a ResNet's
+    ``inner_widths``, its ``blocks_per_stage`` when depth-reduced) or, with no
+    ``full_model``, from the class default (the data fixed it: a tokenizer's
+    ``vocab_size``), so the model is rebuilt exactly."""
+    def reference(f):
+        return f.default if full_model is None else getattr(full_model, f.name)
+
     keys = list(base) + sorted(
         f.name for f in dataclasses.fields(small_model)
         if f.name not in base and f.name not in ("parent", "name", "num_classes")
-        and getattr(small_model, f.name) != getattr(full_model, f.name))
+        and getattr(small_model, f.name) != reference(f))
     out = {}
     for k in keys:
         v = getattr(small_model, k)

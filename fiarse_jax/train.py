@@ -35,7 +35,7 @@ from fiarse_jax import client as client_lib
 from fiarse_jax import (attacks, checkpoint, costs, engine, evaluate, models, policies, privacy,
                         server_round, validation)
 from fiarse_jax import metrics as metrics_lib
-from fiarse_jax.config import ConfigError, validate_config
+from fiarse_jax.config import RUN_MODEL_FIELDS, ConfigError, validate_config
 from fiarse_jax.data import federate, load_dataset
 from fiarse_jax.data.federated import LOADER_OPTIONS
 from fiarse_jax.data.summary import federated_summary
@@ -160,14 +160,18 @@ class Run(NamedTuple):
         return self.prepare(params, rounds_done, key)
 
 
-def build_run(config) -> Run:
-    """Validate ``config`` and build data, model, initial params and policy from it."""
+def build_run(config, *, pretrained: bool = True) -> Run:
+    """Validate ``config`` and build data, model, initial params and policy from it.
+
+    ``pretrained``: start from ``config.model.pretrained``'s weights (when set); False
+    when a checkpoint will replace the initial parameters anyway (resume, export), so
+    that those need not find the weights again."""
     validate_config(config)
     capacities = tuple(float(c) for c in config.capacities)
     d = config.data
     try:
         ds = load_dataset(d.name, **{k: d[k] for k in LOADER_OPTIONS[d.name] if k in d})
-    except RuntimeError as e:   # data not on disk and not downloadable: say how to get it
+    except (RuntimeError, ValueError) as e:   # data absent (how to get it), bad tokenizer
         raise ConfigError(f"config.data: {e}") from None
     try:
         data = federate(ds, num_clients=d.num_clients, alpha=d.alpha,
@@ -184,12 +188,8 @@ def build_run(config) -> Run:
     if ds.eval_transform is not None:
         x_one = ds.eval_transform(x_one)
     params = jax.jit(model.init)(init_key, x_one)["params"]   # jitted: one compile, not per op
-    pretrained = config.model.get("pretrained", "")
     if pretrained:
-        try:
-            params = model.load_pretrained(pretrained, params)
-        except (OSError, ValueError, ImportError) as e:   # ImportError: no safetensors
-            raise ConfigError(f"config.model.pretrained = {pretrained!r}: {e}") from None
+        params = load_pretrained(config, model, params)
 
     unit_groups = model.unit_groups(params) if hasattr(model, "unit_groups") else None
     # A model may declare its own maskability rule and layer-scope θ groups (RoBERTa does).
@@ -212,8 +212,15 @@ def build_run(config) -> Run:
                ds.train_transform, ds.eval_transform, x_one, is_maskable)
 
 
-#: config.model fields that configure the run, not the Flax module.
-RUN_MODEL_FIELDS = ("name", "pretrained")
+def load_pretrained(config, model, params):
+    """``params`` replaced by ``config.model.pretrained``'s weights (unchanged when unset)."""
+    source = config.model.get("pretrained", "")
+    if not source:
+        return params
+    try:
+        return model.load_pretrained(source, params)
+    except (OSError, ValueError, ImportError) as e:   # ImportError: no safetensors
+        raise ConfigError(f"config.model.pretrained = {source!r}: {e}") from None
 
 
 def build_model(config, ds):
@@ -225,15 +232,18 @@ def build_model(config, ds):
     if config.model.get("pretrained") and not hasattr(models.MODELS.get(name), "load_pretrained"):
         raise ConfigError(f"config.model.pretrained: model {name!r} cannot load pretrained "
                           "weights (only 'roberta' can)")
+    if getattr(models.MODELS[name], "takes_token_ids", False) and not ds.model_options:
+        raise ConfigError(f"config.model.name = {name!r} reads token ids; dataset "
+                          f"{config.data.name!r} is not text (use 'ag_news')")
     if ds.model_options:
-        fields = {f.name for f in dataclasses.fields(models.MODELS[name])}
-        missing = sorted(set(ds.model_options) - fields)
+        fields = {f.name: f.default for f in dataclasses.fields(models.MODELS[name])}
+        missing = sorted(set(ds.model_options) - set(fields))
         if missing:
             raise ConfigError(f"config.model.name = {name!r}: dataset {config.data.name!r} "
                               f"gives token ids and fixes {missing}; use a text model "
                               "('roberta')")
         for k, v in ds.model_options.items():
-            if opts.get(k) not in (None, 0, v):
+            if opts.get(k, fields[k]) not in (fields[k], v):   # the class default = unset
                 raise ConfigError(f"config.model.{k} = {opts[k]!r} contradicts the data "
                                   f"({k} = {v!r} from config.data); leave it 0 or set {v!r}")
             opts[k] = v
@@ -288,7 +298,10 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     ``progress``: show a tqdm bar (``None``: only on an interactive terminal).
     """
     t_start = time.time()
-    run = build_run(config)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    # Pretrained weights are read only for a fresh start (a checkpoint holds every param).
+    may_resume = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+    run = build_run(config, pretrained=not may_resume)
     capacities, data, model, params = run.capacities, run.data, run.model, run.init_params
     policy, train_key, assignment, unit_groups = (run.policy, run.train_key, run.assignment,
                                                   run.unit_groups)
@@ -347,6 +360,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
             round_rows = list(meta.get("rounds", []))
             print(f"resuming from the checkpoint at round {resumed_from} "
                   f"({config.num_rounds - resumed_from} rounds to go)", flush=True)
+    if resumed_from is None and may_resume:   # no checkpoint was readable: a fresh start
+        params = load_pretrained(config, model, params)
 
     if strategy == "sharded":
         params = engine.replicate(params)   # on every device, beside the sharded deltas

@@ -172,8 +172,24 @@ def test_restart_from_round_zero_replaces_old_tensorboard_events(tmp_path):
 def test_checkpoint_from_before_a_field_existed_resumes_only_with_its_old_behaviour():
     """A field added later (client.weight_decay) is absent from older checkpoints: they
     resume when the field holds what the code did without it (AdamW's 1e-4), not otherwise."""
-    old = tiny().to_dict()
+    adamw = {"client.optimizer": "adamw"}
+    old = tiny(**adamw).to_dict()
     del old["client"]["weight_decay"], old["client"]["betas"]
-    assert checkpoint.config_differences(old, tiny().to_dict()) == []
-    assert checkpoint.config_differences(old, tiny(**{"client.weight_decay": 0.0}).to_dict()) == [
+    assert checkpoint.config_differences(old, tiny(**adamw).to_dict()) == []
+    now = tiny(**adamw, **{"client.weight_decay": 0.0}).to_dict()
+    assert checkpoint.config_differences(old, now) == [
         "client.weight_decay: checkpoint '<absent>', now 0.0"]
+
+
+
+def test_sections_the_run_does_not_read_may_differ_on_resume():
+    """Other methods' options, other aggregators' options and AdamW's fields under SGD are
+    never read, so a change there resumes; a change of the run's own sections does not."""
+    a = tiny().to_dict()
+    b = tiny(**{"scalefl.depth_exponent": 0.25, "heterofl.scaler": True,
+                "server.trimmed_mean.beta": 0.1, "client.betas": (0.9, 0.95)}).to_dict()
+    assert checkpoint.config_differences(a, b) == []
+    b = tiny(**{"fiarse.gradient": "masked", "client.optimizer": "adamw"}).to_dict()
+    assert checkpoint.config_differences(a, b) == [
+        "client.optimizer: checkpoint 'sgd', now 'adamw'",
+        "fiarse.gradient: checkpoint 'tcb', now 'masked'"]

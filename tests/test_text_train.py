@@ -25,10 +25,13 @@ def smoke(tmp_path, **fields):
 
 
 def test_one_round_agrees_across_strategies_and_keeps_the_grouped_budget(tmp_path):
-    out = {s: train.train_and_evaluate(smoke(tmp_path, **{"engine.strategy": s}),
+    out = {s: train.train_and_evaluate(smoke(tmp_path, **{"engine.strategy": s,
+                                                          "checkpoint_every": 1}),
                                        str(tmp_path / s), progress=False)
            for s in ("loop", "vmap")}
     loop, vmap = out["loop"], out["vmap"]
+    # FIARSE's exported 1/4 sub-model (masked dense) with the data's vocabulary.
+    assert_export_reproduces(tmp_path / "loop", loop, dense=False)
     assert loop["num_classes"] == 4 and loop["config"]["model"]["name"] == "roberta"
     assert loop["final"]["train_loss"] == pytest.approx(vmap["final"]["train_loss"], rel=1e-4)
     assert loop["final"]["global_accuracy"] == pytest.approx(vmap["final"]["global_accuracy"],
@@ -105,3 +108,45 @@ def test_pretrained_switch_starts_from_the_checkpoint(tmp_path):
                                   np.asarray(scratch.init_params["head"]["out_proj"]["kernel"]))
     with pytest.raises(ConfigError, match="config.model.pretrained = 'nowhere/none'"):
         train.build_run(smoke(tmp_path, **{"model.pretrained": "nowhere/none"}))
+
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"data.tokenizer": "roberta base"}, "config.data: "),
+    ({"data.name": "digits"}, "config.model.name = 'roberta' reads token ids"),
+])
+def test_text_config_mistakes_fail_fast_in_one_line(tmp_path, fields, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        train.train_and_evaluate(smoke(tmp_path, **fields), str(tmp_path / "run"))
+    assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
+
+
+def assert_export_reproduces(workdir, summary, *, dense: bool):
+    """The exported 1/4 sub-model, rebuilt with the data's vocabulary (not the preset's)
+    and, for a structured method, the kept heads / units per layer, scores exactly the
+    accuracy the run reported on all clients' test data."""
+    from fiarse_jax import export
+    info = export.export_submodel(str(workdir), "1/4", str(workdir / "q.npz"))
+    sub = export.load_submodel(str(workdir / "q.npz"))
+    run, _, _, _ = export.load_run_state(str(workdir))
+    assert sub.model.dims().vocab_size == run.model.dims().vocab_size < 50265
+    assert ("dense_model" in info) == dense
+    x, y = np.asarray(run.data.test_x), np.asarray(run.data.test_y)
+    acc = float(np.mean(np.argmax(np.asarray(sub.predict(x)), -1) == y))
+    assert acc == pytest.approx(summary["final"]["capacity_global_accuracy"]["1/4"], abs=1e-9)
+
+
+def test_pretrained_structured_run_exports_and_resumes_without_the_weights(tmp_path):
+    """HeteroFL from a (synthetic) pretrained checkpoint: once the run has checkpoints,
+    neither export nor resume needs the weights it started from."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    path = tmp_path / "model.safetensors"
+    safetensors_numpy.save_file(_hf_checkpoint(train.build_run(smoke(tmp_path)).init_params,
+                                               np.random.default_rng(1)), str(path))
+    c = smoke(tmp_path, method="heterofl", checkpoint_every=1,
+              **{"model.pretrained": str(path)})
+    s = train.train_and_evaluate(c, str(tmp_path / "run"), progress=False)
+    path.unlink()
+    assert_export_reproduces(tmp_path / "run", s, dense=True)
+    c.num_rounds = 2
+    assert train.train_and_evaluate(c, str(tmp_path / "run"), progress=False)["final"]["round"] == 2

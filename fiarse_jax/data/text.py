@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from fiarse_jax import hub
 from fiarse_jax.data import tfds as tfds_data
 from fiarse_jax.data.federated import Dataset
 from fiarse_jax.data.tfds import DataUnavailable
@@ -115,27 +116,8 @@ def _cached_bpe(texts: Sequence[str], vocab_size: int, cache_dir: str) -> Tokeni
 
 # --- pretrained tokenizers -----------------------------------------------------------
 
-def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
-    ``$XDG_CACHE_HOME/huggingface/hub`` (``~/.cache/huggingface/hub``)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
-def _hub_cached_file(name: str) -> Path | None:
-    """``tokenizer.json`` of hub model ``name`` in the cache: the snapshot ``refs/main``
-    names, else the newest snapshot that has one."""
-    repo = hub_cache_dir() / ("models--" + name.replace("/", "--"))
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        f = repo / "snapshots" / ref.read_text().strip() / "tokenizer.json"
-        if f.is_file():
-            return f
-    found = sorted((repo / "snapshots").glob("*/tokenizer.json"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+#: The hub cache (``HF_HUB_CACHE`` / ``HF_HOME`` …); one rule for tokenizers and weights.
+hub_cache_dir = hub.cache_dir
 
 
 def _looks_like_path(value: str) -> bool:
@@ -157,7 +139,7 @@ def _pretrained(value: str, download: bool) -> Tokenizer:
             "of an existing tokenizer.json (or of a folder holding one), a Hugging Face hub "
             "name such as 'roberta-base', or 'bpe' for the offline tokenizer.")
     _check_tokenizer_value(value)
-    cached = _hub_cached_file(value)
+    cached = hub.cached_file(value, "tokenizer.json")
     if cached is not None:
         return tk.Tokenizer.from_file(str(cached))
     if not download:

@@ -24,6 +24,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from fiarse_jax import hub
+
 Params = Any
 
 _LAYER = re.compile(r"^encoder\.layer\.(\d+)\.")
@@ -232,35 +234,14 @@ def load_hf_roberta(path_or_dir: str | os.PathLike, template_params: Params, *,
     return ({"params": out} if wrapped else out), report
 
 
-def hf_hub_cache() -> Path:
-    """The local Hugging Face hub cache, as ``huggingface_hub`` resolves it:
-    ``HF_HUB_CACHE``, else ``HUGGINGFACE_HUB_CACHE``, else ``$HF_HOME/hub``, else
-    ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg).expanduser() / "huggingface" / "hub"
+#: The hub cache (``HF_HUB_CACHE`` / ``HF_HOME`` …); one rule for weights and tokenizers.
+hf_hub_cache = hub.cache_dir
 
 
 def find_cached_checkpoint(repo_id: str = "roberta-base",
                            cache_dir: str | os.PathLike | None = None) -> Path | None:
-    """``model.safetensors`` of ``repo_id`` in the local hub cache, or None (no network).
-
-    Prefers the snapshot named by ``refs/main``; otherwise the newest snapshot holding
-    the file.
-    """
-    root = Path(cache_dir).expanduser() if cache_dir else hf_hub_cache()
-    repo = root / ("models--" + repo_id.replace("/", "--"))
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        file = repo / "snapshots" / ref.read_text().strip() / "model.safetensors"
-        if file.is_file():
-            return file
-    found = [f for f in (repo / "snapshots").glob("*/model.safetensors") if f.is_file()]
-    return max(found, key=lambda f: f.stat().st_mtime) if found else None
+    """``model.safetensors`` of ``repo_id`` in the local hub cache, or None (no network)."""
+    return hub.cached_file(repo_id, "model.safetensors", cache_dir)
 
 
 def load_pretrained(template_params: Params, source: str | os.PathLike = "roberta-base", *,

@@ -194,6 +194,9 @@ class RobertaClassifier(nn.Module):
     (e.g. bfloat16 when a client casts them), with the softmax in float32.
     """
 
+    #: Inputs are token ids (``build_run`` refuses a dataset that is not text).
+    takes_token_ids = True
+
     size: str = "roberta_base"
     vocab_size: int = 0
     hidden_size: int = 0

@@ -1,0 +1,33 @@
+"""The local Hugging Face hub cache, read without network (tokenizers and weights)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """The hub cache as ``huggingface_hub`` resolves it: ``HF_HUB_CACHE``, else
+    ``HUGGINGFACE_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg).expanduser() / "huggingface" / "hub"
+
+
+def cached_file(repo_id: str, filename: str,
+                root: str | os.PathLike | None = None) -> Path | None:
+    """``filename`` of model ``repo_id`` in the cache (``root`` or ``cache_dir()``): the
+    snapshot ``refs/main`` names, else the newest snapshot holding it; None if absent."""
+    repo = (Path(root).expanduser() if root else cache_dir()) / (
+        "models--" + repo_id.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        f = repo / "snapshots" / ref.read_text().strip() / filename
+        if f.is_file():
+            return f
+    found = [f for f in (repo / "snapshots").glob(f"*/{filename}") if f.is_file()]
+    return max(found, key=lambda f: f.stat().st_mtime) if found else None
