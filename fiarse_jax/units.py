@@ -46,7 +46,8 @@ class UnitGroup(NamedTuple):
         return self.producers + self.consumers
 
 
-def _get(params: Params, path: Sequence[str]):
+def leaf(params: Params, path: Sequence[str]):
+    """The entry of a nested dict at ``path`` (a tuple of keys)."""
     for p in path:
         params = params[p]
     return params
@@ -61,12 +62,12 @@ def chain_groups(params: Params, layers: Sequence[str]) -> list[UnitGroup]:
     """
     groups = []
     for cur, nxt in zip(layers[:-1], layers[1:]):
-        k = _get(params, (cur, "kernel"))
+        k = leaf(params, (cur, "kernel"))
         c = k.shape[-1]
         producers = [Member((cur, "kernel"), k.ndim - 1)]
-        if "bias" in _get(params, (cur,)):
+        if "bias" in leaf(params, (cur,)):
             producers.append(Member((cur, "bias"), 0))
-        nk = _get(params, (nxt, "kernel"))
+        nk = leaf(params, (nxt, "kernel"))
         fan_in = nk.shape[-2]
         if fan_in % c:
             raise ValueError(f"{nxt}.kernel input axis {fan_in} is not a multiple of "
@@ -81,7 +82,7 @@ def check_groups(params: Params, groups: Sequence[UnitGroup]) -> list[UnitGroup]
     (tile·C entries); ValueError naming the first leaf that does not."""
     for g in groups:
         for m in g.members:
-            n = _get(params, m.path).shape[m.axis]
+            n = leaf(params, m.path).shape[m.axis]
             if n != g.size * m.tile:
                 raise ValueError(f"{'/'.join(m.path)} axis {m.axis} has {n} entries; "
                                  f"group {g.name} has {g.size} units")
@@ -114,7 +115,7 @@ def unit_norms(params: Params, groups: Sequence[UnitGroup]) -> dict[str, jax.Arr
     for g in groups:
         sq = jnp.zeros((g.size,), jnp.float32)
         for m in g.producers:
-            x = jnp.moveaxis(_get(params, m.path).astype(jnp.float32), m.axis, -1)
+            x = jnp.moveaxis(leaf(params, m.path).astype(jnp.float32), m.axis, -1)
             sq = sq + (x.reshape(-1, g.size) ** 2).sum(0)
         out[g.name] = jnp.sqrt(sq)
     return out
@@ -122,7 +123,7 @@ def unit_norms(params: Params, groups: Sequence[UnitGroup]) -> dict[str, jax.Arr
 
 def unit_fan_in(params: Params, g: UnitGroup) -> int:
     """Number of producer scalars per unit (for comparing norms across layers)."""
-    return sum(int(np.prod(_get(params, m.path).shape)) // g.size for m in g.producers)
+    return sum(int(np.prod(leaf(params, m.path).shape)) // g.size for m in g.producers)
 
 
 def shrink(params: Params, groups: Sequence[UnitGroup], unit_masks: UnitMasks) -> Params:
@@ -135,7 +136,7 @@ def shrink(params: Params, groups: Sequence[UnitGroup], unit_masks: UnitMasks) -
         keep = np.flatnonzero(np.asarray(unit_masks[g.name]) > 0)
         for m in g.members:
             idx = (np.arange(m.tile)[:, None] * g.size + keep[None, :]).ravel()
-            parent = _get(out, m.path[:-1])
+            parent = leaf(out, m.path[:-1])
             parent[m.path[-1]] = np.take(parent[m.path[-1]], idx, axis=m.axis)
     return out
 

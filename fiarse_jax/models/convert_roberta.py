@@ -24,7 +24,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from fiarse_jax import hub
+from fiarse_jax import hub, units
 
 Params = Any
 
@@ -128,12 +128,6 @@ def _checkpoint_file(path_or_dir: str | os.PathLike) -> Path:
     return path
 
 
-def _leaf(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
 def load_hf_roberta(path_or_dir: str | os.PathLike, template_params: Params, *,
                     num_layers: int | None = None) -> tuple[Params, ConversionReport]:
     """Our parameter tree with every tensor taken from a Hugging Face RoBERTa checkpoint.
@@ -192,7 +186,7 @@ def load_hf_roberta(path_or_dir: str | os.PathLike, template_params: Params, *,
         """None when ``e`` fits; otherwise why not."""
         if e.hf not in tensors:
             return f"missing {e.hf}"
-        want = e.hf_shape(tuple(_leaf(template, e.ours).shape))
+        want = e.hf_shape(tuple(units.leaf(template, e.ours).shape))
         got = tuple(tensors[e.hf].shape)
         if got != want:
             return f"shape mismatch {e.hf}: checkpoint {got}, model {want} (for {'/'.join(e.ours)})"
@@ -215,7 +209,7 @@ def load_hf_roberta(path_or_dir: str | os.PathLike, template_params: Params, *,
             report.kept_from_template += ["/".join(e.ours) for e in layer]
             report.notes.append(f"{where}: kept from the template ({'; '.join(why)})")
     shapeless = [p for p in report.kept_from_template
-                 if isinstance(_leaf(template, p.split("/")), jax.ShapeDtypeStruct)]
+                 if isinstance(units.leaf(template, p.split("/")), jax.ShapeDtypeStruct)]
     if shapeless:
         raise ValueError(f"{', '.join(shapeless)} not taken from the checkpoint and the "
                          "template has only shapes (jax.eval_shape): pass initialised params")
@@ -223,8 +217,9 @@ def load_hf_roberta(path_or_dir: str | os.PathLike, template_params: Params, *,
     report.ignored += [original[k] for k in tensors if k not in used]
     values = {}
     for e in taken:
-        leaf = _leaf(template, e.ours)
-        values[e.ours] = np.asarray(e.convert(tensors[e.hf], tuple(leaf.shape)), dtype=leaf.dtype)
+        target = units.leaf(template, e.ours)
+        values[e.ours] = np.asarray(e.convert(tensors[e.hf], tuple(target.shape)),
+                                    dtype=target.dtype)
         report.loaded.append("/".join(e.ours))
 
     def fill(path, leaf):

@@ -74,12 +74,6 @@ class StaticBatchNorm(nn.Module):
         return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
 
-def _leaf(params, path: Sequence[str]):
-    for p in path:
-        params = params[p]
-    return params
-
-
 def _conv(features: int, size: int, stride: int, name: str) -> nn.Conv:
     pad = (size - 1) // 2   # PyTorch-style symmetric padding (SAME pads 0/1 at stride 2)
     return nn.Conv(features, (size, size), strides=(stride, stride),
@@ -244,7 +238,7 @@ class ResNet18(nn.Module):
                 prod[s] += conv_bn(blk + ("shortcut", "conv"), blk + ("shortcut", "bn"))
             prod[s] += conv_bn(blk + ("conv2",), blk + ("bn2",))
             inner[s].append(units.UnitGroup(
-                f"stage{s}.block{b}", _leaf(params, blk + ("conv1", "kernel")).shape[-1],
+                f"stage{s}.block{b}", units.leaf(params, blk + ("conv1", "kernel")).shape[-1],
                 conv_bn(blk + ("conv1",), blk + ("bn1",)),
                 (units.Member(blk + ("conv2", "kernel"), 2),)))
         for s, name in zip(stages[-len(self.exit_names()):], self.exit_names()):
@@ -252,7 +246,7 @@ class ResNet18(nn.Module):
                 cons[s].append(units.Member((name, "kernel"), 0))
         groups = []
         for s in stages:
-            size = _leaf(params, prod[s][0].path).shape[-1]
+            size = units.leaf(params, prod[s][0].path).shape[-1]
             groups += [units.UnitGroup(f"stream{s}", size, tuple(prod[s]), tuple(cons[s]))]
             groups += inner[s]
         return units.check_groups(params, groups)   # every member axis has the group's size

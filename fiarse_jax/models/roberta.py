@@ -77,12 +77,6 @@ def _embed_init(pad_row: int):
     return init
 
 
-def _leaf(params, path: Sequence[str]):
-    for p in path:
-        params = params[p]
-    return params
-
-
 def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
     # Two-pass variance (E[(x-μ)²]) as PyTorch computes it, not E[x²] − μ².
     return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
@@ -360,12 +354,12 @@ class RobertaClassifier(nn.Module):
             attn, mlp = (f"layer_{i}", "attention"), (f"layer_{i}", "mlp")
             qkv = [attn + (p,) for p in ("query", "key", "value")]
             groups.append(units.UnitGroup(
-                f"layer_{i}.heads", _leaf(params, attn + ("query", "kernel")).shape[1],
+                f"layer_{i}.heads", units.leaf(params, attn + ("query", "kernel")).shape[1],
                 tuple(units.Member(p + ("kernel",), 1) for p in qkv)
                 + tuple(units.Member(p + ("bias",), 0) for p in qkv),
                 (units.Member(attn + ("output", "kernel"), 0),)))
             groups.append(units.UnitGroup(
-                f"layer_{i}.mlp", _leaf(params, mlp + ("intermediate", "kernel")).shape[1],
+                f"layer_{i}.mlp", units.leaf(params, mlp + ("intermediate", "kernel")).shape[1],
                 (units.Member(mlp + ("intermediate", "kernel"), 1),
                  units.Member(mlp + ("intermediate", "bias"), 0)),
                 (units.Member(mlp + ("output", "kernel"), 0),)))
