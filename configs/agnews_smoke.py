@@ -31,6 +31,7 @@ def get_config(arg: str = "four,coarse,scratch") -> ml_collections.ConfigDict:
     config.num_rounds = 2
     config.clients_per_round = 4
     config.client.learning_rate = 1e-3
+    config.client.local_epochs = 0.0       # a fixed K = 2: seconds, not epochs
     config.client.local_steps = 2
     config.engine.clients_per_chunk = 0
     config.eval_every = 1

@@ -58,7 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.client.learning_rate = 0.1
     config.client.betas = (0.9, 0.999)      # adamw only
     config.client.weight_decay = 1e-4       # adamw only (decoupled)
-    config.client.local_steps = 20
+    config.client.local_steps = 20          # K, for every client
+    config.client.local_epochs = 0.0        # > 0: each client ⌈E·n/batch⌉ steps instead
     config.client.batch_size = 20
 
     config.server = ml_collections.ConfigDict()

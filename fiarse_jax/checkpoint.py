@@ -42,7 +42,7 @@ SAFE_TO_CHANGE = ("num_rounds", "eval_every", "checkpoint_every", "keep_checkpoi
 #: Config fields added after checkpoints were first written, with the value the code used
 #: before they existed: a checkpoint without the field resumes when the current value is it.
 ADDED_FIELDS = {"client.betas": [0.9, 0.999], "client.weight_decay": 1e-4,
-                "model.early_exits": False}
+                "client.local_epochs": 0.0, "model.early_exits": False}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

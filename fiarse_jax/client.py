@@ -40,6 +40,7 @@ class ClientState(NamedTuple):
     order: jax.Array     # [n_max] valid row indices first, in random order
     rng: jax.Array
     loss_sum: jax.Array
+    steps: jax.Array     # local steps taken (< num_steps with local_epochs)
 
 
 class ClientResult(NamedTuple):
@@ -61,8 +62,13 @@ def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
                     optimizer: optax.GradientTransformation, *,
                     num_steps: int, batch_size: int,
                     augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-                    compute_dtype: Any = None) -> ClientFns:
+                    compute_dtype: Any = None, local_epochs: float = 0.0) -> ClientFns:
     """Client update for ``policy``: ``num_steps`` steps of ``optimizer`` at ``batch_size``.
+
+    ``local_epochs`` E > 0: each client takes ⌈E·count/batch_size⌉ steps of its own (E
+    passes over its data, as the paper's AG News clients), capped by ``num_steps``, which
+    should then be the largest client's count; later steps leave the state unchanged, so
+    every strategy runs the same ``num_steps`` iterations (vmapped clients run in step).
 
     ``augment(x_batch, key)``, when given, transforms every batch on device (e.g. CIFAR
     crop + flip + normalisation) with a key drawn from the client's stream.
@@ -85,7 +91,8 @@ def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
         scores = jnp.where(jnp.arange(n_max) < data.count, scores, 2.0)
         return ClientState(params=params, opt_state=optimizer.init(params),
                            order=jnp.argsort(scores), rng=k_run,
-                           loss_sum=jnp.zeros((), jnp.float32))
+                           loss_sum=jnp.zeros((), jnp.float32),
+                           steps=jnp.zeros((), jnp.int32))
 
     def step(state: ClientState, spec, data: ClientData, k):
         pos = (k * batch_size + jnp.arange(batch_size)) % data.count
@@ -101,8 +108,12 @@ def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
         loss, grads = jax.value_and_grad(objective)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return ClientState(params, opt_state, state.order, rng,
-                           state.loss_sum + loss.astype(jnp.float32))
+        new = ClientState(params, opt_state, state.order, rng,
+                          state.loss_sum + loss.astype(jnp.float32), state.steps + 1)
+        if local_epochs <= 0:
+            return new
+        own = jnp.maximum(1, jnp.ceil(local_epochs * data.count / batch_size).astype(jnp.int32))
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(k < own, a, b), new, state)
 
     def final(params0, state: ClientState, spec):
         # Only coordinates the client received leave it: under plain SGD the others get
@@ -111,7 +122,7 @@ def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
         delta = jax.tree_util.tree_map(
             lambda a, b, m: jnp.where(m > 0, a - b, jnp.zeros_like(a)),
             params0, state.params, mask)
-        return ClientResult(delta=delta, mask=mask, loss=state.loss_sum / num_steps)
+        return ClientResult(delta=delta, mask=mask, loss=state.loss_sum / state.steps)
 
     return ClientFns(init=init, step=step, final=final, num_steps=int(num_steps))
 

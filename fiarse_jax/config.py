@@ -175,6 +175,8 @@ def validate_config(config) -> None:
     if "weight_decay" in config.client:
         _number(config, "client.weight_decay", 0.0, math.inf, hi_open=True)
     _int(config, "client.local_steps")
+    if "local_epochs" in config.client:
+        _number(config, "client.local_epochs", 0.0, 1e6)
     _int(config, "client.batch_size")
     _positive(config, "server.learning_rate")
     _check_robustness(config, method, num_clients, len(caps))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -59,6 +60,16 @@ def assign_capacities(num_clients: int, num_levels: int) -> np.ndarray:
 
 #: config.engine.dtype → the client's compute dtype (None: the parameters' own).
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def local_steps(config, train_sizes) -> int:
+    """K, the local steps a round runs: ``client.local_steps``, or with
+    ``client.local_epochs`` E > 0 the largest client's ⌈E·n/batch⌉ (each client stops at
+    its own count; see ``client.make_client_fns``)."""
+    epochs = config.client.get("local_epochs", 0.0)
+    if epochs <= 0:
+        return int(config.client.local_steps)
+    return max(1, math.ceil(epochs * int(np.max(train_sizes)) / config.client.batch_size))
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -307,7 +318,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                                                   run.unit_groups)
     loss_fn = run.loss_fn
     fns = client_lib.make_client_fns(loss_fn, policy, make_optimizer(config),
-                                     num_steps=config.client.local_steps,
+                                     num_steps=local_steps(config, data.train_sizes),
+                                     local_epochs=config.client.get("local_epochs", 0.0),
                                      batch_size=config.client.batch_size,
                                      augment=run.train_transform,
                                      compute_dtype=COMPUTE_DTYPES[config.engine.dtype])

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from fiarse_jax import engine, masks, models, policies
-from fiarse_jax.client import make_client_fns
+from fiarse_jax.client import client_update, make_client_fns
 from fiarse_jax.data import ClientData, stack_clients
 
 
@@ -160,3 +160,34 @@ def test_adamw_leaves_coordinates_outside_the_submodel_exactly_unchanged(method)
     # Without the rule the weight decay would have leaked: the reference moved them.
     assert any(np.abs(np.asarray(r)[m == 0]).max(initial=0) > 1e-4
                for r, m in zip(jax.tree_util.tree_leaves(raw), mask))
+
+
+def test_local_epochs_give_each_client_its_own_step_count_under_every_strategy():
+    """E = 2 epochs at batch 10: clients of 5, 13 and 40 rows take 1, 3 and 8 steps. Each
+    equals that client trained alone for exactly its own K, and loop == vmap."""
+    rng = np.random.default_rng(3)
+    sizes = [5, 13, 40]
+    model = models.build_model("mlp", 3, {"hidden_sizes": (6,)})
+    x = rng.normal(size=(sum(sizes), 4)).astype(np.float32)
+    y = rng.integers(0, 3, sum(sizes)).astype(np.int32)
+    data = stack_clients(x, y, np.split(np.arange(sum(sizes)), np.cumsum(sizes)[:-1]))
+    params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
+
+    def loss(p, xb, yb, key, spec=None):
+        del key, spec
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, xb), yb).mean()
+
+    policy = policies.build_policy("fiarse", (0.5,), {"gradient": "masked"})
+    spec = policy.client_spec(policy.prepare(params, 0, None), 0)
+    specs = jax.tree_util.tree_map(lambda a: jnp.stack([a] * 3), spec)
+    keys = jax.random.split(jax.random.PRNGKey(5), 3)
+    fns = make_client_fns(loss, policy, optax.sgd(0.1), num_steps=8, batch_size=10,
+                          local_epochs=2.0)
+    out = {s: engine.make_round_runner(fns, s)(params, specs, data, keys) for s in ("loop", "vmap")}
+    chex.assert_trees_all_close(out["loop"], out["vmap"], rtol=1e-5, atol=1e-7)
+    for i, own in enumerate([1, 3, 8]):
+        alone = make_client_fns(loss, policy, optax.sgd(0.1), num_steps=own, batch_size=10)
+        client = jax.tree_util.tree_map(lambda a: a[i], data)
+        ref = client_update(alone, params, spec, client, keys[i])
+        chex.assert_trees_all_close(jax.tree_util.tree_map(lambda a: a[i], out["loop"]), ref,
+                                    rtol=1e-5, atol=1e-7)

@@ -76,6 +76,7 @@ BAD = [
     ("data.name", "mnist", "config.data.name = 'mnist': must be one of ['ag_news', 'cifar10', 'cifar100', 'digits']"),
     ("data.test_fraction", 1.0, "config.data.test_fraction = 1.0: must be in (0, 1)"),
     ("clients_per_round", 51, "config.clients_per_round = 51: must be an integer in [1, 50]"),
+    ("client.local_epochs", -1.0, "config.client.local_epochs = -1.0: must be a finite number in [0.0, 1000000.0]"),
     ("model.name", "resnet", "config.model.name = 'resnet': must be one of ['cnn', 'mlp', 'resnet18', 'roberta']"),
     ("method", "fedprox", "config.method = 'fedprox': must be one of ['fed_dropout', 'fedavg_full', "),
     ("fiarse_neuron.scope", "unit", "config.fiarse_neuron.scope = 'unit'"),
