@@ -37,6 +37,8 @@ Data: `pip install -e ".[text]"`; configs/agnews_smoke.py runs this path on TFDS
 """
 import ml_collections
 
+from fiarse_jax.config import parse_config_arg
+
 import os
 import sys
 
@@ -47,18 +49,9 @@ from cifar10_resnet18 import CAPACITY_SETS  # noqa: E402
 
 def parse(arg: str) -> tuple[tuple[float, ...], str, bool]:
     """'four,coarse,pretrained' → (capacities, θ grouping, pretrained); any part optional."""
-    sizes, groups, pretrained = "four", "coarse", True
-    for part in filter(None, (p.strip() for p in (arg or "").split(","))):
-        if part in CAPACITY_SETS:
-            sizes = part
-        elif part in ("coarse", "per_layer"):
-            groups = part
-        elif part in ("pretrained", "scratch"):
-            pretrained = part == "pretrained"
-        else:
-            raise ValueError(f"config argument {part!r}: expected four|five, coarse|per_layer "
-                             "and/or pretrained|scratch")
-    return CAPACITY_SETS[sizes], groups, pretrained
+    c = parse_config_arg(arg, sizes=("four", "five"), groups=("coarse", "per_layer"),
+                         start=("pretrained", "scratch"))
+    return CAPACITY_SETS[c["sizes"]], c["groups"], c["start"] == "pretrained"
 
 
 def get_config(arg: str = "four,coarse,pretrained") -> ml_collections.ConfigDict:

@@ -32,6 +32,8 @@ TFDS mock data.
 """
 import ml_collections
 
+from fiarse_jax.config import parse_config_arg
+
 import os
 import sys
 
@@ -43,18 +45,9 @@ CAPACITY_SETS = {"four": (1.0, 1 / 4, 1 / 16, 1 / 64), "five": (1.0, 0.64, 0.36,
 
 def parse(arg: str) -> tuple[tuple[float, ...], str, bool]:
     """'four,global[,exits]' → (capacities, scope, early exits); any part may be omitted."""
-    sizes, scope, exits = "four", "global", False
-    for part in filter(None, (p.strip() for p in (arg or "").split(","))):
-        if part in CAPACITY_SETS:
-            sizes = part
-        elif part in ("global", "layer"):
-            scope = part
-        elif part == "exits":
-            exits = True
-        else:
-            raise ValueError(f"config argument {part!r}: expected four|five, global|layer "
-                             "and/or exits")
-    return CAPACITY_SETS[sizes], scope, exits
+    c = parse_config_arg(arg, sizes=("four", "five"), scope=("global", "layer"),
+                         exits=("", "exits"))
+    return CAPACITY_SETS[c["sizes"]], c["scope"], bool(c["exits"])
 
 
 def cifar_config(dataset: str, arg: str) -> ml_collections.ConfigDict:

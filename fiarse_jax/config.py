@@ -16,6 +16,20 @@ RUN_MODEL_FIELDS = ("name", "pretrained")
 ATTACK_KINDS = attacks.KINDS + ("label_flip",)
 
 
+def parse_config_arg(arg: str | None, **groups: tuple[str, ...]) -> dict[str, str]:
+    """The choices in a config file's argument (``--config file.py:four,layer``): every
+    comma-separated part picks one option of its group; a group not named keeps its first
+    option ('' for an off switch). An unknown part is a ValueError listing the options."""
+    chosen = {g: options[0] for g, options in groups.items()}
+    for part in filter(None, (p.strip() for p in (arg or "").split(","))):
+        group = next((g for g, options in groups.items() if part in options), None)
+        if group is None:
+            raise ValueError(f"config argument {part!r}: expected " + ", ".join(
+                "|".join(o for o in options if o) for options in groups.values()))
+        chosen[group] = part
+    return chosen
+
+
 class ConfigError(ValueError):
     """A config field holds a value the run cannot use."""
 

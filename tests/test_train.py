@@ -188,3 +188,14 @@ def test_sampling_is_a_pure_function_of_seed_and_round():
     assert list(a) == list(train.sample_clients(0, 5, 50, 10))
     assert len(set(a)) == 10 and list(a) != list(train.sample_clients(0, 6, 50, 10))
     assert list(train.assign_capacities(7, 3)) == [0, 0, 0, 1, 1, 2, 2]
+
+
+def test_config_file_arguments_pick_one_option_per_group():
+    from fiarse_jax.config import parse_config_arg
+    groups = {"sizes": ("four", "five"), "scope": ("global", "layer"), "exits": ("", "exits")}
+    assert parse_config_arg(None, **groups) == {"sizes": "four", "scope": "global", "exits": ""}
+    assert parse_config_arg(" layer,exits ,five", **groups) == {
+        "sizes": "five", "scope": "layer", "exits": "exits"}
+    with pytest.raises(ValueError, match="config argument 'six': expected four|five, "
+                                         "global|layer, exits"):
+        parse_config_arg("six", **groups)
