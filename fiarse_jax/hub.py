@@ -1,8 +1,12 @@
-"""The local Hugging Face hub cache, read without network (tokenizers and weights)."""
+"""The Hugging Face hub: its local cache, read without network (tokenizers and weights),
+and a download that first checks the hub can be reached (no multi-minute offline hang)."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+
+HOST = "huggingface.co"
 
 
 def cache_dir() -> Path:
@@ -31,3 +35,26 @@ def cached_file(repo_id: str, filename: str,
             return f
     found = [f for f in (repo / "snapshots").glob(f"*/{filename}") if f.is_file()]
     return max(found, key=lambda f: f.stat().st_mtime) if found else None
+
+
+def online(timeout: float = 5.0) -> bool:
+    """Whether the hub answers on port 443 within ``timeout`` seconds."""
+    try:
+        socket.create_connection((HOST, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def download(repo_id: str, filename: str) -> Path:
+    """``filename`` of ``repo_id`` fetched into the cache (``huggingface_hub``, installed
+    with ``tokenizers``); FileNotFoundError at once when the hub cannot be reached."""
+    if not online():
+        raise FileNotFoundError(f"{repo_id!r} ({filename}) is not in the Hugging Face cache at "
+                                f"{cache_dir()} and {HOST} cannot be reached (no internet?)")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise FileNotFoundError("downloading from the Hugging Face hub needs huggingface_hub: "
+                                'pip install -e ".[text]"') from None
+    return Path(hf_hub_download(repo_id, filename))

@@ -224,12 +224,14 @@ def build_run(config, *, pretrained: bool = True) -> Run:
 
 
 def load_pretrained(config, model, params):
-    """``params`` replaced by ``config.model.pretrained``'s weights (unchanged when unset)."""
+    """``params`` replaced by ``config.model.pretrained``'s weights (unchanged when unset);
+    a hub name missing from the local cache is downloaded when ``config.data.download``."""
     source = config.model.get("pretrained", "")
     if not source:
         return params
     try:
-        return model.load_pretrained(source, params)
+        return model.load_pretrained(source, params,
+                                     download=bool(config.data.get("download", False)))
     except (OSError, ValueError, ImportError) as e:   # ImportError: no safetensors
         raise ConfigError(f"config.model.pretrained = {source!r}: {e}") from None
 

@@ -49,3 +49,14 @@ def by_path(tree) -> dict:
     from fiarse_jax import masks
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {masks.path_names(p): l for p, l in flat}
+
+
+def random_units(groups, seed: int) -> dict:
+    """A random 0/1 unit mask per group (about half kept, at least one unit each)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for g in groups:
+        u = (rng.random(g.size) < 0.5).astype(np.float32)
+        u[rng.integers(g.size)] = 1.0
+        out[g.name] = u
+    return out

@@ -11,7 +11,7 @@ import pytest
 
 from fiarse_jax import masks, models, policies, units
 from fiarse_jax.policies.structured import leading_units
-from helpers import by_path, count
+from helpers import by_path, count, random_units
 
 NARROW = {"widths": (4, 8, 8, 16)}
 X = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))
@@ -148,16 +148,6 @@ def test_groups_tie_each_residual_stream(narrow):
     # Every leaf but the image-input and class-output axes belongs to a group; BN γ/β are producers.
     members = {m.path for x in groups for m in x.members}
     assert members == set(by_path(params)) - {("head", "bias")}
-
-
-def random_units(groups, seed):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for g in groups:
-        u = (rng.random(g.size) < 0.5).astype(np.float32)
-        u[rng.integers(g.size)] = 1.0
-        out[g.name] = u
-    return out
 
 
 def leading(groups, r):

@@ -3,6 +3,7 @@ the forward pass against NumPy (and Hugging Face when installed), head/MLP unit 
 whose shrunk model equals the masked one, and the Hugging Face weight converter."""
 import dataclasses
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import pytest
 from fiarse_jax import masks, models, units
 from fiarse_jax.models import convert_roberta as cr
 from fiarse_jax.models.roberta import RobertaClassifier
-from helpers import by_path, count
+from helpers import by_path, count, random_units
 
 PAD = 1
 V, P, D, H, FF, K, LAYERS = 97, 40, 64, 2, 128, 4, 2       # the tiny test model
@@ -314,12 +315,7 @@ def test_shrunk_model_equals_masked_full(tiny, tiny_apply, seed):
     residual stream; the shrunk model simply does not compute it."""
     model, params = tiny
     groups = model.unit_groups(params)
-    rng = np.random.default_rng(seed)
-    u = {}
-    for g in groups:
-        keep = (rng.random(g.size) < 0.5).astype(np.float32)
-        keep[rng.integers(g.size)] = 1.0
-        u[g.name] = keep
+    u = random_units(groups, seed)
     u["layer_0.heads"] = np.eye(H, dtype=np.float32)[seed]      # one head kept, one dropped
     masked = jax.tree_util.tree_map(jnp.multiply, params, units.expand(params, groups, u))
     sizes = units.kept_sizes(groups, u)
@@ -535,6 +531,22 @@ def test_model_loads_pretrained_by_path_or_cached_repo_id(tiny, tmp_path, monkey
                                       np.asarray(template["head"]["out_proj"]["kernel"]))
     with pytest.raises(OSError, match="'org/other' is neither a file nor a directory"):
         model.load_pretrained("org/other", template)
+
+    # download=True: fetched through huggingface_hub when the cache lacks it (faked here),
+    # and a clear error at once when the hub cannot be reached.
+    from fiarse_jax import hub
+    fetched = []
+    monkeypatch.setattr(hub, "online", lambda timeout=5.0: True)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", type(
+        "FakeHub", (), {"hf_hub_download": staticmethod(
+            lambda repo, name: fetched.append((repo, name)) or str(snap / name))}))
+    params = shallow.load_pretrained("org/elsewhere", template, download=True)
+    assert fetched == [("org/elsewhere", "model.safetensors")]
+    np.testing.assert_array_equal(np.asarray(params["layer_0"]["mlp"]["output"]["bias"]),
+                                  t["roberta.encoder.layer.0.output.dense.bias"])
+    monkeypatch.setattr(hub, "online", lambda timeout=5.0: False)
+    with pytest.raises(OSError, match="huggingface.co cannot be reached"):
+        shallow.load_pretrained("org/elsewhere", template, download=True)
 
 
 def test_logits_equal_hugging_face(tiny, tiny_apply, tmp_path):

@@ -240,13 +240,17 @@ def find_cached_checkpoint(repo_id: str = "roberta-base",
 
 
 def load_pretrained(template_params: Params, source: str | os.PathLike = "roberta-base", *,
-                    num_layers: int | None = None) -> tuple[Params, ConversionReport]:
+                    num_layers: int | None = None,
+                    download: bool = False) -> tuple[Params, ConversionReport]:
     """``load_hf_roberta`` from ``source``: a ``.safetensors`` file or a directory holding
     ``model.safetensors``, or else a hub repo id (``roberta-base``) looked up in the local
-    Hugging Face cache. FileNotFoundError (saying where it looked) when there is none."""
+    Hugging Face cache and, with ``download``, fetched from the hub when it is not there.
+    FileNotFoundError (saying where it looked) when there is none."""
     path = Path(source).expanduser()
     if not path.exists():
         found = find_cached_checkpoint(str(source))
+        if found is None and download:
+            found = hub.download(str(source), "model.safetensors")
         if found is None:
             raise FileNotFoundError(
                 f"{str(source)!r} is neither a file nor a directory, and not in the Hugging "

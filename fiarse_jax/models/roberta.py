@@ -278,10 +278,11 @@ class RobertaClassifier(nn.Module):
                              name=f"layer_{i}")(x, key_bias)
         return ClassificationHead(dm.hidden_size, self.num_classes, name="head")(x)
 
-    def load_pretrained(self, source: str, params):
+    def load_pretrained(self, source: str, params, *, download: bool = False):
         """``params`` (this model's, e.g. from ``init``) with every tensor from a Hugging
         Face RoBERTa checkpoint: a ``.safetensors`` file, a directory with
-        ``model.safetensors``, or a repo id in the local hub cache (``roberta-base``).
+        ``model.safetensors``, or a repo id in the local hub cache (``roberta-base``),
+        fetched from the hub with ``download`` when the cache lacks it.
 
         The head comes from the checkpoint when it has one of the right shapes, else from
         ``params``. An explicit ``num_layers`` override shallower than the checkpoint takes
@@ -290,7 +291,8 @@ class RobertaClassifier(nn.Module):
         from fiarse_jax.models import convert_roberta
 
         out, report = convert_roberta.load_pretrained(
-            params, source, num_layers=self.dims().num_layers if self.num_layers else None)
+            params, source, num_layers=self.dims().num_layers if self.num_layers else None,
+            download=download)
         logging.getLogger(__name__).info("%s", report.summary())
         return out
 
