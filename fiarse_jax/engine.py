@@ -22,7 +22,8 @@ Inputs carry a leading client axis: ``specs`` (from the policy), ``data``
 (``ClientData``) and ``keys``; the output is a ``ClientResult`` stacked on that
 axis (in the sharded strategy, sharded along it). Chunking and sharding pad the
 client axis by repeating the last client and drop the padding's results.
-Stacked outputs still hold one delta and mask per client: O(clients × params).
+Stacked outputs still hold one delta and mask per client: O(clients × params) (float
+deltas, uint8 masks).
 """
 from __future__ import annotations
 

@@ -152,6 +152,7 @@ def test_adamw_leaves_coordinates_outside_the_submodel_exactly_unchanged(method)
         p = optax.apply_updates(p, u)
     raw = jax.tree_util.tree_map(jnp.subtract, params, p)
     mask = [np.asarray(m) for m in jax.tree_util.tree_leaves(res.mask)]
+    assert all(m.dtype == np.uint8 for m in mask)   # a quarter of a float32 mask's memory
     assert 0 < sum(m.sum() for m in mask) < sum(m.size for m in mask)
     for d, r, m in zip(jax.tree_util.tree_leaves(res.delta), jax.tree_util.tree_leaves(raw), mask):
         d, r = np.asarray(d), np.asarray(r)
