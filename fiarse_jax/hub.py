@@ -37,13 +37,19 @@ def cached_file(repo_id: str, filename: str,
     return max(found, key=lambda f: f.stat().st_mtime) if found else None
 
 
-def online(timeout: float = 5.0) -> bool:
-    """Whether the hub answers on port 443 within ``timeout`` seconds."""
+def reachable(host: str, timeout: float = 5.0) -> bool:
+    """Whether ``host`` answers on port 443 within ``timeout`` seconds (checked before any
+    download, so an offline machine fails at once instead of hanging)."""
     try:
-        socket.create_connection((HOST, 443), timeout=timeout).close()
+        socket.create_connection((host, 443), timeout=timeout).close()
         return True
     except OSError:
         return False
+
+
+def online(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face hub can be reached."""
+    return reachable(HOST, timeout)
 
 
 def download(repo_id: str, filename: str) -> Path:

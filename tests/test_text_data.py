@@ -8,6 +8,7 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 tokenizers = pytest.importorskip("tokenizers")
 
+from fiarse_jax import hub  # noqa: E402
 from fiarse_jax.data import federated  # noqa: E402
 from fiarse_jax.data import text  # noqa: E402
 from fiarse_jax.data import tfds as tfds_data  # noqa: E402
@@ -193,7 +194,7 @@ def test_pretrained_tokenizer_json_by_path(tmp_path, bpe):
 
 def test_hub_names_come_from_the_local_cache_only(tmp_path, monkeypatch, bpe):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(tfds_data, "_online", lambda host, timeout=5.0: False)
+    monkeypatch.setattr(hub, "online", lambda timeout=5.0: False)
     t = time.time()
     with pytest.raises(DataUnavailable, match="'roberta-base' is not in the Hugging Face hub"):
         text.get_tokenizer("roberta-base")

@@ -45,7 +45,6 @@ TFDS_NAME = "ag_news_subset"
 NUM_CLASSES = 4
 #: where TFDS downloads AG News from (checked before a download starts)
 DOWNLOAD_HOST = "drive.google.com"
-HUB_HOST = "huggingface.co"
 #: RoBERTa's special tokens, in the order of their ids 0..4.
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 #: the smallest trainable BPE vocabulary: the 256-byte alphabet plus the special tokens.
@@ -149,12 +148,12 @@ def _pretrained(value: str, download: bool) -> Tokenizer:
             "--config.data.download=True on a machine with internet, or copy its "
             "tokenizer.json here and pass its path as config.data.tokenizer, or use "
             "tokenizer='bpe' (offline).")
-    if not tfds_data._online(HUB_HOST):
+    try:   # the same download (and reachability check) as pretrained weights
+        return tk.Tokenizer.from_file(str(hub.download(value, "tokenizer.json")))
+    except FileNotFoundError as e:
         raise DataUnavailable(
-            f"config.data.tokenizer = {value!r} is not in the hub cache ({hub_cache_dir()}) "
-            f"and {HUB_HOST} cannot be reached (no internet?). Download its tokenizer.json "
-            "on a machine with internet and pass its path as config.data.tokenizer.")
-    return tk.Tokenizer.from_pretrained(value)
+            f"config.data.tokenizer = {value!r}: {e}. Download its tokenizer.json on a "
+            "machine with internet and pass its path as config.data.tokenizer.") from None
 
 
 # --- one entry point, and the encoder ------------------------------------------------

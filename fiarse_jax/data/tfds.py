@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from typing import Sequence
 
 import numpy as np
 
+from fiarse_jax import hub
 from fiarse_jax.data import augment
 from fiarse_jax.data.federated import Dataset
 
@@ -49,12 +49,7 @@ def _import_tfds(what: str = "CIFAR", extra: str = "tfds"):
     return tfds
 
 
-def _online(host: str, timeout: float = 5.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+_online = hub.reachable   # a module name of its own, so tests can stand in for the network
 
 
 def default_data_dir() -> str:
