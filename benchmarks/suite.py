@@ -2,16 +2,18 @@
 PyTorch reference side by side, scaling curves, and the cost of mask extraction.
 
 Usage:
-  python benchmarks/suite.py [--quick] [--sections strategies,resnet,size,masks,text]
+  python benchmarks/suite.py [--quick] [--sections strategies,resnet,size,masks,text,memory]
       [--cnn-clients 10,100,1000] [--resnet-steps 100] [--rounds 2] [--no-torch]
+      [--reduce stream|stack|stream,stack] [--memory-chunks 1,5]
       [--out benchmarks/results/suite_<backend>.json]
 
 Every measurement runs in its own subprocess (so peak memory is its own, and the sharded
 strategy can force host devices on CPU), all pinned to the same CPU cores; PyTorch gets
 ``torch.set_num_threads(len(cores))``. A round is what the server does per round in both
 frameworks: thresholds of every level from |w|, the clients' K local steps (masked
-gradient, as the authors' released runs), and the holder-average step. Times are per round
-after one warm-up (compile) round. Sections:
+gradient, as the authors' released runs), and the holder-average step, its inputs summed
+while the clients train (``--reduce stream``, what training does by default) or stacked
+first. Times are per round after one warm-up (compile) round. Sections:
 
 * ``strategies``: the CNN on digits-shaped data at each ``--cnn-clients`` count per round,
   for loop / vmap / vmap chunked / sharded, and the PyTorch reference (benchmarks/
@@ -21,6 +23,11 @@ after one warm-up (compile) round. Sections:
 * ``text``: the RoBERTa classifier (``small`` on CPU, ``roberta_base`` on an accelerator)
   on random token ids, AdamW clients, per strategy: client steps/s, tokens/s, peak memory
   with one client at a time (``vmap:1``) and with a chunk of clients.
+* ``memory``: XLA's buffer assignment (``compiled.memory_analysis()``) of one whole vmap
+  round, compiled for this backend but never run, for ``roberta_base`` at
+  ``--text-clients`` and the CNN at 1,000 clients, per ``--memory-chunks`` chunk size
+  and with the server's inputs stacked or streamed: the per-round peak, and from two
+  chunk sizes what each client in a chunk adds (per-client training memory).
 * ``masks``: thresholds of all levels (``policy.prepare``: one sort of |w|) for ResNet-18
   and a 100 M-parameter synthetic pytree, beside the ResNet round.
 
@@ -106,29 +113,45 @@ def _setup(spec: dict, clients: int, steps: int):
     return params, policy, fns, data
 
 
-def measure_round(spec: dict) -> dict:
-    """Time ``spec['rounds']`` FIARSE rounds of ``spec['strategy']`` after a warm-up one."""
+def _round_fn(spec: dict, policy, fns, clients: int):
+    """``one_round(params, r) -> params``: thresholds, the clients, the server step, with the
+    server's inputs stacked or streamed (``spec['reduce']``) as training does."""
     import jax
     import jax.numpy as jnp
     from fiarse_jax import engine
-    from fiarse_jax.server_round import make_server_round
+    from fiarse_jax.server_round import make_server_round, make_streaming_round
 
-    clients, steps = spec["clients"], spec["steps"]
-    params, policy, fns, data = _setup(spec, clients, steps)
-    strategy = spec["strategy"]
-    run = engine.make_round_runner(fns, strategy, clients_per_chunk=spec.get("chunk", 0))
+    strategy, streamed = spec["strategy"], spec.get("reduce", "stream") == "stream"
+    stream = make_streaming_round()
+    run = engine.make_round_runner(fns, strategy, clients_per_chunk=spec.get("chunk", 0),
+                                   reduce=stream.contribution if streamed else None)
     prepare = jax.jit(policy.prepare)
     specs_fn = jax.jit(jax.vmap(policy.client_spec, in_axes=(None, 0, 0)))
     levels = jnp.arange(clients) % len(CAPACITIES)
     server_step = make_server_round()   # what training runs: screen, holder average, update
-    if strategy == "sharded":
-        params = engine.replicate(params)
 
-    def one_round(params, r):
+    def one_round(params, r, data):
         key = jax.random.PRNGKey(r)
         keys = jax.random.split(key, clients)
         res = run(params, specs_fn(prepare(params, r, key), levels, keys), data, keys)
+        if streamed:
+            return stream.finish(params, res[0], key, 0.0)
         return server_step(params, res.delta, res.mask, levels, key, 0.0)[0]
+
+    return one_round
+
+
+def measure_round(spec: dict) -> dict:
+    """Time ``spec['rounds']`` FIARSE rounds of ``spec['strategy']`` after a warm-up one."""
+    import functools
+    import jax
+    from fiarse_jax import engine
+
+    clients, steps, strategy = spec["clients"], spec["steps"], spec["strategy"]
+    params, policy, fns, data = _setup(spec, clients, steps)
+    one_round = functools.partial(_round_fn(spec, policy, fns, clients), data=data)
+    if strategy == "sharded":
+        params = engine.replicate(params)
 
     t0 = time.perf_counter()
     params = jax.block_until_ready(one_round(params, 0))
@@ -141,11 +164,36 @@ def measure_round(spec: dict) -> dict:
 
     mem, mem_kind = _peak_memory_mb()
     return {"framework": "jax", "strategy": strategy, "chunk": spec.get("chunk", 0),
+            "reduce": spec.get("reduce", "stream"),
             "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
             "num_params": int(sum(l.size for l in jax.tree_util.tree_leaves(params))),
             "first_round_s": first, "round_s": round_s,
             "client_steps_per_s": clients * steps / round_s,
             "peak_mem_mb": mem, "mem_kind": mem_kind}
+
+
+def measure_compiled(spec: dict) -> dict:
+    """XLA's buffer assignment for one whole ``vmap`` round (thresholds, clients, server
+    step) compiled for this backend and never run: the peak bytes a round needs, however
+    large the model, on a machine that could not run it in the time available."""
+    import jax
+
+    clients = spec["clients"]
+    params, policy, fns, data = _setup(spec, clients, spec["steps"])
+    compiled = jax.jit(_round_fn(spec, policy, fns, clients), donate_argnums=0).lower(
+        params, 0, data).compile()
+    m = compiled.memory_analysis()
+    mb = {k: getattr(m, f"{k}_size_in_bytes") / 2**20 for k in ("argument", "output", "temp",
+                                                                  "alias")}
+    leaves = jax.tree_util.tree_leaves
+    return {"framework": "jax", "strategy": spec["strategy"], "chunk": spec.get("chunk", 0),
+            "reduce": spec.get("reduce", "stream"), "device_kind": jax.devices()[0].device_kind,
+            "num_params": int(sum(l.size for l in leaves(params))),
+            "inputs_mb": sum(l.nbytes for l in leaves((params, data))) / 2**20,
+            **{f"{k}_mb": v for k, v in mb.items()},
+            # everything live at once: inputs, outputs (less what reuses a donated input)
+            # and the temporaries' arena
+            "compiled_peak_mb": mb["argument"] + mb["output"] + mb["temp"] - mb["alias"]}
 
 
 def measure_step_flops(spec: dict) -> dict:
@@ -266,6 +314,17 @@ def _with_flops(rows: list[dict], count: dict) -> None:
             with_flops(r, count.get("step_gflops"))
 
 
+def _with_per_client(rows: list[dict]) -> None:
+    """``per_client_mb``: what one more client in a chunk adds to the compiled peak, from
+    the smallest and largest chunk of the same model and server inputs."""
+    for r in rows:
+        same = sorted((o for o in rows if o["model"] == r["model"] and o["reduce"] ==
+                       r["reduce"] and "compiled_peak_mb" in o), key=lambda o: o["chunk"])
+        if len(same) > 1 and r is same[-1] and same[-1]["chunk"] > same[0]["chunk"]:
+            r["per_client_mb"] = ((same[-1]["compiled_peak_mb"] - same[0]["compiled_peak_mb"])
+                                  / (same[-1]["chunk"] - same[0]["chunk"]))
+
+
 def _with_ratio(rows: list[dict]) -> None:
     """Each row's round time over the PyTorch reference's in the same group."""
     ref = next((r["round_s"] for r in rows if r.get("strategy") == "torch" and "round_s" in r),
@@ -322,7 +381,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
-    ap.add_argument("--sections", default="strategies,resnet,size,masks,text")
+    ap.add_argument("--sections", default="strategies,resnet,size,masks,text,memory")
     ap.add_argument("--cnn-clients", default="10,100,1000")
     ap.add_argument("--steps", type=int, default=20, help="local steps K for the CNN")
     ap.add_argument("--resnet-steps", type=int, default=100, help="local steps K for ResNet-18")
@@ -341,13 +400,21 @@ def main(argv=None) -> dict:
                     help="CPU cores for every measurement, e.g. 0,1 (default: all)")
     ap.add_argument("--host-devices", type=int, default=8,
                     help="CPU only: devices forced for the sharded strategy")
+    ap.add_argument("--reduce", default="stream",
+                    help="server inputs of the timed rounds: stream, stack or stream,stack")
+    ap.add_argument("--memory-chunks", default="1,5",
+                    help="memory section: clients per chunk of the compiled vmap rounds")
+    ap.add_argument("--memory-models", default="roberta,cnn",
+                    help="memory section: roberta (roberta_base at --text-clients), "
+                         "cnn (1,000 clients)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.measure:
         spec = json.loads(args.measure)
-        measure = {"prepare": measure_prepare, "flops": measure_step_flops}.get(
+        measure = {"prepare": measure_prepare, "flops": measure_step_flops,
+                   "compiled": measure_compiled}.get(
             spec["kind"], measure_round)
         print(json.dumps(measure(spec)))
         return {}
@@ -372,6 +439,9 @@ def main(argv=None) -> dict:
         strategies = [(s, c if c == 0 else 2) for s, c in strategies]
         widths = widths[:2]
         resnet_kw = {"widths": [4, 8, 8, 8]}
+    reduces = args.reduce.split(",")
+    if not set(reduces) <= {"stream", "stack"}:
+        ap.error(f"--reduce {args.reduce!r}: expected stream, stack or both, comma-separated")
     host_devices = args.host_devices if backend == "cpu" else 0
     common = {"batch": 20, "rounds": rounds, "samples": samples, "dtype": args.dtype,
               "host_devices": host_devices,
@@ -384,6 +454,7 @@ def main(argv=None) -> dict:
                                  "samples_per_client": samples, "dtype": args.dtype,
                                  "gradient": "masked"}}
     cols = [("clients", "clients", "d"), ("strategy", "strategy", ""), ("chunk", "chunk", "d"),
+            ("reduce", "server in", ""),
             ("round_s", "s/round", ".4f"), ("client_steps_per_s", "steps/s", ".1f"),
             ("vs_torch", "vs torch", ".3f"), ("peak_mem_mb", "peak MB", ".0f"),
             ("achieved_tflops", "TFLOP/s", ".4f"), ("mfu", "MFU", ".3f")]
@@ -402,9 +473,12 @@ def main(argv=None) -> dict:
         for strategy, chunk in strats:
             if chunk and chunk >= clients:
                 continue
-            spec = {"kind": "jax", "model": model, "clients": clients, "steps": k,
-                    "model_kwargs": kw, "strategy": strategy, "chunk": chunk, **common}
-            rows.append({"clients": clients, "model_kwargs": kw, **spec, **_child(spec, cores)})
+            for reduce in reduces:
+                spec = {"kind": "jax", "model": model, "clients": clients, "steps": k,
+                        "model_kwargs": kw, "strategy": strategy, "chunk": chunk,
+                        "reduce": reduce, **common}
+                rows.append({"clients": clients, "model_kwargs": kw, **spec,
+                             **_child(spec, cores)})
         if torch_too:
             spec = {"kind": "torch", "model": model, "clients": clients, "steps": k,
                     "model_kwargs": kw, **common}
@@ -436,11 +510,14 @@ def main(argv=None) -> dict:
         _table("CNN width at 10 clients per round", result["size"],
                [("num_params", "params", ",d")] + cols[1:])
         save()
-    if "text" in sections:
-        size = args.text_size or ("small" if backend == "cpu" else "roberta_base")
+    def text_kw(size):
         kw = {"size": "tiny" if args.quick else size, "max_length": 16 if args.quick else
               args.text_length}
         kw["vocab_size"] = 50265 if kw["size"] == "roberta_base" else 8000
+        return kw
+
+    if "text" in sections:
+        kw = text_kw(args.text_size or ("small" if backend == "cpu" else "roberta_base"))
         strats = [(x.split(":")[0], int(x.split(":")[1]) if ":" in x else 0) for x in (
             args.text_strategies or ("loop,vmap:5" if backend == "cpu" else "loop,vmap:1,vmap:5")
         ).split(",")]
@@ -456,6 +533,34 @@ def main(argv=None) -> dict:
                f"{1 if args.quick else args.text_steps} AdamW steps, batch 20 (peak MB: the "
                "whole round; vmap:1 = one client at a time)", result["text"],
                cols[:5] + [("tokens_per_s", "tokens/s", ".0f")] + cols[6:])
+        save()
+    if "memory" in sections:
+        # Compiled, never run: roberta_base even on a CPU that could not train it here.
+        chunks = [1, 2] if args.quick else [int(c) for c in args.memory_chunks.split(",")]
+        workloads = [w for w in [("roberta", text_kw(args.text_size or "roberta_base"),
+                                  2 if args.quick else args.text_clients,
+                                  1 if args.quick else args.text_steps),
+                                 ("cnn", {}, 4 if args.quick else 1000, steps)]
+                     if w[0] in args.memory_models.split(",")]
+        result["memory"] = []
+        for model, kw, clients, k in workloads:
+            for chunk in chunks:
+                for reduce in ("stack", "stream"):
+                    spec = {"kind": "compiled", "model": model, "clients": clients,
+                            "steps": k, "model_kwargs": kw, "strategy": "vmap",
+                            "chunk": chunk, "reduce": reduce, **common}
+                    result["memory"].append({"model": model, "clients": clients,
+                                             "model_kwargs": kw, **spec,
+                                             **_child(spec, cores)})
+        _with_per_client(result["memory"])
+        _table("XLA's compiled peak of one vmap round (buffer assignment, not run; "
+               f"{backend}): per chunk of clients, server inputs stacked or streamed",
+               result["memory"],
+               [("model", "model", ""), ("num_params", "params", ",d"),
+                ("clients", "clients", "d"), ("chunk", "chunk", "d"),
+                ("reduce", "server in", ""), ("argument_mb", "args MB", ".0f"),
+                ("temp_mb", "temp MB", ".0f"), ("compiled_peak_mb", "peak MB", ".0f"),
+                ("per_client_mb", "MB per client in a chunk", ".0f")])
         save()
     if "masks" in sections:
         trees = ([{"tree": "synthetic", "params": 10**6}] if args.quick else

@@ -103,6 +103,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.engine.strategy = "auto"
     config.engine.clients_per_chunk = 0   # vmap/sharded: clients trained at once per device (0 = all)
     config.engine.dtype = "float32"       # "bfloat16": mixed-precision local training
+    # "stream": the server's sums accumulate while clients train (a round holds O(params),
+    # not O(clients × params)); needs the mean or DP-FedAvg rule, no validation or attack.
+    # "stack": every client's delta and mask kept until the server step. "auto": stream
+    # when allowed.
+    config.engine.reduce = "auto"
     config.profile = False                # a jax.profiler trace of round 2 under WORKDIR/profile
 
     config.eval_every = 20

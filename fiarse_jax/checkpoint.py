@@ -37,7 +37,8 @@ from fiarse_jax.config import ConfigError
 #: the run, bookkeeping, and the execution strategy (strategies agree to float
 #: rounding, so bit-for-bit equality holds only when it is unchanged).
 SAFE_TO_CHANGE = ("num_rounds", "eval_every", "checkpoint_every", "keep_checkpoints",
-                  "tensorboard", "engine.strategy", "engine.clients_per_chunk", "profile")
+                  "tensorboard", "engine.strategy", "engine.clients_per_chunk", "engine.reduce",
+                  "profile")
 
 #: Config fields added after checkpoints were first written, with the value the code used
 #: before they existed: a checkpoint without the field resumes when the current value is it.

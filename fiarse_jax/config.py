@@ -197,6 +197,8 @@ def validate_config(config) -> None:
     _choice(config, "engine.strategy", engine.STRATEGIES)
     _int(config, "engine.clients_per_chunk", lo=0)
     _choice(config, "engine.dtype", ("float32", "bfloat16"))
+    if "reduce" in config.engine:
+        _choice(config, "engine.reduce", ("auto", "stack", "stream"))
     _bool(config, "profile")
     _int(config, "eval_every")
     _int(config, "checkpoint_every", lo=0)

@@ -22,8 +22,13 @@ Inputs carry a leading client axis: ``specs`` (from the policy), ``data``
 (``ClientData``) and ``keys``; the output is a ``ClientResult`` stacked on that
 axis (in the sharded strategy, sharded along it). Chunking and sharding pad the
 client axis by repeating the last client and drop the padding's results.
-Stacked outputs still hold one delta and mask per client: O(clients × params) (float
-deltas, uint8 masks).
+Stacked outputs hold one delta and mask per client: O(clients × params) (float deltas,
+uint8 masks). With a ``reduce`` function (``make_round_runner(..., reduce=...)``) nothing
+is stacked but small per-client values: each client's result is mapped to ``(sums,
+stats)`` as soon as it exists, ``sums`` are added up over the round's clients (a scan
+carry across chunks, a running total in the loop, a cross-device ``psum`` when
+sharded) and ``stats`` are stacked, so a round holds O(params) however many clients
+it has: what a linear server rule (the holder mean, DP-FedAvg) needs.
 """
 from __future__ import annotations
 
@@ -40,7 +45,10 @@ from fiarse_jax.data.federated import ClientData
 
 STRATEGIES = ("auto", "loop", "vmap", "sharded")
 CLIENT_AXIS = "clients"
-RoundRunner = Callable[[Any, Any, ClientData, jax.Array], ClientResult]
+RoundRunner = Callable[[Any, Any, ClientData, jax.Array], Any]
+#: One client's ``ClientResult`` → ``(sums, stats)``: ``sums`` (a pytree) are added up
+#: over the round's clients, ``stats`` (a pytree) are stacked on the client axis.
+Reduce = Callable[[ClientResult], tuple[Any, Any]]
 
 
 def resolve_strategy(strategy: str) -> str:
@@ -66,37 +74,77 @@ def _pad_clients(tree, multiple: int):
         lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), tree)
 
 
-def _loop_runner(fns: ClientFns) -> RoundRunner:
-    init, final = jax.jit(fns.init), jax.jit(fns.final)
+def _stack(result: ClientResult):
+    """The reduce of the stacking runners: nothing summed, the whole result kept."""
+    return (), result
+
+
+def _add(a, b):
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def _sum_valid(tree, valid: jax.Array):
+    """Sum over the leading (client) axis of the rows where ``valid``: padding adds nothing."""
+    def total(a):
+        keep = valid.reshape(valid.shape + (1,) * (a.ndim - 1))
+        return jnp.where(keep, a, jnp.zeros_like(a)).sum(axis=0, dtype=a.dtype)
+    return jax.tree_util.tree_map(total, tree)
+
+
+def _loop_runner(fns: ClientFns, reduce: Reduce):
+    init = jax.jit(fns.init)
     step = jax.jit(fns.step, donate_argnums=0)   # the state is replaced every step
+    first = jax.jit(lambda params, state, spec: reduce(fns.final(params, state, spec)))
+
+    def fold_fn(total, params, state, spec):
+        sums, stats = reduce(fns.final(params, state, spec))
+        return _add(total, sums), stats
+
+    fold = jax.jit(fold_fn, donate_argnums=0)   # a running total: one copy of the sums
     step_ids = [jnp.asarray(k, jnp.int32) for k in range(fns.num_steps)]
 
     def run(params, specs, data, keys):
-        results = []
+        total, stats = None, []
         for i in range(keys.shape[0]):
             spec_i, data_i = _index(specs, i), _index(data, i)
             state = init(params, spec_i, data_i, keys[i])
             for k in step_ids:
                 state = step(state, spec_i, data_i, k)
-            results.append(final(params, state, spec_i))
-        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *results)
+            if total is None:
+                total, st = first(params, state, spec_i)
+            else:
+                total, st = fold(total, params, state, spec_i)
+            stats.append(st)
+        return total, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *stats)
 
     return run
 
 
-def _chunked(fns: ClientFns, clients_per_chunk: int) -> RoundRunner:
-    """Traceable ``(params, specs, data, keys) -> ClientResult``: vmap, in chunks if asked."""
-    batched = jax.vmap(functools.partial(client_update, fns), in_axes=(None, 0, 0, 0))
+def _chunked(fns: ClientFns, clients_per_chunk: int, reduce: Reduce):
+    """Traceable ``(params, specs, data, keys, valid) -> (sums, stats)``: vmap, in chunks
+    if asked; ``sums`` add up the rows where ``valid``, ``stats`` keep every row."""
+    batched = jax.vmap(lambda p, s, d, k: reduce(client_update(fns, p, s, d, k)),
+                       in_axes=(None, 0, 0, 0))
 
-    def run(params, specs, data, keys):
+    def run(params, specs, data, keys, valid):
         n = keys.shape[0]
         c = clients_per_chunk
         if c <= 0 or c >= n:
-            return batched(params, specs, data, keys)
+            sums, stats = batched(params, specs, data, keys)
+            return _sum_valid(sums, valid), stats
         inputs = _pad_clients((specs, data, keys), c)
-        chunks = jax.tree_util.tree_map(lambda a: a.reshape(-1, c, *a.shape[1:]), inputs)
-        out = jax.lax.map(lambda s_d_k: batched(params, *s_d_k), chunks)
-        return jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:])[:n], out)
+        valid = jnp.concatenate([valid, jnp.zeros(-n % c, bool)])
+        chunks = jax.tree_util.tree_map(lambda a: a.reshape(-1, c, *a.shape[1:]),
+                                        (*inputs, valid))
+        one = jax.eval_shape(lambda: batched(params, *_index(chunks[:3], 0))[0])
+        zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape[1:], a.dtype), one)
+
+        def body(total, chunk):
+            sums, stats = batched(params, *chunk[:3])
+            return _add(total, _sum_valid(sums, chunk[3])), stats
+
+        total, stats = jax.lax.scan(body, zeros, chunks)
+        return total, jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:])[:n], stats)
 
     return run
 
@@ -140,13 +188,18 @@ def to_host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _sharded_runner(fns: ClientFns, clients_per_chunk: int, mesh: Mesh) -> RoundRunner:
-    local = _chunked(fns, clients_per_chunk)
-    # No collectives inside (clients are independent), so the varying-axis type check,
-    # which would make every carry and custom VJP spell out its axis, is off.
-    mapped = jax.jit(jax.shard_map(lambda params, sdk: local(params, *sdk), mesh=mesh,
-                                   in_specs=(P(), P(CLIENT_AXIS)), out_specs=P(CLIENT_AXIS),
-                                   check_vma=False))
+def _sharded_runner(fns: ClientFns, clients_per_chunk: int, mesh: Mesh, reduce: Reduce):
+    local = _chunked(fns, clients_per_chunk, reduce)
+
+    def per_device(params, inputs):
+        sums, stats = local(params, *inputs)
+        return jax.lax.psum(sums, CLIENT_AXIS), stats
+
+    # No collectives inside the client update (clients are independent), so the
+    # varying-axis type check, which would make every carry and custom VJP spell out
+    # its axis, is off.
+    mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(CLIENT_AXIS)),
+                                   out_specs=(P(), P(CLIENT_AXIS)), check_vma=False))
     over_clients, replicated = NamedSharding(mesh, P(CLIENT_AXIS)), NamedSharding(mesh, P())
     # Dropping the padding gathers the results (an uneven split is not a sharding):
     # a client count that is a multiple of the device count keeps them sharded.
@@ -155,26 +208,38 @@ def _sharded_runner(fns: ClientFns, clients_per_chunk: int, mesh: Mesh) -> Round
 
     def run(params, specs, data, keys):
         n = keys.shape[0]
-        inputs = _put(_pad_clients((specs, data, keys), mesh.size), over_clients)
-        out = mapped(_put(params, replicated), inputs)
-        return out if out.loss.shape[0] == n else slice_to(out, n)
+        valid = jnp.arange(n + (-n % mesh.size)) < n
+        inputs = _put((*_pad_clients((specs, data, keys), mesh.size), valid), over_clients)
+        sums, stats = mapped(_put(params, replicated), inputs)
+        return sums, stats if valid.shape[0] == n else slice_to(stats, n)
 
     return run
 
 
 def make_round_runner(fns: ClientFns, strategy: str = "auto", *, clients_per_chunk: int = 0,
-                      mesh: Mesh | None = None) -> RoundRunner:
+                      mesh: Mesh | None = None, reduce: Reduce | None = None) -> RoundRunner:
     """A function ``(params, specs, data, keys) -> ClientResult`` (stacked per client).
 
     ``clients_per_chunk`` (vmap, sharded; 0 = all at once) bounds how many clients
     train at once per device; ``mesh`` (sharded) defaults to ``client_mesh()``.
+    ``reduce`` (one client's ``ClientResult`` → ``(sums, stats)``, jit-able): the runner
+    returns ``(Σ over clients of sums, stats stacked per client)`` instead, and never
+    holds more than a chunk of client results.
     """
     strategy = resolve_strategy(strategy)
     if isinstance(clients_per_chunk, bool) or not isinstance(clients_per_chunk, int) \
             or clients_per_chunk < 0:
         raise ValueError(f"clients_per_chunk = {clients_per_chunk!r} must be an integer ≥ 0")
+    stacking = reduce is None
+    reduce = _stack if stacking else reduce
     if strategy == "loop":
-        return _loop_runner(fns)
-    if strategy == "sharded":
-        return _sharded_runner(fns, clients_per_chunk, mesh or client_mesh())
-    return jax.jit(_chunked(fns, clients_per_chunk))
+        run = _loop_runner(fns, reduce)
+    elif strategy == "sharded":
+        run = _sharded_runner(fns, clients_per_chunk, mesh or client_mesh(), reduce)
+    else:
+        local = _chunked(fns, clients_per_chunk, reduce)
+        run = jax.jit(lambda params, specs, data, keys: local(
+            params, specs, data, keys, jnp.ones(keys.shape[0], bool)))
+    if not stacking:
+        return run
+    return lambda params, specs, data, keys: run(params, specs, data, keys)[1]

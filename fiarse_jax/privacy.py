@@ -118,9 +118,19 @@ def noisy_holder_average(clipped: Params, masks: Params, key: jax.Array, *,
     or a scalar such as the expected cohort size q·N for every coordinate. Never the realised
     holder count (see the module docstring). Jit-able; the result has the deltas' dtypes.
     """
+    totals = jax.tree_util.tree_map(lambda d, m: (_f32(d) * _f32(m)).sum(axis=0), clipped, masks)
+    return noisy_mean(totals, key, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                      divisor=divisor, like=clipped)
+
+
+def noisy_mean(totals: Params, key: jax.Array, *, noise_multiplier: float, clip_norm: float,
+               divisor: Params | float, like: Params) -> Params:
+    """(totals + N(0, (σC)²)) / divisor per coordinate, 0 and noise-free where divisor = 0,
+    in ``like``'s dtypes: ``noisy_holder_average`` from the holders' sums Σ_i m_i·d_i of
+    clipped deltas (so a server that streams the sums adds the same noise)."""
     _check("noise_multiplier", noise_multiplier, low=0.0)
     _check("clip_norm", clip_norm, low=0.0, low_open=True)
-    leaves, treedef = jax.tree_util.tree_flatten(clipped)
+    leaves, treedef = jax.tree_util.tree_flatten(totals)
     if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(divisor)):  # one for all
         if jnp.ndim(divisor) == 0:
             _check("divisor", divisor, low=0.0)
@@ -128,13 +138,12 @@ def noisy_holder_average(clipped: Params, masks: Params, key: jax.Array, *,
     keys = jax.tree_util.tree_unflatten(treedef, list(jax.random.split(key, len(leaves))))
     std = jnp.asarray(noise_multiplier, jnp.float32) * clip_norm
 
-    def average(d, m, div, k):
-        total = (_f32(d) * _f32(m)).sum(axis=0)
+    def average(total, div, k, d):
         noisy = total + std * jax.random.normal(k, total.shape, jnp.float32)
         div = jnp.broadcast_to(_f32(div), total.shape)
         return jnp.where(div > 0, noisy / jnp.where(div > 0, div, 1.0), 0.0).astype(d.dtype)
 
-    return jax.tree_util.tree_map(average, clipped, masks, divisor, keys)
+    return jax.tree_util.tree_map(average, totals, divisor, keys, like)
 
 
 def _dp_accounting():

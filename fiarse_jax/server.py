@@ -19,18 +19,26 @@ import jax.numpy as jnp
 Params = Any
 
 
+def holder_sums(deltas: Params, masks: Params) -> tuple[Params, Params]:
+    """(Σ_i m_i·d_i, Σ_i m_i) per coordinate over the leading client axis, in float32
+    (counts stay exact up to 2**24 clients, even for bf16 masks)."""
+    def f32(a):
+        return a.astype(jnp.float32)
+    totals = jax.tree_util.tree_map(lambda d, m: (f32(d) * f32(m)).sum(axis=0), deltas, masks)
+    return totals, jax.tree_util.tree_map(lambda m: f32(m).sum(axis=0), masks)
+
+
+def holder_mean(totals: Params, counts: Params, like: Params) -> Params:
+    """``totals / counts`` per coordinate (0 where the count is 0), in ``like``'s dtypes."""
+    return jax.tree_util.tree_map(
+        lambda t, n, p: jnp.where(n > 0, t / jnp.maximum(n, 1), 0).astype(p.dtype),
+        totals, counts, like)
+
+
 def holder_average(deltas: Params, masks: Params) -> tuple[Params, Params]:
     """(Σ_i m_i·d_i / Σ_i m_i, Σ_i m_i) per coordinate; 0 where no client holds it."""
-    def count(m):  # float32 counts stay exact up to 2**24 clients, even for bf16 masks
-        return m.astype(jnp.float32).sum(axis=0)
-
-    def avg(d, m):
-        n = count(m)
-        total = (d.astype(jnp.float32) * m.astype(jnp.float32)).sum(axis=0)
-        return jnp.where(n > 0, total / jnp.maximum(n, 1), 0).astype(d.dtype)
-
-    counts = jax.tree_util.tree_map(count, masks)
-    return jax.tree_util.tree_map(avg, deltas, masks), counts
+    totals, counts = holder_sums(deltas, masks)
+    return holder_mean(totals, counts, deltas), counts
 
 
 def apply_update(params: Params, agg: Params, server_lr: float = 1.0) -> Params:

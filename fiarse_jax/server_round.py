@@ -15,16 +15,24 @@
 
 ``info``: ``accepted`` bool[n] and ``reason`` int[n] (``validation.REASONS``). A round in
 which every update is rejected leaves the model unchanged (every aggregate is 0).
+
+``make_streaming_round(...)`` is the same server for rounds whose rule is linear in the
+clients (the holder mean, DP-FedAvg; only the non-finite screen): ``contribution`` maps
+one client's result to ``(sums, ClientStats)`` (what ``engine.make_round_runner(...,
+reduce=...)`` adds up over clients while they train) and ``finish`` turns the round's
+sums into the new model, so no round ever holds every client's delta. ``stream_blocker``
+says why a configuration needs the stacked path (robust rules, norm/direction screens and
+attacks look at all the updates together).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from fiarse_jax import aggregators, privacy, validation
-from fiarse_jax.server import apply_update, holder_average
+from fiarse_jax.server import apply_update, holder_average, holder_mean
 
 Params = Any
 
@@ -59,3 +67,63 @@ def make_server_round(*, aggregator: str = "mean", aggregator_options: dict | No
         return apply_update(params, agg, server_lr), {"accepted": accepted, "reason": reason}
 
     return jax.jit(step, donate_argnums=0)
+
+
+class ClientStats(NamedTuple):
+    """What a streamed round keeps per client (everything else is summed away)."""
+
+    loss: jax.Array       # mean training loss over the local steps
+    norm: jax.Array       # L2 norm of the delta over the coordinates the client holds
+    accepted: jax.Array   # bool: every held coordinate finite
+    reason: jax.Array     # int32: ``validation.REASONS`` index (0 ok, 1 non_finite)
+
+
+class StreamingRound(NamedTuple):
+    contribution: Callable   # ClientResult -> ((totals, counts), ClientStats)
+    finish: Callable         # (params, sums, key, divisor) -> new params (params donated)
+
+
+def stream_blocker(*, aggregator: str = "mean", z_threshold: float | None = None,
+                   cosine_threshold: float | None = None, attack: str = "none") -> str | None:
+    """Why these server settings need every client's update at once (None: they do not)."""
+    if aggregator != "mean":
+        return f"aggregator = {aggregator!r} is not a sum over clients"
+    if z_threshold is not None or cosine_threshold is not None:
+        return "update validation compares the clients' updates with each other"
+    if attack != "none":
+        return f"attack = {attack!r} transforms the stacked updates"
+    return None
+
+
+def make_streaming_round(*, server_lr: float = 1.0, dp_noise_multiplier: float = 0.0,
+                         dp_clip_norm: float = 1.0) -> StreamingRound:
+    """``make_server_round``'s mean/DP-FedAvg step split into a per-client contribution
+    and a finish, equal to it up to float summation order (tested)."""
+    dp = dp_noise_multiplier > 0
+
+    def contribution(result):
+        held = jax.tree_util.tree_map(lambda m: m > 0, result.mask)
+        finite = jnp.all(jnp.stack([jnp.where(h, jnp.isfinite(d), True).all() for d, h in zip(
+            jax.tree_util.tree_leaves(result.delta), jax.tree_util.tree_leaves(held))]))
+        held = jax.tree_util.tree_map(lambda h: h & finite, held)
+        deltas = jax.tree_util.tree_map(
+            lambda d, h: jnp.where(h, d, 0).astype(jnp.float32), result.delta, held)
+        norm = jnp.sqrt(sum(jnp.sum(d * d) for d in jax.tree_util.tree_leaves(deltas)))
+        if dp:   # privacy.clip_updates for one client
+            factor = jnp.minimum(1.0, dp_clip_norm / jnp.maximum(norm, 1e-30))
+            deltas = jax.tree_util.tree_map(lambda d: d * factor, deltas)
+        counts = () if dp else jax.tree_util.tree_map(lambda h: h.astype(jnp.float32), held)
+        stats = ClientStats(result.loss, norm, finite,
+                            jnp.where(finite, 0, 1).astype(jnp.int32))
+        return (deltas, counts), stats
+
+    def finish(params, sums, key, divisor):
+        totals, counts = sums
+        if dp:
+            agg = privacy.noisy_mean(totals, key, noise_multiplier=dp_noise_multiplier,
+                                     clip_norm=dp_clip_norm, divisor=divisor, like=params)
+        else:
+            agg = holder_mean(totals, counts, params)
+        return apply_update(params, agg, server_lr)
+
+    return StreamingRound(contribution, jax.jit(finish, donate_argnums=0))

@@ -286,6 +286,21 @@ def noise_multiplier(config) -> float:
     return float(config.dp.noise_multiplier)
 
 
+def stream_updates(config, attack_kind: str) -> bool:
+    """Whether rounds sum the server's inputs while clients train (``config.engine.reduce``:
+    ``auto`` streams whenever the server rule allows, ``stream`` insists, ``stack`` never)."""
+    mode = config.engine.get("reduce", "auto")
+    validate = config.server.validate
+    blocker = server_round.stream_blocker(
+        aggregator=config.server.aggregator, attack=attack_kind,
+        z_threshold=config.server.z_threshold if validate else None,
+        cosine_threshold=config.server.cosine_threshold if validate else None)
+    if mode == "stream" and blocker:
+        raise ConfigError(f"config.engine.reduce = 'stream' cannot be used: {blocker} "
+                          "(use 'auto' or 'stack')")
+    return mode == "stream" or (mode == "auto" and blocker is None)
+
+
 def sampling_rate(config) -> float:
     return config.clients_per_round / config.data.num_clients
 
@@ -325,9 +340,15 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                                      batch_size=config.client.batch_size,
                                      augment=run.train_transform,
                                      compute_dtype=COMPUTE_DTYPES[config.engine.dtype])
-    run_clients = engine.make_round_runner(fns, config.engine.strategy,
-                                           clients_per_chunk=config.engine.clients_per_chunk)
     sigma = noise_multiplier(config)
+    attack_kind = config.attack.kind if config.attack.kind in attacks.KINDS else "none"
+    streaming = stream_updates(config, attack_kind)
+    stream = server_round.make_streaming_round(server_lr=config.server.learning_rate,
+                                               dp_noise_multiplier=sigma,
+                                               dp_clip_norm=config.dp.clip_norm)
+    run_clients = engine.make_round_runner(fns, config.engine.strategy,
+                                           clients_per_chunk=config.engine.clients_per_chunk,
+                                           reduce=stream.contribution if streaming else None)
     server_step = server_round.make_server_round(
         aggregator=config.server.aggregator,
         aggregator_options=dict(config.server.get(config.server.aggregator, {})),
@@ -337,7 +358,6 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         dp_clip_norm=config.dp.clip_norm)
     divisor_fn = (make_divisor(policy, capacities, assignment, sampling_rate(config))
                   if sigma > 0 else lambda params, state: 0.0)
-    attack_kind = config.attack.kind if config.attack.kind in attacks.KINDS else "none"
     attack = jax.jit(functools.partial(attacks.attack_updates, attack_kind,
                                        scale=config.attack.scale,
                                        noise_std=config.attack.noise_std))
@@ -409,17 +429,24 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
             keys = jax.vmap(jax.random.fold_in, (None, 0))(round_key, jnp.asarray(ids))
             specs = client_specs(round_state, jnp.asarray(assignment[ids]), keys)
             batch = jax.tree_util.tree_map(lambda a: a[ids], data.train)
-            result = run_clients(view, specs, batch, keys)
             in_round = run.attackers[ids]
-            deltas = (attack(result.delta, result.mask, glob(jnp.asarray(in_round)),
-                             glob(jax.random.fold_in(round_key, 1)))
-                      if attack_kind != "none" and in_round.any() else result.delta)
-            params, info = server_step(params, deltas, result.mask,
-                                       glob(jnp.asarray(assignment[ids])),
-                                       glob(jax.random.fold_in(round_key, 2)),
-                                       glob(divisor_fn(view, round_state)))
+            server_key = glob(jax.random.fold_in(round_key, 2))
+            divisor = glob(divisor_fn(view, round_state))
+            if streaming:   # the server's sums accumulate while the clients train
+                sums, stats = run_clients(view, specs, batch, keys)
+                params = stream.finish(params, sums, server_key, divisor)
+                losses, info, norms = stats.loss, stats._asdict(), stats.norm
+            else:
+                result = run_clients(view, specs, batch, keys)
+                deltas = (attack(result.delta, result.mask, glob(jnp.asarray(in_round)),
+                                 glob(jax.random.fold_in(round_key, 1)))
+                          if attack_kind != "none" and in_round.any() else result.delta)
+                params, info = server_step(params, deltas, result.mask,
+                                           glob(jnp.asarray(assignment[ids])), server_key,
+                                           divisor)
+                losses, norms = result.loss, update_norms(deltas)
             # the round's one wait for the device
-            train_loss = float(engine.to_host(result.loss).mean())
+            train_loss = float(engine.to_host(losses).mean())
             if rnd == profile_round:
                 jax.profiler.stop_trace()
             if not np.isfinite(train_loss):
@@ -429,7 +456,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                     f"config.server.learning_rate ({config.server.learning_rate})")
             done = rnd + 1
             accepted, reason = engine.to_host(info["accepted"]), engine.to_host(info["reason"])
-            norms = engine.to_host(update_norms(deltas))[accepted]
+            norms = engine.to_host(norms)[accepted]
             row = {"round": done, "train_loss": train_loss,
                    "update_norm_mean": float(norms.mean()) if norms.size else 0.0,
                    "update_norm_max": float(norms.max()) if norms.size else 0.0,
@@ -493,6 +520,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         "clients_per_level": {evaluate.capacity_label(c): int((assignment == i).sum())
                               for i, c in enumerate(capacities)},
         "strategy": strategy,
+        "server_inputs": "streamed" if streaming else "stacked",
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
         "processes": jax.process_count(),

@@ -3,7 +3,8 @@
   python _engine_worker.py sharded OUT.json
       one process with the devices XLA_FLAGS forces: the sharded strategy (with and
       without chunks, client counts that do and do not divide the device count) and the
-      server step on its outputs, against the single-device vmap round.
+      server step on its outputs, stacked and streamed, against the single-device vmap
+      round.
   python _engine_worker.py train WORKDIR PORT PROCESS_ID NUM_PROCESSES
       one of several processes joined by jax.distributed on localhost, running
       train_and_evaluate (sharded over every process's devices) on a short default run.
@@ -21,6 +22,7 @@ import optax
 from fiarse_jax import engine, models, policies, server
 from fiarse_jax.client import make_client_fns
 from fiarse_jax.data import stack_clients
+from fiarse_jax.server_round import make_streaming_round
 
 
 def problem(num_clients: int, compute_dtype=None):
@@ -65,9 +67,20 @@ def compare(cases) -> dict:
         out = engine.make_round_runner(fns, "sharded", clients_per_chunk=chunk)(
             params, first(specs), first(data), first(keys))
         new_params = server.aggregate(engine.replicate(params), out.delta, out.mask)
+        # Streamed: per-device sums, psum-ed across devices; padding must add nothing.
+        stream = make_streaming_round()
+        sums, stats = engine.make_round_runner(
+            fns, "sharded", clients_per_chunk=chunk, reduce=stream.contribution)(
+            params, first(specs), first(data), first(keys))
+        fresh = engine.replicate(jax.tree_util.tree_map(jnp.copy, params))   # donated
+        streamed = stream.finish(fresh, sums, jax.random.PRNGKey(0), 0.0)
         run = {"replicated": jax.tree_util.tree_leaves(new_params)[0].sharding.is_fully_replicated,
                "result": max_diff(out, ref_n), "shape": list(out.loss.shape),
-               "params": max_diff(new_params, ref_params)}
+               "params": max_diff(new_params, ref_params),
+               "streamed_params": max_diff(streamed, ref_params),
+               "streamed_counts": max_diff(sums[1], jax.tree_util.tree_map(
+                   lambda m: m.astype(jnp.float32).sum(0), ref_n.mask)),
+               "streamed_loss": max_diff(stats.loss, ref_n.loss)}
         runs[f"{n}_clients_chunk_{chunk}"] = run
     return runs
 

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "default.py")
 
@@ -61,3 +63,25 @@ def test_benchmark_suite_quick_runs_and_writes_json_and_png(tmp_path):
     assert row["step_gflops"] > 0 and row["num_params"] == 38282
     assert result["masks"][0]["num_params"] == 10**6 and result["masks"][0]["prepare_s"] > 0
     assert (tmp_path / "suite.png").stat().st_size > 0
+
+
+def test_benchmark_memory_section_compiles_rounds_and_sees_streaming_save_memory(tmp_path):
+    """The memory section compiles (never runs) whole vmap rounds: XLA saw exactly the
+    round's inputs, and streaming the server's inputs needs no more than stacking them."""
+    out = tmp_path / "suite.json"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "suite.py"), "--quick",
+                        "--sections", "memory", "--memory-models", "cnn", "--no-torch",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+    rows = json.loads(out.read_text())["memory"]
+    assert [(x["chunk"], x["reduce"]) for x in rows] == [
+        (1, "stack"), (1, "stream"), (2, "stack"), (2, "stream")]
+    for x in rows:
+        assert "error" not in x, x
+        # the arguments are the params and the clients' data (plus the round number)
+        assert x["argument_mb"] == pytest.approx(x["inputs_mb"], abs=1e-3)
+    for chunk in (1, 2):
+        stack, stream = (x for x in rows if x["chunk"] == chunk)
+        assert stream["compiled_peak_mb"] <= stack["compiled_peak_mb"]
+    assert [("per_client_mb" in x) for x in rows] == [False, False, True, True]

@@ -53,6 +53,9 @@ def test_sharded_over_eight_devices_equals_one_device(tmp_path):
         r = runs[name]
         assert r["shape"] == [int(name.split("_")[0])]
         assert r["result"] < 1e-5 and r["params"] < 1e-6 and r["replicated"], (name, r)
+        # streamed (summed per device, then across devices): same model, padding not counted
+        assert r["streamed_params"] < 1e-6 and r["streamed_counts"] == 0, (name, r)
+        assert r["streamed_loss"] < 1e-5, (name, r)
 
 
 def _free_port() -> int:
