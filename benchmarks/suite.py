@@ -338,36 +338,45 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    timed = [r for sec in ("strategies", "resnet", "size") for r in result.get(sec, [])]
+    several = len({r.get("reduce") for r in timed if r.get("framework") == "jax"}) > 1
+
+    def label(r):
+        return (r["strategy"] + (f" (chunk {r['chunk']})" if r.get("chunk") else "")
+                + (f", {r['reduce']}" if several and r.get("reduce") else ""))
+
+    if not timed and result.get("memory"):
+        _plot_memory(result["memory"], axes)
     by = {}
     for r in result.get("strategies", []):
         if "round_s" in r:
-            label = r["strategy"] + (f" (chunk {r['chunk']})" if r.get("chunk") else "")
-            by.setdefault(label, []).append((r["clients"], r["round_s"]))
+            by.setdefault(label(r), []).append((r["clients"], r["round_s"]))
     for label, pts in sorted(by.items()):
         pts.sort()
         axes[0].plot(*zip(*pts), marker="o", label=label)
-    axes[0].set(xscale="log", yscale="log", xlabel="clients per round", ylabel="s per round",
-                title="CNN on digits-shaped data")
+    if by:
+        axes[0].set(xscale="log", yscale="log", xlabel="clients per round",
+                    ylabel="s per round", title="CNN on digits-shaped data")
     by = {}
     for r in result.get("size", []):
         if "round_s" in r:
-            by.setdefault(r["strategy"], []).append((r["num_params"], r["round_s"]))
+            by.setdefault(label(r), []).append((r["num_params"], r["round_s"]))
     for label, pts in sorted(by.items()):
         pts.sort()
         axes[1].plot(*zip(*pts), marker="o", label=label)
     resnet = [r for r in result.get("resnet", []) if "round_s" in r]
     if not by and resnet:   # no width section: the ResNet-18 round per strategy instead
-        axes[1].bar([r["strategy"] for r in resnet], [r["round_s"] for r in resnet])
+        axes[1].bar([label(r) for r in resnet], [r["round_s"] for r in resnet])
         axes[1].set(ylabel="s per round", title=f"ResNet-18, {resnet[0]['clients']} "
                     f"clients × K = {resnet[0]['steps']}")
-    else:
+    elif by:
         axes[1].set(xscale="log", yscale="log", xlabel="parameters", ylabel="s per round",
                     title="CNN width, 10 clients per round")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    rows = [r for sec in ("strategies", "resnet", "size") for r in result.get(sec, [])]
+    rows = timed + result.get("memory", [])
     device = next((r["device_kind"] for r in rows if r.get("device_kind")),
                   result["environment"]["devices"][0])
     fig.suptitle(f"{result['environment']['backend']}: {device}"
@@ -375,6 +384,27 @@ def plot(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_memory(rows: list[dict], axes) -> None:
+    """The memory section: compiled peak per chunk size, stacked vs streamed, one panel per
+    model."""
+    import numpy as np
+    for ax, model in zip(axes, ("roberta", "cnn")):
+        mine = [r for r in rows if r["model"] == model and "compiled_peak_mb" in r]
+        if not mine:
+            ax.set_axis_off()
+            continue
+        chunks = sorted({r["chunk"] for r in mine})
+        for j, reduce in enumerate(("stack", "stream")):
+            peak = {r["chunk"]: r["compiled_peak_mb"] / 1024 for r in mine
+                    if r["reduce"] == reduce}
+            ax.bar(np.arange(len(chunks)) + 0.4 * j - 0.2, [peak.get(c, 0) for c in chunks],
+                   width=0.4, label=f"server inputs {reduce}ed")
+        ax.set_xticks(range(len(chunks)), [f"{c} at once" for c in chunks])
+        ax.set(ylabel="GB (XLA's compiled peak)", title=f"{model}, {mine[0]['num_params']:,} "
+               f"params, {mine[0]['clients']} clients per round")
+        ax.legend(fontsize=8)
 
 
 def main(argv=None) -> dict:

@@ -103,7 +103,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.engine.strategy = "auto"
     config.engine.clients_per_chunk = 0   # vmap/sharded: clients trained at once per device (0 = all)
     config.engine.dtype = "float32"       # "bfloat16": mixed-precision local training
-    # "stream": the server's sums accumulate while clients train (a round holds O(params),
+    # "stream": the server's sums accumulate while clients train (its inputs take O(params),
     # not O(clients × params)); needs the mean or DP-FedAvg rule, no validation or attack.
     # "stack": every client's delta and mask kept until the server step. "auto": stream
     # when allowed.

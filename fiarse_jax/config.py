@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from fiarse_jax import aggregators, attacks, engine, evaluate, fiarse, masks, models, policies
-from fiarse_jax import privacy
+from fiarse_jax import privacy, server_round
 from fiarse_jax.data import federated, text   # text imports tokenizers only on use
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -197,13 +197,32 @@ def validate_config(config) -> None:
     _choice(config, "engine.strategy", engine.STRATEGIES)
     _int(config, "engine.clients_per_chunk", lo=0)
     _choice(config, "engine.dtype", ("float32", "bfloat16"))
-    if "reduce" in config.engine:
-        _choice(config, "engine.reduce", ("auto", "stack", "stream"))
+    if "reduce" in config.engine and _choice(config, "engine.reduce", REDUCE_MODES) == "stream":
+        blocker = stream_blocker(config)
+        if blocker:
+            _fail("engine.reduce", "stream", f"cannot be used: {blocker} (use 'auto' or "
+                  "'stack')")
     _bool(config, "profile")
     _int(config, "eval_every")
     _int(config, "checkpoint_every", lo=0)
     _int(config, "keep_checkpoints", lo=1)
     _bool(config, "tensorboard")
+
+
+#: ``config.engine.reduce``: stream the server's inputs when the rule allows (``auto``),
+#: always (``stream``, refused when it cannot) or never (``stack``).
+REDUCE_MODES = ("auto", "stack", "stream")
+
+
+def stream_blocker(config) -> str | None:
+    """Why this config's server needs every client's update at once (None: it can stream)."""
+    validate = config.server.validate
+    kind = config.attack.kind   # label_flip acts on the data, not on the updates
+    return server_round.stream_blocker(
+        aggregator=config.server.aggregator,
+        attack=kind if kind in attacks.KINDS else "none",
+        z_threshold=config.server.z_threshold if validate else None,
+        cosine_threshold=config.server.cosine_threshold if validate else None)
 
 
 def _check_robustness(config, method: str, num_clients: int, num_levels: int) -> None:

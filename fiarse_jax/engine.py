@@ -2,7 +2,7 @@
 
 * ``"vmap"``: the client axis vmapped, the K local steps in a ``fori_loop`` (a
   scan), all in one jit: the accelerator path. With ``clients_per_chunk = c`` the
-  round's clients run in chunks of c (vmapped within a chunk, ``lax.map`` across
+  round's clients run in chunks of c (vmapped within a chunk, ``lax.scan`` across
   chunks), so per-client training memory (activations, gradients, optimiser
   state) is that of c clients however many there are.
 * ``"sharded"``: the client axis split over every device (``jax.shard_map`` on a
@@ -27,8 +27,9 @@ uint8 masks). With a ``reduce`` function (``make_round_runner(..., reduce=...)``
 is stacked but small per-client values: each client's result is mapped to ``(sums,
 stats)`` as soon as it exists, ``sums`` are added up over the round's clients (a scan
 carry across chunks, a running total in the loop, a cross-device ``psum`` when
-sharded) and ``stats`` are stacked, so a round holds O(params) however many clients
-it has: what a linear server rule (the holder mean, DP-FedAvg) needs.
+sharded) and ``stats`` are stacked, so the server's inputs take O(params) however many
+clients a round has: what a linear server rule (the holder mean, DP-FedAvg) needs. (Training
+itself holds c clients at once: with ``clients_per_chunk = 0``, all of them.)
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ STRATEGIES = ("auto", "loop", "vmap", "sharded")
 CLIENT_AXIS = "clients"
 RoundRunner = Callable[[Any, Any, ClientData, jax.Array], Any]
 #: One client's ``ClientResult`` → ``(sums, stats)``: ``sums`` (a pytree) are added up
-#: over the round's clients, ``stats`` (a pytree) are stacked on the client axis.
+#: over the round's clients in their own dtype (so give them one that holds the total,
+#: e.g. float32 counts, not uint8), ``stats`` (a pytree) are stacked on the client axis.
 Reduce = Callable[[ClientResult], tuple[Any, Any]]
 
 
@@ -91,10 +93,13 @@ def _sum_valid(tree, valid: jax.Array):
     return jax.tree_util.tree_map(total, tree)
 
 
+def _zeros(tree_shape):
+    return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), tree_shape)
+
+
 def _loop_runner(fns: ClientFns, reduce: Reduce):
     init = jax.jit(fns.init)
     step = jax.jit(fns.step, donate_argnums=0)   # the state is replaced every step
-    first = jax.jit(lambda params, state, spec: reduce(fns.final(params, state, spec)))
 
     def fold_fn(total, params, state, spec):
         sums, stats = reduce(fns.final(params, state, spec))
@@ -111,9 +116,9 @@ def _loop_runner(fns: ClientFns, reduce: Reduce):
             for k in step_ids:
                 state = step(state, spec_i, data_i, k)
             if total is None:
-                total, st = first(params, state, spec_i)
-            else:
-                total, st = fold(total, params, state, spec_i)
+                total = _zeros(jax.eval_shape(
+                    lambda *a: reduce(fns.final(*a))[0], params, state, spec_i))
+            total, st = fold(total, params, state, spec_i)
             stats.append(st)
         return total, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *stats)
 
@@ -136,8 +141,9 @@ def _chunked(fns: ClientFns, clients_per_chunk: int, reduce: Reduce):
         valid = jnp.concatenate([valid, jnp.zeros(-n % c, bool)])
         chunks = jax.tree_util.tree_map(lambda a: a.reshape(-1, c, *a.shape[1:]),
                                         (*inputs, valid))
-        one = jax.eval_shape(lambda: batched(params, *_index(chunks[:3], 0))[0])
-        zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape[1:], a.dtype), one)
+        one = jax.eval_shape(lambda: reduce(client_update(fns, params, *_index(
+            _index(chunks[:3], 0), 0)))[0])
+        zeros = _zeros(one)
 
         def body(total, chunk):
             sums, stats = batched(params, *chunk[:3])
@@ -195,7 +201,7 @@ def _sharded_runner(fns: ClientFns, clients_per_chunk: int, mesh: Mesh, reduce: 
         sums, stats = local(params, *inputs)
         return jax.lax.psum(sums, CLIENT_AXIS), stats
 
-    # No collectives inside the client update (clients are independent), so the
+    # The one collective is the psum of the sums; clients are independent, so the
     # varying-axis type check, which would make every carry and custom VJP spell out
     # its axis, is off.
     mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(CLIENT_AXIS)),
@@ -211,7 +217,7 @@ def _sharded_runner(fns: ClientFns, clients_per_chunk: int, mesh: Mesh, reduce: 
         valid = jnp.arange(n + (-n % mesh.size)) < n
         inputs = _put((*_pad_clients((specs, data, keys), mesh.size), valid), over_clients)
         sums, stats = mapped(_put(params, replicated), inputs)
-        return sums, stats if valid.shape[0] == n else slice_to(stats, n)
+        return sums, (stats if valid.shape[0] == n else slice_to(stats, n))
 
     return run
 

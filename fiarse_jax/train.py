@@ -36,7 +36,7 @@ from fiarse_jax import client as client_lib
 from fiarse_jax import (attacks, checkpoint, costs, engine, evaluate, models, policies, privacy,
                         server_round, validation)
 from fiarse_jax import metrics as metrics_lib
-from fiarse_jax.config import RUN_MODEL_FIELDS, ConfigError, validate_config
+from fiarse_jax.config import RUN_MODEL_FIELDS, ConfigError, stream_blocker, validate_config
 from fiarse_jax.data import federate, load_dataset
 from fiarse_jax.data.federated import LOADER_OPTIONS
 from fiarse_jax.data.summary import federated_summary
@@ -286,19 +286,12 @@ def noise_multiplier(config) -> float:
     return float(config.dp.noise_multiplier)
 
 
-def stream_updates(config, attack_kind: str) -> bool:
+def stream_updates(config) -> bool:
     """Whether rounds sum the server's inputs while clients train (``config.engine.reduce``:
-    ``auto`` streams whenever the server rule allows, ``stream`` insists, ``stack`` never)."""
+    ``auto`` streams whenever the server rule allows, ``stream`` always (``validate_config``
+    refuses it where it cannot), ``stack`` never)."""
     mode = config.engine.get("reduce", "auto")
-    validate = config.server.validate
-    blocker = server_round.stream_blocker(
-        aggregator=config.server.aggregator, attack=attack_kind,
-        z_threshold=config.server.z_threshold if validate else None,
-        cosine_threshold=config.server.cosine_threshold if validate else None)
-    if mode == "stream" and blocker:
-        raise ConfigError(f"config.engine.reduce = 'stream' cannot be used: {blocker} "
-                          "(use 'auto' or 'stack')")
-    return mode == "stream" or (mode == "auto" and blocker is None)
+    return mode == "stream" or (mode == "auto" and stream_blocker(config) is None)
 
 
 def sampling_rate(config) -> float:
@@ -342,7 +335,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                                      compute_dtype=COMPUTE_DTYPES[config.engine.dtype])
     sigma = noise_multiplier(config)
     attack_kind = config.attack.kind if config.attack.kind in attacks.KINDS else "none"
-    streaming = stream_updates(config, attack_kind)
+    streaming = stream_updates(config)
     stream = server_round.make_streaming_round(server_lr=config.server.learning_rate,
                                                dp_noise_multiplier=sigma,
                                                dp_clip_norm=config.dp.clip_norm)

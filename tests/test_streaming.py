@@ -19,7 +19,7 @@ from helpers import override  # noqa: E402
 
 from fiarse_jax import engine, train  # noqa: E402
 from fiarse_jax.client import ClientResult  # noqa: E402
-from fiarse_jax.config import ConfigError  # noqa: E402
+from fiarse_jax.config import ConfigError, validate_config  # noqa: E402
 from fiarse_jax.server_round import make_server_round, make_streaming_round  # noqa: E402
 
 
@@ -113,3 +113,23 @@ def test_stream_refuses_settings_that_need_every_update(tmp_path):
         train.train_and_evaluate(small(**{"engine.reduce": "sum"}), str(tmp_path / "b"),
                                  progress=False)
     assert not any((tmp_path / d).exists() and os.listdir(tmp_path / d) for d in "ab")
+
+
+@pytest.mark.parametrize("fields,blocked", [
+    ({"server.validate": True}, "update validation"),
+    ({"attack.kind": "sign_flip", "attack.fraction": 0.2}, "attack = 'sign_flip'"),
+    ({"server.aggregator": "trimmed_mean"}, "aggregator = 'trimmed_mean'"),
+    ({"attack.kind": "label_flip", "attack.fraction": 0.2}, None),   # acts on the data
+    ({"dp.noise_multiplier": 0.5}, None),                            # DP-FedAvg is a sum
+])
+def test_config_check_refuses_stream_exactly_where_the_rule_needs_every_update(fields, blocked):
+    cfg = small(**{"engine.reduce": "stream", **fields})
+    if blocked is None:
+        validate_config(cfg)
+        assert train.stream_updates(cfg)
+    else:
+        with pytest.raises(ConfigError, match=f"engine.reduce = 'stream'.*{blocked}"):
+            validate_config(cfg)
+        auto = small(**{"engine.reduce": "auto", **fields})
+        validate_config(auto)
+        assert not train.stream_updates(auto)
