@@ -93,9 +93,12 @@ def get_config(arg: str = "four,coarse,pretrained") -> ml_collections.ConfigDict
     config.client.local_epochs = 2.0       # ⌈2·n/batch⌉ steps per client (the paper's)
     config.client.local_steps = 60         # used only with local_epochs = 0
     config.client.batch_size = 20
-    # Clients trained at once: 5 roberta-base clients peaked at 43.9 GB on an H100
-    # (benchmarks/results/suite_gpu_text.json); lower it on a smaller accelerator.
-    config.engine.clients_per_chunk = 5
+    # Clients trained at once: as many as fit the accelerator, by XLA's compiled peak of a
+    # round (decided before round 1; a fixed number also works). Compiled for the CPU, a
+    # roberta-base round with streamed server inputs needs 6.9 GB at one client at a time
+    # and ~5.3 GB more per client trained alongside
+    # (benchmarks/results/suite_cpu_memory.json).
+    config.engine.clients_per_chunk = "auto"
     config.eval_every = 20
     config.checkpoint_every = 20
     return config

@@ -10,6 +10,7 @@ Override any field, e.g.:
   fiarse-jax --config configs/default.py --workdir runs/masked --config.fiarse.gradient=masked
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -101,7 +102,10 @@ def get_config() -> ml_collections.ConfigDict:
     # "auto" (vmap on GPU/TPU, loop on CPU) | "loop" | "vmap" | "sharded" (client axis
     # over all devices, every process's under jax.distributed)
     config.engine.strategy = "auto"
-    config.engine.clients_per_chunk = 0   # vmap/sharded: clients trained at once per device (0 = all)
+    # vmap/sharded: clients trained at once per device (0 = all; "auto" = the most that fit
+    # memory_budget_gb by XLA's compiled peak, 0 = 90 % of the free device memory)
+    config.engine.clients_per_chunk = config_dict.FieldReference(0, field_type=object)  # int | "auto"
+    config.engine.memory_budget_gb = 0.0
     config.engine.dtype = "float32"       # "bfloat16": mixed-precision local training
     # "stream": the server's sums accumulate while clients train (its inputs take O(params),
     # not O(clients × params)); needs the mean or DP-FedAvg rule, no validation or attack.

@@ -38,6 +38,7 @@ from fiarse_jax.config import ConfigError
 #: rounding, so bit-for-bit equality holds only when it is unchanged).
 SAFE_TO_CHANGE = ("num_rounds", "eval_every", "checkpoint_every", "keep_checkpoints",
                   "tensorboard", "engine.strategy", "engine.clients_per_chunk", "engine.reduce",
+                  "engine.memory_budget_gb",
                   "profile")
 
 #: Config fields added after checkpoints were first written, with the value the code used

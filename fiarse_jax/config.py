@@ -195,7 +195,13 @@ def validate_config(config) -> None:
     _positive(config, "server.learning_rate")
     _check_robustness(config, method, num_clients, len(caps))
     _choice(config, "engine.strategy", engine.STRATEGIES)
-    _int(config, "engine.clients_per_chunk", lo=0)
+    chunk = _get(config, "engine.clients_per_chunk")
+    if isinstance(chunk, str) and chunk != "auto":
+        _fail("engine.clients_per_chunk", chunk, "must be an integer ≥ 0 or 'auto'")
+    if chunk != "auto":
+        _int(config, "engine.clients_per_chunk", lo=0)
+    if "memory_budget_gb" in config.engine:
+        _number(config, "engine.memory_budget_gb", 0.0, math.inf, hi_open=True)
     _choice(config, "engine.dtype", ("float32", "bfloat16"))
     if "reduce" in config.engine and _choice(config, "engine.reduce", REDUCE_MODES) == "stream":
         blocker = stream_blocker(config)

@@ -34,6 +34,7 @@ itself holds c clients at once: with ``clients_per_chunk = 0``, all of them.)
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable
 
 import jax
@@ -220,6 +221,68 @@ def _sharded_runner(fns: ClientFns, clients_per_chunk: int, mesh: Mesh, reduce: 
         return sums, (stats if valid.shape[0] == n else slice_to(stats, n))
 
     return run
+
+
+def compiled_peak_bytes(fns: ClientFns, params, specs, data: ClientData, keys: jax.Array, *,
+                        clients_per_chunk: int, reduce: Reduce | None = None) -> int:
+    """XLA's peak bytes for one ``vmap`` round of these clients at ``clients_per_chunk``:
+    compiled for this backend, never run. Inputs, outputs (less what reuses an input) and
+    the temporaries' arena; ``reduce`` as in ``make_round_runner``."""
+    local = _chunked(fns, clients_per_chunk, reduce or _stack)
+    run = jax.jit(lambda p, s, d, k: local(p, s, d, k, jnp.ones(k.shape[0], bool)))
+    m = run.lower(params, specs, data, keys).compile().memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
+def size_text(nbytes: float) -> str:
+    """Bytes for people: GiB from 1 GiB up, else MiB."""
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def memory_budget(fraction: float = 0.9) -> int:
+    """``fraction`` of the memory still free on the first local device (the allocator's
+    limit less what is in use: XLA's GPU client preallocates a share of the card), or of
+    the host's available RAM where the device reports none (CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(fraction * free)
+
+
+def fit_chunk(fns: ClientFns, params, specs, data: ClientData, keys: jax.Array, *,
+              budget_bytes: int, reduce: Reduce | None = None) -> tuple[int, int]:
+    """``(clients_per_chunk, its compiled peak bytes)``: the most clients trained at once
+    whose ``vmap`` round fits ``budget_bytes`` (0 = all of them at once).
+
+    All clients at once is taken when it fits. Otherwise XLA's peak grows linearly with
+    the chunk (each client in it adds its own copy of the parameters, optimiser state,
+    gradients and activations), so two compiles (one and two at a time) give the line; the
+    chosen chunk is then compiled to check, and shrunk while it does not fit. Compiling costs time, not memory: a model far too big to run still
+    gets its answer. Raises ``MemoryError`` when one client at a time does not fit.
+    """
+    n = keys.shape[0]
+    seen: dict[int, int] = {}
+
+    def peak(c):
+        c = min(c, n)
+        if c not in seen:
+            seen[c] = compiled_peak_bytes(fns, params, specs, data, keys, reduce=reduce,
+                                          clients_per_chunk=0 if c == n else c)
+        return seen[c]
+
+    if peak(1) > budget_bytes:
+        raise MemoryError(f"one client at a time needs {size_text(peak(1))} by XLA's "
+                          f"compiled peak; the budget is {size_text(budget_bytes)}")
+    if peak(n) <= budget_bytes:   # all at once fits (for tiny models, smaller than chunks)
+        return 0, peak(n)
+    per_client = max(peak(2) - peak(1), 1)
+    c = int(min(n, 1 + (budget_bytes - peak(1)) // per_client))
+    while c > 1 and peak(c) > budget_bytes:
+        c -= 1
+    return (0 if c == n else c), peak(c)
 
 
 def make_round_runner(fns: ClientFns, strategy: str = "auto", *, clients_per_chunk: int = 0,

@@ -286,6 +286,40 @@ def noise_multiplier(config) -> float:
     return float(config.dp.noise_multiplier)
 
 
+def auto_chunk(config, fns, reduce, strategy: str, inputs) -> int:
+    """``engine.clients_per_chunk = "auto"``: the most clients per device trained at once
+    whose round fits ``engine.memory_budget_gb`` (0: 90 % of the free device memory), by
+    XLA's compiled peak (``engine.fit_chunk``; rounds all have the same shapes, so one
+    round's answer holds for every round). ``inputs()`` gives (params, keys, specs, data) of
+    a round. ``loop`` trains one client at a time anyway: 0."""
+    if strategy == "loop":
+        return 0
+    budget_gb = config.engine.get("memory_budget_gb", 0.0)
+    budget = int(budget_gb * 2**30) if budget_gb > 0 else engine.memory_budget()
+    params, keys, specs, data = inputs()
+    if strategy == "sharded":   # the chunk is per device: fit one device's share
+        per_device = -(-keys.shape[0] // jax.device_count())
+        keys, specs, data = jax.tree_util.tree_map(lambda a: a[:per_device], (keys, specs, data))
+    t0 = time.time()
+    try:
+        chunk, peak = engine.fit_chunk(fns, params, specs, data, keys, budget_bytes=budget,
+                                       reduce=reduce)
+    except MemoryError as e:
+        raise ConfigError(f"config.engine.clients_per_chunk = 'auto': {e}; raise "
+                          "config.engine.memory_budget_gb if it is set too low, free device "
+                          "memory, or lower config.client.batch_size") from None
+    if jax.process_count() > 1:   # every process must run the same program
+        from jax.experimental import multihost_utils
+        chunk = int(multihost_utils.broadcast_one_to_all(np.int32(chunk)))
+    if jax.process_index() == 0:
+        n = keys.shape[0]
+        print(f"engine: clients_per_chunk = auto → {chunk or n} of {n} clients at once"
+              f"{' per device' if strategy == 'sharded' else ''} (XLA's compiled peak "
+              f"{engine.size_text(peak)}, budget {engine.size_text(budget)}; "
+              f"{time.time() - t0:.0f} s to decide)", flush=True)
+    return chunk
+
+
 def stream_updates(config) -> bool:
     """Whether rounds sum the server's inputs while clients train (``config.engine.reduce``:
     ``auto`` streams whenever the server rule allows, ``stream`` always (``validate_config``
@@ -339,9 +373,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     stream = server_round.make_streaming_round(server_lr=config.server.learning_rate,
                                                dp_noise_multiplier=sigma,
                                                dp_clip_norm=config.dp.clip_norm)
-    run_clients = engine.make_round_runner(fns, config.engine.strategy,
-                                           clients_per_chunk=config.engine.clients_per_chunk,
-                                           reduce=stream.contribution if streaming else None)
+    reduce = stream.contribution if streaming else None
     server_step = server_round.make_server_round(
         aggregator=config.server.aggregator,
         aggregator_options=dict(config.server.get(config.server.aggregator, {})),
@@ -364,6 +396,25 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     if multi and strategy != "sharded":
         raise ConfigError(f"config.engine.strategy = {config.engine.strategy!r}: across "
                           f"{jax.process_count()} processes only 'sharded' runs")
+
+    def round_inputs(view, rnd):
+        """Round ``rnd``'s clients, key, policy state, client keys, specs and data."""
+        ids = sample_clients(config.seed, rnd, config.data.num_clients, config.clients_per_round)
+        round_key = jax.random.fold_in(train_key, rnd)
+        round_state = prepare(view, rnd, round_key)
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(round_key, jnp.asarray(ids))
+        specs = client_specs(round_state, jnp.asarray(assignment[ids]), keys)
+        batch = jax.tree_util.tree_map(lambda a: a[ids], data.train)
+        return ids, round_key, round_state, keys, specs, batch
+
+    chunk = config.engine.clients_per_chunk
+    if chunk == "auto":
+        # Shapes are all that matter, and every round has the same: round 0 on the initial
+        # params decides, before anything is written.
+        chunk = auto_chunk(config, fns, reduce, strategy,
+                           lambda: (params, *round_inputs(params, 0)[3:]))
+    run_clients = engine.make_round_runner(fns, strategy, clients_per_chunk=chunk,
+                                           reduce=reduce)
     os.makedirs(workdir, exist_ok=True)
     # An existing checkpoint directory is resumed from even when this config saves none.
     ckpt = (checkpoint.RunCheckpoints(workdir, keep=config.keep_checkpoints)
@@ -414,14 +465,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
             t_round = time.time()
             if rnd == profile_round:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            ids = sample_clients(config.seed, rnd, config.data.num_clients,
-                                 config.clients_per_round)
-            round_key = jax.random.fold_in(train_key, rnd)
             view = engine.local_view(params)
-            round_state = prepare(view, rnd, round_key)
-            keys = jax.vmap(jax.random.fold_in, (None, 0))(round_key, jnp.asarray(ids))
-            specs = client_specs(round_state, jnp.asarray(assignment[ids]), keys)
-            batch = jax.tree_util.tree_map(lambda a: a[ids], data.train)
+            ids, round_key, round_state, keys, specs, batch = round_inputs(view, rnd)
             in_round = run.attackers[ids]
             server_key = glob(jax.random.fold_in(round_key, 2))
             divisor = glob(divisor_fn(view, round_state))
@@ -513,6 +558,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         "clients_per_level": {evaluate.capacity_label(c): int((assignment == i).sum())
                               for i, c in enumerate(capacities)},
         "strategy": strategy,
+        "clients_per_chunk": chunk,
         "server_inputs": "streamed" if streaming else "stacked",
         "backend": jax.default_backend(),
         "devices": jax.device_count(),

@@ -25,9 +25,9 @@ from fiarse_jax.data import stack_clients
 from fiarse_jax.server_round import make_streaming_round
 
 
-def problem(num_clients: int, compute_dtype=None):
+def problem(num_clients: int, compute_dtype=None, hidden=(16, 8)):
     rng = np.random.default_rng(0)
-    model = models.build_model("mlp", 4, {"hidden_sizes": (16, 8)})
+    model = models.build_model("mlp", 4, {"hidden_sizes": hidden})
     sizes = rng.integers(3, 30, num_clients)
     x = rng.normal(size=(int(sizes.sum()), 8, 8, 1)).astype(np.float32)
     y = rng.integers(0, 4, int(sizes.sum())).astype(np.int32)

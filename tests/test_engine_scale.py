@@ -100,3 +100,46 @@ def test_bf16_compute_keeps_float32_state_and_tracks_float32():
                 for r in (run16, run32))
     assert not np.array_equal(d16, d32)                              # it really ran in bf16
     assert np.linalg.norm(d16 - d32) < 0.05 * np.linalg.norm(d32)   # ... and stayed close
+
+
+def test_fit_chunk_takes_the_largest_chunk_whose_compiled_round_fits():
+    """Against every chunk size's own compiled peak: the largest that fits the budget."""
+    from fiarse_jax.server_round import make_streaming_round
+    fns, params, specs, data, keys = problem(5, hidden=(384, 384))
+    reduce = make_streaming_round().contribution
+    peaks = {c: engine.compiled_peak_bytes(fns, params, specs, data, keys, reduce=reduce,
+                                           clients_per_chunk=0 if c == 5 else c)
+             for c in range(1, 6)}
+    assert peaks[1] < peaks[2] < peaks[3] < peaks[4]   # each client in a chunk adds memory
+
+    def fit(budget):
+        return engine.fit_chunk(fns, params, specs, data, keys, budget_bytes=budget,
+                                reduce=reduce)
+
+    budget = (peaks[3] + peaks[4]) // 2
+    want = max(c for c, p in peaks.items() if p <= budget)
+    assert fit(budget) == (0 if want == 5 else want, peaks[want])
+    assert fit(peaks[5] + peaks[4]) == (0, peaks[5])          # all at once fits
+    with pytest.raises(MemoryError, match="one client at a time needs"):
+        fit(peaks[1] - 1)
+
+
+def test_auto_chunk_in_a_run_is_decided_before_anything_is_written(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+    import default
+    from helpers import override
+    from fiarse_jax import train
+    from fiarse_jax.config import ConfigError
+
+    def cfg(budget_gb):
+        return override(default.get_config(), **{
+            "num_rounds": 1, "eval_every": 1, "checkpoint_every": 0, "tensorboard": False,
+            "engine.strategy": "vmap", "engine.clients_per_chunk": "auto",
+            "engine.memory_budget_gb": budget_gb})
+
+    with pytest.raises(ConfigError, match="clients_per_chunk = 'auto': one client at a time"):
+        train.train_and_evaluate(cfg(1e-5), str(tmp_path / "small"), progress=False)
+    assert not (tmp_path / "small").exists()
+    summary = train.train_and_evaluate(cfg(0.0008), str(tmp_path / "fits"), progress=False)
+    assert 1 <= summary["clients_per_chunk"] < 10     # 10 clients per round do not fit
+    assert "clients_per_chunk = auto → " in capsys.readouterr().out
