@@ -108,7 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.engine.memory_budget_gb = 0.0
     config.engine.dtype = "float32"       # "bfloat16": mixed-precision local training
     # "stream": the server's sums accumulate while clients train (its inputs take O(params),
-    # not O(clients × params)); needs the mean or DP-FedAvg rule, no validation or attack.
+    # not O(clients × params)); needs the mean, norm_bounded or DP-FedAvg rule, no
+    # validation and no attack on the updates.
     # "stack": every client's delta and mask kept until the server step. "auto": stream
     # when allowed.
     config.engine.reduce = "auto"

@@ -176,11 +176,16 @@ def _norm_bounded(deltas: Params, masks: Params, max_norm: float) -> tuple[Param
     return _result(_holder_mean(x * scale[:, None], h), h, deltas)
 
 
-def norm_bounded(deltas: Params, masks: Params, *, max_norm: float) -> tuple[Params, Params]:
-    """Scale each client's delta to L2 norm ≤ ``max_norm``, then the holder average."""
+def check_max_norm(max_norm: Any) -> float:
+    """``norm_bounded``'s option, checked (a ValueError naming the value)."""
     if not (isinstance(max_norm, numbers.Real) and 0 < max_norm < math.inf):
         raise ValueError(f"norm_bounded: max_norm = {max_norm!r} must be a finite number > 0")
-    return _norm_bounded(deltas, masks, float(max_norm))
+    return float(max_norm)
+
+
+def norm_bounded(deltas: Params, masks: Params, *, max_norm: float) -> tuple[Params, Params]:
+    """Scale each client's delta to L2 norm ≤ ``max_norm``, then the holder average."""
+    return _norm_bounded(deltas, masks, check_max_norm(max_norm))
 
 
 def _pairwise_distances(x: jax.Array, h: jax.Array) -> jax.Array:

@@ -28,8 +28,9 @@ is stacked but small per-client values: each client's result is mapped to ``(sum
 stats)`` as soon as it exists, ``sums`` are added up over the round's clients (a scan
 carry across chunks, a running total in the loop, a cross-device ``psum`` when
 sharded) and ``stats`` are stacked, so the server's inputs take O(params) however many
-clients a round has: what a linear server rule (the holder mean, DP-FedAvg) needs. (Training
-itself holds c clients at once: with ``clients_per_chunk = 0``, all of them.)
+clients a round has: what a server rule that sums over clients needs (the holder mean,
+the norm-bounded mean, DP-FedAvg). (Training itself holds c clients at once: with
+``clients_per_chunk = 0``, all of them.)
 """
 from __future__ import annotations
 

@@ -16,13 +16,13 @@
 ``info``: ``accepted`` bool[n] and ``reason`` int[n] (``validation.REASONS``). A round in
 which every update is rejected leaves the model unchanged (every aggregate is 0).
 
-``make_streaming_round(...)`` is the same server for rounds whose rule is linear in the
-clients (the holder mean, DP-FedAvg; only the non-finite screen): ``contribution`` maps
-one client's result to ``(sums, ClientStats)`` (what ``engine.make_round_runner(...,
+``make_streaming_round(...)`` is the same server for rounds whose rule is a sum over the
+clients (the holder mean, norm-bounded mean, DP-FedAvg; only the non-finite screen):
+``contribution`` maps one client's result to ``(sums, ClientStats)`` (what ``engine.make_round_runner(...,
 reduce=...)`` adds up over clients while they train) and ``finish`` turns the round's
 sums into the new model, so no round ever holds every client's delta. ``stream_blocker``
-says why a configuration needs the stacked path (robust rules, norm/direction screens and
-attacks look at all the updates together).
+says why a configuration needs the stacked path (order statistics, Krum, the norm/direction
+screens and attacks look at all the updates together).
 """
 from __future__ import annotations
 
@@ -83,10 +83,15 @@ class StreamingRound(NamedTuple):
     finish: Callable         # (params, sums, key, divisor) -> new params (params donated)
 
 
+#: Rules that are a sum of per-client contributions: the holder mean, and the holder mean
+#: of deltas each scaled to a norm bound (DP-FedAvg's clip is the same scaling).
+STREAMABLE = ("mean", "norm_bounded")
+
+
 def stream_blocker(*, aggregator: str = "mean", z_threshold: float | None = None,
                    cosine_threshold: float | None = None, attack: str = "none") -> str | None:
     """Why these server settings need every client's update at once (None: they do not)."""
-    if aggregator != "mean":
+    if aggregator not in STREAMABLE:
         return f"aggregator = {aggregator!r} is not a sum over clients"
     if z_threshold is not None or cosine_threshold is not None:
         return "update validation compares the clients' updates with each other"
@@ -96,10 +101,21 @@ def stream_blocker(*, aggregator: str = "mean", z_threshold: float | None = None
 
 
 def make_streaming_round(*, server_lr: float = 1.0, dp_noise_multiplier: float = 0.0,
-                         dp_clip_norm: float = 1.0) -> StreamingRound:
-    """``make_server_round``'s mean/DP-FedAvg step split into a per-client contribution
-    and a finish, equal to it up to float summation order (tested)."""
+                         dp_clip_norm: float = 1.0, aggregator: str = "mean",
+                         aggregator_options: dict | None = None) -> StreamingRound:
+    """``make_server_round``'s step for a ``STREAMABLE`` rule or DP-FedAvg, split into a
+    per-client contribution and a finish, equal to it up to float summation order (tested)."""
+    blocker = stream_blocker(aggregator=aggregator)
+    if blocker:
+        raise ValueError(f"make_streaming_round: {blocker}")
+    options = dict(aggregator_options or {})
+    aggregators.rule(aggregator, options)   # the options checked as the stacked rule does
+    max_norm = (aggregators.check_max_norm(options["max_norm"]) if aggregator == "norm_bounded"
+                else None)
     dp = dp_noise_multiplier > 0
+    if dp and aggregator != "mean":
+        raise ValueError(f"differential privacy is DP-FedAvg (the clipped mean); it does not "
+                         f"combine with aggregator = {aggregator!r}")
 
     def contribution(result):
         held = jax.tree_util.tree_map(lambda m: m > 0, result.mask)
@@ -111,6 +127,9 @@ def make_streaming_round(*, server_lr: float = 1.0, dp_noise_multiplier: float =
         norm = jnp.sqrt(sum(jnp.sum(d * d) for d in jax.tree_util.tree_leaves(deltas)))
         if dp:   # privacy.clip_updates for one client
             factor = jnp.minimum(1.0, dp_clip_norm / jnp.maximum(norm, 1e-30))
+            deltas = jax.tree_util.tree_map(lambda d: d * factor, deltas)
+        elif max_norm is not None:   # aggregators.norm_bounded for one client
+            factor = max_norm / jnp.maximum(norm, max_norm)
             deltas = jax.tree_util.tree_map(lambda d: d * factor, deltas)
         counts = () if dp else jax.tree_util.tree_map(lambda h: h.astype(jnp.float32), held)
         stats = ClientStats(result.loss, norm, finite,

@@ -64,12 +64,13 @@ def stacked_updates(n=6, p=40):
     return params, ClientResult(deltas, masks, jnp.arange(n, dtype=jnp.float32))
 
 
-@pytest.mark.parametrize("sigma", [0.0, 0.7])
-def test_streamed_server_equals_the_stacked_server(sigma):
+@pytest.mark.parametrize("sigma,rule", [(0.0, "mean"), (0.7, "mean"), (0.0, "norm_bounded")])
+def test_streamed_server_equals_the_stacked_server(sigma, rule):
     params, result = stacked_updates()
     n = result.loss.shape[0]
     key, divisor = jax.random.PRNGKey(3), {"w": np.full(40, 2.5, np.float32), "b": 3.0}
-    kw = dict(server_lr=0.5, dp_noise_multiplier=sigma, dp_clip_norm=0.3)
+    kw = dict(server_lr=0.5, dp_noise_multiplier=sigma, dp_clip_norm=0.3, aggregator=rule,
+              aggregator_options={"max_norm": 0.4} if rule == "norm_bounded" else {})
     copy = lambda: jax.tree_util.tree_map(jnp.array, params)   # noqa: E731 (donated)
     want, info = make_server_round(**kw)(copy(), result.delta, result.mask,
                                          np.zeros(n, np.int32), key, divisor)
@@ -82,6 +83,16 @@ def test_streamed_server_equals_the_stacked_server(sigma):
     np.testing.assert_array_equal(np.asarray(stats.reason), np.asarray(info["reason"]))
     assert not np.asarray(stats.accepted)[[1, 4]].any() and np.asarray(stats.accepted).sum() == 4
     assert np.isfinite(np.asarray(got["w"])).all()
+
+
+def test_streaming_refuses_rules_that_are_not_sums_naming_them():
+    with pytest.raises(ValueError, match="aggregator = 'median' is not a sum"):
+        make_streaming_round(aggregator="median")
+    with pytest.raises(ValueError, match="max_norm = -1"):
+        make_streaming_round(aggregator="norm_bounded", aggregator_options={"max_norm": -1})
+    with pytest.raises(ValueError, match="does not combine with aggregator = 'norm_bounded'"):
+        make_streaming_round(aggregator="norm_bounded", aggregator_options={"max_norm": 1.0},
+                             dp_noise_multiplier=1.0)
 
 
 def small(**fields):
@@ -121,6 +132,7 @@ def test_stream_refuses_settings_that_need_every_update(tmp_path):
     ({"server.aggregator": "trimmed_mean"}, "aggregator = 'trimmed_mean'"),
     ({"attack.kind": "label_flip", "attack.fraction": 0.2}, None),   # acts on the data
     ({"dp.noise_multiplier": 0.5}, None),                            # DP-FedAvg is a sum
+    ({"server.aggregator": "norm_bounded"}, None),                   # so is this
 ])
 def test_config_check_refuses_stream_exactly_where_the_rule_needs_every_update(fields, blocked):
     cfg = small(**{"engine.reduce": "stream", **fields})
