@@ -35,7 +35,6 @@ the norm-bounded mean, DP-FedAvg). (Training itself holds c clients at once: wit
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Callable
 
 import jax
@@ -241,16 +240,41 @@ def size_text(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
+def _host_available_bytes() -> int:
+    """The kernel's estimate of RAM available without swapping (Linux ``MemAvailable``)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise RuntimeError("cannot tell how much host memory is available; set "
+                       "config.engine.memory_budget_gb")
+
+
 def memory_budget(fraction: float = 0.9) -> int:
-    """``fraction`` of the memory still free on the first local device (the allocator's
-    limit less what is in use: XLA's GPU client preallocates a share of the card), or of
-    the host's available RAM where the device reports none (CPU)."""
-    stats = jax.local_devices()[0].memory_stats() or {}
+    """``fraction`` of the memory still free on the first local device: its allocator's
+    limit less what is in use (on a GPU, JAX's pool: 75 % of the card by default), or on
+    a CPU the host's available RAM (shared by forced host devices). Raises where the device
+    reports neither, asking for an explicit budget."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    elif device.platform == "cpu":
+        free = _host_available_bytes() // max(1, jax.local_device_count())
     else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        raise RuntimeError(f"{device.device_kind} reports no memory limit; set "
+                           "config.engine.memory_budget_gb")
     return int(fraction * free)
+
+
+def chunk_candidates(n: int) -> list[int]:
+    """Chunk sizes worth trying for n clients: for each number of chunks k, the smallest
+    chunk that needs only k (⌈n/k⌉), ascending. A size between two of these runs as many
+    chunks as the larger-count one, so it costs memory without saving a step."""
+    return sorted({-(-n // k) for k in range(1, n + 1)})
 
 
 def fit_chunk(fns: ClientFns, params, specs, data: ClientData, keys: jax.Array, *,
@@ -258,17 +282,17 @@ def fit_chunk(fns: ClientFns, params, specs, data: ClientData, keys: jax.Array, 
     """``(clients_per_chunk, its compiled peak bytes)``: the most clients trained at once
     whose ``vmap`` round fits ``budget_bytes`` (0 = all of them at once).
 
-    All clients at once is taken when it fits. Otherwise XLA's peak grows linearly with
-    the chunk (each client in it adds its own copy of the parameters, optimiser state,
-    gradients and activations), so two compiles (one and two at a time) give the line; the
-    chosen chunk is then compiled to check, and shrunk while it does not fit. Compiling costs time, not memory: a model far too big to run still
-    gets its answer. Raises ``MemoryError`` when one client at a time does not fit.
+    Tries only ``chunk_candidates(n)``. All at once is taken when it fits; otherwise a
+    binary search over the candidates, one compile per probe (about log₂ of their number:
+    XLA's peak grows with the chunk, as each client in it holds its own parameters,
+    optimiser state, gradients and activations). Compiling costs time, not memory: a model
+    far too big to run still gets its answer. Raises ``MemoryError`` when one client at a
+    time does not fit.
     """
     n = keys.shape[0]
     seen: dict[int, int] = {}
 
     def peak(c):
-        c = min(c, n)
         if c not in seen:
             seen[c] = compiled_peak_bytes(fns, params, specs, data, keys, reduce=reduce,
                                           clients_per_chunk=0 if c == n else c)
@@ -277,13 +301,14 @@ def fit_chunk(fns: ClientFns, params, specs, data: ClientData, keys: jax.Array, 
     if peak(1) > budget_bytes:
         raise MemoryError(f"one client at a time needs {size_text(peak(1))} by XLA's "
                           f"compiled peak; the budget is {size_text(budget_bytes)}")
-    if peak(n) <= budget_bytes:   # all at once fits (for tiny models, smaller than chunks)
+    if peak(n) <= budget_bytes:
         return 0, peak(n)
-    per_client = max(peak(2) - peak(1), 1)
-    c = int(min(n, 1 + (budget_bytes - peak(1)) // per_client))
-    while c > 1 and peak(c) > budget_bytes:
-        c -= 1
-    return (0 if c == n else c), peak(c)
+    sizes = chunk_candidates(n)
+    lo, hi = 0, len(sizes) - 1          # sizes[lo] fits, sizes[hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if peak(sizes[mid]) <= budget_bytes else (lo, mid)
+    return sizes[lo], peak(sizes[lo])
 
 
 def make_round_runner(fns: ClientFns, strategy: str = "auto", *, clients_per_chunk: int = 0,

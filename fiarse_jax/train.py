@@ -288,31 +288,40 @@ def noise_multiplier(config) -> float:
 
 def auto_chunk(config, fns, reduce, strategy: str, inputs) -> int:
     """``engine.clients_per_chunk = "auto"``: the most clients per device trained at once
-    whose round fits ``engine.memory_budget_gb`` (0: 90 % of the free device memory), by
-    XLA's compiled peak (``engine.fit_chunk``; rounds all have the same shapes, so one
-    round's answer holds for every round). ``inputs()`` gives (params, keys, specs, data) of
-    a round. ``loop`` trains one client at a time anyway: 0."""
+    whose round fits ``engine.memory_budget_gb`` (GiB; 0: 90 % of the device memory still
+    free), by XLA's compiled peak of the client round (``engine.fit_chunk``; every round
+    has the same shapes, so one round's answer holds for all). The server step is not
+    counted: with stacked server inputs and a robust rule, leave headroom. ``inputs()``
+    gives (params, keys, specs, data) of a round. ``loop`` trains one client at a time
+    anyway: 0. Across processes every one decides, and all take the smallest answer."""
     if strategy == "loop":
         return 0
     budget_gb = config.engine.get("memory_budget_gb", 0.0)
-    budget = int(budget_gb * 2**30) if budget_gb > 0 else engine.memory_budget()
     params, keys, specs, data = inputs()
     if strategy == "sharded":   # the chunk is per device: fit one device's share
         per_device = -(-keys.shape[0] // jax.device_count())
         keys, specs, data = jax.tree_util.tree_map(lambda a: a[:per_device], (keys, specs, data))
-    t0 = time.time()
+    n, t0 = keys.shape[0], time.time()
     try:
+        budget = int(budget_gb * 2**30) if budget_gb > 0 else engine.memory_budget()
         chunk, peak = engine.fit_chunk(fns, params, specs, data, keys, budget_bytes=budget,
                                        reduce=reduce)
-    except MemoryError as e:
-        raise ConfigError(f"config.engine.clients_per_chunk = 'auto': {e}; raise "
-                          "config.engine.memory_budget_gb if it is set too low, free device "
-                          "memory, or lower config.client.batch_size") from None
-    if jax.process_count() > 1:   # every process must run the same program
+        problem = ""
+    except (MemoryError, RuntimeError) as e:
+        chunk, peak, problem = -1, 0, str(e)
+    if jax.process_count() > 1:   # one program everywhere: the smallest answer, or all fail
         from jax.experimental import multihost_utils
-        chunk = int(multihost_utils.broadcast_one_to_all(np.int32(chunk)))
+        answers = np.asarray(multihost_utils.process_allgather(
+            np.int32(n if chunk == 0 else chunk))).ravel()
+        if chunk >= 0 and answers.min() < 0:
+            problem = "it does not fit on another process"
+        smallest = int(answers.min())
+        chunk = -1 if smallest < 0 else (0 if smallest == n else smallest)
+    if chunk < 0:
+        raise ConfigError(f"config.engine.clients_per_chunk = 'auto': {problem}; raise "
+                          "config.engine.memory_budget_gb if it is set too low, free device "
+                          "memory, or lower config.client.batch_size")
     if jax.process_index() == 0:
-        n = keys.shape[0]
         print(f"engine: clients_per_chunk = auto → {chunk or n} of {n} clients at once"
               f"{' per device' if strategy == 'sharded' else ''} (XLA's compiled peak "
               f"{engine.size_text(peak)}, budget {engine.size_text(budget)}; "
@@ -561,7 +570,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         "clients_per_level": {evaluate.capacity_label(c): int((assignment == i).sum())
                               for i, c in enumerate(capacities)},
         "strategy": strategy,
-        "clients_per_chunk": chunk,
+        "clients_per_chunk": 1 if strategy == "loop" else chunk,
         "server_inputs": "streamed" if streaming else "stacked",
         "backend": jax.default_backend(),
         "devices": jax.device_count(),

@@ -102,26 +102,37 @@ def test_bf16_compute_keeps_float32_state_and_tracks_float32():
     assert np.linalg.norm(d16 - d32) < 0.05 * np.linalg.norm(d32)   # ... and stayed close
 
 
-def test_fit_chunk_takes_the_largest_chunk_whose_compiled_round_fits():
-    """Against every chunk size's own compiled peak: the largest that fits the budget."""
+def test_fit_chunk_takes_the_largest_chunk_whose_compiled_round_fits(monkeypatch):
+    """Against every candidate chunk size's own compiled peak, at budgets on and between
+    the peaks: the largest candidate that fits, in a logarithmic number of compiles."""
     from fiarse_jax.server_round import make_streaming_round
-    fns, params, specs, data, keys = problem(5, hidden=(384, 384))
+    n = 7
+    assert engine.chunk_candidates(n) == [1, 2, 3, 4, 7]   # 5 and 6 run 2 chunks, as 4
+    fns, params, specs, data, keys = problem(n, hidden=(256, 256))
     reduce = make_streaming_round().contribution
     peaks = {c: engine.compiled_peak_bytes(fns, params, specs, data, keys, reduce=reduce,
-                                           clients_per_chunk=0 if c == 5 else c)
-             for c in range(1, 6)}
+                                           clients_per_chunk=0 if c == n else c)
+             for c in engine.chunk_candidates(n)}
     assert peaks[1] < peaks[2] < peaks[3] < peaks[4]   # each client in a chunk adds memory
 
     def fit(budget):
         return engine.fit_chunk(fns, params, specs, data, keys, budget_bytes=budget,
                                 reduce=reduce)
 
-    budget = (peaks[3] + peaks[4]) // 2
-    want = max(c for c, p in peaks.items() if p <= budget)
-    assert fit(budget) == (0 if want == 5 else want, peaks[want])
-    assert fit(peaks[5] + peaks[4]) == (0, peaks[5])          # all at once fits
-    with pytest.raises(MemoryError, match="one client at a time needs"):
-        fit(peaks[1] - 1)
+    between = (peaks[3] + peaks[4]) // 2
+    assert fit(between) == (3, peaks[3])                 # compiling for real
+    probes = []                                          # from here on, the peaks above
+    monkeypatch.setattr(engine, "compiled_peak_bytes", lambda *a, clients_per_chunk, **k: (
+        probes.append(clients_per_chunk) or peaks[clients_per_chunk or n]))
+    for budget in sorted({*peaks.values(), *(p + 1 for p in peaks.values()), between}):
+        probes.clear()
+        if budget < peaks[1]:
+            with pytest.raises(MemoryError, match="one client at a time needs"):
+                fit(budget)
+            continue
+        want = max(c for c in peaks if peaks[c] <= budget)
+        assert fit(budget) == (0 if want == n else want, peaks[want]), budget
+        assert len(probes) <= 4, probes                  # 1, all, then a binary search
 
 
 def test_auto_chunk_in_a_run_is_decided_before_anything_is_written(tmp_path, capsys):
@@ -143,3 +154,25 @@ def test_auto_chunk_in_a_run_is_decided_before_anything_is_written(tmp_path, cap
     summary = train.train_and_evaluate(cfg(0.0008), str(tmp_path / "fits"), progress=False)
     assert 1 <= summary["clients_per_chunk"] < 10     # 10 clients per round do not fit
     assert "clients_per_chunk = auto → " in capsys.readouterr().out
+
+
+def test_memory_budget_on_cpu_is_a_share_of_the_hosts_ram(monkeypatch):
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < engine.memory_budget() <= 0.9 * total
+    assert engine.memory_budget(0.5) < engine.memory_budget(0.9)
+
+    class Gpu:   # a device reporting its allocator's limit and use
+        platform, device_kind = "gpu", "fake"
+
+        def memory_stats(self):
+            return {"bytes_limit": 1000, "bytes_in_use": 200}
+
+    class Silent(Gpu):
+        def memory_stats(self):
+            return None
+
+    monkeypatch.setattr(jax, "local_devices", lambda: [Gpu()])
+    assert engine.memory_budget(0.5) == 400
+    monkeypatch.setattr(jax, "local_devices", lambda: [Silent()])
+    with pytest.raises(RuntimeError, match="memory_budget_gb"):
+        engine.memory_budget()
