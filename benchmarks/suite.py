@@ -566,7 +566,7 @@ def main(argv=None) -> dict:
         save()
     if "memory" in sections:
         # Compiled, never run: roberta_base even on a CPU that could not train it here.
-        chunks = [1, 2] if args.quick else [int(c) for c in args.memory_chunks.split(",")]
+        chunks = [int(c) for c in args.memory_chunks.split(",")]
         workloads = [w for w in [("roberta", text_kw(args.text_size or "roberta_base"),
                                   2 if args.quick else args.text_clients,
                                   1 if args.quick else args.text_steps),
