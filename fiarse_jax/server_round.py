@@ -18,9 +18,9 @@ which every update is rejected leaves the model unchanged (every aggregate is 0)
 
 ``make_streaming_round(...)`` is the same server for rounds whose rule is a sum over the
 clients (the holder mean, norm-bounded mean, DP-FedAvg; only the non-finite screen):
-``contribution`` maps one client's result to ``(sums, ClientStats)`` (what ``engine.make_round_runner(...,
-reduce=...)`` adds up over clients while they train) and ``finish`` turns the round's
-sums into the new model, so no round ever holds every client's delta. ``stream_blocker``
+``contribution`` maps one client's result to ``(sums, ClientStats)`` (what
+``engine.make_round_runner(..., reduce=...)`` adds up over clients while they train) and
+``finish`` turns the round's sums into the new model, so no round ever holds every client's delta. ``stream_blocker``
 says why a configuration needs the stacked path (order statistics, Krum, the norm/direction
 screens and attacks look at all the updates together).
 """
@@ -73,7 +73,7 @@ class ClientStats(NamedTuple):
     """What a streamed round keeps per client (everything else is summed away)."""
 
     loss: jax.Array       # mean training loss over the local steps
-    norm: jax.Array       # L2 norm of the delta over the coordinates the client holds
+    norm: jax.Array       # L2 norm of the delta over the coordinates it holds (0 if rejected)
     accepted: jax.Array   # bool: every held coordinate finite
     reason: jax.Array     # int32: ``validation.REASONS`` index (0 ok, 1 non_finite)
 

@@ -379,12 +379,11 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     sigma = noise_multiplier(config)
     attack_kind = config.attack.kind if config.attack.kind in attacks.KINDS else "none"
     streaming = stream_updates(config)
-    stream = server_round.make_streaming_round(
+    stream = (server_round.make_streaming_round(
         server_lr=config.server.learning_rate, dp_noise_multiplier=sigma,
-        dp_clip_norm=config.dp.clip_norm,
-        **({"aggregator": config.server.aggregator,
-            "aggregator_options": dict(config.server.get(config.server.aggregator, {}))}
-           if streaming else {}))
+        dp_clip_norm=config.dp.clip_norm, aggregator=config.server.aggregator,
+        aggregator_options=dict(config.server.get(config.server.aggregator, {})))
+        if streaming else None)
     reduce = stream.contribution if streaming else None
     server_step = server_round.make_server_round(
         aggregator=config.server.aggregator,
