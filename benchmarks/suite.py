@@ -177,6 +177,7 @@ def measure_compiled(spec: dict) -> dict:
     step) compiled for this backend and never run: the peak bytes a round needs, however
     large the model, on a machine that could not run it in the time available."""
     import jax
+    from fiarse_jax import engine
 
     clients = spec["clients"]
     params, policy, fns, data = _setup(spec, clients, spec["steps"])
@@ -191,9 +192,7 @@ def measure_compiled(spec: dict) -> dict:
             "num_params": int(sum(l.size for l in leaves(params))),
             "inputs_mb": sum(l.nbytes for l in leaves((params, data))) / 2**20,
             **{f"{k}_mb": v for k, v in mb.items()},
-            # everything live at once: inputs, outputs (less what reuses a donated input)
-            # and the temporaries' arena
-            "compiled_peak_mb": mb["argument"] + mb["output"] + mb["temp"] - mb["alias"]}
+            "compiled_peak_mb": engine.peak_bytes(compiled) / 2**20}
 
 
 def measure_step_flops(spec: dict) -> dict:

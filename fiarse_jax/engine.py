@@ -230,7 +230,13 @@ def compiled_peak_bytes(fns: ClientFns, params, specs, data: ClientData, keys: j
     the temporaries' arena; ``reduce`` as in ``make_round_runner``."""
     local = _chunked(fns, clients_per_chunk, reduce or _stack)
     run = jax.jit(lambda p, s, d, k: local(p, s, d, k, jnp.ones(k.shape[0], bool)))
-    m = run.lower(params, specs, data, keys).compile().memory_analysis()
+    return peak_bytes(run.lower(params, specs, data, keys).compile())
+
+
+def peak_bytes(compiled) -> int:
+    """Everything a compiled program holds at once, by XLA's buffer assignment: inputs,
+    outputs less what reuses a (donated) input, and the temporaries' arena."""
+    m = compiled.memory_analysis()
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                - m.alias_size_in_bytes)
 

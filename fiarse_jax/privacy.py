@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fiarse_jax.server import holder_sums
+
 Params = Any
 ACCOUNTANTS = ("rdp", "pld")
 
@@ -118,7 +120,7 @@ def noisy_holder_average(clipped: Params, masks: Params, key: jax.Array, *,
     or a scalar such as the expected cohort size q·N for every coordinate. Never the realised
     holder count (see the module docstring). Jit-able; the result has the deltas' dtypes.
     """
-    totals = jax.tree_util.tree_map(lambda d, m: (_f32(d) * _f32(m)).sum(axis=0), clipped, masks)
+    totals, _ = holder_sums(clipped, masks)
     return noisy_mean(totals, key, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
                       divisor=divisor, like=clipped)
 

@@ -118,10 +118,8 @@ def make_streaming_round(*, server_lr: float = 1.0, dp_noise_multiplier: float =
                          f"combine with aggregator = {aggregator!r}")
 
     def contribution(result):
-        held = jax.tree_util.tree_map(lambda m: m > 0, result.mask)
-        finite = jnp.all(jnp.stack([jnp.where(h, jnp.isfinite(d), True).all() for d, h in zip(
-            jax.tree_util.tree_leaves(result.delta), jax.tree_util.tree_leaves(held))]))
-        held = jax.tree_util.tree_map(lambda h: h & finite, held)
+        finite = validation.held_finite(result.delta, result.mask)
+        held = jax.tree_util.tree_map(lambda m: (m > 0) & finite, result.mask)
         deltas = jax.tree_util.tree_map(
             lambda d, h: jnp.where(h, d, 0).astype(jnp.float32), result.delta, held)
         norm = jnp.sqrt(sum(jnp.sum(d * d) for d in jax.tree_util.tree_leaves(deltas)))

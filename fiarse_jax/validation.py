@@ -72,16 +72,19 @@ def _cosine(x: jax.Array, h: jax.Array, reference: jax.Array) -> jax.Array:
     return jnp.where(denom > 0, (x * r).sum(axis=1) / jnp.where(denom > 0, denom, 1.0), 1.0)
 
 
+def held_finite(delta: Params, mask: Params) -> jax.Array:
+    """One client (no client axis): bool, every coordinate it holds is finite."""
+    return jnp.all(jnp.stack([jnp.where(m > 0, jnp.isfinite(d), True).all() for d, m in zip(
+        jax.tree_util.tree_leaves(delta), jax.tree_util.tree_leaves(mask))]))
+
+
 @functools.partial(jax.jit, static_argnames=("z_threshold", "min_spread", "cosine_threshold"))
 def _validate(deltas: Params, masks: Params, levels: jax.Array, reference: Params | None,
               z_threshold: float | None, min_spread: float, cosine_threshold: float | None):
     if z_threshold is None and cosine_threshold is None:
         # Only the finite screen: per leaf, without the [n_clients, P] float32 copies the
         # statistics below need (for a 125 M-parameter model at 20 clients, 10 GB each).
-        finite = jnp.stack([jnp.where(m > 0, jnp.isfinite(d), True).reshape(d.shape[0], -1)
-                            .all(axis=1) for d, m in zip(jax.tree_util.tree_leaves(deltas),
-                                                         jax.tree_util.tree_leaves(masks))]
-                           ).all(axis=0)
+        finite = jax.vmap(held_finite)(deltas, masks)
         return finite, jnp.where(finite, 0, 1).astype(jnp.int32)
     d, h = flatten_clients(deltas), flatten_clients(masks) > 0
     finite = jnp.where(h, jnp.isfinite(d), True).all(axis=1)
