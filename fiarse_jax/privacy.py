@@ -32,10 +32,14 @@ losses and local-test metrics are not privatised and must not be released. The e
 fixed-size uniform sampling is not Poisson sampling; with it, q = m/N makes ε an estimate.
 
 Accountant: ``epsilon_after`` / ``calibrate_noise`` use Google's ``dp_accounting`` (imported on
-use, so this module imports without it).
+use, so this module imports without it). A run whose σ changed part-way (recalibrated for a new
+``num_rounds`` on resume) spent its rounds in segments ``(num_rounds_i, σ_i)``:
+``epsilon_for_history`` composes them (the latest σ over every round would under-report ε), and
+``calibrate_remaining`` picks the σ for the rounds left so that the whole run meets the target.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -45,10 +49,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fiarse_jax.server import holder_sums
+from fiarse_jax.server import held, holder_sums
 
 Params = Any
 ACCOUNTANTS = ("rdp", "pld")
+#: ``(num_rounds, noise_multiplier)``: rounds run at one σ (``epsilon_for_history``).
+Segment = tuple[int, float]
 
 
 def _check(name: str, value: Any, *, low: float, high: float = math.inf,
@@ -72,19 +78,20 @@ def clip_updates(deltas: Params, masks: Params, clip_norm: float) -> tuple[Param
     """Each client's masked delta scaled to L2 norm ≤ ``clip_norm``; also the norms before.
 
     ``deltas``/``masks`` carry a leading client axis. The norm of client i is taken over the
-    coordinates it holds, across all leaves; coordinates it does not hold come back 0. Updates
-    already within the bound are unchanged. The norms are diagnostics, not private.
+    coordinates it holds, across all leaves; coordinates it does not hold come back 0, whatever
+    the delta holds there (even NaN). Updates already within the bound are unchanged. The
+    norms are diagnostics, not private.
     """
     _check("clip_norm", clip_norm, low=0.0, low_open=True)
-    held = jax.tree_util.tree_map(lambda d, m: _f32(d) * _f32(m), deltas, masks)
-    sq = [jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=1) for x in jax.tree_util.tree_leaves(held)]
+    kept = jax.tree_util.tree_map(held, deltas, masks)   # NaN outside a mask: dropped
+    sq = [jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=1) for x in jax.tree_util.tree_leaves(kept)]
     norms = jnp.sqrt(sum(sq))
     factor = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-30))
 
     def scale(x, d):
         return (x * factor.reshape((-1,) + (1,) * (x.ndim - 1))).astype(d.dtype)
 
-    return jax.tree_util.tree_map(scale, held, deltas), norms
+    return jax.tree_util.tree_map(scale, kept, deltas), norms
 
 
 def expected_holders(level_masks: Params, clients_per_level: Sequence[int],
@@ -163,21 +170,82 @@ def _round_event(dp, rounds: int, sampling_rate: float, noise_multiplier: float)
         dp.PoissonSampledDpEvent(sampling_rate, dp.GaussianDpEvent(noise_multiplier)), rounds)
 
 
+def _history_event(dp, segments: Sequence[Segment], sampling_rate: float):
+    """The rounds of every segment, composed (one segment: its own event, unwrapped)."""
+    events = [_round_event(dp, int(n), float(sampling_rate), float(s))
+              for n, s in segments if n > 0]
+    return events[0] if len(events) == 1 else dp.ComposedDpEvent(events)
+
+
 def _accountant(dp, accountant: str, pld_discretization: float):
     if accountant == "rdp":
         return dp.rdp.RdpAccountant()
     return dp.pld.PLDAccountant(value_discretization_interval=pld_discretization)
 
 
-def _check_accounting(rounds: int, sampling_rate: float, delta: float, accountant: str,
-                      pld_discretization: float) -> None:
+@contextlib.contextmanager
+def _quiet_rdp():
+    """RDP logs a warning for every order whose series does not converge (that order is
+    simply left out of the minimum): noise, once per round, in a training log."""
+    rdp_log = logging.getLogger("absl")
+    level = rdp_log.level
+    rdp_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        rdp_log.setLevel(level)
+
+
+def _check_rounds(name: str, rounds: Any) -> None:
     if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 0:
-        raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
+        raise ValueError(f"{name} must be a non-negative int, got {rounds!r}")
+
+
+def _check_accounting(rounds: int, sampling_rate: float, delta: float, accountant: str,
+                      pld_discretization: float, rounds_name: str = "rounds") -> None:
+    _check_rounds(rounds_name, rounds)
     _check("sampling_rate", sampling_rate, low=0.0, high=1.0, low_open=True, high_open=False)
     _check("delta", delta, low=0.0, high=1.0, low_open=True)
     _check("pld_discretization", pld_discretization, low=0.0, low_open=True)
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"unknown accountant {accountant!r}; expected one of {ACCOUNTANTS}")
+
+
+def _check_segments(segments: Sequence[Segment], name: str) -> list[Segment]:
+    """``segments`` as a list of ``(rounds, σ)`` pairs, each checked (ValueError naming it)."""
+    out = []
+    for i, seg in enumerate(segments):
+        try:
+            rounds, sigma = seg
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}[{i}] must be a (num_rounds, noise_multiplier) pair, "
+                             f"got {seg!r}") from None
+        _check_rounds(f"{name}[{i}] num_rounds", rounds)
+        _check(f"{name}[{i}] noise_multiplier", sigma, low=0.0)
+        out.append((int(rounds), float(sigma)))
+    return out
+
+
+def epsilon_for_history(segments: Sequence[Segment], *, sampling_rate: float, delta: float,
+                        accountant: str = "rdp", pld_discretization: float = 1e-4) -> float:
+    """ε after the rounds of every segment ``(num_rounds_i, σ_i)``, composed, one step of the
+    Poisson(q)-sampled Gaussian mechanism per round.
+
+    A run whose σ changed (e.g. recalibrated for a new ``num_rounds`` on resume) spent
+    ``num_rounds_i`` rounds at each ``σ_i``; its ε is this composition, not that of all its
+    rounds at the latest σ. ``accountant`` and ``pld_discretization`` as in ``epsilon_after``
+    (its one-segment case). Segments of 0 rounds count for nothing; no rounds give ε = 0; a
+    segment with σ = 0 and rounds > 0 gives ε = inf.
+    """
+    _check_accounting(0, sampling_rate, delta, accountant, pld_discretization)
+    segments = _check_segments(segments, "segments")
+    if not any(n > 0 for n, _ in segments):
+        return 0.0
+    dp = _dp_accounting()
+    event = _history_event(dp, segments, sampling_rate)
+    with _quiet_rdp():
+        acc = _accountant(dp, accountant, pld_discretization)
+        return float(acc.compose(event).get_epsilon(float(delta)))
 
 
 def epsilon_after(rounds: int, *, sampling_rate: float, noise_multiplier: float, delta: float,
@@ -186,42 +254,65 @@ def epsilon_after(rounds: int, *, sampling_rate: float, noise_multiplier: float,
 
     ``accountant``: "rdp" (Rényi DP, dp_accounting's default orders) or "pld" (privacy loss
     distributions, tighter, slower; ``pld_discretization`` trades accuracy for speed).
-    σ = 0 gives ε = inf; 0 rounds give ε = 0.
+    σ = 0 gives ε = inf; 0 rounds give ε = 0. ``epsilon_for_history([(rounds, σ)])``.
     """
     _check_accounting(rounds, sampling_rate, delta, accountant, pld_discretization)
     _check("noise_multiplier", noise_multiplier, low=0.0)
-    if rounds == 0:
+    return epsilon_for_history([(rounds, noise_multiplier)], sampling_rate=sampling_rate,
+                               delta=delta, accountant=accountant,
+                               pld_discretization=pld_discretization)
+
+
+def calibrate_remaining(target_epsilon: float, spent_segments: Sequence[Segment],
+                        remaining_rounds: int, *, sampling_rate: float, delta: float,
+                        accountant: str = "rdp", pld_discretization: float = 1e-4,
+                        tol: float = 1e-4) -> float:
+    """Smallest σ (within ``tol``) for ``remaining_rounds`` more rounds such that
+    ``epsilon_for_history(spent_segments + [(remaining_rounds, σ)])`` ≤ ``target_epsilon``.
+
+    ``spent_segments``: the ``(num_rounds_i, σ_i)`` already run (``epsilon_for_history``);
+    none gives ``calibrate_noise``. Uses ``dp_accounting.calibrate_dp_mechanism`` (Brent's
+    method, then a check that the returned σ meets the target). 0 remaining rounds need no
+    noise (0.0) as long as the spent ε is within the target. ValueError, naming both, when
+    the spent ε already reaches or exceeds the target: no σ for the remaining rounds can
+    keep the run within it.
+    """
+    _check_accounting(remaining_rounds, sampling_rate, delta, accountant, pld_discretization,
+                      rounds_name="remaining_rounds")
+    _check("target_epsilon", target_epsilon, low=0.0, low_open=True)
+    _check("tol", tol, low=0.0, low_open=True)
+    spent = [s for s in _check_segments(spent_segments, "spent_segments") if s[0] > 0]
+    kw = dict(sampling_rate=sampling_rate, delta=delta, accountant=accountant,
+              pld_discretization=pld_discretization)
+    spent_eps = epsilon_for_history(spent, **kw) if spent else 0.0
+    if spent_eps > target_epsilon or (remaining_rounds > 0 and spent_eps >= target_epsilon):
+        raise ValueError(f"the rounds already run spent ε = {spent_eps:.4g} ≥ target_epsilon "
+                         f"= {target_epsilon:g} (δ = {delta:g}): no noise multiplier for the "
+                         f"{remaining_rounds} remaining rounds keeps the run within it")
+    if remaining_rounds == 0:
         return 0.0
     dp = _dp_accounting()
-    acc = _accountant(dp, accountant, pld_discretization)
-    event = _round_event(dp, int(rounds), float(sampling_rate), float(noise_multiplier))
-    # RDP logs a warning for every order whose series does not converge (that order is
-    # simply left out of the minimum): noise, once per round, in a training log.
-    rdp_log = logging.getLogger("absl")
-    level = rdp_log.level
-    rdp_log.setLevel(logging.ERROR)
-    try:
-        return float(acc.compose(event).get_epsilon(float(delta)))
-    finally:
-        rdp_log.setLevel(level)
+    with _quiet_rdp():
+        try:
+            sigma = dp.calibrate_dp_mechanism(
+                lambda: _accountant(dp, accountant, pld_discretization),
+                lambda s: _history_event(dp, spent + [(int(remaining_rounds), s)],
+                                         sampling_rate),
+                float(target_epsilon), float(delta), tol=tol)
+        except dp.mechanism_calibration.NoBracketIntervalFoundError:
+            raise ValueError(f"the rounds already run spent ε = {spent_eps:.6g} (δ = "
+                             f"{delta:g}), too close to target_epsilon = {target_epsilon:g} "
+                             f"for any noise multiplier up to 2**30 over the "
+                             f"{remaining_rounds} remaining rounds") from None
+    return float(sigma)
 
 
 def calibrate_noise(target_epsilon: float, rounds: int, *, sampling_rate: float, delta: float,
                     accountant: str = "rdp", pld_discretization: float = 1e-4,
                     tol: float = 1e-4) -> float:
-    """Smallest noise multiplier σ (within ``tol``) whose ``epsilon_after`` ≤ ``target_epsilon``.
-
-    Uses ``dp_accounting.calibrate_dp_mechanism`` (Brent's method, then a check that the
-    returned σ meets the target). 0 rounds need no noise.
-    """
-    _check_accounting(rounds, sampling_rate, delta, accountant, pld_discretization)
-    _check("target_epsilon", target_epsilon, low=0.0, low_open=True)
-    _check("tol", tol, low=0.0, low_open=True)
-    if rounds == 0:
-        return 0.0
-    dp = _dp_accounting()
-    sigma = dp.calibrate_dp_mechanism(
-        lambda: _accountant(dp, accountant, pld_discretization),
-        lambda s: _round_event(dp, int(rounds), float(sampling_rate), s),
-        float(target_epsilon), float(delta), tol=tol)
-    return float(sigma)
+    """Smallest noise multiplier σ (within ``tol``) whose ``epsilon_after`` ≤ ``target_epsilon``:
+    ``calibrate_remaining`` with nothing spent. 0 rounds need no noise."""
+    _check_rounds("rounds", rounds)
+    return calibrate_remaining(target_epsilon, [], rounds, sampling_rate=sampling_rate,
+                               delta=delta, accountant=accountant,
+                               pld_discretization=pld_discretization, tol=tol)

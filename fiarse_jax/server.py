@@ -19,13 +19,23 @@ import jax.numpy as jnp
 Params = Any
 
 
+def _f32(a: jax.Array) -> jax.Array:
+    return jnp.asarray(a).astype(jnp.float32)
+
+
+def held(delta: jax.Array, mask: jax.Array) -> jax.Array:
+    """``m·d`` in float32, selected where ``m > 0`` and 0 elsewhere: whatever a client sends
+    outside its mask (NaN, ±Inf) is dropped, where a product would keep it (NaN·0 = NaN)."""
+    m = _f32(mask)
+    return jnp.where(m > 0, _f32(delta) * m, 0.0)
+
+
 def holder_sums(deltas: Params, masks: Params) -> tuple[Params, Params]:
     """(Σ_i m_i·d_i, Σ_i m_i) per coordinate over the leading client axis, in float32
-    (counts stay exact up to 2**24 clients, even for bf16 masks)."""
-    def f32(a):
-        return a.astype(jnp.float32)
-    totals = jax.tree_util.tree_map(lambda d, m: (f32(d) * f32(m)).sum(axis=0), deltas, masks)
-    return totals, jax.tree_util.tree_map(lambda m: f32(m).sum(axis=0), masks)
+    (counts stay exact up to 2**24 clients, even for bf16 masks); entries outside a
+    client's mask are ignored, even NaN (``held``)."""
+    totals = jax.tree_util.tree_map(lambda d, m: held(d, m).sum(axis=0), deltas, masks)
+    return totals, jax.tree_util.tree_map(lambda m: _f32(m).sum(axis=0), masks)
 
 
 def holder_mean(totals: Params, counts: Params, like: Params) -> Params:

@@ -183,3 +183,133 @@ def test_missing_dp_accounting_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "dp_accounting", None)
     with pytest.raises(ImportError, match="pip install dp-accounting"):
         privacy.epsilon_after(10, sampling_rate=0.1, noise_multiplier=1.0, delta=1e-5)
+
+
+def test_clip_and_noisy_sum_ignore_nan_outside_the_mask():
+    """NaN·0 = NaN: multiplying by the mask would make the client's norm NaN and wipe its
+    whole clipped update. Selecting by the mask gives exactly the update with 0 there."""
+    deltas, masks = make_updates()
+    clean = {k: np.where(masks[k] > 0, deltas[k], 0).astype(np.float32) for k in deltas}
+    dirty = {k: np.where(masks[k] > 0, deltas[k], np.nan).astype(np.float32) for k in deltas}
+    dirty["b"][3, masks["b"][3] == 0] = -np.inf
+    assert all(np.isnan(dirty[k]).any() for k in dirty)
+    c = 1.5
+    got, got_norms = privacy.clip_updates(dirty, masks, c)
+    want, want_norms = privacy.clip_updates(clean, masks, c)
+    ref, ref_norms = np_clip(clean, masks, c)
+    np.testing.assert_array_equal(np.asarray(got_norms), np.asarray(want_norms))
+    np.testing.assert_allclose(np.asarray(got_norms), ref_norms, rtol=1e-5)
+    for k in deltas:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+        np.testing.assert_allclose(np.asarray(got[k]), ref[k], rtol=1e-5, atol=1e-7)
+    # the server's noisy sum over holders drops what a client sends outside its mask too
+    noisy = average_fn(0.5, c, 2.0)
+    a, b = noisy(dirty, masks, jax.random.key(4)), noisy(clean, masks, jax.random.key(4))
+    for k in deltas:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
+
+
+# ----------------------------------------------------------------------------- a σ that changed
+
+Q, DELTA = 0.1, 1e-5
+
+
+@pytest.fixture(scope="module")
+def sigmas():
+    """σ calibrated for ε = 2 over 100 and over 200 rounds (q = 0.1, δ = 1e-5)."""
+    return {n: privacy.calibrate_noise(2.0, n, sampling_rate=Q, delta=DELTA) for n in (100, 200)}
+
+
+def reference_history(accountant, segments, q, delta):
+    """dp_accounting composing each segment's rounds directly (no privacy.py code)."""
+    for rounds, sigma in segments:
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(
+            q, dp_accounting.GaussianDpEvent(sigma)), rounds)
+    return accountant.get_epsilon(delta)
+
+
+def test_epsilon_for_history_composes_the_segments(sigmas):
+    """Target 2 over 100 rounds, resumed to 200 and recalibrated: accounting every round at
+    the new σ logs 2.00, the rounds actually run at each σ compose to 2.47."""
+    s100, s200 = sigmas[100], sigmas[200]
+    assert s200 > s100
+    history = [(100, s100), (100, s200)]
+    eps = privacy.epsilon_for_history(history, sampling_rate=Q, delta=DELTA, accountant="rdp")
+    assert eps == pytest.approx(reference_history(dp_accounting.rdp.RdpAccountant(), history,
+                                                  Q, DELTA), rel=1e-12)
+    assert eps == pytest.approx(2.47, abs=0.01)
+    logged = privacy.epsilon_after(200, sampling_rate=Q, noise_multiplier=s200, delta=DELTA)
+    assert logged == pytest.approx(2.0, abs=1e-3) and eps > logged + 0.4
+    # the same σ twice is 200 rounds at σ100
+    same = privacy.epsilon_for_history([(100, s100), (100, s100)], sampling_rate=Q, delta=DELTA)
+    assert same == pytest.approx(reference_history(
+        dp_accounting.rdp.RdpAccountant(), [(100, s100), (100, s100)], Q, DELTA), rel=1e-12)
+    assert same == pytest.approx(privacy.epsilon_after(200, sampling_rate=Q,
+                                                       noise_multiplier=s100, delta=DELTA))
+    assert same == pytest.approx(2.86, abs=0.01)
+
+
+def test_epsilon_for_history_pld_matches_dp_accounting():
+    history = [(30, 1.0), (20, 2.0)]
+    eps = privacy.epsilon_for_history(history, sampling_rate=Q, delta=DELTA, accountant="pld",
+                                      pld_discretization=1e-3)
+    ref = reference_history(dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3),
+                            history, Q, DELTA)
+    assert eps == pytest.approx(ref, rel=1e-6)
+
+
+def test_epsilon_after_is_the_one_segment_history():
+    kw = dict(sampling_rate=Q, delta=DELTA)
+    one = privacy.epsilon_for_history([(100, 1.0)], **kw)
+    assert one == privacy.epsilon_after(100, noise_multiplier=1.0, **kw)
+    assert one == pytest.approx(7.90, abs=0.01)
+    assert privacy.epsilon_for_history([(0, 0.0), (100, 1.0), (0, 3.0)], **kw) == one
+    assert privacy.epsilon_for_history([], **kw) == 0.0
+    assert privacy.epsilon_for_history([(3, 0.0)], **kw) == float("inf")
+
+
+@pytest.mark.parametrize("segments, message", [
+    ([(10, -1.0)], r"segments\[0\] noise_multiplier .*-1.0"),
+    ([(10, 1.0), (-2, 1.0)], r"segments\[1\] num_rounds .*-2"),
+    ([(10, 1.0, 3)], r"segments\[0\] must be a \(num_rounds, noise_multiplier\) pair"),
+])
+def test_epsilon_for_history_rejects_bad_segments(segments, message):
+    with pytest.raises(ValueError, match=message):
+        privacy.epsilon_for_history(segments, sampling_rate=Q, delta=DELTA)
+
+
+def test_calibrate_remaining_keeps_the_whole_run_within_the_target(sigmas):
+    s100 = sigmas[100]
+    tol = 1e-4
+    for target in (2.0, 3.0):
+        sigma = privacy.calibrate_remaining(target, [(100, s100)], 100, sampling_rate=Q,
+                                            delta=DELTA, accountant="rdp", tol=tol)
+        history = [(100, s100), (100, sigma)]
+        eps = reference_history(dp_accounting.rdp.RdpAccountant(), history, Q, DELTA)
+        assert eps <= target and eps == pytest.approx(target, rel=1e-3)
+        assert (sigma > s100) == (target == 2.0)   # ε = 2 spent already: far more noise
+        assert reference_history(dp_accounting.rdp.RdpAccountant(),
+                                 [(100, s100), (100, sigma - 2 * tol)], Q, DELTA) > target
+    # resumed half-way with the same num_rounds: σ stays (within tol)
+    half = privacy.calibrate_remaining(2.0, [(50, s100)], 50, sampling_rate=Q, delta=DELTA,
+                                       tol=tol)
+    assert half == pytest.approx(s100, abs=2 * tol)
+
+
+def test_calibrate_remaining_with_nothing_spent_is_calibrate_noise():
+    kw = dict(sampling_rate=0.05, delta=DELTA, tol=1e-3)
+    want = privacy.calibrate_noise(3.0, 50, **kw)
+    assert privacy.calibrate_remaining(3.0, [], 50, **kw) == want
+    assert privacy.calibrate_remaining(3.0, [(0, 0.0)], 50, **kw) == want
+
+
+def test_calibrate_remaining_refuses_a_spent_budget(sigmas):
+    spent = [(200, sigmas[100])]          # ε ≈ 2.86
+    with pytest.raises(ValueError, match=r"spent ε = 2\.86\d* ≥ target_epsilon = 2 "):
+        privacy.calibrate_remaining(2.0, spent, 100, sampling_rate=Q, delta=DELTA)
+    with pytest.raises(ValueError, match=r"spent ε = 2\.86\d* ≥ target_epsilon = 2 "):
+        privacy.calibrate_remaining(2.0, spent, 0, sampling_rate=Q, delta=DELTA)
+    with pytest.raises(ValueError, match=r"spent ε = inf ≥ target_epsilon = 2 "):
+        privacy.calibrate_remaining(2.0, [(5, 0.0)], 10, sampling_rate=Q, delta=DELTA)
+    # nothing left to run, within budget: no noise needed
+    assert privacy.calibrate_remaining(3.0, spent, 0, sampling_rate=Q, delta=DELTA) == 0.0

@@ -61,3 +61,29 @@ def test_holder_average_returns_counts():
     avg, counts = server.holder_average({"w": np.ones((3, 2), np.float32)}, masks)
     np.testing.assert_array_equal(np.asarray(counts["w"]), [2, 1])
     np.testing.assert_array_equal(np.asarray(avg["w"]), [1, 1])
+
+
+def test_nan_outside_a_mask_is_ignored_not_multiplied():
+    """NaN·0 = NaN: a product with the mask would carry a client's unheld NaN into the sum
+    (and the count-weighted mean) of every coordinate. Selecting by the mask drops it."""
+    rng = np.random.default_rng(1)
+    params = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": np.zeros(5, np.float32)}
+    masks = {"w": (rng.random((4, 3, 4)) < 0.5).astype(np.float32),
+             "b": np.ones((4, 5), np.float32)}
+    masks["b"][2, :2] = 0.0
+    clean = jax.tree_util.tree_map(
+        lambda m: np.where(m > 0, rng.normal(size=m.shape), 0.0).astype(np.float32), masks)
+    dirty = {k: np.where(masks[k] > 0, clean[k], np.nan).astype(np.float32) for k in clean}
+    dirty["w"][0, masks["w"][0] == 0] = np.inf     # ±Inf as well
+    assert np.isnan(dirty["b"][2]).any() and np.isnan(dirty["w"]).any()
+    got, want = server.aggregate(params, dirty, masks), server.aggregate(params, clean, masks)
+    for k in params:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+        np.testing.assert_allclose(np.asarray(got[k]),
+                                   np_aggregate(params[k], clean[k], masks[k], 1.0),
+                                   rtol=1e-5, atol=1e-6)
+    totals, counts = server.holder_sums(dirty, masks)
+    for k in params:
+        np.testing.assert_allclose(np.asarray(totals[k]), (clean[k] * masks[k]).sum(0),
+                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(counts[k]), masks[k].sum(0))

@@ -145,3 +145,32 @@ def test_config_check_refuses_stream_exactly_where_the_rule_needs_every_update(f
         auto = small(**{"engine.reduce": "auto", **fields})
         validate_config(auto)
         assert not train.stream_updates(auto)
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"dp_noise_multiplier": 0.7, "dp_clip_norm": 0.3},
+    {"aggregator": "norm_bounded", "aggregator_options": {"max_norm": 0.4}}],
+    ids=["mean", "dp", "norm_bounded"])
+def test_contribution_ignores_nan_outside_the_mask(kw):
+    """A client's NaN outside its mask neither rejects it nor reaches the sums: the same
+    contribution as with 0 there, and NumPy's held sums / (clipped) norms."""
+    rng = np.random.default_rng(5)
+    n, p = 4, 30
+    mask = (rng.random((n, p)) < 0.5).astype(np.uint8)
+    clean = np.where(mask > 0, rng.normal(size=(n, p)), 0.0).astype(np.float32)
+    dirty = np.where(mask > 0, clean, np.nan).astype(np.float32)
+    dirty[1, mask[1] == 0] = np.inf
+    contribution = jax.jit(jax.vmap(make_streaming_round(**kw).contribution))
+    loss = jnp.zeros(n, jnp.float32)
+    (got, got_counts), stats = contribution(ClientResult({"w": dirty}, {"w": mask}, loss))
+    (want, want_counts), _ = contribution(ClientResult({"w": clean}, {"w": mask}, loss))
+    np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(want["w"]))
+    chex.assert_trees_all_equal(got_counts, want_counts)
+    assert np.asarray(stats.accepted).all()
+    norms = np.linalg.norm(clean.astype(np.float64), axis=1)
+    np.testing.assert_allclose(np.asarray(stats.norm), norms, rtol=1e-5)
+    bound = kw.get("dp_clip_norm", kw.get("aggregator_options", {}).get("max_norm", np.inf))
+    scaled = clean * np.minimum(1.0, bound / norms)[:, None]
+    np.testing.assert_allclose(np.asarray(got["w"]), scaled, rtol=1e-5, atol=1e-7)
+    if "dp_clip_norm" not in kw:
+        np.testing.assert_array_equal(np.asarray(got_counts["w"]), mask.astype(np.float32))

@@ -125,3 +125,27 @@ def test_bad_thresholds_are_clear_errors(kwargs, message):
 def test_levels_shape_is_checked():
     with pytest.raises(ValueError, match=r"levels has shape \(3,\); expected \(10,\)"):
         validate_updates(*honest_updates(), np.zeros(3, int))
+
+
+@pytest.mark.parametrize("dp_field", [("dp.noise_multiplier", 1.0), ("dp.target_epsilon", 4.0)])
+def test_dp_refuses_the_norm_and_direction_screens(dp_field):
+    """The norm/direction screens accept a client by the others' updates: DP's sensitivity
+    bound (one client moves the sum by ≤ C) no longer holds, so the combination is refused;
+    DP alone and the screens alone are fine (the non-finite screen runs either way)."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+    import default as default_config
+    from helpers import override
+
+    from fiarse_jax.config import ConfigError, validate_config
+
+    field, value = dp_field
+    validate_config(override(default_config.get_config(), **{field: value}))
+    validate_config(override(default_config.get_config(), **{"server.validate": True}))
+    cfg = override(default_config.get_config(), **{field: value, "server.validate": True})
+    with pytest.raises(ConfigError, match=r"^config\.server\.validate = True: the norm and "
+                       r"direction screens accept a client by the other clients' updates, "
+                       r"which voids DP's sensitivity bound; set it False with dp\.\*"):
+        validate_config(cfg)
