@@ -15,6 +15,7 @@ a parameter mask, ``shrink`` into physically smaller dense arrays.
 """
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -144,3 +145,84 @@ def shrink(params: Params, groups: Sequence[UnitGroup], unit_masks: UnitMasks) -
 def kept_sizes(groups: Sequence[UnitGroup], unit_masks: UnitMasks) -> dict[str, int]:
     """Number of kept units per group (the widths of the shrunk model)."""
     return {g.name: int(np.asarray(unit_masks[g.name]).sum()) for g in groups}
+
+
+# ---- Parameter budgets: unit widths whose sub-model holds a given number of scalars ----
+
+def count_terms(shapes: dict, groups: Sequence[UnitGroup]) -> list[tuple[int, tuple]]:
+    """Per counted leaf, ``(rest, ((group, tile), ...))``: the product of its axes that no
+    group indexes, and the groups (with tiles) indexing the others.
+
+    ``shapes``: ``{path tuple: shape}`` of the leaves that count (e.g. the maskable ones,
+    ``structured.maskable_shapes``); members on other leaves are ignored. A leaf touched
+    by several groups (producer of one, consumer of another) gets one factor each.
+    """
+    axes: dict[tuple, list] = {}
+    for g in groups:
+        for m in g.members:
+            axes.setdefault(m.path, []).append((m.axis, m.tile, g.name))
+    terms = []
+    for path, shape in shapes.items():
+        shape = list(shape)
+        factors = []
+        for axis, tile, name in axes.get(path, ()):
+            shape[axis] = 1
+            factors.append((name, tile))
+        terms.append((int(np.prod(shape)), tuple(factors)))
+    return terms
+
+
+def held_count(shapes: dict, groups: Sequence[UnitGroup], kept: dict):
+    """Scalars of the ``shapes`` leaves a structured sub-model holds when group g keeps
+    ``kept[g]`` units: Σ over leaves of ``rest · Π (tile·kept[g])`` (what
+    ``expand(...)`` sums to on those leaves). ``kept`` values may be ints (exact Python
+    ints back) or arrays of counts (broadcast: one held count per entry, e.g. per
+    candidate prefix under ``jit``)."""
+    total = 0
+    for rest, factors in count_terms(shapes, groups):
+        term = rest
+        for name, tile in factors:
+            term = term * (tile * kept[name])
+        total = total + term
+    return total
+
+
+def widths_for_budget(shapes: dict, groups: Sequence[UnitGroup], budget: int, *,
+                      fixed: dict | None = None) -> dict[str, int]:
+    """Kept units per group for one common width fraction w whose sub-model holds a
+    count of ``shapes`` scalars (``held_count``) as close to ``budget`` as the unit grid
+    allows (a tie goes to the smaller count).
+
+    Every group g not in ``fixed`` keeps k_g(w) = max(1, ⌈w·C_g⌉) units; groups in
+    ``fixed`` keep the given count (e.g. 0 beyond a ScaleFL depth). w runs over the
+    candidates {j / C_g} (the points where some k_g changes, so every reachable width
+    vector is tried); the held count is nondecreasing in w, so a bisection finds the
+    largest candidate at or below the budget and the answer is it or the next one.
+    Exact rational arithmetic (no float ties).
+    """
+    fixed = dict(fixed or {})
+    free = [g for g in groups if g.name not in fixed]
+    if not free:
+        return fixed
+    candidates = sorted({Fraction(j, g.size) for g in free for j in range(1, g.size + 1)})
+
+    def widths(w: Fraction) -> dict[str, int]:
+        out = {g.name: max(1, -((-w.numerator * g.size) // w.denominator)) for g in free}
+        out.update(fixed)
+        return out
+
+    def held(i: int) -> int:
+        return held_count(shapes, groups, widths(candidates[i]))
+
+    lo, hi, below = 0, len(candidates) - 1, -1
+    while lo <= hi:                       # the largest candidate with held ≤ budget
+        mid = (lo + hi) // 2
+        if held(mid) <= budget:
+            below, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    if below < 0:
+        return widths(candidates[0])
+    if below + 1 < len(candidates) and held(below + 1) - budget < budget - held(below):
+        return widths(candidates[below + 1])
+    return widths(candidates[below])

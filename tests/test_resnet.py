@@ -190,7 +190,7 @@ def test_shrunk_dense_equals_masked_full(narrow, full_apply, kind, arg):
 @pytest.mark.parametrize("method", ["heterofl", "fedrolex", "fed_dropout", "fiarse_neuron"])
 def test_structured_policies_run_on_resnet(narrow, full_apply, method):
     model, params, groups = narrow
-    pol = policies.build_policy(method, (1.0, 0.25), unit_groups=groups)
+    pol = policies.build_policy(method, (1.0, 0.25), {"budget": "width"}, unit_groups=groups)
     state = pol.prepare(params, 3, jax.random.PRNGKey(0))
     spec = pol.client_spec(state, 1, jax.random.PRNGKey(4))
     u = {k: np.asarray(v) for k, v in spec["units"].items()}

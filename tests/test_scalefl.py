@@ -5,10 +5,12 @@ Tiny model: MLP 5 → 8 → 6 → 4 → 3 with exits after the first two hidden 
   Dense_0 5·8+8 = 48, Dense_1 8·6+6 = 54, Dense_2 6·4+4 = 28, Dense_3 4·3+3 = 15,
   Exit_0 8·3+3 = 27, Exit_1 6·3+3 = 21;  N = 193.
 Capacities (1, 1/4, 0.11), depth exponent ½, L = 3: d = ⌈√r·3⌉ = 3, 2 (1.5), 1 (0.995).
-  r = 1/4 (budget 48.25), d = 2, widths (k0, k1) = (⌈8w⌉, ⌈6w⌉):
+Every parameter is maskable here (no BN), so the budget is ⌈r·N⌉ of all 193; the width is
+the grid point whose held count is closest to it (a tie → the smaller).
+  r = 1/4 (budget ⌈48.25⌉ = 49), d = 2, widths (k0, k1) = (⌈8w⌉, ⌈6w⌉):
     held = 6·k0 [Dense_0] + k0·k1 + k1 [Dense_1] + 3·k0 + 3 [Exit_0] + 3·k1 + 3 [Exit_1]
-    w = 1/3 → (3, 2): 18 + 8 + 12 + 9 = 47 ≤ 48.25; the next ratio 3/8 → (3, 3): 54 > 48.25.
-  r = 0.11 (budget 21.23), d = 1: held = 6·k0 + 3·k0 + 3; k0 = 2 → 21, k0 = 3 → 30 > 21.23.
+    w = 1/3 → (3, 2): 18 + 8 + 12 + 9 = 47 (−2); the next ratio 3/8 → (3, 3): 54 (+5).
+  r = 0.11 (budget ⌈21.23⌉ = 22), d = 1: held = 6·k0 + 3·k0 + 3; k0 = 2 → 21, k0 = 3 → 30.
 """
 import functools
 import math
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiarse_jax import costs, evaluate, models, policies, units
+from fiarse_jax import costs, evaluate, masks, models, policies, units
 from fiarse_jax.policies import scalefl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
@@ -106,7 +108,12 @@ def test_masks_by_hand(level):
             np.testing.assert_array_equal(np.asarray(m[name][n]), ref[name][n],
                                           err_msg=f"{name}.{n}")
     assert int(sum(float(v.sum()) for v in jax.tree_util.tree_leaves(m))) == HELD[level]
-    assert HELD[level] <= CAPS[level] * N
+
+
+def closest(counts, budget):
+    """The width vector whose held count is closest to ``budget`` (a tie → the smaller):
+    ``counts`` maps width vectors to held counts."""
+    return min(counts, key=lambda k: (abs(counts[k] - budget), counts[k]))
 
 
 def test_widths_fill_the_budget_against_a_brute_force_search():
@@ -119,11 +126,12 @@ def test_widths_fill_the_budget_against_a_brute_force_search():
     for level, r in enumerate(CAPS):
         d = DEPTH[level]
         assert d == max(1, math.ceil(round(math.sqrt(r) * 3, 6)))
-        best = None
+        counts = {}
         for w in np.linspace(1e-4, 1, 20001):
-            k = [max(1, math.ceil(round(w * c, 6))) if i < d else 0 for i, c in enumerate(HIDDEN)]
-            if held(d, k) <= r * N + 1e-9:
-                best = tuple(k)
+            k = tuple(max(1, math.ceil(round(w * c, 6))) if i < d else 0
+                      for i, c in enumerate(HIDDEN))
+            counts[k] = held(d, k)
+        best = closest(counts, math.ceil(round(r * N, 6)))
         assert best == KEPT[level] and held(d, best) == HELD[level]
 
 
@@ -259,7 +267,8 @@ def test_short_run_learns(tmp_path):
     assert final["global_accuracy"] > 0.8, final          # chance is 0.10
     for label in ("1", "1/4", "1/16"):
         assert final["capacity_global_accuracy"][label] > 0.6, (label, final)
-    assert s["costs"]["1/16"]["params_held"] <= 0.0625 * s["num_params"]
+    # MLP 64-64-64 with exits, all parameters maskable: 1/16 holds ≈ 1/16 of them.
+    assert abs(s["costs"]["1/16"]["params_held"] / s["num_params"] - 0.0625) <= 0.05 * 0.0625
 
 
 # ---- ResNet-18 with early exits: exits after stages 1–3, ``head`` last; depth in stages ----
@@ -267,27 +276,32 @@ def test_short_run_learns(tmp_path):
 # widths k (block-inner widths equal their stage's, as leading units of equal-size groups):
 #   stem 27·k1 + 2·k1; block: 9·c_in·k + 2k (conv1, bn1) + 9·k·k + 2k (conv2, bn2), plus
 #   c_in·k + 2k for the projection of stages 2+; exit after stage s: k_s·K + K.
-# N = 7,908. Levels (1, 1/4, 1/16, 1/64) at a = ½: depth ⌈√r·4⌉ = 4, 2, 1, 1 stages;
-#   1/4: budget 1,977 → k = (3, 6): 87 + 348 + 20 + 1,212 + 35 = 1,702 (k = (4, 8): 2,806).
-#   1/16: budget 494.25 → k1 = 3: 87 + 348 + 20 = 455 (k1 = 4: 749).
-#   1/64: budget 123.6 → k1 = 1: 29 + 44 + 10 = 83 (k1 = 2: 58 + 160 + 15 = 233).
+# N = 7,908, of which 280 are BN γ/β (2 per channel of every BN): 7,628 maskable. The
+# budget is ⌈r·7,628⌉ maskable parameters, the width the grid point closest to it.
+# Levels (1, 1/4, 1/16, 1/64) at a = ½: depth ⌈√r·4⌉ = 4, 2, 1, 1 stages (all / maskable):
+#   1/4: budget 1,907 → k = (3, 6): 1,702 / 1,612 (k = (4, 8): 2,806 / 2,666).
+#   1/16: budget 477 → k1 = 3: 87 + 348 + 20 = 455 / 425 (k1 = 4: 749 / 709).
+#   1/64: budget 120 → k1 = 1: 29 + 44 + 10 = 83 / 73 (k1 = 2: 58 + 160 + 15 = 233 / 213).
 
 R_OPTS = {"widths": (4, 8, 8, 8), "early_exits": True}
 R_CAPS = (1.0, 0.25, 1 / 16, 1 / 64)
 R_N = 7908
+R_MASKABLE = 7628
 XR = jax.random.normal(jax.random.PRNGKey(5), (4, 16, 16, 3))
 
 
-def resnet_held(d, k, num_classes=5, blocks=2):
-    """Hand count of a depth-d sub-model at stream widths k (see the comment above)."""
-    n = 27 * k[0] + 2 * k[0]
+def resnet_held(d, k, num_classes=5, blocks=2, maskable=False):
+    """Hand count of a depth-d sub-model at stream widths k (see the comment above); with
+    ``maskable`` without the BN γ/β (2 per channel of every BN)."""
+    bn = 0 if maskable else 2
+    n = 27 * k[0] + bn * k[0]
     c_in = k[0]
     for s in range(d):
         w = k[s]
         for b in range(blocks):
-            n += 9 * c_in * w + 2 * w + 9 * w * w + 2 * w
+            n += 9 * c_in * w + bn * w + 9 * w * w + bn * w
             if s > 0 and b == 0:
-                n += c_in * w + 2 * w
+                n += c_in * w + bn * w
             c_in = w
         n += w * num_classes + num_classes
     return n
@@ -318,6 +332,9 @@ def test_resnet_layout_depths_and_widths_against_a_hand_count():
     model, params, groups, pol = resnet_policy()
     n = sum(l.size for l in jax.tree_util.tree_leaves(params))
     assert n == R_N == resnet_held(4, (4, 8, 8, 8))
+    flags = masks.maskable_flags(params)
+    assert R_MASKABLE == resnet_held(4, (4, 8, 8, 8), maskable=True) == sum(
+        l.size for l, f in zip(jax.tree_util.tree_leaves(params), flags) if f)
     layout = scalefl.exit_layout(groups)
     assert layout.blocks == (("stem", "stage1"), ("stage2",), ("stage3",), ("stage4",))
     assert layout.exits == ("exit1", "exit2", "exit3", "head")
@@ -333,7 +350,7 @@ def test_resnet_layout_depths_and_widths_against_a_hand_count():
             assert got == [ks] * 3, (level, s)
         m = pol.mask(params, spec)
         assert int(sum(float(v.sum()) for v in jax.tree_util.tree_leaves(m))) == held \
-            == resnet_held(d, k) <= R_CAPS[level] * R_N
+            == resnet_held(d, k)
         first_depth = {"stem": 1, "stage1": 1, "exit1": 1, "stage2": 2, "exit2": 2,
                        "stage3": 3, "exit3": 3, "stage4": 4, "head": 4}
         for name, deep in first_depth.items():   # whole modules held iff within the depth
@@ -348,19 +365,21 @@ def test_resnet_widths_fill_the_budget_against_a_brute_force_search(a):
     _, params, groups, pol = resnet_policy({"depth_exponent": a})
     for level, r in enumerate(R_CAPS):
         d = max(1, math.ceil(round(r ** a * 4, 6)))
-        best = None
+        counts = {}
         for w in np.linspace(1e-3, 1, 4001):
             k = tuple(max(1, math.ceil(round(w * c, 6))) for c in (4, 8, 8, 8)[:d])
-            if resnet_held(d, k) <= r * R_N + 1e-9:
-                best = k
-        fits = best is not None
-        best = best or (1,) * d      # nothing fits (a = ¼, r = 1/64: depth 2 at one channel)
+            counts[k] = resnet_held(d, k, maskable=True)
+        best = closest(counts, math.ceil(round(r * R_MASKABLE, 6)))
         spec = spec_for(pol, params, level)
         assert int(spec["depth"]) == d
         kept = units.kept_sizes(groups, {n: np.asarray(v) for n, v in spec["units"].items()})
         assert tuple(kept[f"stream{s + 1}"] for s in range(d)) == best, (a, level)
-        held = int(sum(float(v.sum()) for v in jax.tree_util.tree_leaves(pol.mask(params, spec))))
-        assert held == resnet_held(d, best) and (held <= r * R_N) == fits
+        m = pol.mask(params, spec)
+        held = int(sum(float(v.sum()) for v in jax.tree_util.tree_leaves(m)))
+        flags = masks.maskable_flags(params)
+        held_maskable = int(sum(float(v.sum()) for v, f in zip(jax.tree_util.tree_leaves(m), flags)
+                                if f))
+        assert held == resnet_held(d, best) and held_maskable == counts[best]
 
 
 @pytest.mark.parametrize("a", [0.5, 0.25])    # depths 4, 2, 1, 1 and 4, 3, 2, 2
@@ -419,17 +438,19 @@ def test_one_scalefl_round_on_the_cifar_resnet_smoke_path(tmp_path):
     s = train.train_and_evaluate(cfg, str(tmp_path), progress=False)
     n = s["num_params"]
 
-    def held(d, k):
-        return resnet_held(d, k, num_classes=10, blocks=1)
+    def held(d, k, maskable=False):
+        return resnet_held(d, k, num_classes=10, blocks=1, maskable=maskable)
     assert n == held(4, (4, 8, 8, 8))
+    n_maskable = held(4, (4, 8, 8, 8), maskable=True)
     assert np.isfinite(s["final"]["train_loss"])
     a = cfg.scalefl.depth_exponent
     for r in cfg.capacities:
         c = s["costs"][evaluate.capacity_label(r)]
         assert c["flops_basis"] == "shrunk dense"
         d = max(1, math.ceil(round(r ** a * 4, 6)))
-        sizes = (4, 8, 8, 8)[:d]     # the largest uniform width ratio within r·N
-        fits = [held(d, tuple(math.ceil(round(j / c_ * c2, 6)) for c2 in sizes))
-                for c_ in sizes for j in range(1, c_ + 1)]
-        fits = [h for h in fits if h <= r * n]
-        assert c["params_held"] == (max(fits) if fits else held(d, (1,) * d))
+        sizes = (4, 8, 8, 8)[:d]     # the uniform width ratio closest to ⌈r·N⌉ (maskable)
+        grid = {tuple(math.ceil(round(j / c_ * c2, 6)) for c2 in sizes)
+                for c_ in sizes for j in range(1, c_ + 1)}
+        best = closest({k: held(d, k, maskable=True) for k in grid},
+                       math.ceil(round(r * n_maskable, 6)))
+        assert c["params_held"] == held(d, best)

@@ -4,6 +4,13 @@ A builder is ``builder(capacities, *, unit_groups=None, **options) -> MaskPolicy
 ``unit_groups`` is the model's unit description (``units.UnitGroup``), needed by the
 structured methods; ``options`` come from ``config.<method>``.
 
+Capacities are fractions of *parameters* for every method: a level r holds ≈ ⌈r·N⌉ of
+the N maskable parameters. The structured builders (``heterofl``, ``fedrolex``,
+``fed_dropout``, ``fiarse_neuron``, ``fedavg_smallest``) take ``budget="params"`` (that
+rule: one common width ≈ √r on deep models, see ``policies.structured``) or
+``budget="width"`` (⌈r·C⌉ units of every layer, the baselines' width ratios, ≈ r² of the
+parameters on deep models); ``scalefl`` fills the same parameter budget.
+
 ``scalefl``: a simplified ScaleFL/DepthFL-style baseline (width and depth shrink
 together, early exits, self-distillation); needs ``MLP(early_exits=True)`` or
 ``ResNet18(early_exits=True)``, see ``docs/scalefl.md``.

@@ -13,12 +13,15 @@ A client of capacity r holds
   their exits 0 … d_r−1; deeper blocks, their exits and (when d_r < E) the output
   layer are not held;
 * width: the leading ⌈w_r·C⌉ units of every group of the kept blocks (hidden units,
-  ResNet streams and block-inner channels alike; HeteroFL's shape), with w_r the largest
-  ratio for which the sub-model's parameter count is ≤ r·N, N = every parameter of the
-  global model (at least one unit per kept group). The count is what the client stores:
-  every leaf of the kept blocks and kept exits with each group axis at its kept width —
-  kernels, biases and the BN γ/β of kept channels. So level r holds ≈ r·N parameters,
-  like FIARSE (less when even full width at depth d_r is under r·N).
+  ResNet streams and block-inner channels alike; HeteroFL's shape), with w_r the ratio
+  for which the sub-model's count of *maskable* parameters is closest to ⌈r·N⌉ (a tie →
+  the smaller), N = the maskable parameters of the global model (``masks.maskable_flags``,
+  the denominator FIARSE and ``train.kept_fractions`` use; BN γ/β are not counted), at
+  least one unit per kept group. The count is over the kept blocks and kept exits, each
+  group axis at its kept width (``units.held_count``). So level r holds ≈ r·N maskable
+  parameters, like FIARSE and the other structured baselines (the same search,
+  ``units.widths_for_budget``; less when even full width at depth d_r is under r·N).
+  The client also holds the BN γ/β of its kept channels (a few per channel).
 
 Client spec (identical structure for every level, vmappable)::
 
@@ -31,7 +34,8 @@ the teacher z_deep under ``stop_gradient`` (T = ``temperature``). ``readout``: t
 deepest kept exit's logits (no ensembling).
 
 Widths are derived from the global model's leaf shapes (static under ``jit``) at the
-first ``prepare`` and cached; the builder only needs the model's unit groups.
+first ``prepare`` and cached; the builder only needs the model's unit groups (and,
+optionally, its maskability rule ``is_maskable``).
 """
 from __future__ import annotations
 
@@ -44,8 +48,9 @@ import numpy as np
 import optax
 
 from fiarse_jax import units
-from fiarse_jax.masks import keep_count, path_names
+from fiarse_jax.masks import keep_count
 from fiarse_jax.policies.base import MaskPolicy, select_level
+from fiarse_jax.policies.structured import maskable_shapes
 
 NEEDS = ("method 'scalefl' needs an MLP with early-exit heads and at least 2 hidden "
          "layers (config.model.name = 'mlp', config.model.early_exits = True, "
@@ -121,50 +126,30 @@ def depth_for(r: float, num_levels: int, depth_exponent: float) -> int:
 
 def held_count(shapes: dict, groups, layout: ExitLayout, depth: int,
                kept: dict[str, int]) -> int:
-    """Scalars a client holds: leaves of kept modules, every group axis at its kept width.
+    """Scalars of ``shapes`` a depth-``depth`` client holds: the leaves of kept modules,
+    every group axis at its kept width (``units.held_count``).
 
-    ``shapes``: {path tuple: shape}; ``kept``: {group: kept units}. Every leaf of a kept
-    module counts (BN γ/β of kept channels included, as producers of their group).
+    ``shapes``: {path tuple: shape} of the leaves that count (the policy passes the
+    maskable ones, ``structured.maskable_shapes``); ``kept``: {group: kept units}.
     """
+    return units.held_count(kept_shapes(shapes, layout, depth), groups, kept)
+
+
+def kept_shapes(shapes: dict, layout: ExitLayout, depth: int) -> dict:
+    """``shapes`` without the leaves of the blocks and exits beyond ``depth``."""
     dropped = {m for b in layout.blocks[depth:] for m in b} | set(layout.exits[depth:])
-    axes: dict[tuple, list] = {}
-    for g in groups:
-        for m in g.members:
-            axes.setdefault(m.path, []).append((m.axis, m.tile, g.name))
-    total = 0
-    for path, shape in shapes.items():
-        if path[0] in dropped:
-            continue
-        shape = list(shape)
-        for axis, tile, name in axes.get(path, ()):
-            shape[axis] = tile * kept[name]
-        total += int(np.prod(shape))
-    return total
+    return {p: s for p, s in shapes.items() if p[0] not in dropped}
 
 
 def level_widths(shapes: dict, groups, layout: ExitLayout, r: float,
                  depth: int) -> dict[str, int]:
     """Kept units per group: leading ⌈w·C⌉ of the groups held at ``depth``, 0 beyond, with
-    w the largest ratio whose held count is ≤ r·N (the smallest candidate if none is)."""
+    w the ratio whose held count (``held_count``) is closest to ⌈r·N⌉, N = all of
+    ``shapes`` (a tie → the smaller; ``units.widths_for_budget``)."""
     n_total = sum(int(np.prod(s)) for s in shapes.values())
-    budget = r * n_total * (1 + 1e-9)
-    held = [g for g in groups if layout.group_level[g.name] < depth]
-    candidates = sorted({k / g.size for g in held for k in range(1, g.size + 1)})
-
-    def widths(w):
-        return {g.name: (keep_count(w, g.size) if layout.group_level[g.name] < depth else 0)
-                for g in groups}
-
-    best = widths(candidates[0])
-    lo, hi = 0, len(candidates) - 1
-    while lo <= hi:   # held count is monotone in w
-        mid = (lo + hi) // 2
-        k = widths(candidates[mid])
-        if held_count(shapes, groups, layout, depth, k) <= budget:
-            best, lo = k, mid + 1
-        else:
-            hi = mid - 1
-    return best
+    return units.widths_for_budget(
+        kept_shapes(shapes, layout, depth), groups, keep_count(r, n_total),
+        fixed={g.name: 0 for g in groups if layout.group_level[g.name] >= depth})
 
 
 def check_options(depth_exponent: float = 0.5, kd_weight: float = 1.0,
@@ -180,7 +165,8 @@ def check_options(depth_exponent: float = 0.5, kd_weight: float = 1.0,
 
 
 def scalefl_policy(capacities, *, unit_groups=None, depth_exponent: float = 0.5,
-                   kd_weight: float = 1.0, temperature: float = 3.0) -> MaskPolicy:
+                   kd_weight: float = 1.0, temperature: float = 3.0,
+                   is_maskable=None) -> MaskPolicy:
     """Build the ScaleFL-style policy (see module docstring)."""
     layout = exit_layout(unit_groups)
     groups = list(unit_groups)
@@ -193,8 +179,7 @@ def scalefl_policy(capacities, *, unit_groups=None, depth_exponent: float = 0.5,
     cache: dict = {}
 
     def level_units(params) -> dict[str, np.ndarray]:
-        flat, _ = jax.tree_util.tree_flatten_with_path(params)
-        shapes = {path_names(p): tuple(leaf.shape) for p, leaf in flat}
+        shapes = maskable_shapes(params, is_maskable)
         key = tuple(sorted(shapes.items()))
         if key not in cache:
             per_level = [level_widths(shapes, groups, layout, r, int(d))
