@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from fiarse_jax import hub
-from fiarse_jax.data import augment
+from fiarse_jax.data import augment as augment_lib
 from fiarse_jax.data.federated import Dataset
 
 #: dataset name -> (TFDS name, number of classes, host the download comes from)
@@ -116,9 +116,15 @@ def _images_labels(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_cifar(name: str, *, data_dir: str | None = None, download: bool = False,
-               mock_examples: int = 0) -> Dataset:
+               mock_examples: int = 0, mean=None, std=None, augment: bool | None = None
+               ) -> Dataset:
     """CIFAR-10 or CIFAR-100 as a ``Dataset`` with its separate test split and the
-    CIFAR train/eval transforms."""
+    CIFAR train/eval transforms.
+
+    ``mean`` / ``std`` (per channel) and ``augment`` (crop 32 with 4-pixel padding + flip)
+    are config.data's fields; None gives ``augment.image_transforms``'s defaults for
+    32×32 RGB: CIFAR-10's mean, the authors' std ``AUTHORS_CIFAR_STD`` (one set of
+    constants for both datasets, as in the authors' code) and augmentation on."""
     tfds_name, num_classes, host = TFDS_DATASETS[name]
     train, test = read_tfds_splits(name, tfds_name, host, splits=("train", "test"),
                                    data_dir=data_dir, download=download,
@@ -127,8 +133,6 @@ def load_cifar(name: str, *, data_dir: str | None = None, download: bool = False
     tx, ty = _images_labels(test)
     if mock_examples > 0:   # mock labels are random over int64; fold them into the classes
         y, ty = y % num_classes, ty % num_classes
-    # One set of normalisation constants (CIFAR-10's, as listed for the authors' code) for
-    # both datasets.
+    train_transform, eval_transform, _ = augment_lib.image_transforms(x, mean, std, augment)
     return Dataset(x=x, y=y, num_classes=num_classes, test_x=tx, test_y=ty,
-                   train_transform=augment.cifar_train_transform(),
-                   eval_transform=augment.cifar_eval_transform())
+                   train_transform=train_transform, eval_transform=eval_transform)
