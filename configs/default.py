@@ -28,6 +28,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.alpha = 0.5            # Dirichlet label skew
     config.data.test_fraction = 0.2    # of each client's samples, its local test split
     config.data.min_client_size = 10
+    # Used by the datasets read from files (and the TFDS ones); digits ignores them. Your
+    # own images: --config.data.name=image_folder --config.data.data_dir=DIR (DIR/train/
+    # <class>/*.png|jpg, DIR/test/<class>/...), or name=arrays with data_dir=FILE.npz
+    # (x_train, y_train, x_test, y_test); see fiarse_jax/data/files.py.
+    config.data.data_dir = config_dict.placeholder(str)
+    # Per-channel normalisation and crop-pad-4 + flip augmentation; None = the data's
+    # default: 32×32 RGB gets CIFAR-10's mean, the authors' std and augmentation, other
+    # images their training split's own mean/std and no augmentation.
+    config.data.mean = config_dict.placeholder(tuple)    # e.g. '(0.5, 0.5, 0.5)'
+    config.data.std = config_dict.placeholder(tuple)
+    config.data.augment = config_dict.placeholder(bool)
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "mlp"
@@ -41,11 +52,19 @@ def get_config() -> ml_collections.ConfigDict:
     # Options of the other methods (used when config.method names them).
     config.fiarse_neuron = ml_collections.ConfigDict()
     config.fiarse_neuron.scope = "layer"   # "layer" | "global"
+    # "params": a capacity r is a fraction of the maskable parameters (≈ ⌈r·N⌉ held, as
+    # for FIARSE; width ≈ √r on deep models) | "width": ⌈r·C⌉ units of every layer (≈ r²).
+    config.fiarse_neuron.budget = "params"
     config.heterofl = ml_collections.ConfigDict()
-    # HeteroFL's 1/r output scaler relies on a BatchNorm after each layer to absorb the
-    # scale; these models have none, and units shared by levels with scales 1, 4, 16
-    # then conflict (1/16 sub-model ~23% with it, ~93% without). Off here; on in HeteroFL.
+    # HeteroFL's 1/rate output scaler (rate: the kept width) relies on a BatchNorm after
+    # each layer to absorb the scale; these models have none, and units shared by levels
+    # with different scales then conflict (1/16 sub-model ~23% with it, ~93% without).
+    # Off here; on in HeteroFL.
     config.heterofl.scaler = False
+    config.heterofl.budget = "params"     # "params" | "width", as for fiarse_neuron
+    config.fedrolex = ml_collections.ConfigDict({"budget": "params"})
+    config.fed_dropout = ml_collections.ConfigDict({"budget": "params"})
+    config.fedavg_smallest = ml_collections.ConfigDict({"budget": "params"})
     config.scalefl = ml_collections.ConfigDict()
     config.scalefl.depth_exponent = 0.5   # depth d_r = ⌈r^a·L⌉; width fills the r·N budget
     config.scalefl.kd_weight = 1.0        # self-distillation from the deepest kept exit
@@ -116,6 +135,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.profile = False                # a jax.profiler trace of round 2 under WORKDIR/profile
 
     config.eval_every = 20
+    config.eval = ml_collections.ConfigDict()
+    # Test sets are scored in batches of this size (0: client.batch_size, as the authors'
+    # loaders): the global test set in its own order, each client's test split on its own.
+    config.eval.batch_size = 0
     # Orbax checkpoints under WORKDIR/checkpoints; rerunning on the same workdir resumes.
     config.checkpoint_every = 50       # rounds; 0 = no checkpoints
     config.keep_checkpoints = 2

@@ -13,10 +13,15 @@ Conventions:
   The delta is exactly 0 outside ``mask`` whatever the optimiser does there
   (AdamW's decoupled weight decay shrinks every local weight; its moments start at
   0 each round, so a coordinate with no gradient gets no Adam step).
-* Batches: each round the client draws one random order of its ``count`` valid
-  rows and cycles through it, ``batch_size`` rows per step (wrapping around, so
-  a client with fewer rows than a batch repeats rows). Padding rows beyond
-  ``count`` are never read, so unequal client sizes need no truncation.
+* Batches: the client walks through its ``count`` valid rows ``batch_size`` at a
+  time, in a fresh random order for every pass over them (an epoch; a batch that
+  crosses the end of a pass takes its last rows from the next pass's order, so a
+  client with fewer rows than a batch repeats rows). Padding rows beyond ``count``
+  are never read, so unequal client sizes need no truncation.
+* Randomness: the client's key is split into named streams (``rng.client_streams``):
+  ``order`` (one permutation per pass, ``fold_in(order, pass)``) and ``steps``
+  (``fold_in(steps, k)`` per step, split into the augmentation key and the loss's key);
+  the policy's per-client draw uses the ``spec`` stream (see ``train.round_inputs``).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fiarse_jax import rng as rng_lib
 from fiarse_jax.data.federated import ClientData
 from fiarse_jax.policies.base import MaskPolicy
 
@@ -37,8 +43,8 @@ LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array, Any], jax.Array]
 class ClientState(NamedTuple):
     params: Params
     opt_state: Any
-    order: jax.Array     # [n_max] valid row indices first, in random order
-    rng: jax.Array
+    order_key: jax.Array  # pass e's row order is ``pass_order(fold_in(order_key, e), …)``
+    rng: jax.Array        # the ``steps`` stream: step k uses ``fold_in(rng, k)``
     loss_sum: jax.Array
     steps: jax.Array     # local steps taken (< num_steps with local_epochs)
 
@@ -85,22 +91,18 @@ def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
 
     def init(params, spec, data: ClientData, key):
         del spec
-        k_order, k_run = jax.random.split(key)
-        n_max = data.y.shape[0]
-        scores = jax.random.uniform(k_order, (n_max,))
-        scores = jnp.where(jnp.arange(n_max) < data.count, scores, 2.0)
+        streams = rng_lib.client_streams(key)
         return ClientState(params=params, opt_state=optimizer.init(params),
-                           order=jnp.argsort(scores), rng=k_run,
+                           order_key=streams["order"], rng=streams["steps"],
                            loss_sum=jnp.zeros((), jnp.float32),
                            steps=jnp.zeros((), jnp.int32))
 
     def step(state: ClientState, spec, data: ClientData, k):
-        pos = (k * batch_size + jnp.arange(batch_size)) % data.count
-        idx = state.order[pos]
+        idx = batch_rows(state.order_key, data.count, data.y.shape[0], k, batch_size)
         xb, yb = data.x[idx], data.y[idx]
-        rng, sub = jax.random.split(state.rng)
+        k_aug, sub = jax.random.split(jax.random.fold_in(state.rng, k))
         if augment is not None:
-            xb = augment(xb, jax.random.fold_in(sub, 1))
+            xb = augment(xb, k_aug)
 
         def objective(p):
             return loss_fn(cast(policy.apply(p, spec)), cast(xb), yb, sub, spec)
@@ -108,7 +110,7 @@ def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
         loss, grads = jax.value_and_grad(objective)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new = ClientState(params, opt_state, state.order, rng,
+        new = ClientState(params, opt_state, state.order_key, state.rng,
                           state.loss_sum + loss.astype(jnp.float32), state.steps + 1)
         if local_epochs <= 0:
             return new
@@ -126,6 +128,27 @@ def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
         return ClientResult(delta=delta, mask=mask, loss=state.loss_sum / state.steps)
 
     return ClientFns(init=init, step=step, final=final, num_steps=int(num_steps))
+
+
+def pass_order(key: jax.Array, count: jax.Array, n_max: int) -> jax.Array:
+    """[n_max]: the ``count`` valid row indices in a random order (key ``key``), then
+    the padding rows."""
+    scores = jax.random.uniform(key, (n_max,))
+    return jnp.argsort(jnp.where(jnp.arange(n_max) < count, scores, 2.0))
+
+
+def batch_rows(order_key: jax.Array, count: jax.Array, n_max: int, k, batch_size: int
+               ) -> jax.Array:
+    """Row indices of step ``k``'s batch: positions k·B … k·B+B−1 of the endless walk
+    through the client's rows, pass e in the order ``pass_order(fold_in(order_key, e))``.
+
+    Every position draws its own pass's order (B sorts of n_max keys per step): a batch
+    can cross passes, several when ``count`` < B. Cheap beside a training step."""
+    pos = k * batch_size + jnp.arange(batch_size)
+    passes, within = pos // count, pos % count
+    orders = jax.vmap(lambda e: pass_order(jax.random.fold_in(order_key, e), count, n_max))(
+        passes)
+    return orders[jnp.arange(batch_size), within]
 
 
 def client_update(fns: ClientFns, params: Params, spec: Any, data: ClientData,

@@ -128,6 +128,25 @@ def validate_config(config) -> None:
         _fail("data.download", data.download, "must be True or False")
     if data.get("data_dir") is not None and not isinstance(data.data_dir, str):
         _fail("data.data_dir", data.data_dir, "must be a path or None")
+    if data.name in federated.FILE_DATASETS and not data.get("data_dir"):
+        _fail("data.data_dir", data.get("data_dir"), f"dataset {data.name!r} needs " + (
+            "a directory holding train/<class>/ and test/<class>/ image folders"
+            if data.name == "image_folder" else
+            "the path of an .npz file holding x_train, y_train, x_test, y_test"))
+    for field in ("mean", "std"):   # per-channel normalisation; None = the data's default
+        v = data.get(field)
+        if v is not None and (not isinstance(v, (tuple, list)) or not v or not all(
+                isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
+                and (field == "mean" or s > 0) for s in v)):
+            _fail(f"data.{field}", v, "must be None or a non-empty tuple of finite numbers, "
+                  "one per channel" + (", each > 0" if field == "std" else ""))
+    if data.get("mean") is not None and data.get("std") is not None \
+            and len(data.mean) != len(data.std):
+        _fail("data.std", tuple(data.std), f"must have as many values as data.mean = "
+              f"{tuple(data.mean)!r}")
+    if data.get("augment") is not None and not isinstance(data.augment, bool):
+        _fail("data.augment", data.augment, "must be True, False or None (the dataset's "
+              "default)")
     if "tokenizer" in data and (not isinstance(data.tokenizer, str) or not data.tokenizer):
         _fail("data.tokenizer", data.tokenizer, "must be 'bpe', a tokenizer.json path or a "
               "Hugging Face hub name")
@@ -160,6 +179,14 @@ def validate_config(config) -> None:
         _choice(config, "fiarse_neuron.scope", masks.SCOPES)
     if "heterofl" in config and not isinstance(config.heterofl.get("scaler", False), bool):
         _fail("heterofl.scaler", config.heterofl.scaler, "must be True or False")
+    for name in ("fiarse_neuron", "heterofl", "fedrolex", "fed_dropout", "fedavg_smallest"):
+        if name in config and "budget" in config[name]:
+            _choice(config, f"{name}.budget", policies.structured.BUDGETS)
+    if (method == "heterofl" and config.heterofl.get("scaler", False)
+            and not getattr(models.MODELS.get(config.model.get("name")), "normalized", False)):
+        _fail("heterofl.scaler", True, f"model {config.model.get('name')!r} has no "
+              "normalisation layer to absorb HeteroFL's 1/r output scale (levels sharing a "
+              "unit then train it at scales 1, 4, 16, … and diverge); set it False")
     if "scalefl" in config:
         try:
             policies.scalefl.check_options(**{k: config.scalefl[k] for k in (
@@ -210,6 +237,8 @@ def validate_config(config) -> None:
                   "'stack')")
     _bool(config, "profile")
     _int(config, "eval_every")
+    if "eval" in config:
+        _int(config, "eval.batch_size", lo=0)
     _int(config, "checkpoint_every", lo=0)
     _int(config, "keep_checkpoints", lo=1)
     _bool(config, "tensorboard")
@@ -265,6 +294,10 @@ def _check_robustness(config, method: str, num_clients: int, num_levels: int) ->
         _fail("dp.target_epsilon", eps, "give dp.noise_multiplier or dp.target_epsilon, not both")
     if (sigma > 0 or eps > 0) and agg != "mean":
         _fail("server.aggregator", agg, "differential privacy is DP-FedAvg: it needs 'mean'")
+    if (sigma > 0 or eps > 0) and config.server.validate:
+        _fail("server.validate", True, "the norm and direction screens accept a client by the "
+              "other clients' updates, which voids DP's sensitivity bound; set it False with "
+              "dp.* (non-finite updates are rejected either way)")
     if (sigma > 0 or eps > 0) and method == "fed_dropout":
         _fail("method", method, "differential privacy needs per-level masks; fed_dropout's "
               "are random per client")

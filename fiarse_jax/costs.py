@@ -56,9 +56,11 @@ def shrunk_submodel(model, params, spec, unit_groups):
 def capacity_costs(model, params, policy: MaskPolicy, round_state: Any,
                    capacities: Sequence[float], *, structured: bool,
                    unit_groups=None, x_one: jax.Array,
-                   is_maskable=None) -> dict[str, dict]:
+                   is_maskable=None, key: jax.Array | None = None) -> dict[str, dict]:
     """Cost figures per capacity label (see module docstring); ``is_maskable`` is the
-    model's own maskability rule, if it declares one (default: ``masks.default_maskable``)."""
+    model's own maskability rule, if it declares one (default: ``masks.default_maskable``);
+    ``key``: a random policy's draw (the run's evaluation key; default ``PRNGKey(0)``)."""
+    key = jax.random.PRNGKey(0) if key is None else key
     flags = maskable_flags(params, is_maskable)
     leaves = jax.tree_util.tree_leaves(params)
     itemsize = [np.dtype(l.dtype).itemsize for l in leaves]
@@ -68,7 +70,7 @@ def capacity_costs(model, params, policy: MaskPolicy, round_state: Any,
     full_flops = forward_flops(model, params, x_one)
     out = {}
     for lvl, r in enumerate(capacities):
-        spec = policy.client_spec(round_state, lvl, jax.random.PRNGKey(0))
+        spec = policy.client_spec(round_state, lvl, key)
         m = [np.asarray(x) for x in jax.tree_util.tree_leaves(policy.mask(params, spec))]
         kept = [int(x.sum()) for x in m]
         maskable_kept = sum(k for k, f in zip(kept, flags) if f)

@@ -2,15 +2,23 @@
 
 For each capacity level r the sub-model ``policy.apply(params, spec_r)`` — the
 model a client of that level computes with (x ⊙ 1[|x| ≥ θ_r] for FIARSE; a random
-policy uses one fixed draw, key 0) — is scored on
-* the *global* test set: every client's test samples pooled, and
+policy uses one fixed draw, the run's evaluation key) — is scored on
+* the *global* test set (``FederatedData.global_test``: the dataset's test split in
+  its own order when it has one), and
 * the *local* tests of that capacity's clients: pooled over their samples
   (``local_accuracy``) and as the mean of per-client accuracies
   (``local_accuracy_client_mean``, the paper's per-size local number).
 So every cell of the paper's tables has a counterpart. The full (unmasked)
-global model is scored on the global test set (``global_accuracy``). Test samples
-go through the model in pooled batches of ``batch_size`` (the last one smaller):
-a model with static BatchNorm (ResNet-18) normalises with those batches' statistics.
+global model is scored on the global test set (``global_accuracy``).
+
+Batches are those of the authors' evaluation (their loaders never shuffle): the
+global test set in its own order in batches of ``batch_size`` (their client batch
+size, 20), and each client's own test split alone, in batches of ``batch_size`` —
+a batch never mixes clients. With static BatchNorm (ResNet-18) a batch's statistics
+are part of the prediction, so this is what "local" and "global" mean. Batches of one
+length run as one vmapped call over the batch axis (each batch normalised on its
+own, as if scored one by one); a smaller last batch is a length of its own, never
+padded (padded rows would change the real rows' statistics).
 """
 from __future__ import annotations
 
@@ -33,63 +41,95 @@ def capacity_label(r: float) -> str:
     return f"{r:.6g}"
 
 
+def batch_plan(groups: Sequence[np.ndarray], batch_size: int) -> dict[int, np.ndarray]:
+    """Batches of every group of sample indices, each group cut in order into batches of
+    ``batch_size`` (its last one smaller), never mixing groups: ``{length: [n, length]}``."""
+    by_len: dict[int, list[np.ndarray]] = {}
+    for g in groups:
+        for s in range(0, len(g), batch_size):
+            b = np.asarray(g[s:s + batch_size])
+            by_len.setdefault(len(b), []).append(b)
+    return {n: np.stack(bs) for n, bs in sorted(by_len.items())}
+
+
 def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
                    capacities: Sequence[float], assignment: np.ndarray, *,
-                   batch_size: int = 1024,
-                   transform: Callable[[jax.Array], jax.Array] | None = None) -> Callable[..., dict]:
+                   batch_size: int = 20, key: jax.Array | None = None,
+                   transform: Callable[[jax.Array], jax.Array] | None = None,
+                   max_batches: int = 64) -> Callable[..., dict]:
     """``evaluate(params, round_state, data) -> metrics dict`` (see module docstring).
 
     ``assignment[c]`` is the capacity level index of client ``c``;
     ``logits_fn(params, x, spec=None)`` (``spec`` picks a sub-model's readout head);
-    ``transform(x)`` prepares stored test images (e.g. CIFAR normalisation).
+    ``batch_size``: the evaluation batch (the authors': the client batch size);
+    ``key``: the draw of a random policy's sub-model (default ``PRNGKey(0)``);
+    ``transform(x)`` prepares stored test images (e.g. CIFAR normalisation);
+    ``max_batches``: batches scored per device call (bounds evaluation memory).
     """
     labels = [capacity_label(r) for r in capacities]
     assignment = np.asarray(assignment)
+    key = jax.random.PRNGKey(0) if key is None else key
 
     @jax.jit
-    def score(params, x, y, spec):
-        if transform is not None:
-            x = transform(x)
-        logits = logits_fn(params, x, spec)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return (jnp.argmax(logits, -1) == y), loss
+    def score(params, x, y, spec):   # x: [batches, length, ...]: each batch on its own
+        def one(xb, yb):
+            if transform is not None:
+                xb = transform(xb)
+            logits = logits_fn(params, xb, spec)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), yb)
+            return jnp.argmax(logits, -1) == yb, loss
+        return jax.vmap(one)(x, y)
 
     @jax.jit
     def extract(params, round_state, level):
         # The sub-model as a client of this level computes with it: x ⊙ 1[|x| ≥ θ] for
         # FIARSE; with HeteroFL's scaler on, the 1/r scale it was trained with (a norm
         # layer after it, as in ResNet-18, absorbs it; the MLP/CNN have none).
-        spec = policy.client_spec(round_state, level, jax.random.PRNGKey(0))
+        spec = policy.client_spec(round_state, level, key)
         return policy.apply(params, spec), spec
 
-    def predict(params, data: FederatedData, spec=None):
-        # Batches of ``batch_size`` and a smaller last one (one more compiled shape, no
-        # padding): with static BN a batch's statistics are part of the prediction, so
-        # padded rows would change the real rows' outputs.
-        n = data.test_y.shape[0]
-        correct, losses = [], []
-        for s in range(0, n, batch_size):
-            c, l = score(params, data.test_x[s:s + batch_size], data.test_y[s:s + batch_size], spec)
-            correct.append(np.asarray(c))
-            losses.append(np.asarray(l))
-        return np.concatenate(correct).astype(np.float64), np.concatenate(losses)
+    plans: dict[int, tuple] = {}   # id(data) -> (data, global plan, local plan)
+
+    def plan(data: FederatedData):
+        if id(data) not in plans or plans[id(data)][0] is not data:
+            gx, gy = data.global_test()
+            owner = np.asarray(data.test_client)
+            local_groups = [np.flatnonzero(owner == c) for c in np.unique(owner)]
+            plans.clear()
+            plans[id(data)] = (data, (gx, gy, batch_plan([np.arange(len(gy))], batch_size)),
+                               (data.test_x, data.test_y, batch_plan(local_groups, batch_size)))
+        return plans[id(data)][1:]
+
+    def predict(params, x, y, batches, spec=None) -> tuple[np.ndarray, np.ndarray]:
+        """(1/0, cross-entropy) per sample of ``x``, scored in the planned batches (samples
+        in no batch: 0)."""
+        correct, losses = np.zeros(len(y), np.float64), np.zeros(len(y), np.float64)
+        x, y = np.asarray(x), np.asarray(y)
+        for idx in batches.values():
+            for s in range(0, len(idx), max_batches):
+                part = idx[s:s + max_batches]
+                c, l = score(params, x[part], y[part], spec)
+                correct[part], losses[part] = np.asarray(c), np.asarray(l)
+        return correct, losses
 
     def evaluate(params, round_state, data: FederatedData) -> dict:
+        (gx, gy, g_batches), (lx, ly, l_batches) = plan(data)
         test_client = np.asarray(data.test_client)
         num_clients = len(assignment)
         sample_level = assignment[test_client]
-        correct, loss = predict(params, data)
+        correct, loss = predict(params, gx, gy, g_batches)
         out = {"global_accuracy": float(correct.mean()), "global_loss": float(loss.mean()),
                "local_accuracy": {}, "local_accuracy_client_mean": {},
                "capacity_global_accuracy": {}}
         for lvl, label in enumerate(labels):
             sub, spec = extract(params, round_state, jnp.asarray(lvl, jnp.int32))
-            c, _ = predict(sub, data, spec)
             own = sample_level == lvl
+            out["capacity_global_accuracy"][label] = float(
+                predict(sub, gx, gy, g_batches, spec)[0].mean())
+            c, _ = predict(sub, lx, ly, {n: b[own[b[:, 0]]] for n, b in l_batches.items()}, spec)
             per_client_n = np.bincount(test_client[own], minlength=num_clients)
             per_client_c = np.bincount(test_client[own], weights=c[own], minlength=num_clients)
             has = per_client_n > 0
-            out["capacity_global_accuracy"][label] = float(c.mean())
             out["local_accuracy"][label] = float(c[own].mean()) if own.any() else float("nan")
             out["local_accuracy_client_mean"][label] = (
                 float((per_client_c[has] / per_client_n[has]).mean()) if has.any() else float("nan"))

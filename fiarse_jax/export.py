@@ -101,7 +101,7 @@ def export_submodel(workdir: str, capacity: str, out: str) -> dict:
     run, params, rounds, meta = load_run_state(workdir)
     level = parse_capacity(capacity, run.capacities)
     label = evaluate.capacity_label(run.capacities[level])
-    spec = run.policy.client_spec(run.eval_state(params, rounds), level, jax.random.PRNGKey(0))
+    spec = run.policy.client_spec(run.eval_state(params, rounds), level, run.eval_key)
     sub = run.policy.apply(params, spec)
     mask = run.policy.mask(params, spec)
     arrays = {**_flat(sub, "params/"),
@@ -113,8 +113,10 @@ def export_submodel(workdir: str, capacity: str, out: str) -> dict:
         "format": FORMAT, "method": cfg["method"], "capacity": run.capacities[level],
         "label": label, "round": rounds, "num_classes": run.data.num_classes,
         "input_shape": list(run.data.test_x.shape[1:]),
-        # predict() applies the dataset's evaluation transform (CIFAR: uint8 → normalised)
+        # predict() applies the dataset's evaluation transform (uint8 → normalised, with the
+        # run's constants)
         "input_transform": cfg["data"]["name"] if run.eval_transform is not None else None,
+        "input_normalisation": _normalisation(run.eval_transform),
         "model": {"name": cfg["model"]["name"], "options": model_opts},
         "params_total": int(sum(v.size for v in jax.tree_util.tree_leaves(params))),
         "params_held": int(sum(float(np.asarray(m).sum()) for m in jax.tree_util.tree_leaves(mask))),
@@ -185,6 +187,16 @@ def load_submodel(path: str) -> SubModel:
     model = models.build_model(spec["name"], info["num_classes"], spec["options"])
     params = _unflat(arrays, "dense/" if "dense_model" in info else "params/")
     transform = None
-    if info.get("input_transform") in ("cifar10", "cifar100"):
-        transform = augment.cifar_eval_transform()
+    norm = info.get("input_normalisation")
+    if norm:
+        transform = augment.cifar_eval_transform(norm["mean"], norm["std"])
+    elif info.get("input_transform") in ("cifar10", "cifar100"):   # exports before the field
+        transform = augment.cifar_eval_transform(std=augment.CIFAR10_STD)
     return SubModel(model, params, info, transform)
+
+
+def _normalisation(transform) -> dict | None:
+    """The (mean, std) an evaluation transform normalises with, as lists (None: none)."""
+    norm = getattr(transform, "normalisation", None)
+    return ({"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]]}
+            if norm else None)

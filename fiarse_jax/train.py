@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from fiarse_jax import client as client_lib
 from fiarse_jax import (attacks, checkpoint, costs, engine, evaluate, models, policies, privacy,
-                        server_round, validation)
+                        rng, server_round, validation)
 from fiarse_jax import metrics as metrics_lib
 from fiarse_jax.config import RUN_MODEL_FIELDS, ConfigError, stream_blocker, validate_config
 from fiarse_jax.data import federate, load_dataset
@@ -56,6 +56,13 @@ def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int
 def assign_capacities(num_clients: int, num_levels: int) -> np.ndarray:
     """Level index per client in equal contiguous blocks (clients 0..N/L−1 → level 0, …)."""
     return (np.arange(num_clients) * num_levels) // num_clients
+
+
+def eval_batch_size(config) -> int:
+    """``eval.batch_size``, or ``client.batch_size`` when 0 or absent (the authors score
+    every test set in batches of their client batch size)."""
+    b = config.get("eval", {}).get("batch_size", 0)
+    return int(b) if b else int(config.client.batch_size)
 
 
 #: config.engine.dtype → the client's compute dtype (None: the parameters' own).
@@ -122,17 +129,18 @@ def update_norms(deltas) -> jax.Array:
     return jnp.sqrt(sq)
 
 
-def kept_fractions(policy, params, round_state, capacities, is_maskable=None
+def kept_fractions(policy, params, round_state, capacities, is_maskable=None, key=None
                    ) -> tuple[list[float], list[dict[str, float]]]:
     """Per level: the fraction of maskable scalars its sub-model keeps, overall and per
-    top-level module (layer)."""
+    top-level module (layer); ``key``: a random policy's draw (default ``PRNGKey(0)``)."""
+    key = jax.random.PRNGKey(0) if key is None else key
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     layers = [path_names(p)[0] for p, _ in flat]
     flags = maskable_flags(params, is_maskable)
     total = sum(l.size for (_, l), f in zip(flat, flags) if f)
     overall, per_layer = [], []
     for lvl in range(len(capacities)):
-        spec = policy.client_spec(round_state, lvl, jax.random.PRNGKey(0))
+        spec = policy.client_spec(round_state, lvl, key)
         m = jax.tree_util.tree_leaves(policy.mask(params, spec))
         kept, size = {}, {}
         for x, f, layer in zip(m, flags, layers):
@@ -166,9 +174,16 @@ class Run(NamedTuple):
     is_maskable: Any = None         # the model's own maskability rule, or None (default)
 
     def eval_state(self, params, rounds_done: int):
-        """The policy's round state the evaluation after ``rounds_done`` rounds uses."""
-        key = jax.random.fold_in(self.train_key, rounds_done - 1)
-        return self.prepare(params, rounds_done, key)
+        """The policy's round state the evaluation after ``rounds_done`` rounds uses: the
+        last trained round's (index ``rounds_done − 1``, its key; FedRolex: the window
+        trained last) on ``params``; before any round, round 0's."""
+        last = max(rounds_done - 1, 0)
+        return self.prepare(params, last, rng.round_streams(self.train_key, last)["policy"])
+
+    @property
+    def eval_key(self) -> jax.Array:
+        """The key every evaluation draws a random policy's sub-model with (``rng``)."""
+        return rng.eval_key(self.train_key)
 
 
 def build_run(config, *, pretrained: bool = True) -> Run:
@@ -276,14 +291,41 @@ def choose_attackers(config, assignment: np.ndarray) -> np.ndarray:
                                     levels=tuple(a.levels) or None, assignment=assignment)
 
 
-def noise_multiplier(config) -> float:
-    """σ of DP-FedAvg: ``dp.noise_multiplier``, or calibrated to ``dp.target_epsilon``
-    over ``num_rounds`` (0: no DP)."""
-    if config.dp.target_epsilon > 0:
-        return privacy.calibrate_noise(config.dp.target_epsilon, config.num_rounds,
-                                       sampling_rate=sampling_rate(config),
-                                       delta=config.dp.delta, accountant=config.dp.accountant)
-    return float(config.dp.noise_multiplier)
+def noise_multiplier(config, spent: list | None = None, planned_rounds: int | None = None
+                     ) -> float:
+    """σ of DP-FedAvg for the rounds still to run: ``dp.noise_multiplier``, or calibrated to
+    ``dp.target_epsilon`` over ``num_rounds`` (0: no DP).
+
+    ``spent``: the ``[rounds, σ]`` segments a resumed run already ran (``dp_segments`` in
+    its checkpoint), planned for ``planned_rounds`` rounds. With a target, σ stays the last
+    segment's when ``num_rounds`` is still the planned one (bit-for-bit resumes); when it
+    changed, σ for the remaining rounds is calibrated on top of what was spent
+    (``privacy.calibrate_remaining``), so that the whole run spends the target."""
+    if config.dp.target_epsilon <= 0:
+        return float(config.dp.noise_multiplier)
+    opts = dict(sampling_rate=sampling_rate(config), delta=config.dp.delta,
+                accountant=config.dp.accountant)
+    if not spent:
+        return privacy.calibrate_noise(config.dp.target_epsilon, config.num_rounds, **opts)
+    if planned_rounds == config.num_rounds:
+        return float(spent[-1][1])
+    done = sum(int(n) for n, _ in spent)
+    try:
+        return privacy.calibrate_remaining(config.dp.target_epsilon, [tuple(x) for x in spent],
+                                           config.num_rounds - done, **opts)
+    except ValueError as e:
+        raise ConfigError(f"config.dp.target_epsilon = {config.dp.target_epsilon}: {e}") from None
+
+
+def dp_segments(spent: list, rounds: int, sigma: float) -> list[list]:
+    """``spent`` followed by ``rounds`` rounds at ``sigma`` (merged into the last segment
+    when its σ is the same): the σ history a checkpoint keeps for DP accounting."""
+    out = [list(x) for x in spent]
+    if out and out[-1][1] == sigma:
+        out[-1][0] += rounds
+    elif rounds > 0:
+        out.append([rounds, sigma])
+    return out
 
 
 def auto_chunk(config, fns, reduce, strategy: str, inputs) -> int:
@@ -356,6 +398,22 @@ def make_divisor(policy, capacities, assignment, q: float):
     return jax.jit(divisor)
 
 
+def build_server(config, sigma: float, streaming: bool):
+    """(streamed server or None, stacked server step) of ``config``'s rule, DP noise σ."""
+    options = dict(config.server.get(config.server.aggregator, {}))
+    stream = (server_round.make_streaming_round(
+        server_lr=config.server.learning_rate, dp_noise_multiplier=sigma,
+        dp_clip_norm=config.dp.clip_norm, aggregator=config.server.aggregator,
+        aggregator_options=options) if streaming else None)
+    server_step = server_round.make_server_round(
+        aggregator=config.server.aggregator, aggregator_options=options,
+        z_threshold=config.server.z_threshold if config.server.validate else None,
+        cosine_threshold=config.server.cosine_threshold if config.server.validate else None,
+        server_lr=config.server.learning_rate, dp_noise_multiplier=sigma,
+        dp_clip_norm=config.dp.clip_norm)
+    return stream, server_step
+
+
 def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) -> dict[str, Any]:
     """Train ``config.method`` federatedly and evaluate it; returns the summary dict.
 
@@ -376,28 +434,18 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                                      batch_size=config.client.batch_size,
                                      augment=run.train_transform,
                                      compute_dtype=COMPUTE_DTYPES[config.engine.dtype])
-    sigma = noise_multiplier(config)
+    sigma = noise_multiplier(config)   # a resume may recalibrate it (below)
     attack_kind = config.attack.kind if config.attack.kind in attacks.KINDS else "none"
     streaming = stream_updates(config)
-    stream = (server_round.make_streaming_round(
-        server_lr=config.server.learning_rate, dp_noise_multiplier=sigma,
-        dp_clip_norm=config.dp.clip_norm, aggregator=config.server.aggregator,
-        aggregator_options=dict(config.server.get(config.server.aggregator, {})))
-        if streaming else None)
+    stream, server_step = build_server(config, sigma, streaming)
     reduce = stream.contribution if streaming else None
-    server_step = server_round.make_server_round(
-        aggregator=config.server.aggregator,
-        aggregator_options=dict(config.server.get(config.server.aggregator, {})),
-        z_threshold=config.server.z_threshold if config.server.validate else None,
-        cosine_threshold=config.server.cosine_threshold if config.server.validate else None,
-        server_lr=config.server.learning_rate, dp_noise_multiplier=sigma,
-        dp_clip_norm=config.dp.clip_norm)
     divisor_fn = (make_divisor(policy, capacities, assignment, sampling_rate(config))
                   if sigma > 0 else lambda params, state: 0.0)
     attack = jax.jit(functools.partial(attacks.attack_updates, attack_kind,
                                        scale=config.attack.scale,
                                        noise_std=config.attack.noise_std))
     evaluator = evaluate.make_evaluator(run.logits_fn, policy, capacities, assignment,
+                                        batch_size=eval_batch_size(config), key=run.eval_key,
                                         transform=run.eval_transform)
     prepare = run.prepare
     client_specs = jax.jit(jax.vmap(policy.client_spec, in_axes=(None, 0, 0)))
@@ -409,14 +457,16 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                           f"{jax.process_count()} processes only 'sharded' runs")
 
     def round_inputs(view, rnd):
-        """Round ``rnd``'s clients, key, policy state, client keys, specs and data."""
+        """Round ``rnd``'s clients, named key streams (``rng.ROUND_STREAMS``), policy state,
+        client keys, specs (drawn with each client's ``spec`` stream) and data."""
         ids = sample_clients(config.seed, rnd, config.data.num_clients, config.clients_per_round)
-        round_key = jax.random.fold_in(train_key, rnd)
-        round_state = prepare(view, rnd, round_key)
-        keys = jax.vmap(jax.random.fold_in, (None, 0))(round_key, jnp.asarray(ids))
-        specs = client_specs(round_state, jnp.asarray(assignment[ids]), keys)
+        streams = rng.round_streams(train_key, rnd)
+        round_state = prepare(view, rnd, streams["policy"])
+        keys = rng.client_keys(streams["clients"], jnp.asarray(ids))
+        spec_keys = jax.vmap(lambda k: rng.client_streams(k)["spec"])(keys)
+        specs = client_specs(round_state, jnp.asarray(assignment[ids]), spec_keys)
         batch = jax.tree_util.tree_map(lambda a: a[ids], data.train)
-        return ids, round_key, round_state, keys, specs, batch
+        return ids, streams, round_state, keys, specs, batch
 
     chunk = config.engine.clients_per_chunk
     if chunk == "auto":
@@ -431,7 +481,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     ckpt = (checkpoint.RunCheckpoints(workdir, keep=config.keep_checkpoints)
             if config.checkpoint_every > 0 or os.path.isdir(os.path.join(workdir, "checkpoints"))
             else None)
-    start, history, round_rows, resumed_from = 0, [], [], None
+    start, history, round_rows, resumed_from, spent = 0, [], [], None, []
     if ckpt is not None:
         template = checkpoint.run_state(params, 0, train_key, assignment)
         restored, warnings = ckpt.restore_latest(
@@ -447,6 +497,20 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                                   "use a new --workdir")
             start, params, history = resumed_from, state["params"], list(meta["history"])
             round_rows = list(meta.get("rounds", []))
+            if sigma > 0:   # the σ history so far (a checkpoint without one: the saved config's)
+                planned = int(meta["config"].get("num_rounds", config.num_rounds))
+                spent = meta.get("dp_segments") or dp_segments(
+                    [], resumed_from, noise_multiplier(_with_rounds(config, planned)))
+                new_sigma = noise_multiplier(config, spent, planned)
+                if new_sigma != sigma:
+                    print(f"DP: σ = {new_sigma:.4g} for rounds {start + 1}–{config.num_rounds} "
+                          f"(σ history {spent}), so that the whole run spends "
+                          f"ε = {config.dp.target_epsilon}", flush=True)
+                    sigma = new_sigma
+                    stream, server_step = build_server(config, sigma, streaming)
+                    reduce = stream.contribution if streaming else None
+                    run_clients = engine.make_round_runner(fns, strategy, clients_per_chunk=chunk,
+                                                           reduce=reduce)
             print(f"resuming from the checkpoint at round {resumed_from} "
                   f"({config.num_rounds - resumed_from} rounds to go)", flush=True)
     if resumed_from is None and may_resume:   # no checkpoint was readable: a fresh start
@@ -477,9 +541,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
             if rnd == profile_round:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
             view = engine.local_view(params)
-            ids, round_key, round_state, keys, specs, batch = round_inputs(view, rnd)
+            ids, streams, round_state, keys, specs, batch = round_inputs(view, rnd)
             in_round = run.attackers[ids]
-            server_key = glob(jax.random.fold_in(round_key, 2))
+            server_key = glob(streams["server"])
             divisor = glob(divisor_fn(view, round_state))
             if streaming:   # the server's sums accumulate while the clients train
                 sums, stats = run_clients(view, specs, batch, keys)
@@ -488,7 +552,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
             else:
                 result = run_clients(view, specs, batch, keys)
                 deltas = (attack(result.delta, result.mask, glob(jnp.asarray(in_round)),
-                                 glob(jax.random.fold_in(round_key, 1)))
+                                 glob(streams["attack"]))
                           if attack_kind != "none" and in_round.any() else result.delta)
                 params, info = server_step(params, deltas, result.mask,
                                            glob(jnp.asarray(assignment[ids])), server_key,
@@ -519,8 +583,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                 print(f"fiarse-jax: warning: round {done}: every update was rejected; "
                       "the model is unchanged", file=sys.stderr, flush=True)
             if sigma > 0:
-                row["dp_epsilon"] = privacy.epsilon_after(
-                    done, sampling_rate=sampling_rate(config), noise_multiplier=sigma,
+                row["dp_epsilon"] = privacy.epsilon_for_history(
+                    dp_segments(spent, done - start, sigma), sampling_rate=sampling_rate(config),
                     delta=config.dp.delta, accountant=config.dp.accountant)
             round_rows.append(row)
             writer.write_round(row)
@@ -542,7 +606,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                 ckpt.save(done, checkpoint.run_state(params, done, train_key, assignment),
                           # copies: the async save serialises them later
                           {"config": config.to_dict(), "history": list(history),
-                           "rounds": list(round_rows)})
+                           "rounds": list(round_rows),
+                           "dp_segments": dp_segments(spent, done - start, sigma)})
     finally:
         writer.close()
         if ckpt is not None:
@@ -552,11 +617,11 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     final_state = run.eval_state(params, config.num_rounds)
     labels = [evaluate.capacity_label(c) for c in capacities]
     kept_overall, kept_layers = kept_fractions(policy, params, final_state, capacities,
-                                               run.is_maskable)
+                                               run.is_maskable, run.eval_key)
     cost = costs.capacity_costs(model, params, policy, final_state, capacities,
                                 structured=config.method in policies.STRUCTURED,
                                 unit_groups=unit_groups, x_one=run.x_one,
-                                is_maskable=run.is_maskable)
+                                is_maskable=run.is_maskable, key=run.eval_key)
     summary = {
         "config": config.to_dict(),
         "final": history[-1],
@@ -577,13 +642,23 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         "resumed_from_round": resumed_from,
         "attackers": int(run.attackers.sum()),
         "dp": ({"noise_multiplier": sigma, "epsilon": round_rows[-1].get("dp_epsilon"),
-                "delta": config.dp.delta} if sigma > 0 else None),
+                "delta": config.dp.delta,
+                "segments": dp_segments(spent, config.num_rounds - start, sigma)}
+               if sigma > 0 else None),
         "wall_time_s": round(time.time() - t_start, 2),
     }
     if lead:
         metrics_lib.write_atomic(os.path.join(workdir, "summary.json"),
                                  json.dumps(summary, indent=2, default=_jsonable))
     return summary
+
+
+def _with_rounds(config, num_rounds: int):
+    """``config`` with another ``num_rounds`` (a copy)."""
+    out = config.copy_and_resolve_references()
+    with out.unlocked():
+        out.num_rounds = num_rounds
+    return out
 
 
 def _jsonable(x):

@@ -33,6 +33,29 @@ def test_batches_cycle_every_valid_row_and_never_read_padding():
     np.testing.assert_allclose(float(res.delta["Dense_0"]["kernel"][0, 0]), 0.1 * 15.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("local_epochs", [0.0, 3.0])
+def test_every_pass_over_a_clients_rows_is_a_fresh_permutation(local_epochs):
+    """Batch size 1: step k's gradient is the row it read, so the walk is visible. Each
+    pass over the 7 rows visits every row once, and the passes' orders differ."""
+    x = np.arange(1, 8, dtype=np.float32).reshape(7, 1)
+    data = ClientData(jnp.asarray(np.concatenate([x, np.full((2, 1), np.nan, np.float32)])),
+                      jnp.zeros(9, jnp.int32), jnp.asarray(7))
+    params = {"Dense_0": {"kernel": jnp.zeros((1, 1))}}
+    policy = policies.build_policy("fiarse", (1.0,), {"gradient": "masked"})
+    fns = make_client_fns(linear_loss, policy, optax.sgd(1.0), num_steps=21, batch_size=1,
+                          local_epochs=local_epochs)
+    state = fns.init(params, jnp.zeros(()), data, jax.random.PRNGKey(11))
+    rows = []
+    for k in range(21):
+        before = float(state.params["Dense_0"]["kernel"][0, 0])
+        state = fns.step(state, jnp.zeros(()), data, k)
+        rows.append(round(before - float(state.params["Dense_0"]["kernel"][0, 0])) - 1)
+    passes = [rows[i:i + 7] for i in range(0, 21, 7)]
+    for p in passes:
+        assert sorted(p) == list(range(7))
+    assert len({tuple(p) for p in passes}) == 3
+
+
 def test_one_step_masked_equals_reference_with_fixed_numpy_mask():
     model = models.build_model("mlp", 3, {"hidden_sizes": (6,)})
     rng = np.random.default_rng(0)

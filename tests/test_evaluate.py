@@ -50,3 +50,104 @@ def test_metrics_match_numpy(batch_size):
     logits = x @ kernel
     ce = -(logits[np.arange(len(y)), y] - np.log(np.exp(logits).sum(-1)))
     assert out["global_loss"] == pytest.approx(ce.mean(), rel=1e-5)
+
+
+def _batch_norm_logits(p, xb, spec=None):
+    """A static-BN-like model: features normalised with the batch's own statistics."""
+    z = (xb - xb.mean(0)) / (xb.std(0) + 1e-3)
+    return z @ p["Dense_0"]["kernel"]
+
+
+def _bn_data(seed, n_per_client=(7, 5, 9, 4), global_perm=None):
+    rng = np.random.default_rng(seed)
+    n = sum(n_per_client)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    y = rng.integers(0, 3, n).astype(np.int32)
+    client = np.repeat(np.arange(len(n_per_client)), n_per_client).astype(np.int32)
+    gx, gy = (x, y) if global_perm is None else (x[global_perm], y[global_perm])
+    return FederatedData(train=stack_clients(x, y, [np.arange(2)] * len(n_per_client)),
+                         test_x=jnp.asarray(x), test_y=jnp.asarray(y),
+                         test_client=jnp.asarray(client), num_classes=3,
+                         train_sizes=np.full(len(n_per_client), 2),
+                         test_sizes=np.asarray(n_per_client), global_x=gx, global_y=gy)
+
+
+def _np_bn_correct(x, y, kernel, batch):
+    """1/0 per sample, scoring ``x`` in order in batches of ``batch`` (NumPy reference)."""
+    out = []
+    for s in range(0, len(y), batch):
+        xb = x[s:s + batch]
+        z = (xb - xb.mean(0)) / (xb.std(0) + 1e-3)
+        out.append(np.argmax(z @ kernel, -1) == y[s:s + batch])
+    return np.concatenate(out).astype(float)
+
+
+def test_static_bn_local_scores_one_client_per_batch_and_global_in_its_own_order():
+    """A client's local accuracy under a batch-statistics model depends on its own test
+    samples only (batches never mix clients), in batches of ``batch_size``; the global
+    set is scored in its own order. Both re-derived in NumPy."""
+    kernel = np.random.default_rng(5).normal(size=(4, 3)).astype(np.float32)
+    params = {"Dense_0": {"kernel": kernel}}
+    caps = (1.0,)
+    assignment = np.array([0, 0, 0, 0])
+    policy = policies.build_policy("fedavg_full", caps)
+    evaluate = make_evaluator(_batch_norm_logits, policy, caps, assignment, batch_size=3)
+    perm = np.random.default_rng(9).permutation(25)
+    data = _bn_data(0, global_perm=perm)
+    out = evaluate(params, policy.prepare(params, 0, None), data)
+    x, y, client = np.asarray(data.test_x), np.asarray(data.test_y), np.asarray(data.test_client)
+    per_client = [_np_bn_correct(x[client == c], y[client == c], kernel, 3) for c in range(4)]
+    assert out["local_accuracy_client_mean"]["1"] == pytest.approx(
+        np.mean([p.mean() for p in per_client]), abs=1e-12)
+    assert out["local_accuracy"]["1"] == pytest.approx(np.concatenate(per_client).mean(), abs=1e-12)
+    assert out["global_accuracy"] == pytest.approx(
+        _np_bn_correct(x[perm], y[perm], kernel, 3).mean(), abs=1e-12)
+
+
+def test_a_clients_local_score_ignores_other_clients_test_data():
+    kernel = np.random.default_rng(5).normal(size=(4, 3)).astype(np.float32)
+    params = {"Dense_0": {"kernel": kernel}}
+    caps = (1.0, 0.5)
+    assignment = np.array([0, 1, 1, 1])          # client 0 alone at level 0
+    policy = policies.build_policy("fedavg_full", caps)
+    evaluate = make_evaluator(_batch_norm_logits, policy, caps, assignment, batch_size=4)
+    a = _bn_data(0)
+    # Client 2's test samples changed (same count), everything else equal.
+    x = np.asarray(a.test_x).copy()
+    x[np.asarray(a.test_client) == 2] = np.random.default_rng(7).normal(size=(9, 4)) * 5
+    b = a._replace(test_x=jnp.asarray(x))
+    out_a = evaluate(params, policy.prepare(params, 0, None), a)
+    out_b = evaluate(params, policy.prepare(params, 0, None), b)
+    assert out_a["local_accuracy"]["1"] == out_b["local_accuracy"]["1"]
+
+
+def test_global_score_does_not_depend_on_the_partition():
+    """The same global test set held by clients in two different ways scores the same."""
+    kernel = np.random.default_rng(5).normal(size=(4, 3)).astype(np.float32)
+    params = {"Dense_0": {"kernel": kernel}}
+    caps = (1.0, 0.5)
+    policy = policies.build_policy("fedavg_full", caps)
+    a = _bn_data(0)
+    gx, gy = np.asarray(a.test_x), np.asarray(a.test_y)
+    perm = np.random.default_rng(3).permutation(len(gy))    # clients hold other samples
+    b = _bn_data(0, n_per_client=(3, 10, 6, 6))._replace(
+        test_x=jnp.asarray(gx[perm]), test_y=jnp.asarray(gy[perm]), global_x=gx, global_y=gy)
+    outs = [make_evaluator(_batch_norm_logits, policy, caps, np.array([0, 0, 1, 1]),
+                           batch_size=4)(params, policy.prepare(params, 0, None), d)
+            for d in (a, b)]
+    assert outs[0]["global_accuracy"] == outs[1]["global_accuracy"]
+    assert outs[0]["capacity_global_accuracy"] == outs[1]["capacity_global_accuracy"]
+
+
+def test_federate_keeps_the_test_split_whole_and_in_order_for_the_global_set():
+    from fiarse_jax.data import federate
+    from fiarse_jax.data.federated import Dataset
+    rng = np.random.default_rng(0)
+    ds = Dataset(x=rng.normal(size=(200, 2)).astype(np.float32), y=np.repeat(np.arange(4), 50),
+                 num_classes=4, test_x=rng.normal(size=(40, 2)).astype(np.float32),
+                 test_y=np.repeat(np.arange(4), 10).astype(np.int32))
+    for seed in (0, 1):
+        fd = federate(ds, num_clients=4, alpha=0.3, test_fraction=0.2, min_client_size=2,
+                      seed=seed, partition="balanced_dirichlet", n_train=20, n_test=5)
+        np.testing.assert_array_equal(fd.global_x, ds.test_x)
+        np.testing.assert_array_equal(fd.global_y, ds.test_y)

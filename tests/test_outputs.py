@@ -84,8 +84,9 @@ def test_plot_command_writes_nonempty_pngs(runs):
 
 def _pooled_accuracy(sub, workdir):
     run = train.build_run(tiny(json.load(open(os.path.join(workdir, "summary.json")))["config"]["method"]))
-    logits = sub.predict(run.data.test_x)
-    return float(np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(run.data.test_y)))
+    x, y = run.data.global_test()
+    logits = sub.predict(x)
+    return float(np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(y)))
 
 
 @pytest.mark.parametrize("method,capacity", [("fiarse", "1/4"), ("fiarse", "0.0625"),

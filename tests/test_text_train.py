@@ -131,7 +131,7 @@ def assert_export_reproduces(workdir, summary, *, dense: bool):
     run, _, _, _ = export.load_run_state(str(workdir))
     assert sub.model.dims().vocab_size == run.model.dims().vocab_size < 50265
     assert ("dense_model" in info) == dense
-    x, y = np.asarray(run.data.test_x), np.asarray(run.data.test_y)
+    x, y = (np.asarray(a) for a in run.data.global_test())
     acc = float(np.mean(np.argmax(np.asarray(sub.predict(x)), -1) == y))
     assert acc == pytest.approx(summary["final"]["capacity_global_accuracy"]["1/4"], abs=1e-9)
 

@@ -73,7 +73,7 @@ BAD = [
     ("capacities", (0.5, 0.5), "ratios must be distinct"),
     ("data.alpha", 0.0, "config.data.alpha = 0.0: must be a finite number > 0"),
     ("capacities", (0.25, 0.2500000001), "ratios must have distinct labels, got ['1/4', '1/4']"),
-    ("data.name", "mnist", "config.data.name = 'mnist': must be one of ['ag_news', 'cifar10', 'cifar100', 'digits']"),
+    ("data.name", "mnist", "config.data.name = 'mnist': must be one of ['ag_news', 'arrays', 'cifar10', 'cifar100', 'digits', 'image_folder']"),
     ("data.test_fraction", 1.0, "config.data.test_fraction = 1.0: must be in (0, 1)"),
     ("clients_per_round", 51, "config.clients_per_round = 51: must be an integer in [1, 50]"),
     ("client.local_epochs", -1.0, "config.client.local_epochs = -1.0: must be a finite number in [0.0, 1000000.0]"),

@@ -5,6 +5,22 @@ the largest client (memory O(dataset), not O(clients × steps × batch)); a
 round gathers its sampled clients' rows on device. Test data stays flat with a
 ``client`` id per sample, so the same arrays serve the global test set (all
 clients' test samples) and each client's local test split.
+
+Datasets (``config.data.name``; ``LOADER_OPTIONS`` lists the config.data fields each
+loader takes): ``digits`` (scikit-learn's, in the wheel), ``cifar10`` / ``cifar100``
+(TFDS, ``fiarse_jax.data.tfds``), ``ag_news`` (token ids, ``fiarse_jax.data.text``), and
+two from the user's own files (``fiarse_jax.data.files``), which need only ``data_dir``:
+
+* ``image_folder``: ``data_dir/train/<class>/*`` and ``data_dir/test/<class>/*`` PNG/JPEG
+  images (torchvision's ImageFolder layout; classes sorted by name), decoded once and
+  cached as uint8 arrays beside the data (or in ``~/.cache/fiarse_jax``).
+* ``arrays``: ``data_dir`` is an .npz file with ``x_train``, ``y_train``, ``x_test``,
+  ``y_test`` (x [n, H, W, C] or [n, H, W]; integer labels).
+
+The image datasets other than digits take ``mean``, ``std`` (per channel) and ``augment``
+(crop-pad-4 + flip); None picks the default: for 32×32 RGB images CIFAR-10's mean, the
+authors' std (``augment.AUTHORS_CIFAR_STD``) and augmentation on, otherwise the training
+split's own per-channel mean/std and no augmentation (``augment.image_transforms``).
 """
 from __future__ import annotations
 
@@ -48,13 +64,30 @@ class Dataset(NamedTuple):
 
 
 class FederatedData(NamedTuple):
+    """Clients' training rows, their local test samples, and the global test set.
+
+    ``global_x``/``global_y``: the test set the global numbers are measured on, in its
+    own order: the dataset's test split when the partition leaves it whole
+    (``balanced_dirichlet``: clients' local tests are draws from it), else the pooled
+    clients' test samples in dataset order (so neither depends on who holds what).
+    None (hand-built data): the pooled ``test_x`` in client order.
+    """
+
     train: ClientData        # leading axis: every client
-    test_x: jnp.ndarray      # [t, ...] all clients' test samples
+    test_x: jnp.ndarray      # [t, ...] all clients' test samples, client by client
     test_y: jnp.ndarray      # [t]
     test_client: jnp.ndarray  # [t] owning client id
     num_classes: int
     train_sizes: np.ndarray  # [num_clients]
     test_sizes: np.ndarray   # [num_clients]
+    global_x: np.ndarray | None = None   # [g, ...] the global test set
+    global_y: np.ndarray | None = None   # [g]
+
+    def global_test(self) -> tuple:
+        """(x, y) of the global test set (see the class docstring)."""
+        if self.global_x is None:
+            return self.test_x, self.test_y
+        return self.global_x, self.global_y
 
 
 def load_digits() -> Dataset:
@@ -77,15 +110,32 @@ def _ag_news(**options) -> Dataset:
     return load_ag_news(**options)
 
 
+def _image_folder(**options) -> Dataset:
+    from fiarse_jax.data.files import load_image_folder   # imported on use (Pillow)
+    return load_image_folder(**options)
+
+
+def _arrays(**options) -> Dataset:
+    from fiarse_jax.data.files import load_arrays
+    return load_arrays(**options)
+
+
 #: name -> loader(**options); options come from config.data (data_dir, download, ...).
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": load_digits, "cifar10": _cifar("cifar10"), "cifar100": _cifar("cifar100"),
-    "ag_news": _ag_news}
+    "ag_news": _ag_news, "image_folder": _image_folder, "arrays": _arrays}
+#: config.data fields (of an image dataset) that set its normalisation and augmentation.
+IMAGE_OPTIONS = ("mean", "std", "augment")
 #: config.data fields each loader takes.
-LOADER_OPTIONS = {"digits": (), "cifar10": ("data_dir", "download", "mock_examples"),
-                  "cifar100": ("data_dir", "download", "mock_examples"),
+LOADER_OPTIONS = {"digits": (),
+                  "cifar10": ("data_dir", "download", "mock_examples") + IMAGE_OPTIONS,
+                  "cifar100": ("data_dir", "download", "mock_examples") + IMAGE_OPTIONS,
                   "ag_news": ("data_dir", "download", "mock_examples", "tokenizer",
-                              "vocab_size", "max_length")}
+                              "vocab_size", "max_length"),
+                  "image_folder": ("data_dir",) + IMAGE_OPTIONS,
+                  "arrays": ("data_dir",) + IMAGE_OPTIONS}
+#: Datasets read from the user's files: config.data.data_dir must name them.
+FILE_DATASETS = ("image_folder", "arrays")
 PARTITIONS = ("dirichlet", "balanced_dirichlet", "iid", "shards")
 
 
@@ -128,6 +178,7 @@ def federate(ds: Dataset, *, num_clients: int, alpha: float, test_fraction: floa
         train_parts, test_parts = balanced_dirichlet_partition(
             ds.y, ds.test_y, num_clients, alpha, n_train=n_train, n_test=n_test, rng=rng)
         x, y, tx, ty = ds.x, ds.y, ds.test_x, ds.test_y
+        gx, gy = ds.test_x, ds.test_y
     else:
         x, y = ds.x, ds.y
         if ds.test_x is not None:
@@ -145,6 +196,8 @@ def federate(ds: Dataset, *, num_clients: int, alpha: float, test_fraction: floa
         train_parts = [tr for tr, _ in splits]
         test_parts = [te for _, te in splits]
         tx, ty = x, y
+        pooled = np.sort(np.concatenate(test_parts))
+        gx, gy = x[pooled], y[pooled]
     test_idx = np.concatenate(test_parts)
     test_client = np.concatenate([np.full(len(t), i, np.int32) for i, t in enumerate(test_parts)])
     return FederatedData(
@@ -152,4 +205,5 @@ def federate(ds: Dataset, *, num_clients: int, alpha: float, test_fraction: floa
         test_x=jnp.asarray(tx[test_idx]), test_y=jnp.asarray(ty[test_idx]),
         test_client=jnp.asarray(test_client), num_classes=ds.num_classes,
         train_sizes=np.array([len(p) for p in train_parts]),
-        test_sizes=np.array([len(p) for p in test_parts]))
+        test_sizes=np.array([len(p) for p in test_parts]),
+        global_x=np.asarray(gx), global_y=np.asarray(gy, np.int32))

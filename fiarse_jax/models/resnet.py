@@ -148,6 +148,8 @@ class ResNet18(nn.Module):
     inner_widths: Sequence[int] = ()
     num_classes: int = 10
     early_exits: bool = False
+    #: a norm after every conv (HeteroFL's 1/r scaler is absorbed by it; config checks).
+    normalized = True
 
     def _inner(self) -> list[list[int]]:
         """Inner widths per stage, per block."""

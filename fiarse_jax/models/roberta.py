@@ -190,6 +190,7 @@ class RobertaClassifier(nn.Module):
 
     #: Inputs are token ids (``build_run`` refuses a dataset that is not text).
     takes_token_ids = True
+    normalized = True   # LayerNorm after every sub-layer (see config's heterofl.scaler check)
 
     size: str = "roberta_base"
     vocab_size: int = 0
