@@ -69,6 +69,8 @@ def cifar_config(dataset: str, arg: str) -> ml_collections.ConfigDict:
     config.scalefl.depth_exponent = 0.25
 
     config.data.name = dataset
+    # The paper's cells `fiarse-jax reproduce` puts beside ours (fiarse_jax.reproduce.PAPER).
+    config.paper = f"{dataset}_four" if capacities == CAPACITY_SETS["four"] else ""
     config.data.partition = "balanced_dirichlet"
     config.data.num_clients = 100
     config.data.alpha = 0.3

@@ -135,6 +135,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.profile = False                # a jax.profiler trace of round 2 under WORKDIR/profile
 
     config.eval_every = 20
+    # `fiarse-jax reproduce`: the paper's cells to stand beside ours ('' = none; the
+    # CIFAR configs set cifar10_four / cifar100_four).
+    config.paper = ""
     config.eval = ml_collections.ConfigDict()
     # Test sets are scored in batches of this size (0: client.batch_size, as the authors'
     # loaders): the global test set in its own order, each client's test split on its own.

@@ -10,6 +10,9 @@ writes, in ``workdir``:
   accuracy on the pooled test set (the paper's global number), the full model —
   plus cost columns (parameters held and forward FLOPs per capacity);
 * ``comparison.json``: the same numbers and every run's summary;
+
+A method that fails (diverges, runs out of memory, ...) does not lose the others: its
+row says it failed and why, the others finish, and the command exits with status 1.
 * ``accuracy_vs_round.png``: local accuracy per capacity and full-model accuracy
   against rounds, one line per method;
 * ``accuracy_per_capacity.png``: local accuracy per capacity, one bar per method.
@@ -18,13 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Sequence
 
 import numpy as np
 
-from fiarse_jax import plots, policies, train
+from fiarse_jax import evaluate, plots, policies, train
 from fiarse_jax.config import ConfigError, validate_config
-from fiarse_jax.metrics import read_jsonl
+from fiarse_jax.metrics import read_jsonl, write_atomic
 
 
 def _method_config(config, method: str):
@@ -38,9 +42,12 @@ def _fmt_int(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e4 else f"{n:,.0f}")
 
 
-def markdown_table(summaries: dict[str, dict]) -> str:
-    """The comparison table (capacities smallest first, as in the paper)."""
-    labels = plots.by_size(next(iter(summaries.values()))["capacities"])
+def markdown_table(summaries: dict[str, dict], failures: dict[str, str] | None = None,
+                   labels: Sequence[str] | None = None) -> str:
+    """The comparison table (capacities smallest first, as in the paper); a failed run
+    is a row saying so, with its error (``failures``: name -> one-line reason)."""
+    failures = failures or {}
+    labels = labels or plots.by_size(next(iter(summaries.values()))["capacities"])
     head = (["method"] + [f"local {l}" for l in labels] + ["global (mean over sizes)", "full model"]
             + ["params held (" + " / ".join(labels) + ")", "forward FLOPs (" + " / ".join(labels) + ")",
                "FLOPs counted on"])
@@ -54,7 +61,38 @@ def markdown_table(summaries: dict[str, dict]) -> str:
                     " / ".join(_fmt_int(c[l]["flops"]) for l in labels),
                     c[labels[0]]["flops_basis"]])
         rows.append("| " + " | ".join(cells) + " |")
+    for method, error in failures.items():
+        rows.append("| " + " | ".join([f"`{method}`", f"**failed**: {_cell(error)}"]
+                                      + [""] * (len(head) - 2)) + " |")
     return "\n".join(rows) + "\n"
+
+
+def _cell(text: str) -> str:
+    """``text`` on one line, safe inside a markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line: the exception's type and message."""
+    return _cell(f"{type(e).__name__}: {e}")[:500]
+
+
+def run_all(configs: dict[str, Any], workdir: str, *, progress: bool | None = None
+            ) -> tuple[dict[str, dict], dict[str, list], dict[str, str]]:
+    """Train every ``{name: config}`` into ``workdir/<name>/`` (resuming what a killed
+    command left); (summaries, histories, failures) by name. A run that raises is
+    recorded in ``failures`` and the others go on."""
+    summaries, histories, failures = {}, {}, {}
+    for name, cfg in configs.items():
+        run_dir = os.path.join(workdir, name)
+        try:
+            summaries[name] = train.train_and_evaluate(cfg, run_dir, progress=progress)
+        except Exception as e:   # noqa: BLE001 — any failure: the others still run
+            failures[name] = failure_reason(e)
+            print(f"fiarse-jax: {name} failed: {failures[name]}", file=sys.stderr, flush=True)
+            continue
+        histories[name] = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    return summaries, histories, failures
 
 
 def compare(config, methods: Sequence[str], workdir: str, *,
@@ -70,16 +108,14 @@ def compare(config, methods: Sequence[str], workdir: str, *,
     configs = {m: _method_config(config, m) for m in methods}
     for cfg in configs.values():       # every config checked before any run starts
         validate_config(cfg)
-    summaries, histories = {}, {}
-    for m, cfg in configs.items():
-        run_dir = os.path.join(workdir, m)
-        summaries[m] = train.train_and_evaluate(cfg, run_dir, progress=progress)
-        histories[m] = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    table = markdown_table(summaries)
-    with open(os.path.join(workdir, "comparison.md"), "w") as f:
-        f.write(table)
-    pngs = plots.plot_comparison(summaries, histories, workdir)
-    result = {"methods": methods, "table": table, "plots": pngs, "summaries": summaries}
-    with open(os.path.join(workdir, "comparison.json"), "w") as f:
-        json.dump(result, f, indent=2, default=str)
+    summaries, histories, failures = run_all(configs, workdir, progress=progress)
+    labels = [evaluate.capacity_label(c) for c in sorted(config.capacities)]
+    table = markdown_table(summaries, failures, labels)
+    os.makedirs(workdir, exist_ok=True)
+    write_atomic(os.path.join(workdir, "comparison.md"), table)
+    pngs = plots.plot_comparison(summaries, histories, workdir) if summaries else []
+    result = {"methods": methods, "table": table, "plots": pngs, "summaries": summaries,
+              "failures": failures}
+    write_atomic(os.path.join(workdir, "comparison.json"),
+                 json.dumps(result, indent=2, default=str))
     return result

@@ -4,6 +4,8 @@
   fiarse-jax compare --config configs/default.py --methods fiarse,heterofl,fedrolex \
       --workdir runs/cmp
   fiarse-jax robustness --config configs/default.py --workdir runs/robust  # attacks × rules, DP
+  fiarse-jax reproduce --config configs/cifar10_cpu.py --config.data.data_dir=PATH \
+      --workdir runs/repro          # the paper's comparison beside the paper's numbers
   fiarse-jax plot --workdir runs/default                            # PNGs of a finished run
   fiarse-jax export --workdir runs/default --capacity 1/4 --out sub.npz
 
@@ -13,29 +15,32 @@ Any config field can be overridden, e.g.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from fiarse_jax import compare, export, plots, report, robustness, train
+from fiarse_jax import compare, export, plots, report, reproduce, robustness, train
 from fiarse_jax.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (a Python file with get_config()).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and the summary.")
-_METHODS = flags.DEFINE_list("methods", None, "With `compare`: the methods to run, comma-separated.")
+_METHODS = flags.DEFINE_list("methods", None, "With `compare`: the methods to run, comma-separated; "
+                             "with `reproduce` (optional): the variants to run.")
 _CAPACITY = flags.DEFINE_string("capacity", None, "With `export`: the capacity, e.g. 1/4 or 0.25.")
 _OUT = flags.DEFINE_string("out", None, "With `export`: the .npz file to write.")
 flags.mark_flags_as_required(["workdir"])
 
-COMMANDS = ("train", "compare", "robustness", "plot", "export")
-#: flags each sub-command needs (and only it may get).
-_NEEDS = {"train": {"config"}, "compare": {"config", "methods"}, "robustness": {"config"},
-          "plot": set(),
-          "export": {"capacity", "out"}}
+COMMANDS = ("train", "compare", "reproduce", "robustness", "plot", "export")
+#: flags each sub-command needs (and only it, or a command of ``_MAY``, may get).
+_NEEDS = {"train": {"config"}, "compare": {"config", "methods"}, "reproduce": {"config"},
+          "robustness": {"config"}, "plot": set(), "export": {"capacity", "out"}}
+#: flags a sub-command may get without needing them.
+_MAY = {"reproduce": {"methods"}}
 
 
 def main(argv: list[str]) -> None:
@@ -50,13 +55,22 @@ def main(argv: list[str]) -> None:
                             ("out", _OUT)) if f.value is not None}
     for name in sorted(_NEEDS[command] - given):
         raise app.UsageError(f"`{command}` needs --{name}")
-    for name in sorted(given - _NEEDS[command]):
+    for name in sorted(given - _NEEDS[command] - _MAY.get(command, set())):
         raise app.UsageError(f"--{name} does not go with `{command}`")
     try:
         if command == "compare":
             result = compare.compare(_CONFIG.value, _METHODS.value, _WORKDIR.value)
             print(result["table"])
             print("wrote " + ", ".join(result["plots"]))
+            if result["failures"]:
+                sys.exit(1)
+        elif command == "reproduce":
+            result = reproduce.reproduce(_CONFIG.value, _WORKDIR.value, _METHODS.value)
+            print(result["table"])
+            print("wrote " + ", ".join(
+                [os.path.join(_WORKDIR.value, "reproduction.md")] + result["plots"]))
+            if result["failures"]:
+                sys.exit(1)
         elif command == "robustness":
             result = robustness.robustness(_CONFIG.value, _WORKDIR.value)
             print(result["table"])

@@ -64,12 +64,18 @@ def test_png_pixels_round_trip_with_sorted_classes_labels_and_separate_test(tmp_
     assert ds.y.dtype == np.int32 and ds.test_y.dtype == np.int32
     # sorted classes: ant = 0, bee = 1, cat = 2; files in name order within a class
     assert ds.y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    assert ds.test_y.tolist() == [0, 0, 1, 1, 2, 2]
+    # The test split in the fixed mixed order: file j of the class-by-class list at the
+    # position the permutation gives it.
+    order = files.test_order(6)
+    np.testing.assert_array_equal(order, np.random.default_rng(0).permutation(6))
+    assert ds.test_y.tolist() == np.array([0, 0, 1, 1, 2, 2])[order].tolist()
+    assert sorted(order.tolist()) == list(range(6)) and order.tolist() != list(range(6))
     for k, c in enumerate(sorted(CLASSES)):
         for i in range(4):
             np.testing.assert_array_equal(ds.x[4 * k + i], pixels[f"train/{c}/{i}.png"])
         for i in range(2):
-            np.testing.assert_array_equal(ds.test_x[2 * k + i], pixels[f"test/{c}/{i}.png"])
+            pos = int(np.flatnonzero(order == 2 * k + i)[0])
+            np.testing.assert_array_equal(ds.test_x[pos], pixels[f"test/{c}/{i}.png"])
 
 
 def test_jpeg_any_case_and_grayscale_keep_their_channels(tmp_path):
@@ -90,7 +96,8 @@ def test_non_image_files_and_hidden_entries_are_skipped_and_test_may_lack_a_clas
     (tmp_path / "d" / "test" / "bee").rmdir()
     ds = files.load_image_folder(data_dir=str(tmp_path / "d"))
     assert ds.num_classes == 3 and len(ds.x) == 12
-    assert ds.test_y.tolist() == [0, 0, 2, 2]   # bee (1) is absent from test
+    # bee (1) is absent from test
+    assert ds.test_y.tolist() == np.array([0, 0, 2, 2])[files.test_order(4)].tolist()
 
 
 def test_cache_is_written_and_the_second_load_decodes_nothing(tmp_path, monkeypatch,

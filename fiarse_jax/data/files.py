@@ -32,6 +32,12 @@ the authors' std ``AUTHORS_CIFAR_STD`` (so real CIFAR-10 from files reproduces t
 pipeline) with crop-pad-4 + flip augmentation; other images the training split's own
 per-channel mean and std, without augmentation.
 
+Order: an image folder's test split is put in one fixed pseudo-random order
+(``test_order``, seed 0), so that evaluation batches of the global test set mix classes as
+CIFAR's own test order does (with static BN a single-class batch would be normalised
+with its own class's statistics). The training split stays in file order (the partition
+draws from it by label).
+
 Every bad input is one ``ValueError`` line naming the file or value (``build_run`` reports
 it as ``config.data: ...``), raised before any cache file is written.
 """
@@ -281,6 +287,12 @@ def read_image_folder(root: str) -> tuple[dict, list[str]]:
     return arrays, classes
 
 
+def test_order(n: int) -> np.ndarray:
+    """The fixed order (seed 0, whatever the run's seed) an image folder's test split is
+    scored in."""
+    return np.random.default_rng(0).permutation(n)
+
+
 def load_image_folder(*, data_dir: str | None = None, mean=None, std=None,
                       augment: bool | None = None) -> Dataset:
     """The ImageFolder tree at ``data_dir`` as a ``Dataset`` (see the module docstring)."""
@@ -291,9 +303,14 @@ def load_image_folder(*, data_dir: str | None = None, mean=None, std=None,
     has_test = len(arrays["test_x"]) > 0
     train_transform, eval_transform, _ = augment_lib.image_transforms(
         arrays["x"], mean, std, augment)
+    # A folder has no sample order of its own (files are read class by class). The
+    # global test set is scored in its order in batches (static BN normalises with each
+    # batch's statistics), so single-class batches would bend it: the test split gets one
+    # fixed pseudo-random order, as CIFAR's own test order is mixed.
+    order = test_order(len(arrays["test_y"]))
     return Dataset(x=arrays["x"], y=arrays["y"], num_classes=len(classes),
-                   test_x=arrays["test_x"] if has_test else None,
-                   test_y=arrays["test_y"] if has_test else None,
+                   test_x=arrays["test_x"][order] if has_test else None,
+                   test_y=arrays["test_y"][order] if has_test else None,
                    train_transform=train_transform, eval_transform=eval_transform)
 
 
