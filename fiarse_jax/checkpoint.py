@@ -10,13 +10,17 @@ A checkpoint holds everything the next round depends on:
 
 * ``state`` (arrays): the global params, the round number, the run's base PRNG key
   and the client → capacity assignment;
-* ``meta`` (JSON): the config it was made from and the metrics history.
+* ``meta`` (JSON): the checkpoint ``format``, the config it was made from, the metrics
+  history (evaluations and rounds) and, with DP, the σ history ``dp_segments``
+  (``[rounds, σ]`` runs, so ε composes over a σ that a resume recalibrated).
 
 Everything else a round uses is a pure function of (seed, round): the client sample
-(``train.sample_clients``), the round's keys (``fold_in(key, round)``), the policy's
-round state (FedRolex's window is ``round mod C``), Dirichlet partition and model
-init. The server has no optimiser state (plain step η_g). So restoring the state
-gives bit-identical later rounds on the same backend and strategy.
+(``train.sample_clients``), the round's named key streams (``rng.round_streams``), the
+policy's round state (FedRolex's window is ``round mod C``), Dirichlet partition and
+model init; DP's σ is the last segment's while ``num_rounds`` is unchanged. The server
+has no optimiser state (plain step η_g). So restoring the state gives bit-identical
+later rounds on the same backend and strategy. A checkpoint of another ``FORMAT`` (an
+older fiarse-jax: other random streams, batch orders, budgets) is refused.
 
 Resuming with a config that differs in anything but ``SAFE_TO_CHANGE`` stops with a
 ``ConfigError`` naming the differing fields.
@@ -30,6 +34,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+#: What a round computes from a checkpoint; bumped when that changes (2: named random
+#: streams, a fresh order per pass, structured budgets in parameters, σ history).
+FORMAT = 2
+
 from fiarse_jax import aggregators, policies
 from fiarse_jax.config import ConfigError
 
@@ -39,7 +47,7 @@ from fiarse_jax.config import ConfigError
 SAFE_TO_CHANGE = ("num_rounds", "eval_every", "checkpoint_every", "keep_checkpoints",
                   "tensorboard", "engine.strategy", "engine.clients_per_chunk", "engine.reduce",
                   "engine.memory_budget_gb",
-                  "profile")
+                  "profile", "eval.batch_size", "paper")
 
 #: Config fields added after checkpoints were first written, with the value the code used
 #: before they existed: a checkpoint without the field resumes when the current value is it.
@@ -183,6 +191,16 @@ def _check_finite(tree) -> None:
     for leaf in jax.tree_util.tree_leaves(tree):
         if not np.all(np.isfinite(np.asarray(leaf))):
             raise ValueError("it holds non-finite parameters")
+
+
+def check_format(meta: dict) -> None:
+    """Raise ``ConfigError`` unless ``meta`` was written in this ``FORMAT``."""
+    found = meta.get("format", 1)
+    if found != FORMAT:
+        raise ConfigError(f"the workdir's checkpoint has format {found}, this fiarse-jax "
+                          f"writes {FORMAT} (random streams, batch orders and structured "
+                          "budgets changed, so the run cannot continue as it began); use a "
+                          "new --workdir")
 
 
 def check_resumable(saved_config: dict, config, saved_round: int) -> None:

@@ -68,7 +68,8 @@ def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
                     optimizer: optax.GradientTransformation, *,
                     num_steps: int, batch_size: int,
                     augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-                    compute_dtype: Any = None, local_epochs: float = 0.0) -> ClientFns:
+                    compute_dtype: Any = None, local_epochs: float = 0.0,
+                    min_rows: int = 1) -> ClientFns:
     """Client update for ``policy``: ``num_steps`` steps of ``optimizer`` at ``batch_size``.
 
     ``local_epochs`` E > 0: each client takes ⌈E·count/batch_size⌉ steps of its own (E
@@ -78,6 +79,8 @@ def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
 
     ``augment(x_batch, key)``, when given, transforms every batch on device (e.g. CIFAR
     crop + flip + normalisation) with a key drawn from the client's stream.
+    ``min_rows``: a lower bound on every client's row count (fewer orders drawn per step
+    when it is ≥ ``batch_size``; see ``batch_rows``).
     ``compute_dtype`` (e.g. ``jnp.bfloat16``): mixed precision — the forward and
     backward pass run on the sub-model and batch cast to it, while the mask, the
     parameters, the optimiser and the delta stay in their own (float32) dtype.
@@ -98,7 +101,8 @@ def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
                            steps=jnp.zeros((), jnp.int32))
 
     def step(state: ClientState, spec, data: ClientData, k):
-        idx = batch_rows(state.order_key, data.count, data.y.shape[0], k, batch_size)
+        idx = batch_rows(state.order_key, data.count, data.y.shape[0], k, batch_size,
+                         min_rows)
         xb, yb = data.x[idx], data.y[idx]
         k_aug, sub = jax.random.split(jax.random.fold_in(state.rng, k))
         if augment is not None:
@@ -137,18 +141,21 @@ def pass_order(key: jax.Array, count: jax.Array, n_max: int) -> jax.Array:
     return jnp.argsort(jnp.where(jnp.arange(n_max) < count, scores, 2.0))
 
 
-def batch_rows(order_key: jax.Array, count: jax.Array, n_max: int, k, batch_size: int
-               ) -> jax.Array:
+def batch_rows(order_key: jax.Array, count: jax.Array, n_max: int, k, batch_size: int,
+               min_count: int = 1) -> jax.Array:
     """Row indices of step ``k``'s batch: positions k·B … k·B+B−1 of the endless walk
     through the client's rows, pass e in the order ``pass_order(fold_in(order_key, e))``.
 
-    Every position draws its own pass's order (B sorts of n_max keys per step): a batch
-    can cross passes, several when ``count`` < B. Cheap beside a training step."""
+    A batch crosses at most S = 1 + ⌈(B − 1)/min_count⌉ passes (``min_count``: a static
+    lower bound on ``count``; 2 when every client has ≥ B rows), so S orders (S sorts of
+    n_max keys) are drawn per step."""
+    spans = 1 + -(-(batch_size - 1) // max(1, int(min_count)))
     pos = k * batch_size + jnp.arange(batch_size)
-    passes, within = pos // count, pos % count
-    orders = jax.vmap(lambda e: pass_order(jax.random.fold_in(order_key, e), count, n_max))(
-        passes)
-    return orders[jnp.arange(batch_size), within]
+    first = (k * batch_size) // count
+    passes, within = pos // count - first, pos % count
+    orders = jax.vmap(lambda e: pass_order(jax.random.fold_in(order_key, first + e), count,
+                                           n_max))(jnp.arange(min(spans, batch_size)))
+    return orders[passes, within]
 
 
 def client_update(fns: ClientFns, params: Params, spec: Any, data: ClientData,

@@ -18,7 +18,9 @@ a batch never mixes clients. With static BatchNorm (ResNet-18) a batch's statist
 are part of the prediction, so this is what "local" and "global" mean. Batches of one
 length run as one vmapped call over the batch axis (each batch normalised on its
 own, as if scored one by one); a smaller last batch is a length of its own, never
-padded (padded rows would change the real rows' statistics).
+padded with rows (they would change the real rows' statistics). Calls are padded instead
+with whole repeated batches up to ``max_batches`` (their results dropped), so each batch
+length compiles once.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
                    capacities: Sequence[float], assignment: np.ndarray, *,
                    batch_size: int = 20, key: jax.Array | None = None,
                    transform: Callable[[jax.Array], jax.Array] | None = None,
-                   max_batches: int = 64) -> Callable[..., dict]:
+                   max_batches: int | None = None) -> Callable[..., dict]:
     """``evaluate(params, round_state, data) -> metrics dict`` (see module docstring).
 
     ``assignment[c]`` is the capacity level index of client ``c``;
@@ -64,8 +66,10 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
     ``batch_size``: the evaluation batch (the authors': the client batch size);
     ``key``: the draw of a random policy's sub-model (default ``PRNGKey(0)``);
     ``transform(x)`` prepares stored test images (e.g. CIFAR normalisation);
-    ``max_batches``: batches scored per device call (bounds evaluation memory).
+    ``max_batches``: batches scored per device call (default: ⌈1,280 / batch_size⌉ samples'
+    worth, which bounds evaluation memory).
     """
+    max_batches = max_batches or max(1, -(-1280 // batch_size))
     labels = [capacity_label(r) for r in capacities]
     assignment = np.asarray(assignment)
     key = jax.random.PRNGKey(0) if key is None else key
@@ -95,21 +99,26 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
             gx, gy = data.global_test()
             owner = np.asarray(data.test_client)
             local_groups = [np.flatnonzero(owner == c) for c in np.unique(owner)]
-            plans.clear()
-            plans[id(data)] = (data, (gx, gy, batch_plan([np.arange(len(gy))], batch_size)),
-                               (data.test_x, data.test_y, batch_plan(local_groups, batch_size)))
+            plans.clear()   # host copies once per dataset, not per call
+            plans[id(data)] = (data, (np.asarray(gx), np.asarray(gy),
+                                      batch_plan([np.arange(len(gy))], batch_size)),
+                               (np.asarray(data.test_x), np.asarray(data.test_y),
+                                batch_plan(local_groups, batch_size)))
         return plans[id(data)][1:]
 
     def predict(params, x, y, batches, spec=None) -> tuple[np.ndarray, np.ndarray]:
         """(1/0, cross-entropy) per sample of ``x``, scored in the planned batches (samples
         in no batch: 0)."""
         correct, losses = np.zeros(len(y), np.float64), np.zeros(len(y), np.float64)
-        x, y = np.asarray(x), np.asarray(y)
         for idx in batches.values():
             for s in range(0, len(idx), max_batches):
                 part = idx[s:s + max_batches]
-                c, l = score(params, x[part], y[part], spec)
-                correct[part], losses[part] = np.asarray(c), np.asarray(l)
+                # Whole batches repeated up to max_batches: one compiled shape per length.
+                padded = np.concatenate([part, np.resize(part, (max_batches - len(part),
+                                                                part.shape[1]))])
+                c, l = score(params, x[padded], y[padded], spec)
+                correct[part] = np.asarray(c)[:len(part)]
+                losses[part] = np.asarray(l)[:len(part)]
         return correct, losses
 
     def evaluate(params, round_state, data: FederatedData) -> dict:

@@ -307,9 +307,9 @@ def noise_multiplier(config, spent: list | None = None, planned_rounds: int | No
                 accountant=config.dp.accountant)
     if not spent:
         return privacy.calibrate_noise(config.dp.target_epsilon, config.num_rounds, **opts)
-    if planned_rounds == config.num_rounds:
-        return float(spent[-1][1])
     done = sum(int(n) for n, _ in spent)
+    if planned_rounds == config.num_rounds or done >= config.num_rounds:
+        return float(spent[-1][1])   # the planned run, or no round left to run
     try:
         return privacy.calibrate_remaining(config.dp.target_epsilon, [tuple(x) for x in spent],
                                            config.num_rounds - done, **opts)
@@ -433,6 +433,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                                      local_epochs=config.client.get("local_epochs", 0.0),
                                      batch_size=config.client.batch_size,
                                      augment=run.train_transform,
+                                     min_rows=int(np.min(data.train_sizes)),
                                      compute_dtype=COMPUTE_DTYPES[config.engine.dtype])
     sigma = noise_multiplier(config)   # a resume may recalibrate it (below)
     attack_kind = config.attack.kind if config.attack.kind in attacks.KINDS else "none"
@@ -485,7 +486,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     if ckpt is not None:
         template = checkpoint.run_state(params, 0, train_key, assignment)
         restored, warnings = ckpt.restore_latest(
-            template, lambda step, meta: checkpoint.check_resumable(meta["config"], config, step))
+            template, lambda step, meta: (checkpoint.check_format(meta),
+                                          checkpoint.check_resumable(meta["config"], config,
+                                                                     step)))
         for w in warnings:
             print(f"fiarse-jax: warning: {w}", file=sys.stderr, flush=True)
         if restored is not None:
@@ -503,9 +506,10 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                     [], resumed_from, noise_multiplier(_with_rounds(config, planned)))
                 new_sigma = noise_multiplier(config, spent, planned)
                 if new_sigma != sigma:
-                    print(f"DP: σ = {new_sigma:.4g} for rounds {start + 1}–{config.num_rounds} "
-                          f"(σ history {spent}), so that the whole run spends "
-                          f"ε = {config.dp.target_epsilon}", flush=True)
+                    if lead:
+                        print(f"DP: σ = {new_sigma:.4g} for rounds {start + 1}–"
+                              f"{config.num_rounds} (σ history {spent}), so that the whole "
+                              f"run spends ε = {config.dp.target_epsilon}", flush=True)
                     sigma = new_sigma
                     stream, server_step = build_server(config, sigma, streaming)
                     reduce = stream.contribution if streaming else None
@@ -605,7 +609,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                                                 or done == config.num_rounds):
                 ckpt.save(done, checkpoint.run_state(params, done, train_key, assignment),
                           # copies: the async save serialises them later
-                          {"config": config.to_dict(), "history": list(history),
+                          {"format": checkpoint.FORMAT,
+                           "config": config.to_dict(), "history": list(history),
                            "rounds": list(round_rows),
                            "dp_segments": dp_segments(spent, done - start, sigma)})
     finally:

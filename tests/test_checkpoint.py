@@ -193,3 +193,22 @@ def test_sections_the_run_does_not_read_may_differ_on_resume():
     assert checkpoint.config_differences(a, b) == [
         "client.optimizer: checkpoint 'sgd', now 'adamw'",
         "fiarse.gradient: checkpoint 'tcb', now 'masked'"]
+
+
+def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(tmp_path):
+    """Checkpoints written before the named random streams (no ``format`` in their meta)
+    cannot continue as they began: refused, naming the format, nothing overwritten."""
+    w = str(tmp_path / "run")
+    train.train_and_evaluate(tiny(num_rounds=2), w, progress=False)
+    d = os.path.join(w, "checkpoints")
+    for step in (s for s in os.listdir(d) if s.isdigit()):
+        path = os.path.join(d, step, "meta", "metadata")
+        meta = json.load(open(path))
+        assert meta["format"] == checkpoint.FORMAT
+        del meta["format"]
+        json.dump(meta, open(path, "w"))
+    before = sorted(os.listdir(d))
+    with pytest.raises(ConfigError, match="checkpoint has format 1, this fiarse-jax writes 2"
+                       ) as err:
+        train.train_and_evaluate(tiny(num_rounds=3), w, progress=False)
+    assert "\n" not in str(err.value) and sorted(os.listdir(d)) == before

@@ -61,3 +61,24 @@ def test_compare_cli(tmp_path):
                         os.path.join(REPO, "configs", "default.py"), "--methods", "fiarse",
                         "--workdir", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "--methods does not go with `train`" in r.stderr
+
+
+def test_a_failing_method_leaves_the_others_and_marks_its_row(tmp_path, monkeypatch):
+    from fiarse_jax import train
+    real = train.train_and_evaluate
+
+    def flaky(cfg, workdir, **kw):
+        if cfg.method == "heterofl":
+            raise train.TrainingError("training diverged in round 2 | (mean client loss nan)")
+        return real(cfg, workdir, **kw)
+
+    monkeypatch.setattr(train, "train_and_evaluate", flaky)
+    res = compare.compare(tiny(), ["fiarse", "heterofl", "fedavg_full"], str(tmp_path))
+    assert set(res["summaries"]) == {"fiarse", "fedavg_full"}
+    assert res["failures"] == {"heterofl": "TrainingError: training diverged in round 2 \\| "
+                                           "(mean client loss nan)"}
+    rows = (tmp_path / "comparison.md").read_text().strip().splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in rows] == ["`fiarse`", "`fedavg_full`", "`heterofl`"]
+    assert "**failed**: TrainingError: training diverged" in rows[-1]
+    assert len(rows[-1].split(" | ")) == len(rows[0].split(" | "))   # same column count
+    assert json.loads((tmp_path / "comparison.json").read_text())["failures"] == res["failures"]

@@ -13,7 +13,7 @@ def test_capacity_labels():
         ["1", "1/4", "1/16", "1/64", "0.64", "1/3", "0.3333"]
 
 
-@pytest.mark.parametrize("batch_size", [3, 1024])  # 3: several batches plus a padded last one
+@pytest.mark.parametrize("batch_size", [3, 1024])  # 3: several batches and smaller last ones
 def test_metrics_match_numpy(batch_size):
     rng = np.random.default_rng(0)
     # Sample j is the one-hot e_{f_j}, so its logits are row f_j of the (masked) kernel.

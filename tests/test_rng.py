@@ -5,8 +5,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from fiarse_jax import rng, train
+from fiarse_jax import rng, server_round, train
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
@@ -50,11 +51,34 @@ def test_dp_noise_is_uncorrelated_with_every_clients_draws():
             assert abs(np.corrcoef(noise, draw)[0, 1]) < 0.1, (c, stream)
 
 
-def test_the_training_loop_hands_out_the_named_streams(tmp_path, monkeypatch):
-    """One DP round: the server's noise key is the round's ``server`` stream and no client
-    (nor any stream of a client) receives it; the clients' keys come from ``clients``."""
-    given = {"streams": [], "clients": []}
+@pytest.mark.parametrize("reduce", ["stream", "stack"])
+def test_the_training_loop_hands_out_the_named_streams(tmp_path, monkeypatch, reduce):
+    """One DP round: the key the server step draws its noise with is the round's
+    ``server`` stream, and no client (nor any stream of a client) receives it; the
+    clients' keys come from ``clients``."""
+    given = {"streams": [], "clients": [], "server": []}
     real_streams, real_clients = rng.round_streams, rng.client_keys
+    real_stream_round, real_server_round = (server_round.make_streaming_round,
+                                            server_round.make_server_round)
+
+    def stream_round(**kw):
+        s = real_stream_round(**kw)
+
+        def finish(params, sums, key, divisor):
+            given["server"].append(key)
+            return s.finish(params, sums, key, divisor)
+        return s._replace(finish=finish)
+
+    def server_step(**kw):
+        step = real_server_round(**kw)
+
+        def run(params, deltas, masks, levels, key, divisor):
+            given["server"].append(key)
+            return step(params, deltas, masks, levels, key, divisor)
+        return run
+
+    monkeypatch.setattr(server_round, "make_streaming_round", stream_round)
+    monkeypatch.setattr(server_round, "make_server_round", server_step)
 
     def streams(train_key, rnd):
         out = real_streams(train_key, rnd)
@@ -71,8 +95,10 @@ def test_the_training_loop_hands_out_the_named_streams(tmp_path, monkeypatch):
     c = default_config.get_config()
     c.num_rounds, c.eval_every, c.checkpoint_every = 1, 1, 0
     c.dp.noise_multiplier = 1.0
+    c.engine.reduce = reduce
     train.train_and_evaluate(c, str(tmp_path / "run"), progress=False)
     s = given["streams"][0]
+    assert len(given["server"]) == 1 and _raw(given["server"][0]) == _raw(s["server"])
     clients_key, keys = given["clients"][0]
     assert _raw(clients_key) == _raw(s["clients"])
     client_raw = {_raw(k) for k in keys} | {_raw(v) for k in keys

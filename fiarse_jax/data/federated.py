@@ -69,7 +69,8 @@ class FederatedData(NamedTuple):
     ``global_x``/``global_y``: the test set the global numbers are measured on, in its
     own order: the dataset's test split when the partition leaves it whole
     (``balanced_dirichlet``: clients' local tests are draws from it), else the pooled
-    clients' test samples in dataset order (so neither depends on who holds what).
+    clients' test samples in one fixed mixed order (the same set in the same order
+    whoever holds which sample).
     None (hand-built data): the pooled ``test_x`` in client order.
     """
 
@@ -196,7 +197,10 @@ def federate(ds: Dataset, *, num_clients: int, alpha: float, test_fraction: floa
         train_parts = [tr for tr, _ in splits]
         test_parts = [te for _, te in splits]
         tx, ty = x, y
+        # In one fixed mixed order (seed 0), not the dataset's: a dataset stored class by
+        # class (an image folder) would give single-class batches (static BN).
         pooled = np.sort(np.concatenate(test_parts))
+        pooled = pooled[np.random.default_rng(0).permutation(len(pooled))]
         gx, gy = x[pooled], y[pooled]
     test_idx = np.concatenate(test_parts)
     test_client = np.concatenate([np.full(len(t), i, np.int32) for i, t in enumerate(test_parts)])
