@@ -10,12 +10,12 @@ writes, in ``workdir``:
   accuracy on the pooled test set (the paper's global number), the full model —
   plus cost columns (parameters held and forward FLOPs per capacity);
 * ``comparison.json``: the same numbers and every run's summary;
-
-A method that fails (diverges, runs out of memory, ...) does not lose the others: its
-row says it failed and why, the others finish, and the command exits with status 1.
 * ``accuracy_vs_round.png``: local accuracy per capacity and full-model accuracy
   against rounds, one line per method;
 * ``accuracy_per_capacity.png``: local accuracy per capacity, one bar per method.
+
+A method that fails (diverges, runs out of memory, ...) does not lose the others: its
+row says it failed and why, the others finish, and the command exits with status 1.
 """
 from __future__ import annotations
 

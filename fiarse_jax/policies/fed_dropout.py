@@ -2,7 +2,7 @@
 
 Each client, each round, keeps k_g units of every hidden layer / group g drawn uniformly
 without replacement from its own key (a function of seed, round and client id).
-Evaluation uses one fixed draw (key 0) per capacity.
+Evaluation uses one fixed draw per capacity (the run's evaluation key, ``rng.eval_key``).
 
 k_g comes from the capacity's parameter budget (``budget="params"``, the default: a
 capacity is a fraction of the maskable parameters, as for FIARSE; k_g = max(1, ⌈w·C_g⌉)

@@ -15,8 +15,9 @@ With ``scaler=True`` (HeteroFL's default) hidden outputs are scaled by 1/rate du
 training, the rate being the width the layer runs at: k_g/C_g under
 ``budget="params"``, r under ``budget="width"`` (HeteroFL's 1/model-rate). HeteroFL
 drops the scaler at inference because a (static) BatchNorm after every layer absorbs
-the scale; our digits models have no normalisation, so the sub-model is evaluated as
-it was trained, with the scaler.
+the scale; here the sub-model is evaluated as it was trained, with the scaler, and
+``validate_config`` refuses the scaler on a model without normalisation layers (levels
+sharing a unit would train it at different scales).
 """
 from __future__ import annotations
 
