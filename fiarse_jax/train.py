@@ -500,11 +500,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                                   "use a new --workdir")
             start, params, history = resumed_from, state["params"], list(meta["history"])
             round_rows = list(meta.get("rounds", []))
-            if sigma > 0:   # the σ history so far (a checkpoint without one: the saved config's)
-                planned = int(meta["config"].get("num_rounds", config.num_rounds))
-                spent = meta.get("dp_segments") or dp_segments(
-                    [], resumed_from, noise_multiplier(_with_rounds(config, planned)))
-                new_sigma = noise_multiplier(config, spent, planned)
+            if sigma > 0:   # the σ history so far (every format-2 checkpoint keeps it)
+                spent = meta["dp_segments"]
+                new_sigma = noise_multiplier(config, spent, meta["config"]["num_rounds"])
                 if new_sigma != sigma:
                     if lead:
                         print(f"DP: σ = {new_sigma:.4g} for rounds {start + 1}–"
@@ -656,14 +654,6 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         metrics_lib.write_atomic(os.path.join(workdir, "summary.json"),
                                  json.dumps(summary, indent=2, default=_jsonable))
     return summary
-
-
-def _with_rounds(config, num_rounds: int):
-    """``config`` with another ``num_rounds`` (a copy)."""
-    out = config.copy_and_resolve_references()
-    with out.unlocked():
-        out.num_rounds = num_rounds
-    return out
 
 
 def _jsonable(x):
