@@ -69,6 +69,7 @@ def _data(model: str, clients: int, samples: int, kw: dict | None = None):
     """Random per-client data of digits (8×8×1 float), CIFAR (32×32×3 uint8) or token-id
     (``[max_length]`` int32, no padding: every token is real) shape."""
     import numpy as np
+
     from fiarse_jax.data import stack_clients
     rng = np.random.default_rng(0)
     n = clients * samples
@@ -91,6 +92,7 @@ def _setup(spec: dict, clients: int, steps: int):
     SGD lr 0.1, or AdamW lr 1e-4 for the text model (the paper's optimisers)."""
     import jax
     import optax
+
     from fiarse_jax import models, policies
     from fiarse_jax.client import make_client_fns
     from fiarse_jax.data import augment
@@ -118,6 +120,7 @@ def _round_fn(spec: dict, policy, fns, clients: int):
     server's inputs stacked or streamed (``spec['reduce']``) as training does."""
     import jax
     import jax.numpy as jnp
+
     from fiarse_jax import engine
     from fiarse_jax.server_round import make_server_round, make_streaming_round
 
@@ -144,7 +147,9 @@ def _round_fn(spec: dict, policy, fns, clients: int):
 def measure_round(spec: dict) -> dict:
     """Time ``spec['rounds']`` FIARSE rounds of ``spec['strategy']`` after a warm-up one."""
     import functools
+
     import jax
+
     from fiarse_jax import engine
 
     clients, steps, strategy = spec["clients"], spec["steps"], spec["strategy"]
@@ -177,6 +182,7 @@ def measure_compiled(spec: dict) -> dict:
     step) compiled for this backend and never run: the peak bytes a round needs, however
     large the model, on a machine that could not run it in the time available."""
     import jax
+
     from fiarse_jax import engine
 
     clients = spec["clients"]
@@ -216,6 +222,7 @@ def measure_prepare(spec: dict) -> dict:
     """Seconds for the thresholds of every level: ResNet-18 params or an N-param pytree."""
     import jax
     import jax.numpy as jnp
+
     from fiarse_jax import models, policies
     if spec["tree"] == "resnet18":
         params = models.build_model("resnet18", 10, {}).init(

@@ -43,7 +43,8 @@ import json
 import math
 import resource
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 DIGITS_SHAPE = (1, 8, 8)     # C, H, W of the CNN's digits-shaped input
 CIFAR_SHAPE = (3, 32, 32)

@@ -35,12 +35,12 @@ carved from the pooled AG News data (`test_fraction` 0.06 ≈ the official test 
 share), so local and global accuracies use the same per-client convention as digits.
 Data: `pip install -e ".[text]"`; configs/agnews_smoke.py runs this path on TFDS mock data.
 """
+import os
+import sys
+
 import ml_collections
 
 from fiarse_jax.config import parse_config_arg
-
-import os
-import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 import default  # noqa: E402

@@ -9,10 +9,10 @@ rounds:
       --workdir runs/agnews_smoke_cmp
 Accuracy is meaningless here (random labels); it proves the code path.
 """
-import ml_collections
-
 import os
 import sys
+
+import ml_collections
 
 sys.path.insert(0, os.path.dirname(__file__))
 from agnews_roberta import get_config as paper_config  # noqa: E402

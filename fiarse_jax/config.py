@@ -5,9 +5,19 @@ import dataclasses
 import math
 from typing import Any
 
-from fiarse_jax import aggregators, attacks, engine, evaluate, fiarse, masks, models, policies
-from fiarse_jax import privacy, server_round
-from fiarse_jax.data import federated, text   # text imports tokenizers only on use
+from fiarse_jax import (
+    aggregators,
+    attacks,
+    engine,
+    evaluate,
+    fiarse,
+    masks,
+    models,
+    policies,
+    privacy,
+    server_round,
+)
+from fiarse_jax.data import federated, text  # text imports tokenizers only on use
 
 OPTIMIZERS = ("sgd", "adamw")
 #: config.model fields that configure the run, not the Flax module (build_run, export).

@@ -34,13 +34,14 @@ the norm-bounded mean, DP-FedAvg). (Training itself holds c clients at once: wit
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fiarse_jax.client import ClientFns, ClientResult, client_update
 from fiarse_jax.data.federated import ClientData

@@ -17,7 +17,8 @@ and thresholds for *every* level of a round come from one sort per scope group.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

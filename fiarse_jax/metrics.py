@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
-
+from collections.abc import Sequence
+from typing import Any
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -82,7 +82,7 @@ class MetricWriter:
             # directory (a killed run may have logged rounds past its checkpoint, or lost
             # unflushed ones; a restart from round 0 replaces an old run); the
             # checkpoint's rows are then logged again, so the events match the JSON files.
-            from tensorboardX import SummaryWriter   # lazily: its import takes seconds
+            from tensorboardX import SummaryWriter  # lazily: its import takes seconds
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10,
                                      purge_step=1)
             for row in rounds:

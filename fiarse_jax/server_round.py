@@ -20,13 +20,14 @@ which every update is rejected leaves the model unchanged (every aggregate is 0)
 clients (the holder mean, norm-bounded mean, DP-FedAvg; only the non-finite screen):
 ``contribution`` maps one client's result to ``(sums, ClientStats)`` (what
 ``engine.make_round_runner(..., reduce=...)`` adds up over clients while they train) and
-``finish`` turns the round's sums into the new model, so no round ever holds every client's delta. ``stream_blocker``
-says why a configuration needs the stacked path (order statistics, Krum, the norm/direction
-screens and attacks look at all the updates together).
+``finish`` turns the round's sums into the new model, so no round ever holds every
+client's delta. ``stream_blocker`` says why a configuration needs the stacked path (order
+statistics, Krum, the norm/direction screens and attacks look at all the updates together).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

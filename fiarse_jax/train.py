@@ -32,9 +32,20 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from fiarse_jax import (
+    attacks,
+    checkpoint,
+    costs,
+    engine,
+    evaluate,
+    models,
+    policies,
+    privacy,
+    rng,
+    server_round,
+    validation,
+)
 from fiarse_jax import client as client_lib
-from fiarse_jax import (attacks, checkpoint, costs, engine, evaluate, models, policies, privacy,
-                        rng, server_round, validation)
 from fiarse_jax import metrics as metrics_lib
 from fiarse_jax.config import RUN_MODEL_FIELDS, ConfigError, stream_blocker, validate_config
 from fiarse_jax.data import federate, load_dataset

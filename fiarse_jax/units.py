@@ -15,8 +15,9 @@ a parameter mask, ``shrink`` into physically smaller dense arrays.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

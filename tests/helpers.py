@@ -6,7 +6,6 @@ import struct
 
 import jax
 import numpy as np
-
 from tensorboardX.proto import event_pb2
 
 

@@ -49,7 +49,7 @@ def drawn(model, shape=(1, 32, 32, 3)):
         lambda s: jnp.asarray(rng.normal(size=s.shape).astype(np.float32)), shapes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setup(name):
     if name == "cnn":
         model = models.build_model("cnn", 10, CNN)

@@ -85,6 +85,7 @@ def test_missing_data_fails_fast_with_instructions(tmp_path, monkeypatch):
 
 def test_smoke_config_runs_under_both_strategies_and_its_export_reproduces_accuracy(tmp_path):
     import cifar_smoke
+
     from fiarse_jax import export, train
     out = {}
     for strategy in ("loop", "vmap"):

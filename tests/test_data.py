@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 
-from fiarse_jax.data import (dirichlet_partition, federate, load_digits, stack_clients,
-                             train_test_split)
+from fiarse_jax.data import dirichlet_partition, federate, load_digits, stack_clients, train_test_split
 
 
 def label_skew(parts, labels, num_classes=10):

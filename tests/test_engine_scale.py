@@ -139,6 +139,7 @@ def test_auto_chunk_in_a_run_is_decided_before_anything_is_written(tmp_path, cap
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
     import default
     from helpers import override
+
     from fiarse_jax import train
     from fiarse_jax.config import ConfigError
 

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import MASKABLE, make_params
+
 from fiarse_jax import fiarse, masks
 
 

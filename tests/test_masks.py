@@ -4,13 +4,13 @@ import math
 from fractions import Fraction
 
 import chex
-import jax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import MASKABLE, make_params
+
 from fiarse_jax import masks
 
 RATIOS = (1.0, 0.64, 0.5, 0.37, 0.25, 0.1, 1 / 16, 1 / 64)

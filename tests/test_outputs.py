@@ -11,11 +11,11 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
 import digits_scalefl  # noqa: E402
+from helpers import read_scalars  # noqa: E402
 
 from fiarse_jax import export, plots, train  # noqa: E402
 from fiarse_jax.config import ConfigError  # noqa: E402
 from fiarse_jax.metrics import read_jsonl  # noqa: E402
-from helpers import read_scalars  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,8 +5,14 @@ import json
 import numpy as np
 import pytest
 
-from fiarse_jax.data import (balanced_dirichlet_partition, format_partition_summary,
-                             iid_partition, partition_summary, plot_partition, shard_partition)
+from fiarse_jax.data import (
+    balanced_dirichlet_partition,
+    format_partition_summary,
+    iid_partition,
+    partition_summary,
+    plot_partition,
+    shard_partition,
+)
 
 C = 10
 # CIFAR-shaped synthetic splits: 10 classes × 5,000 train / × 1,000 test, shuffled.

@@ -3,8 +3,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import pytest
-
 from conftest import make_params
+
 from fiarse_jax import masks, policies
 
 CAPS = (1.0, 0.25, 1 / 16)

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import by_path, count, random_units
 
 from fiarse_jax import masks, models, policies, units
 from fiarse_jax.policies.structured import leading_units
-from helpers import by_path, count, random_units
 
 NARROW = {"widths": (4, 8, 8, 16)}
 X = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))

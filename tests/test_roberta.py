@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import by_path, count, random_units
 
 from fiarse_jax import masks, models, units
 from fiarse_jax.models import convert_roberta as cr
 from fiarse_jax.models.roberta import RobertaClassifier
-from helpers import by_path, count, random_units
 
 PAD = 1
 V, P, D, H, FF, K, LAYERS = 97, 40, 64, 2, 128, 4, 2       # the tiny test model

@@ -39,7 +39,7 @@ DEPTH = {0: 3, 1: 2, 2: 1}
 HELD = {0: 193, 1: 47, 2: 21}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def init(hidden=HIDDEN, exits=True):
     model = models.build_model("mlp", 3, {"hidden_sizes": hidden, "early_exits": exits})
     return model, jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 5)))["params"]
@@ -307,7 +307,7 @@ def resnet_held(d, k, num_classes=5, blocks=2, maskable=False):
     return n
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resnet_setup():
     """The narrow ResNet with exits and NumPy-drawn parameters (no init compile)."""
     model = models.build_model("resnet18", 5, R_OPTS)

@@ -115,7 +115,7 @@ def test_fed_dropout_counts_and_determinism(budget):
     pol = policies.build_policy("fed_dropout", CAPS, {"budget": budget}, unit_groups=groups)
     state = pol.prepare(params, 0, jax.random.PRNGKey(0))
     draw = lambda lvl, seed: np_units(pol.client_spec(state, lvl, jax.random.PRNGKey(seed)))  # noqa: E731
-    for lvl, r in enumerate(CAPS):
+    for lvl in range(len(CAPS)):
         u = draw(lvl, 5)
         assert (u["Dense_0"].sum(), u["Dense_1"].sum()) == KEPT[budget][lvl]
     np.testing.assert_array_equal(draw(2, 5)["Dense_0"], draw(2, 5)["Dense_0"])

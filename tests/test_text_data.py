@@ -9,8 +9,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 tokenizers = pytest.importorskip("tokenizers")
 
 from fiarse_jax import hub  # noqa: E402
-from fiarse_jax.data import federated  # noqa: E402
-from fiarse_jax.data import text  # noqa: E402
+from fiarse_jax.data import federated, text  # noqa: E402
 from fiarse_jax.data import tfds as tfds_data  # noqa: E402
 from fiarse_jax.data.tfds import DataUnavailable  # noqa: E402
 

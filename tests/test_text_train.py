@@ -9,9 +9,10 @@ import pytest
 
 pytest.importorskip("tokenizers", reason="the text path needs tokenizers (the 'text' extra)")
 
+from helpers import override  # noqa: E402
+
 from fiarse_jax import train  # noqa: E402
 from fiarse_jax.config import ConfigError  # noqa: E402
-from helpers import override  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import agnews_smoke  # noqa: E402

@@ -19,7 +19,7 @@ authors' constants, so the paper's pipeline is reproduced unless a config says o
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

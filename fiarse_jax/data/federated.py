@@ -24,14 +24,20 @@ split's own per-channel mean/std and no augmentation (``augment.image_transforms
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fiarse_jax.data.partition import (balanced_dirichlet_partition, dirichlet_partition,
-                                       iid_partition, shard_partition, train_test_split)
+from fiarse_jax.data.partition import (
+    balanced_dirichlet_partition,
+    dirichlet_partition,
+    iid_partition,
+    shard_partition,
+    train_test_split,
+)
 
 
 class ClientData(NamedTuple):
@@ -101,18 +107,18 @@ def load_digits() -> Dataset:
 
 def _cifar(name: str) -> Callable[..., Dataset]:
     def load(**options) -> Dataset:
-        from fiarse_jax.data.tfds import load_cifar   # optional dependency, imported on use
+        from fiarse_jax.data.tfds import load_cifar  # optional dependency, imported on use
         return load_cifar(name, **options)
     return load
 
 
 def _ag_news(**options) -> Dataset:
-    from fiarse_jax.data.text import load_ag_news   # optional dependency, imported on use
+    from fiarse_jax.data.text import load_ag_news  # optional dependency, imported on use
     return load_ag_news(**options)
 
 
 def _image_folder(**options) -> Dataset:
-    from fiarse_jax.data.files import load_image_folder   # imported on use (Pillow)
+    from fiarse_jax.data.files import load_image_folder  # imported on use (Pillow)
     return load_image_folder(**options)
 
 

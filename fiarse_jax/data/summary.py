@@ -2,7 +2,8 @@
 numbers, a short text table and a PNG (to check a federation before training on it)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -1,7 +1,8 @@
 """Models by name (``config.model.name``); each takes ``num_classes`` plus its own fields."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 

@@ -1,7 +1,7 @@
 """A small CNN for 8×8 (or larger) images."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -35,7 +35,7 @@ class CNN(nn.Module):
         """Output channels of every conv and hidden dense layer (classes stay full)."""
         return units.chain_groups(params, self.layer_names())
 
-    def with_widths(self, widths: dict[str, int]) -> "CNN":
+    def with_widths(self, widths: dict[str, int]) -> CNN:
         """The same architecture with the groups' kept widths (for ``units.shrink``)."""
         conv = [f"Conv_{i}" for i in range(len(self.features))]
         dense = [f"Dense_{i}" for i in range(len(self.hidden_sizes))]

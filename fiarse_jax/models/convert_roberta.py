@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -144,7 +145,7 @@ def load_hf_roberta(path_or_dir: str | os.PathLike, template_params: Params, *,
     count, hidden size, …); nothing is returned half-converted.
     """
     try:
-        from safetensors.numpy import load_file   # optional dependency (the "text" extra)
+        from safetensors.numpy import load_file  # optional dependency (the "text" extra)
     except ImportError as e:
         raise ImportError("reading Hugging Face weights needs safetensors: "
                           "pip install 'fiarse-jax[text]' (or safetensors)") from e

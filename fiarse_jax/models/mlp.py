@@ -1,7 +1,7 @@
 """A multilayer perceptron (flattens its input): the fastest model on CPU."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -65,13 +65,13 @@ class MLP(nn.Module):
             out.append(g)
         return out
 
-    def with_widths(self, widths: dict[str, int]) -> "MLP":
+    def with_widths(self, widths: dict[str, int]) -> MLP:
         """The same architecture with the groups' kept widths (for ``units.shrink``)."""
         names = self.layer_names()
         return self.clone(hidden_sizes=tuple(widths.get(n, h)
                                              for n, h in zip(names, self.hidden_sizes)))
 
-    def with_depth(self, depth: int) -> "MLP":
+    def with_depth(self, depth: int) -> MLP:
         """The first ``depth`` hidden layers, reading out through exit ``depth`` (early exits)."""
         if not 1 <= depth <= len(self.hidden_sizes):
             raise ValueError(f"depth {depth} not in [1, {len(self.hidden_sizes)}]")

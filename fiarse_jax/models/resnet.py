@@ -35,7 +35,7 @@ of each block's conv1 output. See ``unit_groups``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -253,7 +253,7 @@ class ResNet18(nn.Module):
             groups += inner[s]
         return units.check_groups(params, groups)   # every member axis has the group's size
 
-    def with_widths(self, widths: dict[str, int]) -> "ResNet18":
+    def with_widths(self, widths: dict[str, int]) -> ResNet18:
         """The same architecture with the groups' kept widths (for ``units.shrink``):
         ``stream{s}`` → ``widths[s-1]``, ``stage{s}.block{b}`` → that block's inner width."""
         inner = [w for row in self._inner() for w in row]
@@ -262,7 +262,7 @@ class ResNet18(nn.Module):
             inner_widths=tuple(widths.get(f"stage{s}.block{b}", w)
                                for (s, b, _), w in zip(self._blocks(), inner)))
 
-    def with_depth(self, depth: int) -> "ResNet18":
+    def with_depth(self, depth: int) -> ResNet18:
         """The first ``depth`` stages, reading out through exit ``depth`` (its ``head``)."""
         n = len(self.widths)
         if not 1 <= depth <= n:

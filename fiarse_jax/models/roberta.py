@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Hashable, NamedTuple, Sequence
+from collections.abc import Hashable, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -368,7 +369,7 @@ class RobertaClassifier(nn.Module):
                 (units.Member(mlp + ("output", "kernel"), 0),)))
         return units.check_groups(params, groups)   # every member axis has the group's size
 
-    def with_widths(self, widths: dict[str, int]) -> "RobertaClassifier":
+    def with_widths(self, widths: dict[str, int]) -> RobertaClassifier:
         """The same model with kept heads / MLP units per layer (``layer_i.heads``,
         ``layer_i.mlp``; missing groups keep their width), for ``units.shrink`` params."""
         dm = self.dims()

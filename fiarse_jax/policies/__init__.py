@@ -18,7 +18,8 @@ together, early exits, self-distillation); needs ``MLP(early_exits=True)`` or
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from fiarse_jax.policies.base import MaskPolicy, select_level
 from fiarse_jax.policies.fed_dropout import fed_dropout_policy

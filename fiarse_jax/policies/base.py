@@ -21,7 +21,8 @@ the model returns logits and the loss is the mean cross-entropy.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 

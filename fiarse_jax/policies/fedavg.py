@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fiarse_jax.policies.structured import (leading_masks, level_counts, require_groups,
-                                            structured_policy)
+from fiarse_jax.policies.structured import leading_masks, level_counts, require_groups, structured_policy
 
 
 def fedavg_full_policy(capacities, *, unit_groups=None):

@@ -10,7 +10,7 @@ authors count holders by ``delta ≠ 0`` instead).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from fiarse_jax import fiarse as fiarse_lib
 from fiarse_jax import masks as masks_lib

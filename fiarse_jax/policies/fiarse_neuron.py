@@ -38,8 +38,7 @@ import numpy as np
 
 from fiarse_jax import units
 from fiarse_jax.masks import _check_scope, keep_count
-from fiarse_jax.policies.structured import (level_counts, maskable_shapes, require_groups,
-                                            structured_policy)
+from fiarse_jax.policies.structured import level_counts, maskable_shapes, require_groups, structured_policy
 
 
 def fiarse_neuron_policy(capacities, *, unit_groups=None, scope: str = "layer",

@@ -21,8 +21,7 @@ sharing a unit would train it at different scales).
 """
 from __future__ import annotations
 
-from fiarse_jax.policies.structured import (leading_masks, level_counts, require_groups,
-                                            structured_policy)
+from fiarse_jax.policies.structured import leading_masks, level_counts, require_groups, structured_policy
 
 
 def heterofl_policy(capacities, *, unit_groups=None, scaler: bool = True,

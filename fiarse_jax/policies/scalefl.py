@@ -202,7 +202,7 @@ def scalefl_policy(capacities, *, unit_groups=None, depth_exponent: float = 0.5,
         ew = spec["exit_weights"]
         for i in range(num_exits):   # whole modules beyond the depth (exit biases too)
             for name in layout.blocks[i] + (layout.exits[i],):
-                m[name] = jax.tree_util.tree_map(lambda t: t * ew[i].astype(t.dtype), m[name])
+                m[name] = jax.tree_util.tree_map(lambda t, w=ew[i]: t * w.astype(t.dtype), m[name])
         return m
 
     def apply(params, spec):

@@ -22,7 +22,7 @@ What a capacity r means (``budget``, every structured builder's option):
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
