@@ -66,7 +66,18 @@ Aggregator = Callable[..., tuple[Params, Params]]
 # ----------------------------------------------------------------------------- helpers
 
 def num_clients(deltas: Params, masks: Params) -> int:
-    """Length of the leading client axis, checking that ``deltas`` and ``masks`` match."""
+    """Length of the leading client axis, checking that ``deltas`` and ``masks`` match.
+
+    Args:
+      deltas: pytree with a leading client axis on every leaf.
+      masks: pytree of the same structure and leaf shapes.
+
+    Returns:
+      The number of clients n.
+
+    Raises:
+      ValueError: different structures or shapes, or no common leading axis.
+    """
     shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(deltas)]
     mask_shapes = [jnp.shape(m) for m in jax.tree_util.tree_leaves(masks)]
     leading = {s[0] for s in shapes if s}
@@ -78,7 +89,14 @@ def num_clients(deltas: Params, masks: Params) -> int:
 
 
 def flatten_clients(tree: Params) -> jax.Array:
-    """[n_clients, P] float32: every leaf's per-client entries, concatenated."""
+    """Every leaf's per-client entries, concatenated into one matrix.
+
+    Args:
+      tree: pytree with a leading client axis n on every leaf.
+
+    Returns:
+      float32 array [n_clients, P], P the number of scalars per client.
+    """
     leaves = jax.tree_util.tree_leaves(tree)
     n = leaves[0].shape[0]
     return jnp.concatenate([x.reshape(n, -1).astype(jnp.float32) for x in leaves], axis=1)
@@ -106,7 +124,15 @@ def _result(avg: jax.Array, h: jax.Array, deltas: Params) -> tuple[Params, Param
 
 
 def weight_masks(masks: Params, client_weights: jax.Array) -> Params:
-    """Masks with rejected clients (``client_weights[i] ≤ 0``) turned into non-holders."""
+    """Masks with rejected clients (``client_weights[i] ≤ 0``) turned into non-holders.
+
+    Args:
+      masks: 0/1 pytree, leading client axis.
+      client_weights: [n_clients] accept (> 0) / reject (≤ 0), e.g. bool.
+
+    Returns:
+      A pytree like ``masks`` (same dtypes), all 0 on rejected clients.
+    """
     keep = jnp.asarray(client_weights) > 0
     return jax.tree_util.tree_map(
         lambda m: jnp.where(keep.reshape((-1,) + (1,) * (m.ndim - 1)), m, 0), masks)
@@ -128,8 +154,17 @@ def _median_window(n: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def masked_median(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """Median along axis 0 of a 2-D ``x`` over the entries with ``mask`` true (even count:
-    mean of the two middle values); 0 where none. Non-masked entries may hold anything."""
+    """Median along axis 0 of a 2-D ``x`` over the entries with ``mask`` true.
+
+    An even count gives the mean of the two middle values; 0 where none.
+
+    Args:
+      x: [n, P]; non-masked entries may hold anything.
+      mask: bool [n, P].
+
+    Returns:
+      float32 [P].
+    """
     return _window_mean(x.astype(jnp.float32), mask, _median_window)
 
 
@@ -141,14 +176,32 @@ def _holder_mean(x: jax.Array, h: jax.Array) -> jax.Array:
 
 @jax.jit
 def mean(deltas: Params, masks: Params) -> tuple[Params, Params]:
-    """Holder average Σ m·d / Σ m (``server.holder_average``)."""
+    """Holder average Σ m·d / Σ m (``server.holder_average``).
+
+    Args:
+      deltas: client deltas (old − new), pytree like params, leading client axis.
+      masks: 0/1 pytree like ``deltas``: the coordinates each client holds.
+
+    Returns:
+      ``(agg, counts)``, pytrees like params (no client axis): ``agg`` in the deltas'
+      dtypes, 0 where ``counts`` is 0; ``counts`` float32, the holders per coordinate.
+    """
     x, h = _held(deltas, masks)
     return _result(_holder_mean(x, h), h, deltas)
 
 
 @jax.jit
 def median(deltas: Params, masks: Params) -> tuple[Params, Params]:
-    """Coordinate-wise median over holders."""
+    """Coordinate-wise median over holders (even n: mean of the two middle values).
+
+    Args:
+      deltas: client deltas (old − new), pytree like params, leading client axis.
+      masks: 0/1 pytree like ``deltas``: the coordinates each client holds.
+
+    Returns:
+      ``(agg, counts)``, pytrees like params (no client axis): ``agg`` in the deltas'
+      dtypes, 0 where ``counts`` is 0; ``counts`` float32, the holders per coordinate.
+    """
     x, h = _held(deltas, masks)
     return _result(masked_median(x, h), h, deltas)
 
@@ -164,7 +217,20 @@ def _trimmed_mean(deltas: Params, masks: Params, beta: float) -> tuple[Params, P
 
 
 def trimmed_mean(deltas: Params, masks: Params, *, beta: float = 0.1) -> tuple[Params, Params]:
-    """Per coordinate, drop the ⌊β·n⌋ largest and smallest holder values, average the rest."""
+    """Per coordinate, drop the ⌊β·n⌋ largest and smallest holder values, average the rest.
+
+    Args:
+      deltas: client deltas (old − new), pytree like params, leading client axis.
+      masks: 0/1 pytree like ``deltas``: the coordinates each client holds.
+      beta: the trimmed fraction β per side, a Python number in [0, 0.5).
+
+    Returns:
+      ``(agg, counts)``, pytrees like params (no client axis): ``agg`` in the deltas'
+      dtypes, 0 where ``counts`` is 0; ``counts`` float32, the holders per coordinate.
+
+    Raises:
+      ValueError: ``beta`` outside [0, 0.5).
+    """
     if not (isinstance(beta, numbers.Real) and 0 <= beta < 0.5):
         raise ValueError(f"trimmed_mean: beta = {beta!r} must be in [0, 0.5)")
     return _trimmed_mean(deltas, masks, float(beta))
@@ -178,14 +244,39 @@ def _norm_bounded(deltas: Params, masks: Params, max_norm: float) -> tuple[Param
 
 
 def check_max_norm(max_norm: Any) -> float:
-    """``norm_bounded``'s option, checked (a ValueError naming the value)."""
+    """``norm_bounded``'s option, checked (a ValueError naming the value).
+
+    Args:
+      max_norm: the norm bound.
+
+    Returns:
+      ``max_norm`` as a float.
+
+    Raises:
+      ValueError: not a finite number > 0.
+    """
     if not (isinstance(max_norm, numbers.Real) and 0 < max_norm < math.inf):
         raise ValueError(f"norm_bounded: max_norm = {max_norm!r} must be a finite number > 0")
     return float(max_norm)
 
 
 def norm_bounded(deltas: Params, masks: Params, *, max_norm: float) -> tuple[Params, Params]:
-    """Scale each client's delta to L2 norm ≤ ``max_norm``, then the holder average."""
+    """Scale each client's delta to L2 norm ≤ ``max_norm``, then the holder average.
+
+    The norm is over all the coordinates the client holds, across every leaf.
+
+    Args:
+      deltas: client deltas (old − new), pytree like params, leading client axis.
+      masks: 0/1 pytree like ``deltas``: the coordinates each client holds.
+      max_norm: the bound, a finite Python number > 0.
+
+    Returns:
+      ``(agg, counts)``, pytrees like params (no client axis): ``agg`` in the deltas'
+      dtypes, 0 where ``counts`` is 0; ``counts`` float32, the holders per coordinate.
+
+    Raises:
+      ValueError: a bad ``max_norm`` (``check_max_norm``).
+    """
     return _norm_bounded(deltas, masks, check_max_norm(max_norm))
 
 
@@ -238,7 +329,20 @@ def _krum_select(deltas: Params, masks: Params, num_byzantine: int,
 
 def krum_select(deltas: Params, masks: Params, *, num_byzantine: int,
                 num_selected: int | None = None) -> jax.Array:
-    """bool[n_clients]: the clients multi-Krum keeps (see the module docstring)."""
+    """The clients multi-Krum keeps (see the module docstring).
+
+    Args:
+      deltas: client deltas (old − new), pytree like params, leading client axis.
+      masks: 0/1 pytree like ``deltas``: the coordinates each client holds.
+      num_byzantine: f, an int ≥ 0 with n_clients > 2f + 2.
+      num_selected: m in [1, n_clients − f]; default n_clients − f.
+
+    Returns:
+      bool [n_clients], True for the selected clients.
+
+    Raises:
+      ValueError: options out of range.
+    """
     f, m = _krum_options(num_clients(deltas, masks), num_byzantine, num_selected)
     return _krum_select(deltas, masks, f, m)
 
@@ -253,7 +357,20 @@ def _multi_krum(deltas: Params, masks: Params, num_byzantine: int,
 
 def multi_krum(deltas: Params, masks: Params, *, num_byzantine: int,
                num_selected: int | None = None) -> tuple[Params, Params]:
-    """Holder average over the ``num_selected`` clients with the lowest Krum scores."""
+    """Holder average over the ``num_selected`` clients with the lowest Krum scores.
+
+    Args:
+      deltas: client deltas (old − new), pytree like params, leading client axis.
+      masks: 0/1 pytree like ``deltas``: the coordinates each client holds.
+      num_byzantine, num_selected: as in ``krum_select``.
+
+    Returns:
+      ``(agg, counts)``, pytrees like params (no client axis): ``agg`` in the deltas'
+      dtypes, 0 where ``counts`` is 0; ``counts`` float32, the *selected* holders per coordinate.
+
+    Raises:
+      ValueError: options out of range.
+    """
     f, m = _krum_options(num_clients(deltas, masks), num_byzantine, num_selected)
     return _multi_krum(deltas, masks, f, m)
 
@@ -270,7 +387,18 @@ AGGREGATORS: dict[str, Aggregator] = {
 
 
 def rule(name: str, options: dict[str, Any]) -> Aggregator:
-    """The rule called ``name``, after checking that ``options`` are the ones it takes."""
+    """The rule called ``name``, after checking that ``options`` are the ones it takes.
+
+    Args:
+      name: a key of ``AGGREGATORS``.
+      options: keyword options for the rule (``check_options``).
+
+    Returns:
+      The rule, ``(deltas, masks, **options) -> (agg, counts)``.
+
+    Raises:
+      ValueError: an unknown name, or unknown or missing options.
+    """
     if name not in AGGREGATORS:
         raise ValueError(f"aggregator = {name!r} is unknown; choose from {sorted(AGGREGATORS)}")
     check_options(name, AGGREGATORS[name], options)
@@ -278,6 +406,18 @@ def rule(name: str, options: dict[str, Any]) -> Aggregator:
 
 
 def check_options(name: str, rule: Aggregator, options: dict[str, Any]) -> None:
+    """Check ``options`` against the keyword parameters ``rule`` takes after its first two.
+
+    Values are not checked here (the rules do that when called).
+
+    Args:
+      name: the rule's name, for the message.
+      rule: the rule function.
+      options: keyword options.
+
+    Raises:
+      ValueError: unknown options, or a missing option without a default.
+    """
     params = list(inspect.signature(rule).parameters.values())[2:]
     known = {p.name for p in params}
     unknown = sorted(set(options) - known)
@@ -293,8 +433,22 @@ def aggregate_deltas(name: str, deltas: Params, masks: Params, *,
                      **options: Any) -> tuple[Params, Params]:
     """``(agg, counts)`` of rule ``name`` (a key of ``AGGREGATORS``) with its ``options``.
 
-    ``client_weights``: optional accept (> 0) / reject (0) per client, e.g.
-    ``validate_updates(...)[0]``; rejected clients count as non-holders.
+    Args:
+      name: the rule's name.
+      deltas: client deltas (old − new), pytree like params, leading client axis.
+      masks: 0/1 pytree like ``deltas``.
+      client_weights: optional accept (> 0) / reject (0) per client, shape
+        [n_clients], e.g. ``validate_updates(...)[0]``; rejected clients count as
+        non-holders.
+      **options: the rule's options.
+
+    Returns:
+      ``(agg, counts)``, pytrees like params (no client axis): ``agg`` in the deltas'
+      dtypes, 0 where ``counts`` is 0; ``counts`` float32, the holders per coordinate.
+
+    Raises:
+      ValueError: an unknown rule, bad options, mismatched inputs, or
+        ``client_weights`` of the wrong shape.
     """
     combine = rule(name, options)
     n = num_clients(deltas, masks)

@@ -37,7 +37,15 @@ GRADIENTS = ("tcb", "masked")
 
 
 def tcb_factor(x: jax.Array, theta: jax.Array) -> jax.Array:
-    """1 + 2|x|θ/(|x|+θ)², with the 0/0 case (x = θ = 0) defined as 1."""
+    """The Eq. 3 gradient factor 1 + 2|x|θ/(|x|+θ)², with the 0/0 case (x = θ = 0) defined as 1.
+
+    Args:
+      x: weights, any shape.
+      theta: θ, broadcastable to ``x``.
+
+    Returns:
+      The factor, shaped like ``x``; the division is guarded, so no NaN under jit.
+    """
     a = jnp.abs(x)
     denom = (a + theta) ** 2
     safe = jnp.where(denom > 0, denom, jnp.ones_like(denom))
@@ -66,6 +74,14 @@ _masked_leaf.defvjp(_masked_leaf_fwd, _masked_leaf_bwd)
 
 
 def check_gradient(gradient: str) -> None:
+    """Check a gradient mode name.
+
+    Args:
+      gradient: ``"tcb"`` or ``"masked"`` (``GRADIENTS``).
+
+    Raises:
+      ValueError: any other name.
+    """
     if gradient not in GRADIENTS:
         raise ValueError(f"unknown gradient mode {gradient!r}; expected one of {GRADIENTS}")
 
@@ -81,6 +97,13 @@ def submodel(params: Any, thresholds, *, gradient: str = "tcb",
       gradient: ``"tcb"`` (paper Eq. 3) or ``"masked"`` (g ⊙ M, the authors' runs).
       is_maskable: which leaves may be masked, ``(path, leaf) -> bool`` (default:
         ``masks.default_maskable``); the others pass through unchanged.
+
+    Returns:
+      The sub-model, a pytree like ``params`` (θ gets no gradient: it is fixed
+      within a round).
+
+    Raises:
+      ValueError: an unknown ``gradient``.
     """
     check_gradient(gradient)
     flags = masks_lib.maskable_flags(params, is_maskable)

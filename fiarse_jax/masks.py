@@ -35,7 +35,15 @@ WEIGHT_LEAF_NAMES = frozenset({"kernel", "embedding"})
 
 
 def path_names(path) -> Path:
-    """Key path from ``jax.tree_util`` as a tuple of plain strings."""
+    """Key path from ``jax.tree_util`` as a tuple of plain strings.
+
+    Args:
+      path: a key path from ``jax.tree_util.tree_flatten_with_path`` (dict keys,
+        attribute names and sequence indices).
+
+    Returns:
+      The path as a tuple of strings, e.g. ``("Dense_0", "kernel")``.
+    """
     out = []
     for k in path:
         for attr in ("key", "name", "idx"):
@@ -55,6 +63,12 @@ def default_maskable(params: Params) -> list[bool]:
     leaf of a module with a ``scale`` leaf, and a ``bias`` without a ``kernel``
     beside it, i.e. BatchNorm/LayerNorm/GroupNorm γ and β whatever the module is
     called (paper: normalisation parameters are never masked).
+
+    Args:
+      params: the parameter pytree.
+
+    Returns:
+      One Python bool per leaf of ``params``, in ``tree_leaves`` order.
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     paths = [path_names(p) for p, _ in flat]
@@ -70,15 +84,27 @@ def default_maskable(params: Params) -> list[bool]:
 
 
 def default_group(path: Path) -> Hashable:
-    """Layer-scope group of a leaf: its top-level module (``Dense_0``, ``stage1``...)."""
+    """Layer-scope group of a leaf: its top-level module (``Dense_0``, ``stage1``...).
+
+    Args:
+      path: the leaf's key path as a tuple of strings (``path_names``).
+
+    Returns:
+      The group key: ``path[0]``, or ``""`` for an empty path.
+    """
     return path[0] if path else ""
 
 
 def maskable_flags(params: Params, is_maskable: IsMaskable | None = None) -> list[bool]:
     """One Python bool per leaf of ``params`` (in ``tree_leaves`` order).
 
-    ``is_maskable(path, leaf) -> bool`` overrides the default structural rule
-    (``default_maskable``); ``path`` is a tuple of key names.
+    Args:
+      params: the parameter pytree.
+      is_maskable: ``(path, leaf) -> bool`` overriding the default structural rule
+        (``default_maskable``); ``path`` is a tuple of key names.
+
+    Returns:
+      A list of bools, True where the leaf may be masked.
     """
     if is_maskable is None:
         return default_maskable(params)
@@ -87,7 +113,15 @@ def maskable_flags(params: Params, is_maskable: IsMaskable | None = None) -> lis
 
 
 def keep_count(ratio: float, n: int) -> int:
-    """⌈ratio·n⌉, robust to float noise (0.64·100 is 64.00000000000001)."""
+    """⌈ratio·n⌉, robust to float noise (0.64·100 is 64.00000000000001).
+
+    Args:
+      ratio: the capacity ratio r.
+      n: the number of scalars N.
+
+    Returns:
+      The number of scalars kept, clipped to [1, n].
+    """
     return max(1, min(n, math.ceil(round(ratio * n, 6))))
 
 
@@ -118,11 +152,23 @@ def importance_thresholds(params: Params, ratios: Sequence[float], *,
                           group_fn: GroupFn | None = None):
     """Thresholds for several capacity ratios at once (one sort per scope group).
 
-    Returns, for ``scope="global"``, an array of shape ``[len(ratios)]``; for
-    ``scope="layer"``, a pytree like ``params`` whose leaves have shape
-    ``[len(ratios)]`` (one θ per group, repeated on each leaf of the group; 0 on
-    non-maskable leaves). Groups come from ``group_fn(path)`` (default: the
-    top-level module, i.e. one θ per layer or block).
+    Args:
+      params: the parameter pytree (the global model).
+      ratios: capacity ratios, each in (0, 1]; r = 1 gives θ = 0.
+      scope: ``"global"`` (one θ over every maskable scalar) or ``"layer"`` (one θ
+        per group).
+      is_maskable: ``(path, leaf) -> bool``; default ``default_maskable``.
+      group_fn: ``group_fn(path)`` → group key for layer scope (default: the
+        top-level module, i.e. one θ per layer or block).
+
+    Returns:
+      For ``scope="global"``, an array of shape ``[len(ratios)]``; for
+      ``scope="layer"``, a pytree like ``params`` whose leaves have shape
+      ``[len(ratios)]`` (one θ per group, repeated on each leaf of the group; 0 on
+      non-maskable leaves).
+
+    Raises:
+      ValueError: a ratio outside (0, 1], an unknown scope, or no maskable leaf.
     """
     _check_scope(scope)
     ratios = tuple(_check_ratio(r) for r in ratios)
@@ -155,6 +201,16 @@ def importance_threshold(params: Params, ratio: float, *, scope: str = "global",
 
     Over the maskable scalars, exactly ⌈ratio·N⌉ have |w| ≥ θ when magnitudes are
     distinct (N counted over the whole model or over the leaf's group).
+
+    Args:
+      params, scope, is_maskable, group_fn: as in ``importance_thresholds``.
+      ratio: the capacity ratio, in (0, 1].
+
+    Returns:
+      A scalar array (global scope) or a pytree like ``params`` of scalars (layer).
+
+    Raises:
+      ValueError: as ``importance_thresholds``.
     """
     th = importance_thresholds(params, (ratio,), scope=scope,
                                is_maskable=is_maskable, group_fn=group_fn)
@@ -162,7 +218,19 @@ def importance_threshold(params: Params, ratio: float, *, scope: str = "global",
 
 
 def broadcast_thresholds(params: Params, thresholds) -> list:
-    """Per-leaf thresholds (list in leaf order) from a scalar or a params-like tree."""
+    """Per-leaf thresholds (list in leaf order) from a scalar or a params-like tree.
+
+    Args:
+      params: the parameter pytree.
+      thresholds: a scalar θ (Python number or 0-d array), or a pytree with as many
+        leaves as ``params``.
+
+    Returns:
+      A list with one threshold per leaf of ``params``.
+
+    Raises:
+      ValueError: ``thresholds`` is a tree with a different number of leaves.
+    """
     leaves = jax.tree_util.tree_leaves(params)
     if isinstance(thresholds, (int, float)) or (
             hasattr(thresholds, "ndim") and thresholds.ndim == 0):
@@ -177,7 +245,16 @@ def broadcast_thresholds(params: Params, thresholds) -> list:
 
 def masks_from_thresholds(params: Params, thresholds,
                           is_maskable: IsMaskable | None = None) -> Params:
-    """0/1 pytree: 1[|w| ≥ θ] on maskable leaves, all ones elsewhere."""
+    """0/1 pytree: 1[|w| ≥ θ] on maskable leaves, all ones elsewhere.
+
+    Args:
+      params: the parameter pytree.
+      thresholds: a scalar θ or a pytree like ``params`` (``broadcast_thresholds``).
+      is_maskable: ``(path, leaf) -> bool``; default ``default_maskable``.
+
+    Returns:
+      A mask pytree like ``params``, in each leaf's dtype.
+    """
     flags = maskable_flags(params, is_maskable)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     th = broadcast_thresholds(params, thresholds)
@@ -189,7 +266,14 @@ def masks_from_thresholds(params: Params, thresholds,
 def importance_mask(params: Params, ratio: float, *, scope: str = "global",
                     is_maskable: IsMaskable | None = None,
                     group_fn: GroupFn | None = None) -> Params:
-    """Mask pytree for one ratio: 1 where kept, 0 where dropped, 1 on non-maskable leaves."""
+    """Mask pytree for one ratio: 1 where kept, 0 where dropped, 1 on non-maskable leaves.
+
+    Args:
+      params, ratio, scope, is_maskable, group_fn: as in ``importance_threshold``.
+
+    Returns:
+      A 0/1 pytree like ``params``, in each leaf's dtype.
+    """
     th = importance_threshold(params, ratio, scope=scope, is_maskable=is_maskable,
                               group_fn=group_fn)
     return masks_from_thresholds(params, th, is_maskable)

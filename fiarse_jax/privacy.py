@@ -77,10 +77,21 @@ def _f32(x: jax.Array) -> jax.Array:
 def clip_updates(deltas: Params, masks: Params, clip_norm: float) -> tuple[Params, jax.Array]:
     """Each client's masked delta scaled to L2 norm ≤ ``clip_norm``; also the norms before.
 
-    ``deltas``/``masks`` carry a leading client axis. The norm of client i is taken over the
-    coordinates it holds, across all leaves; coordinates it does not hold come back 0, whatever
-    the delta holds there (even NaN). Updates already within the bound are unchanged. The
-    norms are diagnostics, not private.
+    The norm of client i is taken over the coordinates it holds, across all leaves.
+    Updates already within the bound are unchanged.
+
+    Args:
+      deltas: client deltas, pytree like params, leading client axis.
+      masks: 0/1 pytree like ``deltas``.
+      clip_norm: C > 0.
+
+    Returns:
+      ``(clipped, norms)``: ``clipped`` like ``deltas`` (their dtypes), 0 on the
+      coordinates a client does not hold, whatever the delta holds there (even NaN);
+      ``norms`` float32 [n_clients], before clipping: diagnostics, not private.
+
+    Raises:
+      ValueError: ``clip_norm`` not a finite number > 0.
     """
     _check("clip_norm", clip_norm, low=0.0, low_open=True)
     kept = jax.tree_util.tree_map(held, deltas, masks)   # NaN outside a mask: dropped
@@ -98,9 +109,20 @@ def expected_holders(level_masks: Params, clients_per_level: Sequence[int],
                      sampling_rate: float) -> Params:
     """Fixed divisor per coordinate: q · Σ_L n_L · m_L (expected sampled holders).
 
-    ``level_masks`` has a leading level axis (one 0/1 mask per capacity level, or keep
-    probabilities for random masks); ``clients_per_level`` the nominal (public) client count
-    per level, each ≥ 1 so that every coordinate a client could hold gets noise.
+    Args:
+      level_masks: pytree like params with a leading level axis: one 0/1 mask per
+        capacity level, or keep probabilities for random masks.
+      clients_per_level: the nominal (public) client count per level, each ≥ 1 so
+        that every coordinate a client could hold gets noise.
+      sampling_rate: q, in (0, 1].
+
+    Returns:
+      float32 pytree like params (no level axis), the ``divisor`` for
+      ``noisy_holder_average``.
+
+    Raises:
+      ValueError: a bad ``sampling_rate``, a count < 1, or a level count that does
+        not match ``level_masks``.
     """
     _check("sampling_rate", sampling_rate, low=0.0, high=1.0, low_open=True, high_open=False)
     counts = [int(n) for n in clients_per_level]
@@ -122,10 +144,24 @@ def noisy_holder_average(clipped: Params, masks: Params, key: jax.Array, *,
                          divisor: Params | float) -> Params:
     """(Σ_i m_i·d_i + N(0, (σC)²)) / divisor per coordinate; 0 and noise-free where divisor = 0.
 
-    ``clipped``: ``clip_updates`` output (leading client axis; any number of clients,
-    including a Poisson-sampled cohort). ``divisor``: fixed and public — ``expected_holders``,
-    or a scalar such as the expected cohort size q·N for every coordinate. Never the realised
-    holder count (see the module docstring). Jit-able; the result has the deltas' dtypes.
+    Jit-able.
+
+    Args:
+      clipped: ``clip_updates`` output, pytree like params with a leading client
+        axis (any number of clients, including a Poisson-sampled cohort).
+      masks: 0/1 pytree like ``clipped``.
+      key: PRNG key for the noise.
+      noise_multiplier: σ ≥ 0.
+      clip_norm: C > 0, the bound ``clipped`` was clipped to.
+      divisor: fixed and public — ``expected_holders``, or a scalar such as the
+        expected cohort size q·N for every coordinate. Never the realised holder
+        count (see the module docstring).
+
+    Returns:
+      The noisy average, pytree like params (no client axis), in the deltas' dtypes.
+
+    Raises:
+      ValueError: a bad σ, C or scalar divisor (checked outside jit only).
     """
     totals, _ = holder_sums(clipped, masks)
     return noisy_mean(totals, key, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
@@ -134,9 +170,25 @@ def noisy_holder_average(clipped: Params, masks: Params, key: jax.Array, *,
 
 def noisy_mean(totals: Params, key: jax.Array, *, noise_multiplier: float, clip_norm: float,
                divisor: Params | float, like: Params) -> Params:
-    """(totals + N(0, (σC)²)) / divisor per coordinate, 0 and noise-free where divisor = 0,
-    in ``like``'s dtypes: ``noisy_holder_average`` from the holders' sums Σ_i m_i·d_i of
-    clipped deltas (so a server that streams the sums adds the same noise)."""
+    """(totals + N(0, (σC)²)) / divisor per coordinate, 0 and noise-free where divisor = 0.
+
+    ``noisy_holder_average`` from the holders' sums Σ_i m_i·d_i of clipped deltas,
+    so a server that streams the sums adds the same noise.
+
+    Args:
+      totals: the holders' sums, pytree like params (no client axis).
+      key: PRNG key for the noise (split once per leaf).
+      noise_multiplier: σ ≥ 0.
+      clip_norm: C > 0.
+      divisor: fixed and public, a pytree like ``totals`` or one scalar for all.
+      like: pytree like ``totals`` whose dtypes the result takes.
+
+    Returns:
+      A pytree like ``totals`` in ``like``'s dtypes.
+
+    Raises:
+      ValueError: a bad σ, C or scalar divisor (checked outside jit only).
+    """
     _check("noise_multiplier", noise_multiplier, low=0.0)
     _check("clip_norm", clip_norm, low=0.0, low_open=True)
     leaves, treedef = jax.tree_util.tree_flatten(totals)
@@ -228,14 +280,29 @@ def _check_segments(segments: Sequence[Segment], name: str) -> list[Segment]:
 
 def epsilon_for_history(segments: Sequence[Segment], *, sampling_rate: float, delta: float,
                         accountant: str = "rdp", pld_discretization: float = 1e-4) -> float:
-    """ε after the rounds of every segment ``(num_rounds_i, σ_i)``, composed, one step of the
-    Poisson(q)-sampled Gaussian mechanism per round.
+    """ε after the rounds of every segment ``(num_rounds_i, σ_i)``, composed.
 
-    A run whose σ changed (e.g. recalibrated for a new ``num_rounds`` on resume) spent
-    ``num_rounds_i`` rounds at each ``σ_i``; its ε is this composition, not that of all its
-    rounds at the latest σ. ``accountant`` and ``pld_discretization`` as in ``epsilon_after``
-    (its one-segment case). Segments of 0 rounds count for nothing; no rounds give ε = 0; a
-    segment with σ = 0 and rounds > 0 gives ε = inf.
+    One step of the Poisson(q)-sampled Gaussian mechanism per round. A run whose σ
+    changed (e.g. recalibrated for a new ``num_rounds`` on resume) spent
+    ``num_rounds_i`` rounds at each ``σ_i``; its ε is this composition, not that of
+    all its rounds at the latest σ. ``epsilon_after`` is its one-segment case.
+
+    Args:
+      segments: ``(num_rounds, noise_multiplier)`` pairs (``Segment``).
+      sampling_rate: q, the Poisson sampling rate of clients per round, in (0, 1].
+      delta: δ, in (0, 1).
+      accountant: ``"rdp"`` (Rényi DP, dp_accounting's default orders) or ``"pld"``
+        (privacy loss distributions, tighter, slower).
+      pld_discretization: PLD's value discretisation interval (trades accuracy for
+        speed).
+
+    Returns:
+      ε as a float. Segments of 0 rounds count for nothing; no rounds give ε = 0; a
+      segment with σ = 0 and rounds > 0 gives ε = inf.
+
+    Raises:
+      ValueError: a bad segment or option.
+      ImportError: dp-accounting is not installed (only when there are rounds).
     """
     _check_accounting(0, sampling_rate, delta, accountant, pld_discretization)
     segments = _check_segments(segments, "segments")
@@ -252,9 +319,20 @@ def epsilon_after(rounds: int, *, sampling_rate: float, noise_multiplier: float,
                   accountant: str = "rdp", pld_discretization: float = 1e-4) -> float:
     """ε after ``rounds`` rounds of Poisson(q)-sampled clients with noise multiplier σ.
 
-    ``accountant``: "rdp" (Rényi DP, dp_accounting's default orders) or "pld" (privacy loss
-    distributions, tighter, slower; ``pld_discretization`` trades accuracy for speed).
-    σ = 0 gives ε = inf; 0 rounds give ε = 0. ``epsilon_for_history([(rounds, σ)])``.
+    ``epsilon_for_history([(rounds, σ)])``.
+
+    Args:
+      rounds: number of rounds, an int ≥ 0.
+      sampling_rate: q, the Poisson sampling rate of clients per round, in (0, 1].
+      noise_multiplier: σ ≥ 0.
+      delta, accountant, pld_discretization: as in ``epsilon_for_history``.
+
+    Returns:
+      ε as a float: σ = 0 gives ε = inf; 0 rounds give ε = 0.
+
+    Raises:
+      ValueError: a bad option.
+      ImportError: dp-accounting is not installed (only when there are rounds).
     """
     _check_accounting(rounds, sampling_rate, delta, accountant, pld_discretization)
     _check("noise_multiplier", noise_multiplier, low=0.0)
@@ -267,15 +345,34 @@ def calibrate_remaining(target_epsilon: float, spent_segments: Sequence[Segment]
                         remaining_rounds: int, *, sampling_rate: float, delta: float,
                         accountant: str = "rdp", pld_discretization: float = 1e-4,
                         tol: float = 1e-4) -> float:
-    """Smallest σ (within ``tol``) for ``remaining_rounds`` more rounds such that
-    ``epsilon_for_history(spent_segments + [(remaining_rounds, σ)])`` ≤ ``target_epsilon``.
+    """Smallest σ (within ``tol``) for ``remaining_rounds`` more rounds within the target.
 
-    ``spent_segments``: the ``(num_rounds_i, σ_i)`` already run (``epsilon_for_history``);
-    none gives ``calibrate_noise``. Uses ``dp_accounting.calibrate_dp_mechanism`` (Brent's
-    method, then a check that the returned σ meets the target). 0 remaining rounds need no
-    noise (0.0) as long as the spent ε is within the target. ValueError, naming both, when
-    the spent ε already reaches or exceeds the target: no σ for the remaining rounds can
-    keep the run within it.
+    That is, such that ``epsilon_for_history(spent_segments + [(remaining_rounds, σ)])``
+    ≤ ``target_epsilon``. Uses ``dp_accounting.calibrate_dp_mechanism`` (Brent's
+    method, then a check that the returned σ meets the target).
+
+    Args:
+      target_epsilon: the whole run's ε budget, > 0.
+      spent_segments: the ``(num_rounds_i, σ_i)`` already run (``epsilon_for_history``);
+        none gives ``calibrate_noise``.
+      remaining_rounds: rounds still to run, an int ≥ 0.
+      sampling_rate: q, the Poisson sampling rate of clients per round, in (0, 1].
+      delta: δ, in (0, 1).
+      accountant: ``"rdp"`` (Rényi DP, dp_accounting's default orders) or ``"pld"``
+        (privacy loss distributions, tighter, slower).
+      pld_discretization: PLD's value discretisation interval (trades accuracy for
+        speed).
+      tol: tolerance on σ.
+
+    Returns:
+      σ as a float; 0.0 for 0 remaining rounds (no noise needed) as long as the
+      spent ε is within the target.
+
+    Raises:
+      ValueError: a bad option; or, naming both, the spent ε already reaches or
+        exceeds the target (no σ for the remaining rounds can keep the run within
+        it), or is too close to it for any σ up to 2**30.
+      ImportError: dp-accounting is not installed (only when there are rounds).
     """
     _check_accounting(remaining_rounds, sampling_rate, delta, accountant, pld_discretization,
                       rounds_name="remaining_rounds")
@@ -310,8 +407,23 @@ def calibrate_remaining(target_epsilon: float, spent_segments: Sequence[Segment]
 def calibrate_noise(target_epsilon: float, rounds: int, *, sampling_rate: float, delta: float,
                     accountant: str = "rdp", pld_discretization: float = 1e-4,
                     tol: float = 1e-4) -> float:
-    """Smallest noise multiplier σ (within ``tol``) whose ``epsilon_after`` ≤ ``target_epsilon``:
-    ``calibrate_remaining`` with nothing spent. 0 rounds need no noise."""
+    """Smallest noise multiplier σ (within ``tol``) whose ``epsilon_after`` ≤ ``target_epsilon``.
+
+    ``calibrate_remaining`` with nothing spent.
+
+    Args:
+      target_epsilon: the ε budget, > 0.
+      rounds: number of rounds, an int ≥ 0.
+      sampling_rate, delta, accountant, pld_discretization, tol: as in
+        ``calibrate_remaining``.
+
+    Returns:
+      σ as a float; 0 rounds need no noise (0.0).
+
+    Raises:
+      ValueError: a bad option, or a target no σ can meet.
+      ImportError: dp-accounting is not installed (only when there are rounds).
+    """
     _check_rounds("rounds", rounds)
     return calibrate_remaining(target_epsilon, [], rounds, sampling_rate=sampling_rate,
                                delta=delta, accountant=accountant,

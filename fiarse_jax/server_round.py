@@ -42,7 +42,28 @@ def make_server_round(*, aggregator: str = "mean", aggregator_options: dict | No
                       z_threshold: float | None = None, cosine_threshold: float | None = None,
                       server_lr: float = 1.0, dp_noise_multiplier: float = 0.0,
                       dp_clip_norm: float = 1.0) -> Callable:
-    """The jitted round step; options are checked here, once, with the bad value named."""
+    """The jitted round step; options are checked here, once, with the bad value named.
+
+    Args:
+      aggregator: a rule name from ``aggregators.AGGREGATORS``; must be ``"mean"``
+        with differential privacy.
+      aggregator_options: the rule's options (``aggregators.rule``).
+      z_threshold: norm-outlier threshold (``validation.validate_updates``); None off.
+      cosine_threshold: direction threshold (``validation.validate_updates``); None off.
+      server_lr: the server learning rate η_g.
+      dp_noise_multiplier: σ; > 0 turns on DP-FedAvg.
+      dp_clip_norm: the clipping norm C.
+
+    Returns:
+      ``step(params, deltas, masks, levels, key, divisor) -> (new_params, info)``
+      (see the module docstring): ``deltas``/``masks`` pytrees like params with a
+      leading client axis, ``levels`` int[n], ``key`` the server's PRNG key (used
+      only by DP), ``divisor`` DP's fixed public divisor. ``params`` is donated.
+
+    Raises:
+      ValueError: an unknown aggregator or bad options, or DP with a rule other
+        than ``"mean"``.
+    """
     options = dict(aggregator_options or {})
     combine = aggregators.rule(aggregator, options)
     dp = dp_noise_multiplier > 0
@@ -80,6 +101,15 @@ class ClientStats(NamedTuple):
 
 
 class StreamingRound(NamedTuple):
+    """``make_streaming_round``'s step in two halves.
+
+    Attributes:
+      contribution: ``ClientResult -> ((totals, counts), ClientStats)``, what the
+        engine sums (and stacks) over a round's clients.
+      finish: ``(params, sums, key, divisor) -> new params`` (jitted, ``params``
+        donated).
+    """
+
     contribution: Callable   # ClientResult -> ((totals, counts), ClientStats)
     finish: Callable         # (params, sums, key, divisor) -> new params (params donated)
 
@@ -91,7 +121,17 @@ STREAMABLE = ("mean", "norm_bounded")
 
 def stream_blocker(*, aggregator: str = "mean", z_threshold: float | None = None,
                    cosine_threshold: float | None = None, attack: str = "none") -> str | None:
-    """Why these server settings need every client's update at once (None: they do not)."""
+    """Why these server settings need every client's update at once (None: they do not).
+
+    Args:
+      aggregator: the rule name; only ``STREAMABLE`` ones stream.
+      z_threshold: the norm-outlier threshold; None for none.
+      cosine_threshold: the direction threshold; None for none.
+      attack: the attack name; ``"none"`` for none.
+
+    Returns:
+      A sentence naming the setting that blocks streaming, or None.
+    """
     if aggregator not in STREAMABLE:
         return f"aggregator = {aggregator!r} is not a sum over clients"
     if z_threshold is not None or cosine_threshold is not None:
@@ -104,8 +144,25 @@ def stream_blocker(*, aggregator: str = "mean", z_threshold: float | None = None
 def make_streaming_round(*, server_lr: float = 1.0, dp_noise_multiplier: float = 0.0,
                          dp_clip_norm: float = 1.0, aggregator: str = "mean",
                          aggregator_options: dict | None = None) -> StreamingRound:
-    """``make_server_round``'s step for a ``STREAMABLE`` rule or DP-FedAvg, split into a
-    per-client contribution and a finish, equal to it up to float summation order (tested)."""
+    """``make_server_round``'s step for a ``STREAMABLE`` rule or DP-FedAvg, split in two.
+
+    A per-client contribution and a finish, equal to the stacked step up to float
+    summation order (tested). Only the non-finite screen applies.
+
+    Args:
+      server_lr, dp_noise_multiplier, dp_clip_norm, aggregator, aggregator_options:
+        as in ``make_server_round``.
+
+    Returns:
+      A ``StreamingRound``: ``contribution`` maps one client's ``ClientResult`` to
+      ``((totals, counts), ClientStats)`` (totals float32 pytree like params;
+      counts float32 like params, or ``()`` under DP), ``finish(params, sums, key,
+      divisor)`` gives the new model.
+
+    Raises:
+      ValueError: a rule that is not a sum over clients (``stream_blocker``), bad
+        options, or DP with a rule other than ``"mean"``.
+    """
     blocker = stream_blocker(aggregator=aggregator)
     if blocker:
         raise ValueError(f"make_streaming_round: {blocker}")

@@ -38,6 +38,15 @@ class Member(NamedTuple):
 
 
 class UnitGroup(NamedTuple):
+    """A set of C units and every leaf axis they index.
+
+    Attributes:
+      name: the group's name (the key of its unit mask).
+      size: C, the number of units.
+      producers: members that define each unit (its incoming weights, bias).
+      consumers: members that read each unit (the next layer's input axis).
+    """
+
     name: str
     size: int
     producers: tuple[Member, ...]   # define each unit (its incoming weights, bias)
@@ -45,11 +54,20 @@ class UnitGroup(NamedTuple):
 
     @property
     def members(self) -> tuple[Member, ...]:
+        """Producers then consumers."""
         return self.producers + self.consumers
 
 
 def leaf(params: Params, path: Sequence[str]):
-    """The entry of a nested dict at ``path`` (a tuple of keys)."""
+    """The entry of a nested dict at ``path`` (a tuple of keys).
+
+    Args:
+      params: a nested dict (parameter pytree).
+      path: the keys, outermost first.
+
+    Returns:
+      The entry (a leaf or a sub-dict).
+    """
     for p in path:
         params = params[p]
     return params
@@ -61,6 +79,16 @@ def chain_groups(params: Params, layers: Sequence[str]) -> list[UnitGroup]:
     The output units of every layer but the last form a group; the next layer's
     kernel input axis consumes them (with a channel-last flatten tile when the
     next layer's input is larger, e.g. conv → flatten → dense).
+
+    Args:
+      params: the parameter pytree (nested dicts with ``kernel``, optional ``bias``).
+      layers: the top-level module names, input to output.
+
+    Returns:
+      One ``UnitGroup`` per layer but the last, named after the layer.
+
+    Raises:
+      ValueError: a layer's input axis is not a multiple of the previous layer's units.
     """
     groups = []
     for cur, nxt in zip(layers[:-1], layers[1:]):
@@ -80,8 +108,18 @@ def chain_groups(params: Params, layers: Sequence[str]) -> list[UnitGroup]:
 
 
 def check_groups(params: Params, groups: Sequence[UnitGroup]) -> list[UnitGroup]:
-    """``groups`` as a list, after checking that every member axis has the group's size
-    (tile·C entries); ValueError naming the first leaf that does not."""
+    """``groups`` as a list, after checking that every member axis has the group's size.
+
+    Args:
+      params: the parameter pytree.
+      groups: the unit groups.
+
+    Returns:
+      ``list(groups)``.
+
+    Raises:
+      ValueError: naming the first leaf whose axis does not have tile·C entries.
+    """
     for g in groups:
         for m in g.members:
             n = leaf(params, m.path).shape[m.axis]
@@ -99,7 +137,16 @@ def _axis_mask(u: jax.Array, m: Member, ndim: int) -> jax.Array:
 
 
 def expand(params: Params, groups: Sequence[UnitGroup], unit_masks: UnitMasks) -> Params:
-    """Parameter mask (0/1, like ``params``) from unit masks; leaves outside every group are 1."""
+    """Parameter mask (0/1, like ``params``) from unit masks; leaves outside every group are 1.
+
+    Args:
+      params: the parameter pytree.
+      groups: the unit groups.
+      unit_masks: ``{group name: 0/1 vector [C]}``.
+
+    Returns:
+      A pytree like ``params``, in each leaf's dtype.
+    """
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     index = {path_names(p): i for i, (p, _) in enumerate(flat)}
     out = [jnp.ones_like(leaf) for _, leaf in flat]
@@ -112,7 +159,15 @@ def expand(params: Params, groups: Sequence[UnitGroup], unit_masks: UnitMasks) -
 
 
 def unit_norms(params: Params, groups: Sequence[UnitGroup]) -> dict[str, jax.Array]:
-    """L2 norm of each unit's producer weights (incoming kernel slice and bias) per group."""
+    """L2 norm of each unit's producer weights (incoming kernel slice and bias) per group.
+
+    Args:
+      params: the parameter pytree.
+      groups: the unit groups.
+
+    Returns:
+      ``{group name: float32 [C]}``.
+    """
     out = {}
     for g in groups:
         sq = jnp.zeros((g.size,), jnp.float32)
@@ -124,7 +179,15 @@ def unit_norms(params: Params, groups: Sequence[UnitGroup]) -> dict[str, jax.Arr
 
 
 def unit_fan_in(params: Params, g: UnitGroup) -> int:
-    """Number of producer scalars per unit (for comparing norms across layers)."""
+    """Number of producer scalars per unit (for comparing norms across layers).
+
+    Args:
+      params: the parameter pytree.
+      g: the unit group.
+
+    Returns:
+      The count, an int.
+    """
     return sum(int(np.prod(leaf(params, m.path).shape)) // g.size for m in g.producers)
 
 
@@ -132,6 +195,14 @@ def shrink(params: Params, groups: Sequence[UnitGroup], unit_masks: UnitMasks) -
     """The physically smaller dense sub-model: every member axis keeps only its kept units.
 
     Host-side (NumPy): kept index sets have data-dependent sizes.
+
+    Args:
+      params: the parameter pytree (nested dicts).
+      groups: the unit groups.
+      unit_masks: ``{group name: 0/1 vector [C]}``.
+
+    Returns:
+      A pytree like ``params`` of NumPy arrays, member axes shrunk to the kept units.
     """
     out = jax.tree_util.tree_map(np.asarray, params)
     for g in groups:
@@ -144,19 +215,35 @@ def shrink(params: Params, groups: Sequence[UnitGroup], unit_masks: UnitMasks) -
 
 
 def kept_sizes(groups: Sequence[UnitGroup], unit_masks: UnitMasks) -> dict[str, int]:
-    """Number of kept units per group (the widths of the shrunk model)."""
+    """Number of kept units per group (the widths of the shrunk model).
+
+    Args:
+      groups: the unit groups.
+      unit_masks: ``{group name: 0/1 vector [C]}``.
+
+    Returns:
+      ``{group name: int}``.
+    """
     return {g.name: int(np.asarray(unit_masks[g.name]).sum()) for g in groups}
 
 
 # ---- Parameter budgets: unit widths whose sub-model holds a given number of scalars ----
 
 def count_terms(shapes: dict, groups: Sequence[UnitGroup]) -> list[tuple[int, tuple]]:
-    """Per counted leaf, ``(rest, ((group, tile), ...))``: the product of its axes that no
-    group indexes, and the groups (with tiles) indexing the others.
+    """Per counted leaf, its unindexed size and the groups indexing its other axes.
 
-    ``shapes``: ``{path tuple: shape}`` of the leaves that count (e.g. the maskable ones,
-    ``structured.maskable_shapes``); members on other leaves are ignored. A leaf touched
-    by several groups (producer of one, consumer of another) gets one factor each.
+    A leaf touched by several groups (producer of one, consumer of another) gets one
+    factor each.
+
+    Args:
+      shapes: ``{path tuple: shape}`` of the leaves that count (e.g. the maskable
+        ones, ``structured.maskable_shapes``); members on other leaves are ignored.
+      groups: the model's unit groups.
+
+    Returns:
+      One ``(rest, ((group, tile), ...))`` per entry of ``shapes``: ``rest`` the
+      product of its axes that no group indexes, then the groups (with tiles)
+      indexing the others.
     """
     axes: dict[tuple, list] = {}
     for g in groups:
@@ -174,11 +261,21 @@ def count_terms(shapes: dict, groups: Sequence[UnitGroup]) -> list[tuple[int, tu
 
 
 def held_count(shapes: dict, groups: Sequence[UnitGroup], kept: dict):
-    """Scalars of the ``shapes`` leaves a structured sub-model holds when group g keeps
-    ``kept[g]`` units: Σ over leaves of ``rest · Π (tile·kept[g])`` (what
-    ``expand(...)`` sums to on those leaves). ``kept`` values may be ints (exact Python
-    ints back) or arrays of counts (broadcast: one held count per entry, e.g. per
-    candidate prefix under ``jit``)."""
+    """Scalars of the ``shapes`` leaves a structured sub-model holds when group g keeps ``kept[g]`` units.
+
+    Σ over leaves of ``rest · Π (tile·kept[g])`` (what ``expand(...)`` sums to on those
+    leaves).
+
+    Args:
+      shapes: ``{path tuple: shape}`` of the leaves that count (e.g. the maskable
+        ones, ``structured.maskable_shapes``); members on other leaves are ignored.
+      groups: the model's unit groups.
+      kept: ``{group name: count}``; ints, or arrays of counts (broadcast: one held
+        count per entry, e.g. per candidate prefix under ``jit``).
+
+    Returns:
+      An exact Python int for int ``kept``, else an array of held counts.
+    """
     total = 0
     for rest, factors in count_terms(shapes, groups):
         term = rest
@@ -190,16 +287,26 @@ def held_count(shapes: dict, groups: Sequence[UnitGroup], kept: dict):
 
 def widths_for_budget(shapes: dict, groups: Sequence[UnitGroup], budget: int, *,
                       fixed: dict | None = None) -> dict[str, int]:
-    """Kept units per group for one common width fraction w whose sub-model holds a
-    count of ``shapes`` scalars (``held_count``) as close to ``budget`` as the unit grid
-    allows (a tie goes to the smaller count).
+    """Kept units per group for one common width fraction w whose sub-model is closest to ``budget``.
 
-    Every group g not in ``fixed`` keeps k_g(w) = max(1, ⌈w·C_g⌉) units; groups in
-    ``fixed`` keep the given count (e.g. 0 beyond a ScaleFL depth). w runs over the
-    candidates {j / C_g} (the points where some k_g changes, so every reachable width
-    vector is tried); the held count is nondecreasing in w, so a bisection finds the
-    largest candidate at or below the budget and the answer is it or the next one.
-    Exact rational arithmetic (no float ties).
+    The sub-model holds a count of ``shapes`` scalars (``held_count``) as close to
+    ``budget`` as the unit grid allows (a tie goes to the smaller count). Every group g
+    not in ``fixed`` keeps k_g(w) = max(1, ⌈w·C_g⌉) units. w runs over the candidates
+    {j / C_g} (the points where some k_g changes, so every reachable width vector is
+    tried); the held count is nondecreasing in w, so a bisection finds the largest
+    candidate at or below the budget and the answer is it or the next one. Exact
+    rational arithmetic (no float ties).
+
+    Args:
+      shapes: ``{path tuple: shape}`` of the leaves that count (e.g. the maskable
+        ones, ``structured.maskable_shapes``); members on other leaves are ignored.
+      groups: the model's unit groups.
+      budget: the target number of scalars.
+      fixed: ``{group name: count}`` for groups that keep a given count (e.g. 0
+        beyond a ScaleFL depth).
+
+    Returns:
+      ``{group name: kept units}`` for every group (``fixed`` ones as given).
     """
     fixed = dict(fixed or {})
     free = [g for g in groups if g.name not in fixed]

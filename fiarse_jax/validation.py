@@ -53,8 +53,21 @@ MIN_LEVEL_SIZE = 3  # finite clients a level needs before its norms are tested
 @jax.jit
 def robust_z(values: jax.Array, groups: jax.Array, valid: jax.Array,
              min_spread: float = 0.0) -> tuple[jax.Array, jax.Array]:
-    """(z, group size): per entry, |v − med| / max(1.4826·MAD, min_spread·|med|) with
-    med and MAD over the ``valid`` entries of its group; z = 0 where that scale is 0."""
+    """Robust z-score of each entry within its group, and the group's valid size.
+
+    Per entry, |v − med| / max(1.4826·MAD, min_spread·|med|) with med and MAD over the
+    ``valid`` entries of its group; z = 0 where that scale is 0.
+
+    Args:
+      values: float [n].
+      groups: int [n], each entry's group (e.g. capacity level).
+      valid: bool [n], the entries the statistics are taken over.
+      min_spread: the floor s on the scale, relative to |med|.
+
+    Returns:
+      ``(z, group size)``: float [n], and int [n] the number of valid entries in
+      each entry's group.
+    """
     peers = (groups[:, None] == groups[None, :]) & valid[:, None]  # [peer j, entry i]
     column = jnp.broadcast_to(values[:, None], peers.shape)
     med = masked_median(column, peers)
@@ -73,7 +86,15 @@ def _cosine(x: jax.Array, h: jax.Array, reference: jax.Array) -> jax.Array:
 
 
 def held_finite(delta: Params, mask: Params) -> jax.Array:
-    """One client (no client axis): bool, every coordinate it holds is finite."""
+    """One client (no client axis): whether every coordinate it holds is finite.
+
+    Args:
+      delta: the client's delta, pytree like params.
+      mask: 0/1 pytree like ``delta``.
+
+    Returns:
+      bool scalar.
+    """
     return jnp.all(jnp.stack([jnp.where(m > 0, jnp.isfinite(d), True).all() for d, m in zip(
         jax.tree_util.tree_leaves(delta), jax.tree_util.tree_leaves(mask))]))
 
@@ -111,8 +132,26 @@ def validate_updates(deltas: Params, masks: Params, levels: jax.Array, *,
                      min_spread: float = 0.1,
                      cosine_threshold: float | None = 0.0,
                      reference: Params | None = None) -> tuple[jax.Array, jax.Array]:
-    """``(accepted bool[n], reason int32[n])`` for client updates with a leading client
-    axis; ``levels`` int[n] is each client's capacity level. See the module docstring."""
+    """Screen client updates: ``(accepted, reason)`` per client. See the module docstring.
+
+    Args:
+      deltas: client deltas, pytree like params, leading client axis.
+      masks: 0/1 pytree like ``deltas``.
+      levels: int [n], each client's capacity level (may be traced).
+      z_threshold: norm-outlier threshold (> 0), or None to skip the test. Static.
+      min_spread: the floor s on the norm scale (finite, ≥ 0). Static.
+      cosine_threshold: direction threshold in [-1, 1], or None to skip the test. Static.
+      reference: the update the direction is compared with, pytree like params
+        with no client axis (e.g. a server update from trusted data, FLTrust);
+        default the holder median of the finite updates.
+
+    Returns:
+      ``(accepted bool[n], reason int32[n])``, ``reason`` an index into ``REASONS``.
+
+    Raises:
+      ValueError: a threshold out of range, mismatched ``deltas``/``masks``, or
+        ``levels`` not of shape (n,).
+    """
     if z_threshold is not None and not (isinstance(z_threshold, numbers.Real) and z_threshold > 0):
         raise ValueError(f"validate_updates: z_threshold = {z_threshold!r} must be > 0 or None")
     if not (isinstance(min_spread, numbers.Real) and 0 <= min_spread < math.inf):
