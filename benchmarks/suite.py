@@ -94,9 +94,9 @@ def _setup(spec: dict, clients: int, steps: int):
     import optax
 
     from fiarse_jax import models, policies
+    from fiarse_jax.build import COMPUTE_DTYPES, make_model_fns
     from fiarse_jax.client import make_client_fns
     from fiarse_jax.data import augment
-    from fiarse_jax.train import COMPUTE_DTYPES, make_model_fns
 
     name, kw = spec["model"], dict(spec.get("model_kwargs", {}))
     model = models.build_model(name, 10, kw)

@@ -48,7 +48,7 @@ def choose_attackers(seed: int, num_clients: int, fraction: float, *,
 
     Without ``levels`` attackers may sit at any capacity level. With ``levels`` (level
     indices) they are drawn only among clients whose ``assignment[i]`` (client → level index,
-    as ``train.assign_capacities``) is in ``levels``; the count is still a fraction of the
+    as ``build.assign_capacities``) is in ``levels``; the count is still a fraction of the
     whole population, so there must be enough eligible clients.
     """
     if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) \

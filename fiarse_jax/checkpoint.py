@@ -15,7 +15,7 @@ A checkpoint holds everything the next round depends on:
   (``[rounds, σ]`` runs, so ε composes over a σ that a resume recalibrated).
 
 Everything else a round uses is a pure function of (seed, round): the client sample
-(``train.sample_clients``), the round's named key streams (``rng.round_streams``), the
+(``rng.sample_clients``), the round's named key streams (``rng.round_streams``), the
 policy's round state (FedRolex's window is ``round mod C``), Dirichlet partition and
 model init; DP's σ is the last segment's while ``num_rounds`` is unchanged. The server
 has no optimiser state (plain step η_g). So restoring the state gives bit-identical
@@ -28,8 +28,9 @@ Resuming with a config that differs in anything but ``SAFE_TO_CHANGE`` stops wit
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -216,3 +217,61 @@ def check_resumable(saved_config: dict, config, saved_round: int) -> None:
     if saved_round > config.num_rounds:
         raise ConfigError(f"config.num_rounds = {config.num_rounds}: the workdir's checkpoint is "
                           f"already at round {saved_round}; use num_rounds ≥ {saved_round}")
+
+
+# --- one run's checkpoints, as the training loop uses them --------------------------------
+
+class Restored(NamedTuple):
+    """What a run resumes from: its round, params, logged rows and DP's σ history."""
+
+    round: int
+    params: Any
+    history: list          # the evaluations so far
+    rounds: list           # the per-round rows so far
+    dp_segments: list      # [[rounds, σ], ...]
+    planned_rounds: int    # the checkpointed run's ``num_rounds``
+
+
+def has_checkpoints(workdir: str) -> bool:
+    """Whether ``workdir`` holds a checkpoint directory with a step in it."""
+    d = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def open_run(workdir: str, config) -> RunCheckpoints | None:
+    """The run's checkpoints when it saves some (``checkpoint_every`` > 0) or the workdir
+    already has a checkpoint directory (resumed from even when this config saves none)."""
+    if config.checkpoint_every > 0 or os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return RunCheckpoints(workdir, keep=config.keep_checkpoints)
+    return None
+
+
+def restore_run(ckpt: RunCheckpoints, config, params, key, assignment) -> Restored | None:
+    """The newest usable checkpoint of this run, or None (a fresh start); raises
+    ``ConfigError`` when the workdir holds another run (see ``check_resumable``)."""
+    restored, warnings = ckpt.restore_latest(
+        run_state(params, 0, key, assignment),
+        lambda step, meta: (check_format(meta), check_resumable(meta["config"], config, step)))
+    for w in warnings:
+        print(f"fiarse-jax: warning: {w}", file=sys.stderr, flush=True)
+    if restored is None:
+        return None
+    step, state, meta = restored
+    if (not np.array_equal(np.asarray(state["key"]), np.asarray(key))
+            or not np.array_equal(np.asarray(state["assignment"]), assignment)):
+        raise ConfigError("the checkpoint's PRNG key or capacity assignment differs from "
+                          "this config's (made by another version of the code?); "
+                          "use a new --workdir")
+    print(f"resuming from the checkpoint at round {step} "
+          f"({config.num_rounds - step} rounds to go)", flush=True)
+    return Restored(step, state["params"], list(meta["history"]), list(meta.get("rounds", [])),
+                    [list(s) for s in meta.get("dp_segments", [])], int(meta["config"]["num_rounds"]))
+
+
+def save_run(ckpt: RunCheckpoints, config, state, key, assignment, history: list,
+             rounds: list) -> None:
+    """Start saving ``state`` (an ``algorithm.ServerState``) with the run's logs (copies:
+    the asynchronous save serialises them later)."""
+    ckpt.save(state.round, run_state(state.params, state.round, key, assignment),
+              {"format": FORMAT, "config": config.to_dict(), "history": list(history),
+               "rounds": list(rounds), "dp_segments": [list(s) for s in state.dp_segments]})

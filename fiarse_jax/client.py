@@ -21,7 +21,7 @@ Conventions:
 * Randomness: the client's key is split into named streams (``rng.client_streams``):
   ``order`` (one permutation per pass, ``fold_in(order, pass)``) and ``steps``
   (``fold_in(steps, k)`` per step, split into the augmentation key and the loss's key);
-  the policy's per-client draw uses the ``spec`` stream (see ``train.round_inputs``).
+  the policy's per-client draw uses the ``spec`` stream (see ``algorithm.build_algorithm``).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from fiarse_jax import rng as rng_lib
-from fiarse_jax.data.federated import ClientData
+from fiarse_jax.data.types import ClientData
 from fiarse_jax.policies.base import MaskPolicy
 
 Params = Any
@@ -42,6 +42,17 @@ LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array, Any], jax.Array]
 
 
 class ClientState(NamedTuple):
+    """A client's carry between local steps.
+
+    Attributes:
+      params: the local parameters being trained.
+      opt_state: the optimiser state.
+      order_key: pass e's row order is ``pass_order(fold_in(order_key, e), …)``.
+      rng: the ``steps`` stream: step k uses ``fold_in(rng, k)``.
+      loss_sum: float32 sum of the step losses.
+      steps: int32 local steps taken (< num_steps with local_epochs).
+    """
+
     params: Params
     opt_state: Any
     order_key: jax.Array  # pass e's row order is ``pass_order(fold_in(order_key, e), …)``
@@ -51,6 +62,15 @@ class ClientState(NamedTuple):
 
 
 class ClientResult(NamedTuple):
+    """One client's round, as sent to the server (stacked: a leading client axis).
+
+    Attributes:
+      delta: old − new, pytree like params; exactly 0 outside ``mask``.
+      mask: 0/1 uint8 pytree like params, coordinates held (a quarter of a float32
+        mask's memory).
+      loss: mean training loss over the K steps.
+    """
+
     delta: Params        # old − new
     mask: Params         # 0/1 uint8, coordinates held (a quarter of a float32 mask's memory)
     loss: jax.Array      # mean training loss over the K steps
@@ -73,18 +93,30 @@ def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
                     min_rows: int = 1) -> ClientFns:
     """Client update for ``policy``: ``num_steps`` steps of ``optimizer`` at ``batch_size``.
 
-    ``local_epochs`` E > 0: each client takes ⌈E·count/batch_size⌉ steps of its own (E
-    passes over its data, as the paper's AG News clients), capped by ``num_steps``, which
-    should then be the largest client's count; later steps leave the state unchanged, so
-    every strategy runs the same ``num_steps`` iterations (vmapped clients run in step).
+    Args:
+      loss_fn: ``(sub-model params, x batch, y batch, rng, spec) -> scalar mean loss``.
+      policy: the mask policy (``apply`` gives the trained sub-model, ``mask`` the
+        coordinates held).
+      optimizer: the local optax optimiser (its state starts fresh every round).
+      num_steps: K, the local steps every strategy runs.
+      batch_size: B, rows per step.
+      augment: ``augment(x_batch, key)``, when given, transforms every batch on device
+        (e.g. CIFAR crop + flip + normalisation) with a key drawn from the client's
+        stream.
+      compute_dtype: (e.g. ``jnp.bfloat16``) mixed precision — the forward and
+        backward pass run on the sub-model and batch cast to it, while the mask, the
+        parameters, the optimiser and the delta stay in their own (float32) dtype.
+      local_epochs: E > 0: each client takes ⌈E·count/batch_size⌉ steps of its own (E
+        passes over its data, as the paper's AG News clients), capped by ``num_steps``,
+        which should then be the largest client's count; later steps leave the state
+        unchanged, so every strategy runs the same ``num_steps`` iterations (vmapped
+        clients run in step). 0: always ``num_steps``.
+      min_rows: a lower bound on every client's row count (fewer orders drawn per step
+        when it is ≥ ``batch_size``; see ``batch_rows``).
 
-    ``augment(x_batch, key)``, when given, transforms every batch on device (e.g. CIFAR
-    crop + flip + normalisation) with a key drawn from the client's stream.
-    ``min_rows``: a lower bound on every client's row count (fewer orders drawn per step
-    when it is ≥ ``batch_size``; see ``batch_rows``).
-    ``compute_dtype`` (e.g. ``jnp.bfloat16``): mixed precision — the forward and
-    backward pass run on the sub-model and batch cast to it, while the mask, the
-    parameters, the optimiser and the delta stay in their own (float32) dtype.
+    Returns:
+      ``ClientFns``: ``init(params, spec, data, key)``, ``step(state, spec, data, k)``,
+      ``final(params0, state, spec) -> ClientResult`` and ``num_steps``.
     """
     def cast(tree):
         if compute_dtype is None:
@@ -136,20 +168,40 @@ def make_client_fns(loss_fn: LossFn, policy: MaskPolicy,
 
 
 def pass_order(key: jax.Array, count: jax.Array, n_max: int) -> jax.Array:
-    """[n_max]: the ``count`` valid row indices in a random order (key ``key``), then
-    the padding rows."""
+    """The ``count`` valid row indices in a random order (key ``key``), then the padding rows.
+
+    Args:
+      key: PRNG key of this pass.
+      count: int scalar, the client's valid rows.
+      n_max: static, the padded row count.
+
+    Returns:
+      int [n_max] row indices.
+    """
     scores = jax.random.uniform(key, (n_max,))
     return jnp.argsort(jnp.where(jnp.arange(n_max) < count, scores, 2.0))
 
 
 def batch_rows(order_key: jax.Array, count: jax.Array, n_max: int, k, batch_size: int,
                min_count: int = 1) -> jax.Array:
-    """Row indices of step ``k``'s batch: positions k·B … k·B+B−1 of the endless walk
-    through the client's rows, pass e in the order ``pass_order(fold_in(order_key, e))``.
+    """Row indices of step ``k``'s batch in the endless walk through the client's rows.
 
-    A batch crosses at most S = 1 + ⌈(B − 1)/min_count⌉ passes (``min_count``: a static
-    lower bound on ``count``; 2 when every client has ≥ B rows), so S orders (S sorts of
-    n_max keys) are drawn per step."""
+    Positions k·B … k·B+B−1 of the walk, pass e in the order
+    ``pass_order(fold_in(order_key, e))``. A batch crosses at most
+    S = 1 + ⌈(B − 1)/min_count⌉ passes (2 when every client has ≥ B rows), so S orders
+    (S sorts of n_max keys) are drawn per step.
+
+    Args:
+      order_key: the client's ``order`` stream.
+      count: int scalar, the client's valid rows.
+      n_max: static, the padded row count.
+      k: the step index (may be traced).
+      batch_size: B.
+      min_count: a static lower bound on ``count``.
+
+    Returns:
+      int [batch_size] row indices, all < ``count``.
+    """
     spans = 1 + -(-(batch_size - 1) // max(1, int(min_count)))
     pos = k * batch_size + jnp.arange(batch_size)
     first = (k * batch_size) // count
@@ -161,8 +213,20 @@ def batch_rows(order_key: jax.Array, count: jax.Array, n_max: int, k, batch_size
 
 def client_update(fns: ClientFns, params: Params, spec: Any, data: ClientData,
                   key: jax.Array) -> ClientResult:
-    """One client's whole round as one pure function: (params, spec, data, rng) →
-    (delta, mask, loss). The K steps run in a ``fori_loop``, so it jits and vmaps."""
+    """One client's whole round as one pure function: (params, spec, data, rng) → (delta, mask, loss).
+
+    The K steps run in a ``fori_loop``, so it jits and vmaps.
+
+    Args:
+      fns: the client update (``make_client_fns``).
+      params: the global parameter pytree the client received.
+      spec: this client's spec (``policy.client_spec``).
+      data: this client's ``ClientData`` (no client axis).
+      key: this client's PRNG key.
+
+    Returns:
+      The client's ``ClientResult``.
+    """
     state = fns.init(params, spec, data, key)
     state = jax.lax.fori_loop(0, fns.num_steps, lambda k, s: fns.step(s, spec, data, k), state)
     return fns.final(params, state, spec)

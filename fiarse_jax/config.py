@@ -1,7 +1,6 @@
 """Config validation: every bad value stops the run before any work, in one line."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -10,18 +9,14 @@ from fiarse_jax import (
     attacks,
     engine,
     evaluate,
-    fiarse,
-    masks,
     models,
     policies,
     privacy,
     server_round,
 )
-from fiarse_jax.data import federated, text  # text imports tokenizers only on use
+from fiarse_jax.data import check_data_config
 
 OPTIMIZERS = ("sgd", "adamw")
-#: config.model fields that configure the run, not the Flax module (build_run, export).
-RUN_MODEL_FIELDS = ("name", "pretrained")
 #: attacks.KINDS act on updates; label_flip on the attackers' training labels.
 ATTACK_KINDS = attacks.KINDS + ("label_flip",)
 
@@ -98,72 +93,24 @@ def _choice(config, field: str, allowed) -> str:
     return v
 
 
-def _check_model(config) -> None:
-    """The model exists, every field is one it has, and layer sizes are positive ints."""
-    name = _choice(config, "model.name", models.MODELS)
-    known = {f.name for f in dataclasses.fields(models.MODELS[name])} - {"parent", "name"}
-    for key, value in _get(config, "model").items():
-        if key == "pretrained":   # a run field (weights to start from), not a module field
-            if not isinstance(value, str):
-                _fail("model.pretrained", value, "must be a path, a hub name or ''")
-        if key in RUN_MODEL_FIELDS:
-            continue
-        if key not in known or key == "num_classes":
-            _fail(f"model.{key}", value, f"is not a field of model {name!r}; "
-                  f"fields: {sorted(known - {'num_classes'})}")
-        if isinstance(value, (tuple, list)) and not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
-            _fail(f"model.{key}", tuple(value), "every size must be an integer ≥ 1")
+def _ask(check, *args):
+    """``check(*args)`` (a registry's validation), its ``ValueError`` as a ``ConfigError``."""
+    try:
+        return check(*args)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
 
 
 def validate_config(config) -> None:
     """Raise ``ConfigError`` naming the first bad field and its allowed values."""
     _int(config, "seed", lo=0)
-    _choice(config, "data.name", federated.DATASETS)
     num_clients = _int(config, "data.num_clients")
     _positive(config, "data.alpha")
     tf = _get(config, "data.test_fraction")
     if isinstance(tf, bool) or not isinstance(tf, (int, float)) or not 0 < tf < 1:
         _fail("data.test_fraction", tf, "must be in (0, 1)")
     _int(config, "data.min_client_size", lo=2)
-    data = _get(config, "data")
-    if "partition" in data:
-        _choice(config, "data.partition", federated.PARTITIONS)
-    for field in ("n_train", "n_test", "classes_per_client"):
-        if field in data:
-            _int(config, f"data.{field}")
-    if "mock_examples" in data:
-        _int(config, "data.mock_examples", lo=0)
-    if "download" in data and not isinstance(data.download, bool):
-        _fail("data.download", data.download, "must be True or False")
-    if data.get("data_dir") is not None and not isinstance(data.data_dir, str):
-        _fail("data.data_dir", data.data_dir, "must be a path or None")
-    if data.name in federated.FILE_DATASETS and not data.get("data_dir"):
-        _fail("data.data_dir", data.get("data_dir"), f"dataset {data.name!r} needs " + (
-            "a directory holding train/<class>/ and test/<class>/ image folders"
-            if data.name == "image_folder" else
-            "the path of an .npz file holding x_train, y_train, x_test, y_test"))
-    for field in ("mean", "std"):   # per-channel normalisation; None = the data's default
-        v = data.get(field)
-        if v is not None and (not isinstance(v, (tuple, list)) or not v or not all(
-                isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
-                and (field == "mean" or s > 0) for s in v)):
-            _fail(f"data.{field}", v, "must be None or a non-empty tuple of finite numbers, "
-                  "one per channel" + (", each > 0" if field == "std" else ""))
-    if data.get("mean") is not None and data.get("std") is not None \
-            and len(data.mean) != len(data.std):
-        _fail("data.std", tuple(data.std), f"must have as many values as data.mean = "
-              f"{tuple(data.mean)!r}")
-    if data.get("augment") is not None and not isinstance(data.augment, bool):
-        _fail("data.augment", data.augment, "must be True, False or None (the dataset's "
-              "default)")
-    if "tokenizer" in data and (not isinstance(data.tokenizer, str) or not data.tokenizer):
-        _fail("data.tokenizer", data.tokenizer, "must be 'bpe', a tokenizer.json path or a "
-              "Hugging Face hub name")
-    if "vocab_size" in data:
-        _int(config, "data.vocab_size", lo=text.MIN_VOCAB_SIZE)   # 256 bytes + 5 specials
-    if "max_length" in data:
-        _int(config, "data.max_length", lo=text.MIN_MAX_LENGTH)
+    _ask(check_data_config, _get(config, "data"))   # name, partition, the dataset's own fields
 
     caps = _get(config, "capacities")
     if not isinstance(caps, (tuple, list)) or not caps:
@@ -180,38 +127,14 @@ def validate_config(config) -> None:
         _fail("capacities", tuple(caps),
               f"more capacity levels than clients (data.num_clients = {num_clients})")
 
-    method = _choice(config, "method", policies.POLICIES)
-    # Every method section present is checked, used by this run or not.
-    if method == "fiarse" or "fiarse" in config:
-        _choice(config, "fiarse.scope", masks.SCOPES)
-        _choice(config, "fiarse.gradient", fiarse.GRADIENTS)
-    if method == "fiarse_neuron" or "fiarse_neuron" in config:
-        _choice(config, "fiarse_neuron.scope", masks.SCOPES)
-    if "heterofl" in config and not isinstance(config.heterofl.get("scaler", False), bool):
-        _fail("heterofl.scaler", config.heterofl.scaler, "must be True or False")
-    for name in ("fiarse_neuron", "heterofl", "fedrolex", "fed_dropout", "fedavg_smallest"):
-        if name in config and "budget" in config[name]:
-            _choice(config, f"{name}.budget", policies.structured.BUDGETS)
-    if (method == "heterofl" and config.heterofl.get("scaler", False)
-            and not getattr(models.MODELS.get(config.model.get("name")), "normalized", False)):
-        _fail("heterofl.scaler", True, f"model {config.model.get('name')!r} has no "
-              "normalisation layer to absorb HeteroFL's 1/r output scale (levels sharing a "
-              "unit then train it at scales 1, 4, 16, … and diverge); set it False")
-    if "scalefl" in config:
-        try:
-            policies.scalefl.check_options(**{k: config.scalefl[k] for k in (
-                "depth_exponent", "kd_weight", "temperature") if k in config.scalefl})
-        except ValueError as e:
-            raise ConfigError(f"config.scalefl.{e}") from None
-    _check_model(config)
-    if method == "scalefl":   # early exits on an MLP (≥ 2 hidden layers) or ResNet (≥ 2 stages)
-        m = _get(config, "model")
-        depth_field = {"mlp": "hidden_sizes", "resnet18": "widths"}.get(m.name)
-        layers = (tuple(m.get(depth_field, getattr(models.MODELS[m.name], depth_field)))
-                  if depth_field else ())
-        if depth_field is None or m.get("early_exits", False) is not True or len(layers) < 2:
-            _fail("model", f"{m.name} early_exits={m.get('early_exits', False)}"
-                  + (f" {depth_field}={layers}" if depth_field else ""), policies.scalefl.NEEDS)
+    method = _choice(config, "method", policies.METHODS)
+    model_cls = _ask(models.check_model_config, _get(config, "model"))
+    # Every method section present is checked, used by this run or not; the run's own
+    # method also against the model (e.g. early exits, a normalisation layer).
+    for name in policies.METHODS:
+        if name == method or name in config:
+            _ask(policies.check_method_config, name, config.get(name),
+                 config.model if name == method else None, model_cls)
 
     _int(config, "num_rounds")
     _int(config, "clients_per_round", hi=num_clients)
@@ -308,6 +231,6 @@ def _check_robustness(config, method: str, num_clients: int, num_levels: int) ->
         _fail("server.validate", True, "the norm and direction screens accept a client by the "
               "other clients' updates, which voids DP's sensitivity bound; set it False with "
               "dp.* (non-finite updates are rejected either way)")
-    if (sigma > 0 or eps > 0) and method == "fed_dropout":
-        _fail("method", method, "differential privacy needs per-level masks; fed_dropout's "
+    if (sigma > 0 or eps > 0) and policies.METHODS[method].per_client_random_masks:
+        _fail("method", method, f"differential privacy needs per-level masks; {method}'s "
               "are random per client")

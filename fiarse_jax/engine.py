@@ -44,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fiarse_jax.client import ClientFns, ClientResult, client_update
-from fiarse_jax.data.federated import ClientData
+from fiarse_jax.data.types import ClientData
 
 STRATEGIES = ("auto", "loop", "vmap", "sharded")
 CLIENT_AXIS = "clients"
@@ -56,7 +56,17 @@ Reduce = Callable[[ClientResult], tuple[Any, Any]]
 
 
 def resolve_strategy(strategy: str) -> str:
-    """``auto`` → ``vmap`` on accelerators, ``loop`` on CPU; others unchanged."""
+    """``auto`` → ``vmap`` on accelerators, ``loop`` on CPU; others unchanged.
+
+    Args:
+      strategy: one of ``STRATEGIES``.
+
+    Returns:
+      The concrete strategy: ``"loop"``, ``"vmap"`` or ``"sharded"``.
+
+    Raises:
+      ValueError: an unknown strategy.
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown engine strategy {strategy!r}; expected one of {STRATEGIES}")
     if strategy == "auto":
@@ -158,7 +168,14 @@ def _chunked(fns: ClientFns, clients_per_chunk: int, reduce: Reduce):
 
 
 def client_mesh(devices=None) -> Mesh:
-    """A 1-D mesh named ``clients`` over ``devices`` (default: all, every process's)."""
+    """A 1-D mesh named ``clients`` over ``devices``.
+
+    Args:
+      devices: the devices; default all of them, every process's.
+
+    Returns:
+      A ``Mesh`` with the one axis ``CLIENT_AXIS``.
+    """
     devices = jax.devices() if devices is None else list(devices)
     return Mesh(np.asarray(devices), (CLIENT_AXIS,))
 
@@ -177,19 +194,44 @@ def _put(tree, sharding: NamedSharding):
 
 
 def replicate(tree, mesh: Mesh | None = None):
-    """``tree`` copied to every device of ``mesh`` (the global model for ``sharded``)."""
+    """``tree`` copied to every device of ``mesh`` (the global model for ``sharded``).
+
+    Across processes every process must hold the same full value (same seed, same
+    data); each contributes its addressable copies.
+
+    Args:
+      tree: a pytree of arrays.
+      mesh: the mesh; default ``client_mesh()``.
+
+    Returns:
+      The pytree, replicated over ``mesh``.
+    """
     return _put(tree, NamedSharding(mesh or client_mesh(), P()))
 
 
 def local_view(tree):
-    """This process's copy of a replicated ``tree`` (itself when there is one process)."""
+    """This process's copy of a replicated ``tree`` (itself when there is one process).
+
+    Args:
+      tree: a pytree of replicated arrays.
+
+    Returns:
+      The pytree with each leaf this process's first addressable shard.
+    """
     if jax.process_count() == 1:
         return tree
     return jax.tree_util.tree_map(lambda a: a.addressable_data(0), tree)
 
 
 def to_host(x) -> np.ndarray:
-    """``x`` as a NumPy array on every process (an all-gather when it spans processes)."""
+    """``x`` as a NumPy array on every process (an all-gather when it spans processes).
+
+    Args:
+      x: an array, possibly sharded across processes.
+
+    Returns:
+      The full value as a NumPy array.
+    """
     if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True):
         return np.asarray(x)
     from jax.experimental import multihost_utils
@@ -226,24 +268,53 @@ def _sharded_runner(fns: ClientFns, clients_per_chunk: int, mesh: Mesh, reduce: 
 
 def compiled_peak_bytes(fns: ClientFns, params, specs, data: ClientData, keys: jax.Array, *,
                         clients_per_chunk: int, reduce: Reduce | None = None) -> int:
-    """XLA's peak bytes for one ``vmap`` round of these clients at ``clients_per_chunk``:
-    compiled for this backend, never run. Inputs, outputs (less what reuses an input) and
-    the temporaries' arena; ``reduce`` as in ``make_round_runner``."""
+    """XLA's peak bytes for one ``vmap`` round of these clients: compiled for this backend, never run.
+
+    Inputs, outputs (less what reuses an input) and the temporaries' arena
+    (``peak_bytes``).
+
+    Args:
+      fns: the client update (``client.make_client_fns``).
+      params: the global parameter pytree.
+      specs: the clients' specs, leading client axis.
+      data: the clients' ``ClientData``, leading client axis.
+      keys: PRNG keys, one per client.
+      clients_per_chunk: clients trained at once (0 = all).
+      reduce: as in ``make_round_runner``.
+
+    Returns:
+      The peak in bytes.
+    """
     local = _chunked(fns, clients_per_chunk, reduce or _stack)
     run = jax.jit(lambda p, s, d, k: local(p, s, d, k, jnp.ones(k.shape[0], bool)))
     return peak_bytes(run.lower(params, specs, data, keys).compile())
 
 
 def peak_bytes(compiled) -> int:
-    """Everything a compiled program holds at once, by XLA's buffer assignment: inputs,
-    outputs less what reuses a (donated) input, and the temporaries' arena."""
+    """Everything a compiled program holds at once, by XLA's buffer assignment.
+
+    Inputs, outputs less what reuses a (donated) input, and the temporaries' arena.
+
+    Args:
+      compiled: a compiled program (``jax.jit(f).lower(...).compile()``).
+
+    Returns:
+      The peak in bytes.
+    """
     m = compiled.memory_analysis()
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                - m.alias_size_in_bytes)
 
 
 def size_text(nbytes: float) -> str:
-    """Bytes for people: GiB from 1 GiB up, else MiB."""
+    """Bytes for people: GiB from 1 GiB up, else MiB.
+
+    Args:
+      nbytes: a byte count.
+
+    Returns:
+      e.g. ``"1.50 GiB"`` or ``"12.0 MiB"``.
+    """
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
@@ -261,10 +332,23 @@ def _host_available_bytes() -> int:
 
 
 def memory_budget(fraction: float = 0.9) -> int:
-    """``fraction`` of the memory still free on the first local device: its allocator's
-    limit less what is in use (on a GPU, JAX's pool: 75 % of the card by default), or on
-    a CPU the host's available RAM (shared by forced host devices). Raises where the device
-    reports neither, asking for an explicit budget."""
+    """``fraction`` of the memory still free on the first local device.
+
+    That is its allocator's limit less what is in use (on a GPU, JAX's pool: 75 % of
+    the card by default), or on a CPU the host's available RAM (shared by forced
+    host devices).
+
+    Args:
+      fraction: the share of the free memory to budget.
+
+    Returns:
+      The budget in bytes.
+
+    Raises:
+      RuntimeError: the device reports neither (no allocator limit, or a CPU host
+        whose available RAM cannot be read), asking for an explicit budget
+        (``config.engine.memory_budget_gb``).
+    """
     device = jax.local_devices()[0]
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
@@ -278,23 +362,40 @@ def memory_budget(fraction: float = 0.9) -> int:
 
 
 def chunk_candidates(n: int) -> list[int]:
-    """Chunk sizes worth trying for n clients: for each number of chunks k, the smallest
-    chunk that needs only k (⌈n/k⌉), ascending. A size between two of these runs as many
-    chunks as the larger-count one, so it costs memory without saving a step."""
+    """Chunk sizes worth trying for n clients.
+
+    For each number of chunks k, the smallest chunk that needs only k (⌈n/k⌉). A
+    size between two of these runs as many chunks as the larger-count one, so it
+    costs memory without saving a step.
+
+    Args:
+      n: the number of clients.
+
+    Returns:
+      The sizes, ascending.
+    """
     return sorted({-(-n // k) for k in range(1, n + 1)})
 
 
 def fit_chunk(fns: ClientFns, params, specs, data: ClientData, keys: jax.Array, *,
               budget_bytes: int, reduce: Reduce | None = None) -> tuple[int, int]:
-    """``(clients_per_chunk, its compiled peak bytes)``: the most clients trained at once
-    whose ``vmap`` round fits ``budget_bytes`` (0 = all of them at once).
+    """The most clients trained at once whose ``vmap`` round fits ``budget_bytes``.
 
     Tries only ``chunk_candidates(n)``. All at once is taken when it fits; otherwise a
     binary search over the candidates, one compile per probe (about log₂ of their number:
     XLA's peak grows with the chunk, as each client in it holds its own parameters,
     optimiser state, gradients and activations). Compiling costs time, not memory: a model
-    far too big to run still gets its answer. Raises ``MemoryError`` when one client at a
-    time does not fit.
+    far too big to run still gets its answer.
+
+    Args:
+      fns, params, specs, data, keys, reduce: as in ``compiled_peak_bytes``.
+      budget_bytes: the memory budget, e.g. ``memory_budget()``.
+
+    Returns:
+      ``(clients_per_chunk, its compiled peak bytes)``; 0 = all of them at once.
+
+    Raises:
+      MemoryError: one client at a time does not fit.
     """
     n = keys.shape[0]
     seen: dict[int, int] = {}
@@ -322,11 +423,23 @@ def make_round_runner(fns: ClientFns, strategy: str = "auto", *, clients_per_chu
                       mesh: Mesh | None = None, reduce: Reduce | None = None) -> RoundRunner:
     """A function ``(params, specs, data, keys) -> ClientResult`` (stacked per client).
 
-    ``clients_per_chunk`` (vmap, sharded; 0 = all at once) bounds how many clients
-    train at once per device; ``mesh`` (sharded) defaults to ``client_mesh()``.
-    ``reduce`` (one client's ``ClientResult`` → ``(sums, stats)``, jit-able): the runner
-    returns ``(Σ over clients of sums, stats stacked per client)`` instead, and never
-    holds more than a chunk of client results.
+    Args:
+      fns: the client update (``client.make_client_fns``).
+      strategy: one of ``STRATEGIES`` (see the module docstring).
+      clients_per_chunk: (vmap, sharded; 0 = all at once) bounds how many clients
+        train at once per device.
+      mesh: (sharded) defaults to ``client_mesh()``.
+      reduce: one client's ``ClientResult`` → ``(sums, stats)``, jit-able: the runner
+        returns ``(Σ over clients of sums, stats stacked per client)`` instead, and
+        never holds more than a chunk of client results.
+
+    Returns:
+      The runner. Its inputs carry a leading client axis (``specs``, ``data``,
+      ``keys``); ``params`` has none. Without ``reduce`` it returns a
+      ``ClientResult`` stacked on that axis.
+
+    Raises:
+      ValueError: an unknown strategy or a ``clients_per_chunk`` that is not an int ≥ 0.
     """
     strategy = resolve_strategy(strategy)
     if isinstance(clients_per_chunk, bool) or not isinstance(clients_per_chunk, int) \

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fiarse_jax.data.federated import FederatedData
+from fiarse_jax import engine
+from fiarse_jax.data.types import FederatedData
 from fiarse_jax.policies.base import MaskPolicy
 
 
@@ -145,3 +146,25 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
         return out
 
     return evaluate
+
+
+def eval_batch_size(config) -> int:
+    """``eval.batch_size``, or ``client.batch_size`` when 0 or absent (the authors score
+    every test set in batches of their client batch size)."""
+    b = config.get("eval", {}).get("batch_size", 0)
+    return int(b) if b else int(config.client.batch_size)
+
+
+def run_evaluator(run) -> Callable[[object, int], dict]:
+    """``(params, rounds_done) -> metrics`` of a ``build.Run``: every capacity's sub-model
+    on the global test set and on its clients' local tests (``make_evaluator``), with the
+    policy's round state of the last trained round (``Run.eval_state``)."""
+    evaluator = make_evaluator(run.logits_fn, run.policy, run.capacities, run.assignment,
+                               batch_size=eval_batch_size(run.config), key=run.eval_key,
+                               transform=run.eval_transform)
+
+    def evaluate_run(params, rounds_done: int) -> dict:
+        view = engine.local_view(params)
+        return evaluator(view, run.eval_state(view, rounds_done), run.data)
+
+    return evaluate_run

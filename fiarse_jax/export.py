@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fiarse_jax import checkpoint, costs, evaluate, models, policies, train
-from fiarse_jax.config import RUN_MODEL_FIELDS, ConfigError
+from fiarse_jax import build, checkpoint, costs, evaluate, models, policies
+from fiarse_jax.config import ConfigError
 from fiarse_jax.data import augment
 from fiarse_jax.masks import path_names
 from fiarse_jax.metrics import write_atomic
@@ -70,7 +70,7 @@ def parse_capacity(text: str, capacities) -> int:
     raise ConfigError(f"--capacity {text!r}: the run has capacities {', '.join(labels)}")
 
 
-def load_run_state(workdir: str) -> tuple[train.Run, Any, int, dict]:
+def load_run_state(workdir: str) -> tuple[build.Run, Any, int, dict]:
     """(run, params, rounds done, checkpoint meta) from the run directory's latest checkpoint."""
     ck_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ck_dir):
@@ -83,7 +83,7 @@ def load_run_state(workdir: str) -> tuple[train.Run, Any, int, dict]:
             raise ConfigError(f"--workdir {workdir!r}: no readable checkpoint"
                               + (f" ({'; '.join(warnings)})" if warnings else ""))
         # The checkpoint holds every parameter: no need to find pretrained weights again.
-        run = train.build_run(ml_collections.ConfigDict(latest[1]["config"]), pretrained=False)
+        run = build.build_run(ml_collections.ConfigDict(latest[1]["config"]), pretrained=False)
         restored, warnings = ck.restore_latest(
             checkpoint.run_state(run.init_params, 0, run.train_key, run.assignment))
     finally:
@@ -108,7 +108,7 @@ def export_submodel(workdir: str, capacity: str, out: str) -> dict:
               **{k: v.astype(np.uint8) for k, v in _flat(mask, "mask/").items()}}
     cfg = meta["config"]
     model_opts = _model_options(run.model, {k: v for k, v in cfg["model"].items()
-                                            if k not in RUN_MODEL_FIELDS}, None)
+                                            if k not in models.RUN_MODEL_FIELDS}, None)
     info: dict[str, Any] = {
         "format": FORMAT, "method": cfg["method"], "capacity": run.capacities[level],
         "label": label, "round": rounds, "num_classes": run.data.num_classes,
@@ -190,8 +190,11 @@ def load_submodel(path: str) -> SubModel:
     norm = info.get("input_normalisation")
     if norm:
         transform = augment.cifar_eval_transform(norm["mean"], norm["std"])
-    elif info.get("input_transform") in ("cifar10", "cifar100"):   # exports before the field
-        transform = augment.cifar_eval_transform(std=augment.CIFAR10_STD)
+    elif info.get("input_transform"):   # a transform whose constants were not written
+        raise ValueError(f"{path!r}: the inputs of dataset {info['input_transform']!r} go "
+                         "through an evaluation transform this export does not record (an "
+                         "older fiarse-jax, or an eval_transform without .normalisation); "
+                         "export it again, or rebuild the model from the arrays yourself")
     return SubModel(model, params, info, transform)
 
 

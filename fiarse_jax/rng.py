@@ -7,17 +7,26 @@ Inside a client the key is split again (``CLIENT_STREAMS``): the policy's per-cl
 (Federated Dropout's units), the data order of each pass over the client's samples, and
 the per-step keys (augmentation and the loss's own randomness).
 
+Which clients train in a round is a NumPy draw of (seed, round) (``sample_clients``).
+
 Evaluation uses one fixed key per run (``eval_key``): a random policy is scored with the
 same sub-model draw at every evaluation, so accuracy curves are comparable.
 """
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 #: The consumers of a round's key, in split order (the order is part of reproducibility).
 ROUND_STREAMS = ("policy", "clients", "server", "attack")
 #: The consumers of one client's key.
 CLIENT_STREAMS = ("spec", "order", "steps")
+
+
+def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> np.ndarray:
+    """The round's clients, uniformly without replacement; a pure function of (seed, round)."""
+    draw = np.random.default_rng([seed, round_index])
+    return np.sort(draw.choice(num_clients, per_round, replace=False))
 
 
 def round_streams(train_key: jax.Array, round_index: int) -> dict[str, jax.Array]:

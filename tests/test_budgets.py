@@ -1,7 +1,7 @@
 """Capacity sizes are fractions of *parameters* for every method (issue 16, defect 11).
 
 A level of capacity r must hold ≈ r·N of the N maskable parameters (``masks.maskable_flags``,
-the denominator of ``train.kept_fractions``), structured baselines included: before the
+the denominator of ``run_summary.kept_fractions``), structured baselines included: before the
 fix they kept ⌈r·C⌉ units of every layer, ≈ r² of the parameters on a deep model (on the
 CIFAR CNN below HeteroFL's 1/64 sub-model held 208 of 549,290 parameters, 0.04 %).
 

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 
-from fiarse_jax.data import augment  # noqa: E402
+from fiarse_jax.data import augment, cifar  # noqa: E402
 from fiarse_jax.data import tfds as tfds_data  # noqa: E402
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -65,7 +65,7 @@ def test_transforms_normalise_like_numpy():
 
 @pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
 def test_tfds_loader_on_mock_data(name, classes):
-    ds = tfds_data.load_cifar(name, mock_examples=30)
+    ds = cifar.load_cifar(name, mock_examples=30)
     assert ds.x.shape == (30, 32, 32, 3) and ds.x.dtype == np.uint8
     assert ds.test_x.shape == (30, 32, 32, 3) and ds.num_classes == classes
     assert ds.y.dtype == np.int32 and ds.y.min() >= 0 and ds.y.max() < classes
@@ -75,10 +75,10 @@ def test_tfds_loader_on_mock_data(name, classes):
 def test_missing_data_fails_fast_with_instructions(tmp_path, monkeypatch):
     t = time.time()
     with pytest.raises(tfds_data.DataUnavailable, match="not prepared under config.data.data_dir"):
-        tfds_data.load_cifar("cifar10", data_dir=str(tmp_path))
+        cifar.load_cifar("cifar10", data_dir=str(tmp_path))
     monkeypatch.setattr(tfds_data, "_online", lambda host, timeout=5.0: False)  # no network in tests
     with pytest.raises(tfds_data.DataUnavailable, match="cannot be reached"):
-        tfds_data.load_cifar("cifar10", data_dir=str(tmp_path), download=True)
+        cifar.load_cifar("cifar10", data_dir=str(tmp_path), download=True)
     assert time.time() - t < 30
     assert not any(tmp_path.rglob("*.array_record*"))
 
@@ -86,7 +86,7 @@ def test_missing_data_fails_fast_with_instructions(tmp_path, monkeypatch):
 def test_smoke_config_runs_under_both_strategies_and_its_export_reproduces_accuracy(tmp_path):
     import cifar_smoke
 
-    from fiarse_jax import export, train
+    from fiarse_jax import build, export, train
     out = {}
     for strategy in ("loop", "vmap"):
         c = cifar_smoke.get_config()
@@ -97,7 +97,7 @@ def test_smoke_config_runs_under_both_strategies_and_its_export_reproduces_accur
     assert s["config"]["model"]["name"] == "resnet18" and s["num_classes"] == 10
     assert s["clients_per_level"] == {"1": 2, "1/4": 2, "1/16": 2, "1/64": 2}
     # balanced Dirichlet: every client exactly n_train / n_test samples
-    run = train.build_run(c)
+    run = build.build_run(c)
     assert set(run.data.train_sizes) == {40} and set(run.data.test_sizes) == {10}
     assert run.data.train.x.dtype == np.uint8          # stored as uint8, normalised on device
     for key in ("global_accuracy", "train_loss"):

@@ -140,8 +140,7 @@ def test_global_score_does_not_depend_on_the_partition():
 
 
 def test_federate_keeps_the_test_split_whole_and_in_order_for_the_global_set():
-    from fiarse_jax.data import federate
-    from fiarse_jax.data.federated import Dataset
+    from fiarse_jax.data import Dataset, federate
     rng = np.random.default_rng(0)
     ds = Dataset(x=rng.normal(size=(200, 2)).astype(np.float32), y=np.repeat(np.arange(4), 50),
                  num_classes=4, test_x=rng.normal(size=(40, 2)).astype(np.float32),

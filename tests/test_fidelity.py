@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from fiarse_jax import train
+from fiarse_jax import algorithm, build, train
 from fiarse_jax.config import ConfigError, validate_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
@@ -18,7 +18,7 @@ def test_fedrolex_is_scored_on_the_window_it_trained_last():
     """After R rounds the evaluation's window is round R−1's: it starts at unit R−1."""
     c = default_config.get_config()
     c.method = "fedrolex"
-    run = train.build_run(c)
+    run = build.build_run(c)
     for rounds_done in (1, 3, 200):
         units = np.asarray(run.eval_state(run.init_params, rounds_done)["units"]["Dense_0"])
         size = units.shape[1]
@@ -85,13 +85,13 @@ def test_dp_resume_of_the_planned_run_keeps_sigma_exactly():
     """A resume that keeps num_rounds continues at the checkpoint's σ bit for bit (even one
     recalibrated earlier), and a run without a target keeps its fixed σ."""
     c = _dp_config(6)
-    assert train.noise_multiplier(c, [[3, 1.2345], [2, 3.456789]], planned_rounds=6) == 3.456789
+    assert algorithm.noise_multiplier(c, [[3, 1.2345], [2, 3.456789]], planned_rounds=6) == 3.456789
     c.dp.target_epsilon, c.dp.noise_multiplier = 0.0, 0.7
-    assert train.noise_multiplier(c, [[3, 0.7]], planned_rounds=3) == 0.7
+    assert algorithm.noise_multiplier(c, [[3, 0.7]], planned_rounds=3) == 0.7
 
 
 def test_dp_resume_refuses_a_target_already_spent():
     c = _dp_config(6)
-    sigma3 = train.noise_multiplier(_dp_config(3))
+    sigma3 = algorithm.noise_multiplier(_dp_config(3))
     with pytest.raises(ConfigError, match="config.dp.target_epsilon = 2.0: .*spent"):
-        train.noise_multiplier(c, [[3, sigma3 / 4]], planned_rounds=3)
+        algorithm.noise_multiplier(c, [[3, sigma3 / 4]], planned_rounds=3)

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
 
 from fiarse_jax.config import ConfigError, validate_config  # noqa: E402
-from fiarse_jax.data import augment, federated, files  # noqa: E402
+from fiarse_jax.data import DATASETS, augment, files, load_dataset  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("cat", "ant", "bee")   # written unsorted: the loader sorts them
@@ -375,14 +375,14 @@ def test_cifar_constants_true_and_authors():
 
 def test_registry_loads_both_with_their_options(tmp_path):
     make_folder(tmp_path / "d")
-    assert federated.LOADER_OPTIONS["image_folder"] == ("data_dir", "mean", "std", "augment")
-    assert federated.LOADER_OPTIONS["arrays"] == ("data_dir", "mean", "std", "augment")
+    assert DATASETS["image_folder"].options == ("data_dir", "mean", "std", "augment")
+    assert DATASETS["arrays"].options == ("data_dir", "mean", "std", "augment")
     for name in ("cifar10", "cifar100"):
-        assert set(federated.IMAGE_OPTIONS) <= set(federated.LOADER_OPTIONS[name])
-    ds = federated.load_dataset("image_folder", data_dir=str(tmp_path / "d"), mean=None,
-                                std=None, augment=None)
+        assert set(augment.IMAGE_OPTIONS) <= set(DATASETS[name].options)
+    ds = load_dataset("image_folder", data_dir=str(tmp_path / "d"), mean=None, std=None,
+                      augment=None)
     assert ds.num_classes == 3 and len(ds.x) == 12
-    ds = federated.load_dataset("arrays", data_dir=save_npz(tmp_path / "a.npz", **good_arrays()))
+    ds = load_dataset("arrays", data_dir=save_npz(tmp_path / "a.npz", **good_arrays()))
     assert ds.num_classes == 3 and len(ds.x) == 10
 
 
@@ -418,9 +418,9 @@ def test_config_checks_normalisation_fields(field, value, words):
 
 
 def test_loader_errors_reach_build_run_as_config_errors(tmp_path):
-    from fiarse_jax import train
+    from fiarse_jax import build
     with pytest.raises(ConfigError, match="config.data: image_folder: directory .* does not"):
-        train.build_run(config_for("image_folder", str(tmp_path / "missing")))
+        build.build_run(config_for("image_folder", str(tmp_path / "missing")))
 
 
 # ------------------------------------------------------------------------------ end to end

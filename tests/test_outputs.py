@@ -13,7 +13,7 @@ import default as default_config  # noqa: E402
 import digits_scalefl  # noqa: E402
 from helpers import read_scalars  # noqa: E402
 
-from fiarse_jax import export, plots, train  # noqa: E402
+from fiarse_jax import algorithm, build, export, plots, train  # noqa: E402
 from fiarse_jax.config import ConfigError  # noqa: E402
 from fiarse_jax.metrics import read_jsonl  # noqa: E402
 
@@ -56,7 +56,7 @@ def test_update_norms_match_numpy():
     rng = np.random.default_rng(0)
     deltas = {"a": {"kernel": rng.normal(size=(3, 4, 5))}, "b": {"bias": rng.normal(size=(3, 2))}}
     want = np.sqrt((deltas["a"]["kernel"] ** 2).sum((1, 2)) + (deltas["b"]["bias"] ** 2).sum(1))
-    np.testing.assert_allclose(train.update_norms(jax.tree_util.tree_map(np.float32, deltas)),
+    np.testing.assert_allclose(algorithm.update_norms(jax.tree_util.tree_map(np.float32, deltas)),
                                want, rtol=1e-5)
 
 
@@ -83,7 +83,7 @@ def test_plot_command_writes_nonempty_pngs(runs):
 
 
 def _pooled_accuracy(sub, workdir):
-    run = train.build_run(tiny(json.load(open(os.path.join(workdir, "summary.json")))["config"]["method"]))
+    run = build.build_run(tiny(json.load(open(os.path.join(workdir, "summary.json")))["config"]["method"]))
     x, y = run.data.global_test()
     logits = sub.predict(x)
     return float(np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(y)))

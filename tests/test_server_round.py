@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
 from helpers import override  # noqa: E402
 
-from fiarse_jax import robustness, train, validation  # noqa: E402
+from fiarse_jax import build, rng, robustness, train, validation  # noqa: E402
 from fiarse_jax.server_round import make_server_round  # noqa: E402
 
 
@@ -92,18 +92,18 @@ def test_nan_attack_with_validation_trains_finite_and_logs_rejections(tmp_path):
                    "server.aggregator": "trimmed_mean"})
     summary = train.train_and_evaluate(cfg, str(tmp_path))
     rows = [json.loads(l) for l in (tmp_path / "rounds.jsonl").read_text().splitlines()]
-    attackers = train.build_run(cfg).attackers
+    attackers = build.build_run(cfg).attackers
     assert summary["attackers"] == int(attackers.sum()) == 10
     for r in rows:   # every attacker in the round is caught, as non-finite
-        ids = train.sample_clients(cfg.seed, r["round"] - 1, 50, 10)
+        ids = rng.sample_clients(cfg.seed, r["round"] - 1, 50, 10)
         assert r["attackers"] == r["rejected_non_finite"] == int(attackers[ids].sum())
         assert np.isfinite(r["update_norm_mean"])
     assert 0.0 < summary["final"]["global_accuracy"] <= 1.0
 
 
 def test_label_flip_flips_exactly_the_attackers_rows():
-    clean = train.build_run(small())
-    run = train.build_run(small(**{"attack.kind": "label_flip", "attack.fraction": 0.2,
+    clean = build.build_run(small())
+    run = build.build_run(small(**{"attack.kind": "label_flip", "attack.fraction": 0.2,
                                    "attack.levels": (2,)}))
     y0, y1 = np.asarray(clean.data.train.y), np.asarray(run.data.train.y)
     att = run.attackers

@@ -17,7 +17,7 @@ import default as default_config  # noqa: E402
 from _engine_worker import problem  # noqa: E402
 from helpers import override  # noqa: E402
 
-from fiarse_jax import engine, train  # noqa: E402
+from fiarse_jax import algorithm, engine, train  # noqa: E402
 from fiarse_jax.client import ClientResult  # noqa: E402
 from fiarse_jax.config import ConfigError, validate_config  # noqa: E402
 from fiarse_jax.server_round import make_server_round, make_streaming_round  # noqa: E402
@@ -138,13 +138,13 @@ def test_config_check_refuses_stream_exactly_where_the_rule_needs_every_update(f
     cfg = small(**{"engine.reduce": "stream", **fields})
     if blocked is None:
         validate_config(cfg)
-        assert train.stream_updates(cfg)
+        assert algorithm.stream_updates(cfg)
     else:
         with pytest.raises(ConfigError, match=f"engine.reduce = 'stream'.*{blocked}"):
             validate_config(cfg)
         auto = small(**{"engine.reduce": "auto", **fields})
         validate_config(auto)
-        assert not train.stream_updates(auto)
+        assert not algorithm.stream_updates(auto)
 
 
 @pytest.mark.parametrize("kw", [

@@ -9,7 +9,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 tokenizers = pytest.importorskip("tokenizers")
 
 from fiarse_jax import hub  # noqa: E402
-from fiarse_jax.data import federated, text  # noqa: E402
+from fiarse_jax.data import DATASETS, load_dataset, text  # noqa: E402
 from fiarse_jax.data import tfds as tfds_data  # noqa: E402
 from fiarse_jax.data.tfds import DataUnavailable  # noqa: E402
 
@@ -56,8 +56,8 @@ def check_rows(ids, max_length):
 
 
 def test_mock_ag_news_end_to_end(tmp_path):
-    ds = federated.load_dataset("ag_news", data_dir=str(tmp_path), mock_examples=64,
-                                vocab_size=1000, max_length=48)
+    ds = load_dataset("ag_news", data_dir=str(tmp_path), mock_examples=64, vocab_size=1000,
+                      max_length=48)
     assert ds.x.shape == (64, 48) and ds.test_x.shape == (64, 48)
     check_rows(ds.x, 48)
     check_rows(ds.test_x, 48)
@@ -76,7 +76,7 @@ def test_mock_ag_news_end_to_end(tmp_path):
     np.testing.assert_array_equal(ds.y, [int(r["label"]) % 4 for r in records])
     assert [tok.decode(row.tolist()) for row in ds.x] == want
     np.testing.assert_array_equal(ds.x, reference_encoding(tok, want, 48))
-    assert federated.LOADER_OPTIONS["ag_news"] == (
+    assert DATASETS["ag_news"].options == (
         "data_dir", "download", "mock_examples", "tokenizer", "vocab_size", "max_length")
 
 

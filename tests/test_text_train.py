@@ -11,7 +11,7 @@ pytest.importorskip("tokenizers", reason="the text path needs tokenizers (the 't
 
 from helpers import override  # noqa: E402
 
-from fiarse_jax import train  # noqa: E402
+from fiarse_jax import build, train  # noqa: E402
 from fiarse_jax.config import ConfigError  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
@@ -42,7 +42,7 @@ def test_one_round_agrees_across_strategies_and_keeps_the_grouped_budget(tmp_pat
     # not maskable, so no kept share is reported for the head.
     # Costs use the model's rule too: maskable = word/position embeddings + encoder dense
     # layers, counted here from the parameter names.
-    params = train.build_run(smoke(tmp_path)).init_params
+    params = build.build_run(smoke(tmp_path)).init_params
     by_path = {"/".join(str(getattr(k, "key", k)) for k in path): leaf.size for path, leaf in
                jax.tree_util.tree_flatten_with_path(params)[0]}
     maskable = sum(n for p, n in by_path.items()
@@ -56,18 +56,18 @@ def test_one_round_agrees_across_strategies_and_keeps_the_grouped_budget(tmp_pat
 
 
 def test_the_tokenizer_fixes_the_model_vocabulary(tmp_path):
-    run = train.build_run(smoke(tmp_path))
+    run = build.build_run(smoke(tmp_path))
     vocab = run.model.dims().vocab_size
     assert run.init_params["embeddings"]["word"]["embedding"].shape[0] == vocab
     assert int(np.asarray(run.data.train.x).max()) < vocab
     assert run.model.max_length == 32
     with pytest.raises(ConfigError, match=r"config.model.vocab_size = 123 contradicts the data "
                                           rf"\(vocab_size = {vocab}"):
-        train.build_run(smoke(tmp_path, **{"model.vocab_size": 123}))
+        build.build_run(smoke(tmp_path, **{"model.vocab_size": 123}))
     c = smoke(tmp_path)
     c.model = type(c.model)({"name": "mlp", "hidden_sizes": (8,)})
     with pytest.raises(ConfigError, match="dataset 'ag_news' gives token ids"):
-        train.build_run(c)
+        build.build_run(c)
 
 
 def _hf_checkpoint(params, rng):
@@ -93,11 +93,11 @@ def _hf_checkpoint(params, rng):
 
 def test_pretrained_switch_starts_from_the_checkpoint(tmp_path):
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
-    scratch = train.build_run(smoke(tmp_path))
+    scratch = build.build_run(smoke(tmp_path))
     t = _hf_checkpoint(scratch.init_params, np.random.default_rng(0))
     path = tmp_path / "model.safetensors"
     safetensors_numpy.save_file(t, str(path))
-    run = train.build_run(smoke(tmp_path, **{"model.pretrained": str(path)}))
+    run = build.build_run(smoke(tmp_path, **{"model.pretrained": str(path)}))
     p = run.init_params
     d = t["roberta.embeddings.LayerNorm.weight"].shape[0]
     q = np.asarray(p["layer_1"]["attention"]["query"]["kernel"]).reshape(d, d)
@@ -108,7 +108,7 @@ def test_pretrained_switch_starts_from_the_checkpoint(tmp_path):
     np.testing.assert_array_equal(np.asarray(p["head"]["out_proj"]["kernel"]),
                                   np.asarray(scratch.init_params["head"]["out_proj"]["kernel"]))
     with pytest.raises(ConfigError, match="config.model.pretrained = 'nowhere/none'"):
-        train.build_run(smoke(tmp_path, **{"model.pretrained": "nowhere/none"}))
+        build.build_run(smoke(tmp_path, **{"model.pretrained": "nowhere/none"}))
 
 
 
@@ -142,7 +142,7 @@ def test_pretrained_structured_run_exports_and_resumes_without_the_weights(tmp_p
     neither export nor resume needs the weights it started from."""
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     path = tmp_path / "model.safetensors"
-    safetensors_numpy.save_file(_hf_checkpoint(train.build_run(smoke(tmp_path)).init_params,
+    safetensors_numpy.save_file(_hf_checkpoint(build.build_run(smoke(tmp_path)).init_params,
                                                np.random.default_rng(1)), str(path))
     c = smoke(tmp_path, method="heterofl", checkpoint_every=1,
               **{"model.pretrained": str(path)})

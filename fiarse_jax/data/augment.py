@@ -15,6 +15,8 @@ CIFAR-10's true per-channel std of the training pixels; ``AUTHORS_CIFAR_STD`` =
 for CIFAR-10 and CIFAR-100 alike, so the paper's numbers were made with it. The transforms'
 defaults, and the loaders' default for 32×32 RGB data (``image_transforms``), are the
 authors' constants, so the paper's pipeline is reproduced unless a config says otherwise.
+
+``check_image_options`` validates config.data's ``IMAGE_OPTIONS`` for every image dataset.
 """
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fiarse_jax.data import checks
+
+#: config.data fields (of an image dataset) that set its normalisation and augmentation.
+IMAGE_OPTIONS = ("mean", "std", "augment")
 #: CIFAR-10's per-channel mean of the training pixels (RGB, in [0, 1]).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 #: CIFAR-10's true per-channel std of the training pixels.
@@ -162,3 +168,22 @@ def image_transforms(x: np.ndarray, mean: Sequence[float] | None = None,
     # can record the preprocessing it needs.
     evaluate.normalisation = {"mean": mean, "std": std}
     return train, evaluate, resolved
+
+
+def check_image_options(data) -> None:
+    """config.data's ``mean``, ``std`` (None or per-channel numbers, std > 0, as many as
+    the mean) and ``augment`` (None or a bool); the channel count is checked on load."""
+    for field in ("mean", "std"):   # per-channel normalisation; None = the data's default
+        v = data.get(field)
+        if v is not None and (not isinstance(v, (tuple, list)) or not v or not all(
+                isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
+                and (field == "mean" or s > 0) for s in v)):
+            checks.fail(field, v, "must be None or a non-empty tuple of finite numbers, "
+                        "one per channel" + (", each > 0" if field == "std" else ""))
+    if data.get("mean") is not None and data.get("std") is not None \
+            and len(data["mean"]) != len(data["std"]):
+        checks.fail("std", tuple(data["std"]), f"must have as many values as data.mean = "
+                    f"{tuple(data['mean'])!r}")
+    if data.get("augment") is not None and not isinstance(data["augment"], bool):
+        checks.fail("augment", data["augment"], "must be True, False or None (the dataset's "
+                    "default)")

@@ -39,7 +39,9 @@ with its own class's statistics). The training split stays in file order (the pa
 draws from it by label).
 
 Every bad input is one ``ValueError`` line naming the file or value (``build_run`` reports
-it as ``config.data: ...``), raised before any cache file is written.
+it as ``config.data: ...``), raised before any cache file is written. The config checks
+run before any loading: ``check_image_folder``, ``check_arrays`` (``data_dir`` set, the
+image options).
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ import zipfile
 import numpy as np
 
 from fiarse_jax.data import augment as augment_lib
-from fiarse_jax.data.federated import Dataset
+from fiarse_jax.data import checks
+from fiarse_jax.data.types import Dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 #: Bumped when the cache's contents change meaning (old caches are then rebuilt).
@@ -428,3 +431,20 @@ def load_arrays(*, data_dir: str | None = None, mean=None, std=None,
     train_transform, eval_transform, _ = augment_lib.image_transforms(x, mean, std, augment)
     return Dataset(x=x, y=y, num_classes=num_classes, test_x=tx, test_y=ty,
                    train_transform=train_transform, eval_transform=eval_transform)
+
+
+# --------------------------------------------------------------------------- config checks
+
+def _config_check(name: str, needs: str):
+    def check(data) -> None:
+        checks.data_dir(data)
+        if not data.get("data_dir"):
+            checks.fail("data_dir", data.get("data_dir"), f"dataset {name!r} needs {needs}")
+        augment_lib.check_image_options(data)
+    check.__doc__ = f"config.data for {name!r}: ``data_dir`` set, and the image options."
+    return check
+
+
+check_image_folder = _config_check(
+    "image_folder", "a directory holding train/<class>/ and test/<class>/ image folders")
+check_arrays = _config_check("arrays", f"the path of an .npz file holding {', '.join(ARRAY_KEYS)}")

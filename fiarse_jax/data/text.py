@@ -22,6 +22,7 @@ Every example becomes RoBERTa's ``<s> text </s>``, truncated to ``max_length`` (
 text is cut, ``</s>`` stays last) and padded with ``<pad>`` to exactly ``max_length``.
 The attention mask is not stored: the model derives it as ``ids != pad_token_id``
 (``Dataset.model_options`` carries ``vocab_size``, ``pad_token_id`` and ``max_length``).
+``check_config`` validates config.data's fields for AG News before anything is read.
 """
 from __future__ import annotations
 
@@ -35,9 +36,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fiarse_jax import hub
+from fiarse_jax.data import checks
 from fiarse_jax.data import tfds as tfds_data
-from fiarse_jax.data.federated import Dataset
 from fiarse_jax.data.tfds import DataUnavailable
+from fiarse_jax.data.types import Dataset
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -296,3 +298,16 @@ def load_ag_news(*, data_dir: str | None = None, download: bool = False, mock_ex
     return Dataset(x=x, y=y, num_classes=NUM_CLASSES, test_x=tx, test_y=ty,
                    model_options={"vocab_size": tok.get_vocab_size(with_added_tokens=True),
                                   "pad_token_id": pad, "max_length": int(max_length)})
+
+
+def check_config(data) -> None:
+    """config.data's fields for AG News: the TFDS source's, then ``tokenizer`` (a non-empty
+    string), ``vocab_size`` ≥ ``MIN_VOCAB_SIZE`` and ``max_length`` ≥ ``MIN_MAX_LENGTH``."""
+    tfds_data.check_source_options(data)
+    if "tokenizer" in data and (not isinstance(data["tokenizer"], str) or not data["tokenizer"]):
+        checks.fail("tokenizer", data["tokenizer"], "must be 'bpe', a tokenizer.json path or a "
+                    "Hugging Face hub name")
+    if "vocab_size" in data:
+        checks.integer(data, "vocab_size", lo=MIN_VOCAB_SIZE)   # 256 bytes + 5 specials
+    if "max_length" in data:
+        checks.integer(data, "max_length", lo=MIN_MAX_LENGTH)

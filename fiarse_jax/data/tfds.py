@@ -1,4 +1,5 @@
-"""CIFAR-10/100 (and the shared TFDS plumbing of every TFDS dataset) into host NumPy arrays.
+"""The shared TFDS source of the TFDS datasets (CIFAR, ``fiarse_jax.data.cifar``; AG News,
+``fiarse_jax.data.text``): every record of a split as host NumPy values.
 
 Route: ``tfds.data_source`` (ArrayRecord random access), which reads prepared data
 without TensorFlow. Preparing the data the first time (``download=True``) is
@@ -11,11 +12,10 @@ Absent data fails fast: without ``download`` a missing dataset is one clear erro
 naming ``data_dir``; with it, a 5-second connection check runs before TFDS starts a
 download that would otherwise hang for minutes on an offline machine.
 
-``mock_examples > 0`` reads ``tfds.testing.mock_data`` instead (random images of the
-right shapes, no files): the smoke config and the tests use it.
+``mock_examples > 0`` reads ``tfds.testing.mock_data`` instead (random records of the
+right shapes, no files): the smoke configs and the tests use it.
 
-``read_tfds_splits`` is that route for any TFDS dataset (the AG News loader,
-``fiarse_jax.data.text``, uses it too).
+``SOURCE_OPTIONS``: the config.data fields of this source, checked by ``check_source_options``.
 """
 from __future__ import annotations
 
@@ -23,17 +23,11 @@ import contextlib
 import os
 from collections.abc import Sequence
 
-import numpy as np
-
 from fiarse_jax import hub
-from fiarse_jax.data import augment as augment_lib
-from fiarse_jax.data.federated import Dataset
+from fiarse_jax.data import checks
 
-#: dataset name -> (TFDS name, number of classes, host the download comes from)
-TFDS_DATASETS = {
-    "cifar10": ("cifar10", 10, "www.cs.toronto.edu"),
-    "cifar100": ("cifar100", 100, "www.cs.toronto.edu"),
-}
+#: config.data fields every TFDS dataset takes (where the data is, whether to fetch it).
+SOURCE_OPTIONS = ("data_dir", "download", "mock_examples")
 
 
 class DataUnavailable(RuntimeError):
@@ -109,30 +103,11 @@ def read_tfds_splits(name: str, tfds_name: str, host: str, *, splits: Sequence[s
                 for s in splits]
 
 
-def _images_labels(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    x = np.stack([np.asarray(r["image"], np.uint8) for r in records])
-    y = np.asarray([int(r["label"]) for r in records], np.int32)
-    return x, y
-
-
-def load_cifar(name: str, *, data_dir: str | None = None, download: bool = False,
-               mock_examples: int = 0, mean=None, std=None, augment: bool | None = None
-               ) -> Dataset:
-    """CIFAR-10 or CIFAR-100 as a ``Dataset`` with its separate test split and the
-    CIFAR train/eval transforms.
-
-    ``mean`` / ``std`` (per channel) and ``augment`` (crop 32 with 4-pixel padding + flip)
-    are config.data's fields; None gives ``augment.image_transforms``'s defaults for
-    32×32 RGB: CIFAR-10's mean, the authors' std ``AUTHORS_CIFAR_STD`` (one set of
-    constants for both datasets, as in the authors' code) and augmentation on."""
-    tfds_name, num_classes, host = TFDS_DATASETS[name]
-    train, test = read_tfds_splits(name, tfds_name, host, splits=("train", "test"),
-                                   data_dir=data_dir, download=download,
-                                   mock_examples=mock_examples)
-    x, y = _images_labels(train)
-    tx, ty = _images_labels(test)
-    if mock_examples > 0:   # mock labels are random over int64; fold them into the classes
-        y, ty = y % num_classes, ty % num_classes
-    train_transform, eval_transform, _ = augment_lib.image_transforms(x, mean, std, augment)
-    return Dataset(x=x, y=y, num_classes=num_classes, test_x=tx, test_y=ty,
-                   train_transform=train_transform, eval_transform=eval_transform)
+def check_source_options(data) -> None:
+    """config.data's ``mock_examples`` (an integer ≥ 0), ``download`` (a bool) and
+    ``data_dir`` (a path or None), where present."""
+    if "mock_examples" in data:
+        checks.integer(data, "mock_examples", lo=0)
+    if "download" in data and not isinstance(data["download"], bool):
+        checks.fail("download", data["download"], "must be True or False")
+    checks.data_dir(data)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -23,6 +24,8 @@ class MLP(nn.Module):
     hidden_sizes: Sequence[int] = (128,)
     num_classes: int = 10
     early_exits: bool = False
+    #: the field whose length is the number of exits (config checks for ``scalefl``).
+    depth_field: ClassVar[str | None] = "hidden_sizes"
 
     @nn.compact
     def __call__(self, x: jax.Array, exits: bool = False) -> jax.Array:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -150,6 +151,7 @@ class ResNet18(nn.Module):
     early_exits: bool = False
     #: a norm after every conv (HeteroFL's 1/r scaler is absorbed by it; config checks).
     normalized = True
+    depth_field: ClassVar[str | None] = "widths"   # its length: the exits (scalefl's check)
 
     def _inner(self) -> list[list[int]]:
         """Inner widths per stage, per block."""

@@ -21,8 +21,9 @@ the model returns logits and the loss is the mean cross-entropy.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NamedTuple
 
 import jax
 
@@ -31,8 +32,27 @@ RoundState = Any
 ClientSpec = Any
 
 
+#: Option types whose ``Literal`` values are the choices ``check_method_config`` accepts
+#: (they equal ``masks.SCOPES`` and ``fiarse.GRADIENTS``, which the builders also check).
+Scope = Literal["global", "layer"]
+Gradient = Literal["tcb", "masked"]
+
+#: Builder parameters the caller fills from the model (not config options).
+BUILDER_ARGS = ("unit_groups", "is_maskable", "group_fn")
+
+
 class MaskPolicy(NamedTuple):
-    """A sub-model extraction method (see module docstring)."""
+    """A sub-model extraction method: pure functions over pytrees (module docstring).
+
+    Attributes:
+      name: the method's registry name.
+      prepare: ``(global_params, round_index, key) -> round_state``, once per round.
+      client_spec: ``(round_state, level_index, key) -> spec`` for one client (vmappable).
+      apply: ``(params, spec) -> sub-model params`` used in the client's loss.
+      mask: ``(params, spec) -> 0/1 pytree`` of the coordinates the client holds.
+      objective: optional ``(outputs [E, B, K], labels, spec) -> loss`` (early exits).
+      readout: optional ``(outputs [E, B, K], spec) -> logits [B, K]`` (early exits).
+    """
 
     name: str
     #: (global_params, round_index, key) -> round state (server side, once per round).
@@ -50,6 +70,44 @@ class MaskPolicy(NamedTuple):
 
 
 def select_level(round_state: RoundState, level: Any, key: jax.Array = None) -> ClientSpec:
-    """Default ``client_spec``: index the leading level axis of every leaf."""
+    """Default ``client_spec``: index the leading level axis of every leaf.
+
+    Args:
+      round_state: a pytree whose leaves are stacked on a leading level axis.
+      level: the client's capacity level index (an int or a traced int32).
+      key: unused (the ``client_spec`` signature).
+
+    Returns:
+      The pytree of every leaf's ``[level]`` slice.
+    """
     del key
     return jax.tree_util.tree_map(lambda t: t[level], round_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """What the method registry knows of a method (``policies.register_method``).
+
+    Attributes:
+      builder: ``builder(capacities, *, unit_groups=None, **options) -> MaskPolicy``. Its
+        keyword-only parameters other than ``BUILDER_ARGS`` are the method's config options
+        (``config.<method>``), their defaults the defaults and ``Literal[...]``
+        annotations the choices (``options.check_options``).
+      structured: masks drop whole units (the sub-model shrinks to dense arrays).
+      per_client_random_masks: every client draws its own mask, not one per level
+        (DP-FedAvg refuses such a method).
+      check_options: optional ``(options) -> None`` for rules on the options beyond types
+        and choices (ranges, ...), given every option (defaults filled in); raises
+        ``ValueError("<key> = <value!r>: ...")``, ``key`` relative to the method's section.
+      check_model: optional ``(options, model_cls, model) -> None`` for rules tying the
+        options to the model, run for the method in use: ``model`` is ``config.model``
+        (its ``name`` and fields), ``model_cls`` its class (``None`` if unknown); raises
+        ``ValueError("<field> = <value!r>: ...")``, ``field`` relative to the config root
+        (``"heterofl.scaler"``, ``"model"``).
+    """
+
+    builder: Callable[..., MaskPolicy]
+    structured: bool = False
+    per_client_random_masks: bool = False
+    check_options: Callable[[Mapping[str, Any]], None] | None = None
+    check_model: Callable[[Mapping[str, Any], type | None, Mapping[str, Any]], None] | None = None

@@ -13,7 +13,13 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fiarse_jax.policies.structured import leading_masks, level_counts, require_groups, structured_policy
+from fiarse_jax.policies.structured import (
+    Budget,
+    leading_masks,
+    level_counts,
+    require_groups,
+    structured_policy,
+)
 
 
 def fedavg_full_policy(capacities, *, unit_groups=None):
@@ -22,7 +28,7 @@ def fedavg_full_policy(capacities, *, unit_groups=None):
     return structured_policy("fedavg_full", groups, capacities, lambda p, r, k: ones)
 
 
-def fedavg_smallest_policy(capacities, *, unit_groups=None, budget: str = "params",
+def fedavg_smallest_policy(capacities, *, unit_groups=None, budget: Budget = "params",
                            is_maskable=None):
     """``budget``: ``"params"`` | ``"width"`` (module docstring)."""
     groups = require_groups("fedavg_smallest", unit_groups)

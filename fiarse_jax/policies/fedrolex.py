@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fiarse_jax.policies.structured import level_counts, require_groups, structured_policy
+from fiarse_jax.policies.structured import Budget, level_counts, require_groups, structured_policy
 
 
-def fedrolex_policy(capacities, *, unit_groups=None, budget: str = "params",
+def fedrolex_policy(capacities, *, unit_groups=None, budget: Budget = "params",
                     is_maskable=None):
     """``budget``: ``"params"`` | ``"width"`` (module docstring)."""
     groups = require_groups("fedrolex", unit_groups)

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 from fiarse_jax import fiarse as fiarse_lib
 from fiarse_jax import masks as masks_lib
-from fiarse_jax.policies.base import MaskPolicy, select_level
+from fiarse_jax.policies.base import Gradient, MaskPolicy, Scope, select_level
 
 
-def fiarse_policy(capacities: Sequence[float], *, scope: str = "global",
-                  gradient: str = "tcb",
+def fiarse_policy(capacities: Sequence[float], *, scope: Scope = "global",
+                  gradient: Gradient = "tcb",
                   is_maskable: masks_lib.IsMaskable | None = None,
                   group_fn: masks_lib.GroupFn | None = None,
                   unit_groups=None) -> MaskPolicy:

@@ -38,11 +38,18 @@ import numpy as np
 
 from fiarse_jax import units
 from fiarse_jax.masks import _check_scope, keep_count
-from fiarse_jax.policies.structured import level_counts, maskable_shapes, require_groups, structured_policy
+from fiarse_jax.policies.base import Scope
+from fiarse_jax.policies.structured import (
+    Budget,
+    level_counts,
+    maskable_shapes,
+    require_groups,
+    structured_policy,
+)
 
 
-def fiarse_neuron_policy(capacities, *, unit_groups=None, scope: str = "layer",
-                         budget: str = "params", is_maskable=None):
+def fiarse_neuron_policy(capacities, *, unit_groups=None, scope: Scope = "layer",
+                         budget: Budget = "params", is_maskable=None):
     """``scope``: ``"layer"`` | ``"global"``; ``budget``: ``"params"`` | ``"width"``
     (module docstring)."""
     groups = require_groups("fiarse_neuron", unit_groups)

@@ -16,16 +16,25 @@ training, the rate being the width the layer runs at: k_g/C_g under
 ``budget="params"``, r under ``budget="width"`` (HeteroFL's 1/model-rate). HeteroFL
 drops the scaler at inference because a (static) BatchNorm after every layer absorbs
 the scale; here the sub-model is evaluated as it was trained, with the scaler, and
-``validate_config`` refuses the scaler on a model without normalisation layers (levels
-sharing a unit would train it at different scales).
+``check_model`` (run by ``validate_config``) refuses the scaler on a model without
+normalisation layers (levels sharing a unit would train it at different scales).
 """
 from __future__ import annotations
 
-from fiarse_jax.policies.structured import leading_masks, level_counts, require_groups, structured_policy
+from collections.abc import Mapping
+from typing import Any
+
+from fiarse_jax.policies.structured import (
+    Budget,
+    leading_masks,
+    level_counts,
+    require_groups,
+    structured_policy,
+)
 
 
 def heterofl_policy(capacities, *, unit_groups=None, scaler: bool = True,
-                    budget: str = "params", is_maskable=None):
+                    budget: Budget = "params", is_maskable=None):
     """``budget``: ``"params"`` | ``"width"`` (module docstring); ``is_maskable``: the
     model's maskability rule (which leaves N counts), default ``masks.default_maskable``."""
     groups = require_groups("heterofl", unit_groups)
@@ -34,3 +43,15 @@ def heterofl_policy(capacities, *, unit_groups=None, scaler: bool = True,
                              lambda p, r, k: leading_masks(groups, counts(p)),
                              scale_outputs=bool(scaler),
                              scale_by="width" if budget == "params" else "rate")
+
+
+def check_model(options: Mapping[str, Any], model_cls: type | None,
+                model: Mapping[str, Any]) -> None:
+    """The registry's model rule: ``scaler=True`` needs a model class with ``normalized``
+    true (a norm layer absorbs the 1/rate scale). Raises ``ValueError`` naming
+    ``heterofl.scaler``."""
+    if options.get("scaler", True) and not getattr(model_cls, "normalized", False):
+        raise ValueError(f"heterofl.scaler = {options.get('scaler', True)!r}: model "
+                         f"{model.get('name')!r} has no normalisation layer to absorb "
+                         "HeteroFL's 1/r output scale (levels sharing a unit then train it "
+                         "at scales 1, 4, 16, … and diverge); set it False")

@@ -16,7 +16,7 @@ A client of capacity r holds
   ResNet streams and block-inner channels alike; HeteroFL's shape), with w_r the ratio
   for which the sub-model's count of *maskable* parameters is closest to ⌈r·N⌉ (a tie →
   the smaller), N = the maskable parameters of the global model (``masks.maskable_flags``,
-  the denominator FIARSE and ``train.kept_fractions`` use; BN γ/β are not counted), at
+  the denominator FIARSE and ``run_summary.kept_fractions`` use; BN γ/β are not counted), at
   least one unit per kept group. The count is over the kept blocks and kept exits, each
   group axis at its kept width (``units.held_count``). So level r holds ≈ r·N maskable
   parameters, like FIARSE and the other structured baselines (the same search,
@@ -40,7 +40,8 @@ optionally, its maskability rule ``is_maskable``).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -162,6 +163,29 @@ def check_options(depth_exponent: float = 0.5, kd_weight: float = 1.0,
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(float(v)):
             raise ValueError(f"{name} = {v!r}: must be a finite number "
                              + ("> 0" if name == "temperature" else "≥ 0"))
+
+
+def check_option_ranges(options: Mapping[str, Any]) -> None:
+    """The registry's option rule: ``check_options`` on a section's options (defaults
+    filled in)."""
+    check_options(**{k: options[k] for k in ("depth_exponent", "kd_weight", "temperature")
+                     if k in options})
+
+
+def check_model(options: Mapping[str, Any], model_cls: type | None,
+                model: Mapping[str, Any]) -> None:
+    """The registry's model rule: a model class with a ``depth_field`` (the field whose
+    length is the number of exits: an MLP's ``hidden_sizes``, a ResNet's ``widths``),
+    ``early_exits=True`` and at least 2 entries in that field. Raises ``ValueError``
+    ``"model = '<name> early_exits=<v> <depth_field>=<layers>': <NEEDS>"``."""
+    del options
+    depth_field = getattr(model_cls, "depth_field", None)
+    layers = tuple(model.get(depth_field, getattr(model_cls, depth_field))) if depth_field else ()
+    exits = model.get("early_exits", False)
+    if depth_field is None or exits is not True or len(layers) < 2:
+        found = f"{model.get('name')} early_exits={exits}" + (
+            f" {depth_field}={layers}" if depth_field else "")
+        raise ValueError(f"model = {found!r}: {NEEDS}")
 
 
 def scalefl_policy(capacities, *, unit_groups=None, depth_exponent: float = 0.5,

@@ -13,7 +13,7 @@ What a capacity r means (``budget``, every structured builder's option):
   so that the sub-model holds as close to ⌈r·N⌉ of the N maskable parameters as the
   unit grid allows (a tie → the smaller; ``units.widths_for_budget``). N and the held
   count are over the leaves ``masks.maskable_flags`` marks (the denominator of
-  ``train.kept_fractions``; BatchNorm γ/β are not counted). A weight matrix between two
+  ``run_summary.kept_fractions``; BatchNorm γ/β are not counted). A weight matrix between two
   hidden layers keeps ≈ w² of its entries, so on a deep model w ≈ √r (the paper's sizes
   {1/64, 1/16, 1/4, 1} are the squares of the baselines' width ratios {1/8, 1/4, 1/2,
   1}); on a model with one hidden layer w ≈ r.
@@ -23,6 +23,7 @@ What a capacity r means (``budget``, every structured builder's option):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +41,10 @@ def require_groups(name: str, unit_groups) -> list[units.UnitGroup]:
     return list(unit_groups)
 
 
-#: What a capacity ratio means for a structured method (see the module docstring).
-BUDGETS = ("params", "width")
+#: What a capacity ratio means for a structured method (see the module docstring); the
+#: builders' ``budget`` option is annotated with it (its choices for config checks).
+Budget = Literal["params", "width"]
+BUDGETS: tuple[str, ...] = get_args(Budget)
 
 
 def check_budget(budget) -> str:

@@ -1,0 +1,342 @@
+"""The federated algorithm as a builder: ``build_algorithm(run, config) -> Algorithm``.
+
+As fedjax's ``FederatedAlgorithm``, an algorithm is a pair of functions, and the loop
+that calls them (``train.train_and_evaluate``) knows nothing of what is inside:
+
+* ``init(params, rounds_done=0, dp_segments=(), planned_rounds=None) -> ServerState``:
+  the state a run starts (or resumes) from;
+* ``apply(state, client_ids) -> (state, RoundStats)``: one round with these clients.
+
+``ServerState`` holds what persists across rounds: the global params, the rounds done,
+DP's σ for the rounds ahead and its history (ε composes over it). Everything else a round
+uses is a pure function of (seed, round) (``rng``), so a checkpoint of the params, the
+round and the σ history (σ follows from it and the config) resumes a run exactly.
+
+Inside ``apply``: the policy prepares every level's extraction from the global model
+(``policy.prepare``: one sort for FIARSE), each client gets its spec and rows, the
+clients train with the chosen strategy (``engine``), and the server step aggregates over
+holders. Its internals: streamed sums (the server's inputs summed while the clients
+train) or stacked deltas (robust rules, screens and simulated attacks need all updates
+at once, ``config.stream_blocker``), update validation, DP-FedAvg's clipping, noise and
+accounting, the auto-sized client chunk, and the multi-process glue.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fiarse_jax import attacks, engine, privacy, rng, server_round, validation
+from fiarse_jax import client as client_lib
+from fiarse_jax.build import COMPUTE_DTYPES, Run, local_steps, make_optimizer
+from fiarse_jax.config import ConfigError, stream_blocker
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss became NaN); the message says why."""
+
+
+class ServerState(NamedTuple):
+    """What persists across rounds (see the module docstring)."""
+
+    params: Any               # the global model (replicated on every device when sharded)
+    round: int                # rounds done
+    sigma: float              # DP's noise multiplier for the rounds ahead (0: no DP)
+    dp_segments: tuple        # ((rounds, σ), ...): the σ history, for DP accounting
+
+
+class RoundStats(NamedTuple):
+    """One round's numbers, on the host (the round's one wait for the device)."""
+
+    train_loss: float         # the mean client loss
+    norms: np.ndarray         # L2 norms of the accepted updates
+    accepted: np.ndarray      # bool per client
+    reason: np.ndarray        # int per client: index into ``validation.REASONS``
+    attackers: int            # simulated attackers among the round's clients
+    dp_epsilon: float | None  # ε spent so far (None without DP)
+    seconds: float            # the round's wall time, up to its results on the host
+
+
+class Algorithm(NamedTuple):
+    """``init`` and ``apply`` (module docstring) plus what the run summary reports."""
+
+    init: Callable[..., ServerState]
+    apply: Callable[[ServerState, np.ndarray], tuple[ServerState, RoundStats]]
+    strategy: str             # engine strategy: loop, vmap, sharded
+    clients_per_chunk: int    # clients trained at once per device (0: all; loop: 1)
+    streaming: bool           # whether the server's inputs are streamed
+
+
+def build_algorithm(run: Run, config) -> Algorithm:
+    """The algorithm of ``config`` (method, server rule, DP, attack, engine) on ``run``."""
+    data, policy, assignment = run.data, run.policy, run.assignment
+    fns = client_lib.make_client_fns(run.loss_fn, policy, make_optimizer(config),
+                                     num_steps=local_steps(config, data.train_sizes),
+                                     local_epochs=config.client.get("local_epochs", 0.0),
+                                     batch_size=config.client.batch_size,
+                                     augment=run.train_transform,
+                                     min_rows=int(np.min(data.train_sizes)),
+                                     compute_dtype=COMPUTE_DTYPES[config.engine.dtype])
+    strategy = engine.resolve_strategy(config.engine.strategy)
+    multi, lead = jax.process_count() > 1, jax.process_index() == 0
+    if multi and strategy != "sharded":
+        raise ConfigError(f"config.engine.strategy = {config.engine.strategy!r}: across "
+                          f"{jax.process_count()} processes only 'sharded' runs")
+    # Across processes (jax.distributed) every process runs the same rounds on the same
+    # inputs; arrays the server step reads are global.
+    glob = engine.replicate if multi else (lambda x: x)
+    streaming = stream_updates(config)
+    attack_kind = config.attack.kind if config.attack.kind in attacks.KINDS else "none"
+    attack = jax.jit(functools.partial(attacks.attack_updates, attack_kind,
+                                       scale=config.attack.scale,
+                                       noise_std=config.attack.noise_std))
+    client_specs = jax.jit(jax.vmap(policy.client_spec, in_axes=(None, 0, 0)))
+    divisor_fn = make_divisor(policy, run.capacities, assignment, sampling_rate(config))
+
+    def round_inputs(view, rnd: int, ids):
+        """Round ``rnd``'s named key streams (``rng``), policy state, client keys, specs
+        (drawn with each client's ``spec`` stream) and rows."""
+        streams = rng.round_streams(run.train_key, rnd)
+        round_state = run.prepare(view, rnd, streams["policy"])
+        keys = rng.client_keys(streams["clients"], jnp.asarray(ids))
+        spec_keys = jax.vmap(lambda k: rng.client_streams(k)["spec"])(keys)
+        specs = client_specs(round_state, jnp.asarray(assignment[ids]), spec_keys)
+        batch = jax.tree_util.tree_map(lambda a: a[ids], data.train)
+        return streams, round_state, keys, specs, batch
+
+    sigma0 = noise_multiplier(config)   # a resume may recalibrate it (init)
+    servers = {sigma0: _server(config, sigma0, streaming)}   # built before any file is written
+    chunk = config.engine.clients_per_chunk
+    if chunk == "auto":   # every round has the same shapes: round 0's decides
+        ids0 = rng.sample_clients(config.seed, 0, config.data.num_clients,
+                                  config.clients_per_round)
+        chunk = auto_chunk(config, fns, servers[sigma0][0], strategy,
+                           lambda: (run.init_params, *round_inputs(run.init_params, 0, ids0)[2:]))
+
+    @functools.cache
+    def rounds_at(sigma: float):
+        """(streamed server or None, stacked server step, client runner) at DP noise σ."""
+        if sigma not in servers:
+            servers[sigma] = _server(config, sigma, streaming)
+        reduce, stream, step = servers[sigma]
+        return stream, step, engine.make_round_runner(fns, strategy, clients_per_chunk=chunk,
+                                                      reduce=reduce)
+
+    def init(params, rounds_done: int = 0, dp_segments: Sequence = (),
+             planned_rounds: int | None = None) -> ServerState:
+        """The state after ``rounds_done`` rounds with these params (a fresh run: 0);
+        ``dp_segments``/``planned_rounds``: the σ history and ``num_rounds`` of the
+        checkpoint resumed from (DP recalibrates σ when ``num_rounds`` changed)."""
+        spent = tuple((int(n), float(s)) for n, s in dp_segments)
+        sigma = noise_multiplier(config, spent, planned_rounds) if sigma0 > 0 and spent else sigma0
+        if sigma != sigma0 and lead:
+            print(f"DP: σ = {sigma:.4g} for rounds {rounds_done + 1}–{config.num_rounds} (σ "
+                  f"history {[list(s) for s in spent]}), so that the whole run spends ε = "
+                  f"{config.dp.target_epsilon}", flush=True)
+        if strategy == "sharded":
+            params = engine.replicate(params)   # on every device, beside the sharded deltas
+        return ServerState(params, rounds_done, sigma, spent)
+
+    def apply(state: ServerState, ids: np.ndarray) -> tuple[ServerState, RoundStats]:
+        """Round ``state.round`` with clients ``ids`` (sorted ints)."""
+        t0, rnd, sigma = time.time(), state.round, state.sigma
+        stream, server_step, run_clients = rounds_at(sigma)
+        view = engine.local_view(state.params)
+        streams, round_state, keys, specs, batch = round_inputs(view, rnd, ids)
+        in_round = run.attackers[ids]
+        server_key = glob(streams["server"])
+        divisor = glob(divisor_fn(view, round_state) if sigma > 0 else 0.0)
+        if streaming:   # the server's sums accumulate while the clients train
+            sums, stats = run_clients(view, specs, batch, keys)
+            params = stream.finish(state.params, sums, server_key, divisor)
+            losses, info, norms = stats.loss, stats._asdict(), stats.norm
+        else:
+            result = run_clients(view, specs, batch, keys)
+            deltas = (attack(result.delta, result.mask, glob(jnp.asarray(in_round)),
+                             glob(streams["attack"]))
+                      if attack_kind != "none" and in_round.any() else result.delta)
+            params, info = server_step(state.params, deltas, result.mask,
+                                       glob(jnp.asarray(assignment[ids])), server_key, divisor)
+            losses, norms = result.loss, update_norms(deltas)
+        train_loss = float(engine.to_host(losses).mean())   # the round's one wait
+        if not np.isfinite(train_loss):
+            raise TrainingError(
+                f"training diverged in round {rnd + 1} (mean client loss {train_loss}); "
+                f"lower config.client.learning_rate ({config.client.learning_rate}) or "
+                f"config.server.learning_rate ({config.server.learning_rate})")
+        accepted, reason = engine.to_host(info["accepted"]), engine.to_host(info["reason"])
+        norms, seconds = engine.to_host(norms)[accepted], time.time() - t0
+        if not accepted.any():
+            print(f"fiarse-jax: warning: round {rnd + 1}: every update was rejected; "
+                  "the model is unchanged", file=sys.stderr, flush=True)
+        segments = dp_segments(state.dp_segments, 1, sigma)
+        epsilon = (privacy.epsilon_for_history(segments, sampling_rate=sampling_rate(config),
+                                               delta=config.dp.delta,
+                                               accountant=config.dp.accountant)
+                   if sigma > 0 else None)
+        return (ServerState(params, rnd + 1, sigma, segments),
+                RoundStats(train_loss, norms, accepted, reason, int(in_round.sum()), epsilon,
+                           seconds))
+
+    return Algorithm(init, apply, strategy, 1 if strategy == "loop" else chunk, streaming)
+
+
+def round_row(stats: RoundStats, round_done: int, *, attack: bool) -> dict:
+    """The ``rounds.jsonl`` row of one round."""
+    norms = stats.norms
+    row = {"round": round_done, "train_loss": stats.train_loss,
+           "update_norm_mean": float(norms.mean()) if norms.size else 0.0,
+           "update_norm_max": float(norms.max()) if norms.size else 0.0,
+           "rejected": int((~stats.accepted).sum()),
+           **{f"rejected_{name}": int((stats.reason == i).sum())
+              for i, name in enumerate(validation.REASONS) if i > 0},
+           "round_time_s": round(stats.seconds, 4)}
+    if attack:
+        row["attackers"] = stats.attackers
+    if stats.dp_epsilon is not None:
+        row["dp_epsilon"] = stats.dp_epsilon
+    return row
+
+
+@jax.jit
+def update_norms(deltas) -> jax.Array:
+    """L2 norm of each client's delta (leading client axis) over the whole pytree."""
+    sq = sum(jnp.sum(jnp.square(d.reshape(d.shape[0], -1)), axis=1)
+             for d in jax.tree_util.tree_leaves(deltas))
+    return jnp.sqrt(sq)
+
+
+def stream_updates(config) -> bool:
+    """Whether rounds sum the server's inputs while clients train (``config.engine.reduce``:
+    ``auto`` streams whenever the server rule allows, ``stream`` always (``validate_config``
+    refuses it where it cannot), ``stack`` never)."""
+    mode = config.engine.get("reduce", "auto")
+    return mode == "stream" or (mode == "auto" and stream_blocker(config) is None)
+
+
+def _server(config, sigma: float, streaming: bool):
+    """(the engine's ``reduce`` hook or None, streamed server or None, stacked server step)
+    of ``config``'s rule at DP noise σ."""
+    options = dict(config.server.get(config.server.aggregator, {}))
+    validate = config.server.validate
+    stream = (server_round.make_streaming_round(
+        server_lr=config.server.learning_rate, dp_noise_multiplier=sigma,
+        dp_clip_norm=config.dp.clip_norm, aggregator=config.server.aggregator,
+        aggregator_options=options) if streaming else None)
+    step = server_round.make_server_round(
+        aggregator=config.server.aggregator, aggregator_options=options,
+        z_threshold=config.server.z_threshold if validate else None,
+        cosine_threshold=config.server.cosine_threshold if validate else None,
+        server_lr=config.server.learning_rate, dp_noise_multiplier=sigma,
+        dp_clip_norm=config.dp.clip_norm)
+    return (stream.contribution if streaming else None), stream, step
+
+
+# --- differential privacy (DP-FedAvg) -------------------------------------------------------
+
+def sampling_rate(config) -> float:
+    """q: the chance a client is sampled in a round."""
+    return config.clients_per_round / config.data.num_clients
+
+
+def noise_multiplier(config, spent: Sequence | None = None, planned_rounds: int | None = None
+                     ) -> float:
+    """σ of DP-FedAvg for the rounds still to run: ``dp.noise_multiplier``, or calibrated to
+    ``dp.target_epsilon`` over ``num_rounds`` (0: no DP).
+
+    ``spent``: the ``[rounds, σ]`` segments a resumed run already ran (``dp_segments`` in
+    its checkpoint), planned for ``planned_rounds`` rounds. With a target, σ stays the last
+    segment's when ``num_rounds`` is still the planned one (bit-for-bit resumes); when it
+    changed, σ for the remaining rounds is calibrated on top of what was spent
+    (``privacy.calibrate_remaining``), so that the whole run spends the target."""
+    if config.dp.target_epsilon <= 0:
+        return float(config.dp.noise_multiplier)
+    opts = dict(sampling_rate=sampling_rate(config), delta=config.dp.delta,
+                accountant=config.dp.accountant)
+    if not spent:
+        return privacy.calibrate_noise(config.dp.target_epsilon, config.num_rounds, **opts)
+    done = sum(int(n) for n, _ in spent)
+    if planned_rounds == config.num_rounds or done >= config.num_rounds:
+        return float(spent[-1][1])   # the planned run, or no round left to run
+    try:
+        return privacy.calibrate_remaining(config.dp.target_epsilon, [tuple(x) for x in spent],
+                                           config.num_rounds - done, **opts)
+    except ValueError as e:
+        raise ConfigError(f"config.dp.target_epsilon = {config.dp.target_epsilon}: {e}") from None
+
+
+def dp_segments(spent: Sequence, rounds: int, sigma: float) -> tuple[tuple[int, float], ...]:
+    """``spent`` followed by ``rounds`` rounds at ``sigma`` (merged into the last segment
+    when its σ is the same): the σ history a checkpoint keeps for DP accounting."""
+    out = [list(x) for x in spent]
+    if out and out[-1][1] == sigma:
+        out[-1][0] += rounds
+    elif rounds > 0:
+        out.append([rounds, sigma])
+    return tuple((int(n), float(s)) for n, s in out)
+
+
+def make_divisor(policy, capacities, assignment, q: float):
+    """Jitted ``(params, round_state) -> divisor`` for DP: the expected number of sampled
+    holders per coordinate, from every level's (public) mask."""
+    counts = [int((assignment == i).sum()) for i in range(len(capacities))]
+
+    def divisor(params, round_state):
+        level_masks = [policy.mask(params, policy.client_spec(round_state, lvl,
+                                                              jax.random.PRNGKey(0)))
+                       for lvl in range(len(capacities))]
+        stacked = jax.tree_util.tree_map(lambda *m: jnp.stack(m), *level_masks)
+        return privacy.expected_holders(stacked, counts, q)
+
+    return jax.jit(divisor)
+
+
+# --- the client chunk ---------------------------------------------------------------------
+
+def auto_chunk(config, fns, reduce, strategy: str, inputs) -> int:
+    """``engine.clients_per_chunk = "auto"``: the most clients per device trained at once
+    whose round fits ``engine.memory_budget_gb`` (GiB; 0: 90 % of the device memory still
+    free), by XLA's compiled peak of the client round (``engine.fit_chunk``; every round
+    has the same shapes, so one round's answer holds for all). The server step is not
+    counted: with stacked server inputs and a robust rule, leave headroom. ``inputs()``
+    gives (params, keys, specs, data) of a round. ``loop`` trains one client at a time
+    anyway: 0. Across processes every one decides, and all take the smallest answer."""
+    if strategy == "loop":
+        return 0
+    budget_gb = config.engine.get("memory_budget_gb", 0.0)
+    params, keys, specs, data = inputs()
+    if strategy == "sharded":   # the chunk is per device: fit one device's share
+        per_device = -(-keys.shape[0] // jax.device_count())
+        keys, specs, data = jax.tree_util.tree_map(lambda a: a[:per_device], (keys, specs, data))
+    n, t0 = keys.shape[0], time.time()
+    try:
+        budget = int(budget_gb * 2**30) if budget_gb > 0 else engine.memory_budget()
+        chunk, peak = engine.fit_chunk(fns, params, specs, data, keys, budget_bytes=budget,
+                                       reduce=reduce)
+        problem = ""
+    except (MemoryError, RuntimeError) as e:
+        chunk, peak, problem = -1, 0, str(e)
+    if jax.process_count() > 1:   # one program everywhere: the smallest answer, or all fail
+        from jax.experimental import multihost_utils
+        answers = np.asarray(multihost_utils.process_allgather(
+            np.int32(n if chunk == 0 else chunk))).ravel()
+        if chunk >= 0 and answers.min() < 0:
+            problem = "it does not fit on another process"
+        smallest = int(answers.min())
+        chunk = -1 if smallest < 0 else (0 if smallest == n else smallest)
+    if chunk < 0:
+        raise ConfigError(f"config.engine.clients_per_chunk = 'auto': {problem}; raise "
+                          "config.engine.memory_budget_gb if it is set too low, free device "
+                          "memory, or lower config.client.batch_size")
+    if jax.process_index() == 0:
+        print(f"engine: clients_per_chunk = auto → {chunk or n} of {n} clients at once"
+              f"{' per device' if strategy == 'sharded' else ''} (XLA's compiled peak "
+              f"{engine.size_text(peak)}, budget {engine.size_text(budget)}; "
+              f"{time.time() - t0:.0f} s to decide)", flush=True)
+    return chunk

@@ -1,0 +1,83 @@
+"""The end-of-run summary (``summary.json``): final metrics, kept fractions, costs, setup."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from fiarse_jax import costs, engine, evaluate, policies
+from fiarse_jax.masks import maskable_flags, path_names
+
+
+def kept_fractions(policy, params, round_state, capacities, is_maskable=None, key=None
+                   ) -> tuple[list[float], list[dict[str, float]]]:
+    """Per level: the fraction of maskable scalars its sub-model keeps, overall and per
+    top-level module (layer); ``key``: a random policy's draw (default ``PRNGKey(0)``)."""
+    key = jax.random.PRNGKey(0) if key is None else key
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    layers = [path_names(p)[0] for p, _ in flat]
+    flags = maskable_flags(params, is_maskable)
+    total = sum(l.size for (_, l), f in zip(flat, flags) if f)
+    overall, per_layer = [], []
+    for lvl in range(len(capacities)):
+        spec = policy.client_spec(round_state, lvl, key)
+        m = jax.tree_util.tree_leaves(policy.mask(params, spec))
+        kept, size = {}, {}
+        for x, f, layer in zip(m, flags, layers):
+            if f:
+                kept[layer] = kept.get(layer, 0.0) + float(x.sum())
+                size[layer] = size.get(layer, 0) + x.size
+        overall.append(sum(kept.values()) / total)
+        per_layer.append({k: kept[k] / size[k] for k in kept})
+    return overall, per_layer
+
+
+def summarize(run, algorithm, state, history: list, rounds: list, *,
+              resumed_from: int | None, t_start: float) -> dict[str, Any]:
+    """The summary of a finished run (``run``: ``build.Run``; ``state``: the final
+    ``algorithm.ServerState``; ``history``/``rounds``: the evaluation and round rows)."""
+    config, capacities, assignment = run.config, run.capacities, run.assignment
+    params = engine.local_view(state.params)
+    final_state = run.eval_state(params, config.num_rounds)
+    labels = [evaluate.capacity_label(c) for c in capacities]
+    kept_overall, kept_layers = kept_fractions(run.policy, params, final_state, capacities,
+                                               run.is_maskable, run.eval_key)
+    cost = costs.capacity_costs(run.model, params, run.policy, final_state, capacities,
+                                structured=config.method in policies.STRUCTURED,
+                                unit_groups=run.unit_groups, x_one=run.x_one,
+                                is_maskable=run.is_maskable, key=run.eval_key)
+    return {
+        "config": config.to_dict(),
+        "final": history[-1],
+        "capacities": dict(zip(labels, capacities)),
+        "kept_fraction": dict(zip(labels, kept_overall)),
+        "kept_fraction_per_layer": dict(zip(labels, kept_layers)),
+        "costs": cost,
+        "num_classes": run.data.num_classes,
+        "num_params": int(sum(l.size for l in jax.tree_util.tree_leaves(params))),
+        "clients_per_level": {evaluate.capacity_label(c): int((assignment == i).sum())
+                              for i, c in enumerate(capacities)},
+        "strategy": algorithm.strategy,
+        "clients_per_chunk": algorithm.clients_per_chunk,
+        "server_inputs": "streamed" if algorithm.streaming else "stacked",
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "resumed_from_round": resumed_from,
+        "attackers": int(run.attackers.sum()),
+        "dp": ({"noise_multiplier": state.sigma, "epsilon": rounds[-1].get("dp_epsilon"),
+                "delta": config.dp.delta, "segments": [list(s) for s in state.dp_segments]}
+               if state.sigma > 0 else None),
+        "wall_time_s": round(time.time() - t_start, 2),
+    }
+
+
+def jsonable(x):
+    """``json.dumps``'s ``default`` for the summary: NumPy scalars, tuples, sets, the rest as str."""
+    if isinstance(x, (np.generic,)):
+        return x.item()
+    if isinstance(x, (tuple, set)):
+        return list(x)
+    return str(x)
