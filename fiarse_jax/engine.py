@@ -55,11 +55,18 @@ RoundRunner = Callable[[Any, Any, ClientData, jax.Array], Any]
 Reduce = Callable[[ClientResult], tuple[Any, Any]]
 
 
-def resolve_strategy(strategy: str) -> str:
-    """``auto`` → ``vmap`` on accelerators, ``loop`` on CPU; others unchanged.
+def resolve_strategy(strategy: str, *, backend: str | None = None,
+                     local_devices: int | None = None, processes: int | None = None) -> str:
+    """The concrete strategy of ``strategy``; ``auto`` follows the machine:
+
+    ``sharded`` across processes (``jax.distributed``: only it runs there) and whenever an
+    accelerator shows more than one local device (a Colab TPU's 8 cores, a multi-GPU box),
+    ``vmap`` on one accelerator, ``loop`` on CPU (where one client at a time is fastest).
 
     Args:
       strategy: one of ``STRATEGIES``.
+      backend, local_devices, processes: the machine (default: JAX's
+        ``default_backend()``, ``local_device_count()``, ``process_count()``).
 
     Returns:
       The concrete strategy: ``"loop"``, ``"vmap"`` or ``"sharded"``.
@@ -69,9 +76,16 @@ def resolve_strategy(strategy: str) -> str:
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown engine strategy {strategy!r}; expected one of {STRATEGIES}")
-    if strategy == "auto":
-        return "loop" if jax.default_backend() == "cpu" else "vmap"
-    return strategy
+    if strategy != "auto":
+        return strategy
+    backend = jax.default_backend() if backend is None else backend
+    local_devices = jax.local_device_count() if local_devices is None else local_devices
+    processes = jax.process_count() if processes is None else processes
+    if processes > 1:
+        return "sharded"
+    if backend == "cpu":
+        return "loop"
+    return "sharded" if local_devices > 1 else "vmap"
 
 
 def _index(tree, i):

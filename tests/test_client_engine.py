@@ -133,10 +133,22 @@ def test_loop_and_vmap_strategies_agree(gradient):
     assert np.abs(d).max() > 0 and np.all(d[m == 0] == 0)
 
 
-def test_unknown_strategy():
+def test_strategy_resolution_and_unknown_strategy():
     with pytest.raises(ValueError, match="'pmap'"):
         engine.resolve_strategy("pmap")
-    assert engine.resolve_strategy("auto") == ("loop" if jax.default_backend() == "cpu" else "vmap")
+    here = engine.resolve_strategy("auto")
+    assert here == engine.resolve_strategy("auto", backend=jax.default_backend(),
+                                           local_devices=jax.local_device_count(),
+                                           processes=jax.process_count())
+    # auto: sharded across processes or over several accelerator devices, vmap on one
+    # accelerator, loop on CPU (however many host devices are forced)
+    for backend, devices, processes, want in [
+            ("cpu", 1, 1, "loop"), ("cpu", 8, 1, "loop"), ("cpu", 1, 2, "sharded"),
+            ("gpu", 1, 1, "vmap"), ("gpu", 2, 1, "sharded"), ("tpu", 8, 1, "sharded"),
+            ("tpu", 4, 4, "sharded")]:
+        assert engine.resolve_strategy("auto", backend=backend, local_devices=devices,
+                                       processes=processes) == want, (backend, devices)
+    assert engine.resolve_strategy("vmap", backend="tpu", local_devices=8) == "vmap"
 
 
 @pytest.mark.parametrize("method", ["fiarse", "heterofl"])
