@@ -47,7 +47,6 @@ pairwise distances go one client at a time (O(n·P) memory, not O(n²·P)).
 from __future__ import annotations
 
 import functools
-import inspect
 import itertools
 import math
 import numbers
@@ -57,6 +56,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fiarse_jax import options as options_lib
 from fiarse_jax.server import holder_average
 
 Params = Any
@@ -406,26 +406,19 @@ def rule(name: str, options: dict[str, Any]) -> Aggregator:
 
 
 def check_options(name: str, rule: Aggregator, options: dict[str, Any]) -> None:
-    """Check ``options`` against the keyword parameters ``rule`` takes after its first two.
-
-    Values are not checked here (the rules do that when called).
+    """Check ``options`` against the keyword-only parameters of ``rule`` (its options):
+    unknown keys, missing required ones, and each value's type (``options.check_options``,
+    as for a method's options; ranges are the rules' own and ``validate_config``'s).
 
     Args:
-      name: the rule's name, for the message.
+      name: the rule's name; fields are reported as ``server.<name>.<key>``.
       rule: the rule function.
       options: keyword options.
 
     Raises:
-      ValueError: unknown options, or a missing option without a default.
+      ValueError: one line naming the first bad key and its value.
     """
-    params = list(inspect.signature(rule).parameters.values())[2:]
-    known = {p.name for p in params}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"{name}: unknown option(s) {unknown}; it takes {sorted(known) or 'none'}")
-    missing = [p.name for p in params if p.default is p.empty and p.name not in options]
-    if missing:
-        raise ValueError(f"{name}: missing option(s) {missing}")
+    options_lib.check_options(f"server.{name}", rule, options)
 
 
 def aggregate_deltas(name: str, deltas: Params, masks: Params, *,

@@ -196,6 +196,8 @@ def stream_blocker(config) -> str | None:
 def _check_robustness(config, method: str, num_clients: int, num_levels: int) -> None:
     """server.aggregator and its options, update validation, attack.*, dp.*."""
     agg = _choice(config, "server.aggregator", aggregators.AGGREGATORS)
+    _ask(aggregators.check_options, agg, aggregators.AGGREGATORS[agg],
+         dict(config.server.get(agg, {})))   # the rule's own options: keys and types
     _number(config, "server.trimmed_mean.beta", 0.0, 0.5, hi_open=True)
     _positive(config, "server.norm_bounded.max_norm")
     f = _int(config, "server.multi_krum.num_byzantine", lo=0)

@@ -203,8 +203,11 @@ def test_krum_distance_is_per_shared_coordinate():
     ("trimmed_mean", {"beta": 0.6}, r"trimmed_mean: beta = 0.6 must be in \[0, 0.5\)"),
     ("trimmed_mean", {"beta": -0.1}, r"beta = -0.1"),
     ("norm_bounded", {"max_norm": 0.0}, r"norm_bounded: max_norm = 0.0 must be"),
-    ("norm_bounded", {}, r"norm_bounded: missing option\(s\) \['max_norm'\]"),
-    ("median", {"beta": 0.1}, r"median: unknown option\(s\) \['beta'\]"),
+    ("norm_bounded", {}, r"^server.norm_bounded.max_norm is missing \(a required option of "
+                         r"server.norm_bounded\)$"),
+    ("median", {"beta": 0.1}, r"^server.median.beta = 0.1: is not an option of server.median; "
+                              r"options: \[\]$"),
+    ("trimmed_mean", {"beta": "0.1"}, r"^server.trimmed_mean.beta = '0.1': must be a number$"),
     ("multi_krum", {"num_byzantine": 3},
      r"num_byzantine = 3 needs more than 2·3 \+ 2 clients; got 7"),
     ("multi_krum", {"num_byzantine": -1}, r"num_byzantine = -1 must be an int"),

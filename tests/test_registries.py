@@ -356,3 +356,26 @@ def test_a_toy_model_registers_and_checks():
     with pytest.raises(ValueError, match="num_classes field"):
         models.register_model("plain", dict)
     assert "toy" not in models.MODELS and "plain" not in models.MODELS
+
+
+# ------------------------------------------------------------------ aggregation rules
+
+
+def test_the_active_aggregation_rule_options_are_checked_before_anything_runs(tmp_path):
+    from fiarse_jax import train
+    from fiarse_jax.config import ConfigError
+
+    config = default_config.get_config()
+    config.server.aggregator = "trimmed_mean"
+    config.server.trimmed_mean.betta = 0.2          # a typo of beta
+    with pytest.raises(ConfigError, match=r"^config.server.trimmed_mean.betta = 0.2: is not an "
+                                          r"option of server.trimmed_mean; options: \['beta'\]$"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    # Another rule's section is not this run's: its keys are the rule's business when used.
+    config = default_config.get_config()
+    config.server.trimmed_mean.betta = 0.2
+    from fiarse_jax.config import validate_config
+    validate_config(config)
+    assert aggregators.check_options("multi_krum", aggregators.multi_krum,
+                                     {"num_byzantine": 1, "num_selected": None}) is None
