@@ -36,7 +36,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fiarse_jax import aggregators, policies
+from fiarse_jax import aggregators, paths, policies
 from fiarse_jax.config import ConfigError
 
 #: What a round computes from a checkpoint; bumped when that changes (2: named random
@@ -104,15 +104,23 @@ class RunCheckpoints:
     def __init__(self, workdir: str, *, keep: int = 3, read_only: bool = False):
         """``read_only``: only read (export, inspection): no cleanup of unfinished saves
         and no deletion of unreadable checkpoints, so a run writing them is not disturbed."""
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = os.path.join(paths.absolute(workdir), "checkpoints")
         self.read_only = read_only
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                                 cleanup_tmp_directories=not read_only,
-                                                 read_only=read_only,
-                                                 enable_async_checkpointing=True),
-            item_names=("state", "meta"))
+        try:
+            self.manager = ocp.CheckpointManager(
+                paths.as_path(self.directory),
+                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                                     cleanup_tmp_directories=not read_only,
+                                                     read_only=read_only,
+                                                     enable_async_checkpointing=True),
+                item_names=("state", "meta"))
+        except Exception as e:  # noqa: BLE001 — a remote store Orbax cannot use: one line
+            if paths.is_local(self.directory):
+                raise
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            raise ConfigError(f"--workdir {workdir!r}: Orbax cannot open {self.directory} ({reason}); "
+                              "checkpoints on gs:// need the google-cloud-storage package and "
+                              "credentials for the bucket") from e
 
     def save(self, round_index: int, state: dict, meta: dict) -> None:
         """Start saving the state after ``round_index`` rounds (asynchronously; ``meta`` is
@@ -235,13 +243,13 @@ class Restored(NamedTuple):
 def has_checkpoints(workdir: str) -> bool:
     """Whether ``workdir`` holds a checkpoint directory with a step in it."""
     d = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+    return paths.isdir(d) and any(n.isdigit() for n in paths.listdir(d))
 
 
 def open_run(workdir: str, config) -> RunCheckpoints | None:
     """The run's checkpoints when it saves some (``checkpoint_every`` > 0) or the workdir
     already has a checkpoint directory (resumed from even when this config saves none)."""
-    if config.checkpoint_every > 0 or os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if config.checkpoint_every > 0 or paths.isdir(os.path.join(workdir, "checkpoints")):
         return RunCheckpoints(workdir, keep=config.keep_checkpoints)
     return None
 

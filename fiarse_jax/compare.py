@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fiarse_jax import evaluate, plots, policies, train
+from fiarse_jax import evaluate, paths, plots, policies, train
 from fiarse_jax.config import ConfigError, validate_config
 from fiarse_jax.metrics import read_jsonl, write_atomic
 
@@ -112,7 +112,7 @@ def compare(config, methods: Sequence[str], workdir: str, *,
     summaries, histories, failures = run_all(configs, workdir, progress=progress)
     labels = [evaluate.capacity_label(c) for c in sorted(config.capacities)]
     table = markdown_table(summaries, failures, labels)
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     write_atomic(os.path.join(workdir, "comparison.md"), table)
     pngs = plots.plot_comparison(summaries, histories, workdir) if summaries else []
     result = {"methods": methods, "table": table, "plots": pngs, "summaries": summaries,

@@ -20,6 +20,7 @@ masked full-size model); its accuracy on the run's test data equals the reported
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from typing import Any, NamedTuple
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fiarse_jax import build, checkpoint, costs, evaluate, models, policies
+from fiarse_jax import build, checkpoint, costs, evaluate, models, paths, policies
 from fiarse_jax.config import ConfigError
 from fiarse_jax.data import augment
 from fiarse_jax.masks import path_names
@@ -73,7 +74,7 @@ def parse_capacity(text: str, capacities) -> int:
 def load_run_state(workdir: str) -> tuple[build.Run, Any, int, dict]:
     """(run, params, rounds done, checkpoint meta) from the run directory's latest checkpoint."""
     ck_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ck_dir):
+    if not paths.isdir(ck_dir):
         raise ConfigError(f"--workdir {workdir!r} holds no checkpoints/ (run it with "
                           "config.checkpoint_every > 0 first)")
     ck = checkpoint.RunCheckpoints(workdir, read_only=True)   # never disturbs a running save
@@ -132,11 +133,11 @@ def export_submodel(workdir: str, capacity: str, out: str) -> dict:
     info["reported"] = {"round": last.get("round"),
                         "capacity_global_accuracy": last.get("capacity_global_accuracy", {}).get(label),
                         "local_accuracy": last.get("local_accuracy", {}).get(label)}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, out)
-    info["file_bytes"] = os.path.getsize(out)
+    paths.makedirs(os.path.dirname(paths.absolute(out)))
+    buf = io.BytesIO()   # written whole (gs:// too): never half-written
+    np.savez_compressed(buf, **arrays)
+    write_atomic(out, buf.getvalue())
+    info["file_bytes"] = len(buf.getvalue())
     write_atomic(out[:-len(".npz")] + ".json", json.dumps(info, indent=2))
     return info
 
@@ -177,11 +178,10 @@ class SubModel(NamedTuple):
 
 def load_submodel(path: str) -> SubModel:
     """The exported sub-model of ``path`` (.npz beside its .json), ready for ``predict``."""
-    with open(path[:-len(".npz")] + ".json") as f:
-        info = json.load(f)
+    info = json.loads(paths.read_text(path[:-len(".npz")] + ".json"))
     if info.get("format") != FORMAT:
         raise ValueError(f"{path!r}: not a {FORMAT} export (format {info.get('format')!r})")
-    with np.load(path) as z:
+    with np.load(io.BytesIO(paths.read_bytes(path))) as z:
         arrays = {k: z[k] for k in z.files}
     spec = info.get("dense_model") or info["model"]
     model = models.build_model(spec["name"], info["num_classes"], spec["options"])

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+from fiarse_jax import paths
+from fiarse_jax.paths import write_atomic
 
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename: never half-written."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+__all__ = ["MetricWriter", "NullWriter", "read_jsonl", "scalars", "write_atomic"]
 
 
 def _rows(rows: Sequence[dict]) -> str:
@@ -33,10 +32,9 @@ def _rows(rows: Sequence[dict]) -> str:
 
 def read_jsonl(path: str) -> list[dict]:
     """The rows of a JSON-lines file ([] if it does not exist)."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def scalars(row: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -66,7 +64,14 @@ class NullWriter:
 
 
 class MetricWriter:
-    """Writes evaluation rows and per-round rows to JSON lines and TensorBoard."""
+    """Writes evaluation rows and per-round rows to JSON lines and TensorBoard.
+
+    In a local workdir the JSON-lines files are appended to and the events written in
+    place. In a remote one (``gs://...``: objects cannot be appended to) each JSON-lines
+    file is rewritten whole after every row, and the events are written to a local
+    temporary directory that is uploaded to ``workdir/tensorboard/`` after every
+    evaluation and at ``close``.
+    """
 
     def __init__(self, workdir: str, *, evals: Sequence[dict] = (), rounds: Sequence[dict] = (),
                  tensorboard: bool = True):
@@ -74,21 +79,30 @@ class MetricWriter:
         self.round_path = os.path.join(workdir, "rounds.jsonl")
         write_atomic(self.eval_path, _rows(evals))
         write_atomic(self.round_path, _rows(rounds))
-        self._eval = open(self.eval_path, "a")
-        self._round = open(self.round_path, "a")
+        self._local = paths.is_local(workdir)
+        if self._local:
+            self._eval, self._round = open(self.eval_path, "a"), open(self.round_path, "a")
+        else:   # the rows so far, each file rewritten whole
+            self._eval, self._round = _Rewritten(self.eval_path, evals), _Rewritten(self.round_path, rounds)
         self._tb = None
+        self._tb_dest = os.path.join(workdir, "tensorboard")
+        self._tb_cache = None
         if tensorboard:
             # purge_step=1 makes TensorBoard discard every earlier event in this
             # directory (a killed run may have logged rounds past its checkpoint, or lost
             # unflushed ones; a restart from round 0 replaces an old run); the
             # checkpoint's rows are then logged again, so the events match the JSON files.
+            # Remotely the new events file lands beside the old ones at the first upload,
+            # so the same rule applies.
             from tensorboardX import SummaryWriter  # lazily: its import takes seconds
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10,
-                                     purge_step=1)
+            if not self._local:
+                self._tb_cache = tempfile.mkdtemp(prefix="fiarse_jax_tb_")
+            self._tb = SummaryWriter(self._tb_cache or self._tb_dest, flush_secs=10, purge_step=1)
             for row in rounds:
                 self._scalars(row)
             for row in evals:
                 self._scalars(row, self.EVAL_SKIP)
+            self._upload_events()
 
     #: train_loss already goes to TensorBoard with the round row; wall time is no metric.
     EVAL_SKIP = ("train_loss", "elapsed_s")
@@ -98,6 +112,12 @@ class MetricWriter:
             for tag, value in scalars(row).items():
                 if tag not in skip:
                     self._tb.add_scalar(tag, value, global_step=row["round"])
+
+    def _upload_events(self) -> None:
+        """Remote workdir: flush the events and copy them to ``workdir/tensorboard/``."""
+        if self._tb_cache is not None:
+            self._tb.flush()
+            paths.upload_tree(self._tb_cache, self._tb_dest)
 
     def _emit(self, handle, row: dict, skip=()) -> None:
         handle.write(json.dumps(row) + "\n")
@@ -109,9 +129,31 @@ class MetricWriter:
 
     def write_eval(self, row: dict) -> None:
         self._emit(self._eval, row, self.EVAL_SKIP)
+        self._upload_events()
 
     def close(self) -> None:
         self._eval.close()
         self._round.close()
         if self._tb is not None:
             self._tb.close()
+            if self._tb_cache is not None:
+                try:
+                    paths.upload_tree(self._tb_cache, self._tb_dest)
+                finally:
+                    shutil.rmtree(self._tb_cache, ignore_errors=True)
+
+
+class _Rewritten:
+    """A JSON-lines "append handle" for object stores: ``flush`` rewrites the whole file."""
+
+    def __init__(self, path: str, rows: Sequence[dict]):
+        self.path, self._text = path, _rows(rows)
+
+    def write(self, line: str) -> None:
+        self._text += line
+
+    def flush(self) -> None:
+        write_atomic(self.path, self._text)
+
+    def close(self) -> None:
+        pass

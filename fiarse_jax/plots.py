@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fiarse_jax import paths
 from fiarse_jax.metrics import read_jsonl
 
 
@@ -30,7 +31,7 @@ def _pyplot():
 
 def _save(fig, path: str) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    paths.save_figure(fig, path, dpi=110)
     _pyplot().close(fig)
 
 
@@ -59,11 +60,10 @@ def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], ylab
 def plot_run(workdir: str) -> list[str]:
     """Write the run's three PNGs (see module docstring); returns their paths."""
     summary_path = os.path.join(workdir, "summary.json")
-    if not os.path.exists(summary_path):
+    if not paths.exists(summary_path):
         raise FileNotFoundError(f"{workdir!r} holds no summary.json: not a finished run directory "
                                 "(run `fiarse-jax --config ... --workdir DIR` first)")
-    with open(summary_path) as f:
-        summary = json.load(f)
+    summary = json.loads(paths.read_text(summary_path))
     evals = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     rounds = read_jsonl(os.path.join(workdir, "rounds.jsonl"))
     labels = by_size(summary["capacities"])
@@ -106,10 +106,9 @@ def plot_run(workdir: str) -> list[str]:
                        os.path.join(workdir, "kept_per_layer.png"))
     out = [p1, p2, p3]
     partition = os.path.join(workdir, "partition.json")
-    if os.path.exists(partition):
+    if paths.exists(partition):
         from fiarse_jax.data.summary import plot_partition
-        with open(partition) as f:
-            part = json.load(f)
+        part = json.loads(paths.read_text(partition))
         out.append(plot_partition(part, os.path.join(workdir, "partition.png"),
                                   title=f"training samples per client ({summary['config']['data']['name']})"))
     return out

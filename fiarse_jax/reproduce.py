@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from fiarse_jax import compare, evaluate, plots
+from fiarse_jax import compare, evaluate, paths, plots
 from fiarse_jax.config import ConfigError, validate_config
 from fiarse_jax.metrics import write_atomic
 
@@ -223,7 +223,7 @@ def reproduce(config, workdir: str, variants: Sequence[str] | None = None, *,
         "wall time": ", ".join(f"{v} {s['wall_time_s'] / 60:.1f} min"
                                for v, s in summaries.items()),
     }
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     text = markdown(nums, labels, failures, paper_key, facts)
     write_atomic(os.path.join(workdir, "reproduction.md"), text)
     pngs = []

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 from tqdm.auto import tqdm
 
-from fiarse_jax import build, checkpoint, rng, run_summary
+from fiarse_jax import build, checkpoint, paths, rng, run_summary
 from fiarse_jax import evaluate as evaluate_lib
 from fiarse_jax import metrics as metrics_lib
 from fiarse_jax.algorithm import TrainingError, build_algorithm, round_row
@@ -41,11 +41,12 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     ``progress``: show a tqdm bar (``None``: only on an interactive terminal).
     """
     t_start, lead = time.time(), jax.process_index() == 0
+    paths.check_workdir(workdir)   # a wrong bucket or permission: one line, before any work
     may_resume = checkpoint.has_checkpoints(workdir)   # pretrained weights only when fresh
     run = build.build_run(config, pretrained=not may_resume)
     algorithm = build_algorithm(run, config)
     evaluate = evaluate_lib.run_evaluator(run)
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     ckpt = checkpoint.open_run(workdir, config)
     restored = ckpt and checkpoint.restore_run(ckpt, config, run.init_params, run.train_key,
                                                run.assignment)
@@ -105,15 +106,17 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
 
 @contextlib.contextmanager
 def _trace(directory: str, on: bool):
-    """A ``jax.profiler`` trace of the block when ``on`` (``--config.profile``)."""
+    """A ``jax.profiler`` trace of the block when ``on`` (``--config.profile``); to a
+    remote ``directory``, traced locally and uploaded after."""
     if not on:
         yield
         return
-    jax.profiler.start_trace(directory)
-    try:
-        yield
-    finally:
-        jax.profiler.stop_trace()
+    with paths.local_dir_for(directory, prefix="fiarse_jax_profile_") as local:
+        jax.profiler.start_trace(local)
+        try:
+            yield
+        finally:
+            jax.profiler.stop_trace()
 
 
 def _show(bar, m: dict, num_rounds: int, lead: bool) -> None:

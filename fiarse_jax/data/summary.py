@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from fiarse_jax import paths
+
 
 def partition_summary(labels: np.ndarray, parts: Sequence[np.ndarray],
                       num_classes: int) -> dict[str, Any]:
@@ -94,7 +96,7 @@ def plot_partition(summary: dict[str, Any], path: str, *, title: str | None = No
     ax_map.set_ylabel("class")
     fig.colorbar(im, ax=ax_map, label="fraction of client's samples", pad=0.01)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    paths.save_figure(fig, path, dpi=110)   # a gs:// path too
     plt.close(fig)
     return path
 
