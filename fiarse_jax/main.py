@@ -8,6 +8,7 @@
       --workdir runs/repro          # the paper's comparison beside the paper's numbers
   fiarse-jax plot --workdir runs/default                            # PNGs of a finished run
   fiarse-jax export --workdir runs/default --capacity 1/4 --out sub.npz
+  fiarse-jax --distributed --config ... --workdir gs://BUCKET/run  # every host of a TPU pod
 
 Any config field can be overridden, e.g.
 ``--config.num_rounds=3 --config.fiarse.gradient=masked``.
@@ -33,6 +34,15 @@ _METHODS = flags.DEFINE_list("methods", None, "With `compare`: the methods to ru
                              "with `reproduce` (optional): the variants to run.")
 _CAPACITY = flags.DEFINE_string("capacity", None, "With `export`: the capacity, e.g. 1/4 or 0.25.")
 _OUT = flags.DEFINE_string("out", None, "With `export`: the .npz file to write.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first: one process per host of a "
+    "TPU pod or GPU cluster, all with the same command and a workdir every host sees (gs://). "
+    "Cloud TPU finds its coordinator itself; elsewhere give --coordinator, --num_processes "
+    "and --process_id.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "With --distributed: host:port of "
+                                   "process 0 (default: detected, or JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed: the processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
 flags.mark_flags_as_required(["workdir"])
 
 COMMANDS = ("train", "compare", "reproduce", "robustness", "plot", "export")
@@ -57,6 +67,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"`{command}` needs --{name}")
     for name in sorted(given - _NEEDS[command] - _MAY.get(command, set())):
         raise app.UsageError(f"--{name} does not go with `{command}`")
+    cluster = {"coordinator": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
+               "process_id": _PROCESS_ID.value}
+    if _DISTRIBUTED.value:
+        initialize_distributed(**cluster)
+    elif any(v is not None for v in cluster.values()):
+        raise app.UsageError("--coordinator, --num_processes and --process_id go with "
+                             "--distributed")
     try:
         if command == "compare":
             result = compare.compare(_CONFIG.value, _METHODS.value, _WORKDIR.value)
@@ -91,6 +108,14 @@ def main(argv: list[str]) -> None:
     except train.TrainingError as e:
         print(f"fiarse-jax: error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """``jax.distributed.initialize`` for a multi-host run (``--distributed``): the given
+    values, or JAX's detection (Cloud TPU, SLURM, Open MPI) for the ones left None."""
+    import jax
+    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
