@@ -15,6 +15,7 @@ from fiarse_jax import (
     server_round,
 )
 from fiarse_jax.data import check_data_config
+from fiarse_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
 #: attacks.KINDS act on updates; label_flip on the attackers' training labels.
@@ -33,10 +34,6 @@ def parse_config_arg(arg: str | None, **groups: tuple[str, ...]) -> dict[str, st
                 "|".join(o for o in options if o) for options in groups.values()))
         chosen[group] = part
     return chosen
-
-
-class ConfigError(ValueError):
-    """A config field holds a value the run cannot use."""
 
 
 def _get(config, field: str) -> Any:

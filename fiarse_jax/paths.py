@@ -24,6 +24,8 @@ from collections.abc import Iterator
 import jax
 from etils import epath
 
+from fiarse_jax.errors import ConfigError
+
 
 def as_path(path) -> epath.Path:
     """``path`` (a string, ``os.PathLike`` or ``epath.Path``) as an ``epath.Path``."""
@@ -150,7 +152,6 @@ def check_workdir(workdir) -> None:
     wrong bucket, a missing permission or unreachable storage stops a run before it starts.
     Local directories the probe had to create are removed again (a run that then stops on
     a bad config leaves nothing behind); the training loop creates the workdir for good."""
-    from fiarse_jax.config import ConfigError  # lazily: config imports most of the package
     workdir = os.fspath(workdir)
     probe = os.path.join(workdir, f".fiarse_probe_{os.getpid()}_{secrets.token_hex(4)}")
     created = []
