@@ -92,6 +92,7 @@ def short_config():
     import default
     cfg = default.get_config()
     cfg.num_rounds, cfg.eval_every, cfg.checkpoint_every, cfg.tensorboard = 3, 3, 1, False
+    cfg.eval.batch_size = 1   # one batch length: one compile of the scorer, not one per length
     cfg.engine.strategy = "sharded"
     return cfg
 

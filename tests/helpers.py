@@ -59,3 +59,18 @@ def random_units(groups, seed: int) -> dict:
         u[rng.integers(g.size)] = 1.0
         out[g.name] = u
     return out
+
+
+def record_builds(monkeypatch) -> list:
+    """Every ``Run`` that ``build.build_run`` returns from here on (``train``, ``export``),
+    in order: a test reads the run a command built instead of building it again (a model
+    init compile and the data each time)."""
+    from fiarse_jax import build
+    runs, real = [], build.build_run
+
+    def spy(*args, **kwargs):
+        runs.append(real(*args, **kwargs))
+        return runs[-1]
+
+    monkeypatch.setattr(build, "build_run", spy)
+    return runs

@@ -83,21 +83,26 @@ def test_missing_data_fails_fast_with_instructions(tmp_path, monkeypatch):
     assert not any(tmp_path.rglob("*.array_record*"))
 
 
-def test_smoke_config_runs_under_both_strategies_and_its_export_reproduces_accuracy(tmp_path):
+def test_smoke_config_runs_under_both_strategies_and_its_export_reproduces_accuracy(
+        tmp_path, monkeypatch):
     import cifar_smoke
+    from helpers import record_builds
 
-    from fiarse_jax import build, export, train
-    out = {}
+    from fiarse_jax import export, train
+    builds = record_builds(monkeypatch)   # the runs train built (no third ResNet init compile)
+    out, runs = {}, {}
     for strategy in ("loop", "vmap"):
         c = cifar_smoke.get_config()
         c.num_rounds, c.engine.strategy = 1, strategy
         c.model.blocks_per_stage = (1, 1, 1, 1)   # the same code path at half the compile time
         out[strategy] = train.train_and_evaluate(c, str(tmp_path / strategy), progress=False)
+        runs[strategy] = builds[-1]
+    assert len(builds) == 2
     s = out["loop"]
     assert s["config"]["model"]["name"] == "resnet18" and s["num_classes"] == 10
     assert s["clients_per_level"] == {"1": 2, "1/4": 2, "1/16": 2, "1/64": 2}
     # balanced Dirichlet: every client exactly n_train / n_test samples
-    run = build.build_run(c)
+    run = runs["loop"]
     assert set(run.data.train_sizes) == {40} and set(run.data.test_sizes) == {10}
     assert run.data.train.x.dtype == np.uint8          # stored as uint8, normalised on device
     for key in ("global_accuracy", "train_loss"):

@@ -18,6 +18,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny():
     c = default_config.get_config()
     c.num_rounds, c.eval_every = 2, 1
+    # Test sets scored one sample per batch: one compile of the scorer per run, not one per
+    # remainder length (the MLP has no batch statistics: the same numbers).
+    c.eval.batch_size = 1
     return c
 
 
@@ -53,7 +56,8 @@ def test_compare_rejects_bad_methods_before_any_run(tmp_path, methods, match):
 def test_compare_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fiarse_jax", "compare", "--config",
                         os.path.join(REPO, "configs", "default.py"), "--methods", "fiarse,fedrolex",
-                        "--workdir", str(tmp_path), "--config.num_rounds=1"],
+                        "--workdir", str(tmp_path), "--config.num_rounds=1",
+                        "--config.eval.batch_size=1"],   # one scorer compile per method
                        capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| `fedrolex` |" in r.stdout and (tmp_path / "comparison.md").exists()

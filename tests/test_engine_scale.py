@@ -119,8 +119,12 @@ def test_fit_chunk_takes_the_largest_chunk_whose_compiled_round_fits(monkeypatch
         return engine.fit_chunk(fns, params, specs, data, keys, budget_bytes=budget,
                                 reduce=reduce)
 
+    # Compiling for real (the probes 1 and all: fit passes our arguments and both chunk
+    # forms through, as the peaks above were measured); the binary search between them is
+    # checked against those peaks below (budget `between` among them), without compiling
+    # each probe a second time.
+    assert fit(peaks[n]) == (0, peaks[n])
     between = (peaks[3] + peaks[4]) // 2
-    assert fit(between) == (3, peaks[3])                 # compiling for real
     probes = []                                          # from here on, the peaks above
     monkeypatch.setattr(engine, "compiled_peak_bytes", lambda *a, clients_per_chunk, **k: (
         probes.append(clients_per_chunk) or peaks[clients_per_chunk or n]))
@@ -147,7 +151,8 @@ def test_auto_chunk_in_a_run_is_decided_before_anything_is_written(tmp_path, cap
         return override(default.get_config(), **{
             "num_rounds": 1, "eval_every": 1, "checkpoint_every": 0, "tensorboard": False,
             "engine.strategy": "vmap", "engine.clients_per_chunk": "auto",
-            "engine.memory_budget_gb": budget_gb})
+            "engine.memory_budget_gb": budget_gb,
+            "eval.batch_size": 1})   # one batch length: one compile of the scorer
 
     with pytest.raises(ConfigError, match="clients_per_chunk = 'auto': one client at a time"):
         train.train_and_evaluate(cfg(1e-5), str(tmp_path / "small"), progress=False)

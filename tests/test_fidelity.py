@@ -46,6 +46,9 @@ def _dp_config(rounds):
     c = default_config.get_config()
     c.num_rounds, c.eval_every, c.checkpoint_every = rounds, rounds, 3
     c.dp.target_epsilon = 2.0
+    # Test sets scored one sample per batch: one compile of the scorer per run, not one per
+    # remainder length (the MLP has no batch statistics: the same numbers).
+    c.eval.batch_size = 1
     return c
 
 

@@ -1,5 +1,4 @@
 """What a run leaves behind: per-round metrics, TensorBoard events, plots, sub-model export."""
-import json
 import os
 import subprocess
 import sys
@@ -11,9 +10,9 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
 import digits_scalefl  # noqa: E402
-from helpers import read_scalars  # noqa: E402
+from helpers import read_scalars, record_builds  # noqa: E402
 
-from fiarse_jax import algorithm, build, export, plots, train  # noqa: E402
+from fiarse_jax import algorithm, export, plots, train  # noqa: E402
 from fiarse_jax.config import ConfigError  # noqa: E402
 from fiarse_jax.metrics import read_jsonl  # noqa: E402
 
@@ -24,6 +23,9 @@ def tiny(method="fiarse", rounds=6):
     c = (digits_scalefl if method == "scalefl" else default_config).get_config()
     c.method, c.num_rounds, c.eval_every, c.checkpoint_every = method, rounds, 3, 3
     c.client.local_steps = 5
+    # Test sets scored one sample per batch: one compile of the scorer per run, not one per
+    # remainder length (the MLP has no batch statistics: the same numbers).
+    c.eval.batch_size = 1
     return c
 
 
@@ -82,8 +84,7 @@ def test_plot_command_writes_nonempty_pngs(runs):
         plots.plot_run(os.path.join(w, "checkpoints"))
 
 
-def _pooled_accuracy(sub, workdir):
-    run = build.build_run(tiny(json.load(open(os.path.join(workdir, "summary.json")))["config"]["method"]))
+def _pooled_accuracy(sub, run):
     x, y = run.data.global_test()
     logits = sub.predict(x)
     return float(np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(y)))
@@ -92,15 +93,18 @@ def _pooled_accuracy(sub, workdir):
 @pytest.mark.parametrize("method,capacity", [("fiarse", "1/4"), ("fiarse", "0.0625"),
                                              ("heterofl", "1/16"), ("heterofl", "1"),
                                              ("scalefl", "1/16"), ("scalefl", "1/4")])
-def test_export_round_trip_reproduces_reported_accuracy(runs, tmp_path, method, capacity):
+def test_export_round_trip_reproduces_reported_accuracy(runs, tmp_path, monkeypatch, method,
+                                                        capacity):
     w, summary = runs[method]
     out = str(tmp_path / "sub.npz")
+    builds = record_builds(monkeypatch)
     info = export.export_submodel(w, capacity, out)
+    (run,) = builds                   # the run export rebuilt from the checkpoint's config
     label = info["label"]
     assert info["reported"]["capacity_global_accuracy"] == \
         summary["final"]["capacity_global_accuracy"][label]
     sub = export.load_submodel(out)
-    assert _pooled_accuracy(sub, w) == summary["final"]["capacity_global_accuracy"][label]
+    assert _pooled_accuracy(sub, run) == summary["final"]["capacity_global_accuracy"][label]
     with np.load(out) as z:
         names = set(z.files)
         kernel, mask = z["params/Dense_0/kernel"], z["mask/Dense_0/kernel"]

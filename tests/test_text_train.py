@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("tokenizers", reason="the text path needs tokenizers (the 'text' extra)")
 
-from helpers import override  # noqa: E402
+from helpers import override, record_builds  # noqa: E402
 
 from fiarse_jax import build, train  # noqa: E402
 from fiarse_jax.config import ConfigError  # noqa: E402
@@ -22,17 +22,28 @@ def smoke(tmp_path, **fields):
     c = agnews_smoke.get_config()
     c.data.data_dir = str(tmp_path / "data")      # the BPE cache goes here, not under ~
     c.num_rounds, c.checkpoint_every, c.tensorboard = 1, 0, False
+    # Test sets scored one sample per batch: one batch length, so one compile of the scorer
+    # per run instead of one per length (batches of 20 leave every client's remainder its
+    # own length: 8 here). RoBERTa has no batch statistics, so the numbers are the same.
+    c.eval.batch_size = 1
     return override(c, **fields)
 
 
-def test_one_round_agrees_across_strategies_and_keeps_the_grouped_budget(tmp_path):
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    """The smoke config's run from scratch, built once for the tests that read its params."""
+    return build.build_run(smoke(tmp_path_factory.mktemp("scratch")))
+
+
+def test_one_round_agrees_across_strategies_and_keeps_the_grouped_budget(tmp_path, monkeypatch):
+    builds = record_builds(monkeypatch)
     out = {s: train.train_and_evaluate(smoke(tmp_path, **{"engine.strategy": s,
                                                           "checkpoint_every": 1}),
                                        str(tmp_path / s), progress=False)
            for s in ("loop", "vmap")}
     loop, vmap = out["loop"], out["vmap"]
     # FIARSE's exported 1/4 sub-model (masked dense) with the data's vocabulary.
-    assert_export_reproduces(tmp_path / "loop", loop, dense=False)
+    assert_export_reproduces(tmp_path / "loop", loop, builds, dense=False)
     assert loop["num_classes"] == 4 and loop["config"]["model"]["name"] == "roberta"
     assert loop["final"]["train_loss"] == pytest.approx(vmap["final"]["train_loss"], rel=1e-4)
     assert loop["final"]["global_accuracy"] == pytest.approx(vmap["final"]["global_accuracy"],
@@ -42,7 +53,7 @@ def test_one_round_agrees_across_strategies_and_keeps_the_grouped_budget(tmp_pat
     # not maskable, so no kept share is reported for the head.
     # Costs use the model's rule too: maskable = word/position embeddings + encoder dense
     # layers, counted here from the parameter names.
-    params = build.build_run(smoke(tmp_path)).init_params
+    params = builds[0].init_params    # the loop run's (train built it; no build again)
     by_path = {"/".join(str(getattr(k, "key", k)) for k in path): leaf.size for path, leaf in
                jax.tree_util.tree_flatten_with_path(params)[0]}
     maskable = sum(n for p, n in by_path.items()
@@ -55,8 +66,8 @@ def test_one_round_agrees_across_strategies_and_keeps_the_grouped_budget(tmp_pat
         assert set(loop["kept_fraction_per_layer"][label]) == {"embeddings", "layer_0", "layer_1"}
 
 
-def test_the_tokenizer_fixes_the_model_vocabulary(tmp_path):
-    run = build.build_run(smoke(tmp_path))
+def test_the_tokenizer_fixes_the_model_vocabulary(tmp_path, scratch):
+    run = scratch
     vocab = run.model.dims().vocab_size
     assert run.init_params["embeddings"]["word"]["embedding"].shape[0] == vocab
     assert int(np.asarray(run.data.train.x).max()) < vocab
@@ -91,9 +102,8 @@ def _hf_checkpoint(params, rng):
     return {k: rng.normal(size=s).astype(np.float32) for k, s in t.items()}
 
 
-def test_pretrained_switch_starts_from_the_checkpoint(tmp_path):
+def test_pretrained_switch_starts_from_the_checkpoint(tmp_path, scratch):
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
-    scratch = build.build_run(smoke(tmp_path))
     t = _hf_checkpoint(scratch.init_params, np.random.default_rng(0))
     path = tmp_path / "model.safetensors"
     safetensors_numpy.save_file(t, str(path))
@@ -122,14 +132,17 @@ def test_text_config_mistakes_fail_fast_in_one_line(tmp_path, fields, message):
     assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
 
 
-def assert_export_reproduces(workdir, summary, *, dense: bool):
+def assert_export_reproduces(workdir, summary, builds, *, dense: bool):
     """The exported 1/4 sub-model, rebuilt with the data's vocabulary (not the preset's)
     and, for a structured method, the kept heads / units per layer, scores exactly the
-    accuracy the run reported on all clients' test data."""
+    accuracy the run reported on all clients' test data. ``builds``: ``record_builds``'
+    list; the run export rebuilt from the checkpoint is read from it."""
     from fiarse_jax import export
+    before = len(builds)
     info = export.export_submodel(str(workdir), "1/4", str(workdir / "q.npz"))
     sub = export.load_submodel(str(workdir / "q.npz"))
-    run, _, _, _ = export.load_run_state(str(workdir))
+    assert len(builds) == before + 1
+    run = builds[-1]                  # export.load_run_state's: the checkpoint's config
     assert sub.model.dims().vocab_size == run.model.dims().vocab_size < 50265
     assert ("dense_model" in info) == dense
     x, y = (np.asarray(a) for a in run.data.global_test())
@@ -137,17 +150,18 @@ def assert_export_reproduces(workdir, summary, *, dense: bool):
     assert acc == pytest.approx(summary["final"]["capacity_global_accuracy"]["1/4"], abs=1e-9)
 
 
-def test_pretrained_structured_run_exports_and_resumes_without_the_weights(tmp_path):
+def test_pretrained_structured_run_exports_and_resumes_without_the_weights(
+        tmp_path, scratch, monkeypatch):
     """HeteroFL from a (synthetic) pretrained checkpoint: once the run has checkpoints,
     neither export nor resume needs the weights it started from."""
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     path = tmp_path / "model.safetensors"
-    safetensors_numpy.save_file(_hf_checkpoint(build.build_run(smoke(tmp_path)).init_params,
-                                               np.random.default_rng(1)), str(path))
+    safetensors_numpy.save_file(_hf_checkpoint(scratch.init_params, np.random.default_rng(1)),
+                                str(path))
     c = smoke(tmp_path, method="heterofl", checkpoint_every=1,
               **{"model.pretrained": str(path)})
     s = train.train_and_evaluate(c, str(tmp_path / "run"), progress=False)
     path.unlink()
-    assert_export_reproduces(tmp_path / "run", s, dense=True)
+    assert_export_reproduces(tmp_path / "run", s, record_builds(monkeypatch), dense=True)
     c.num_rounds = 2
     assert train.train_and_evaluate(c, str(tmp_path / "run"), progress=False)["final"]["round"] == 2
