@@ -5,9 +5,12 @@
       without chunks, client counts that do and do not divide the device count) and the
       server step on its outputs, stacked and streamed, against the single-device vmap
       round.
-  python _engine_worker.py train WORKDIR PORT PROCESS_ID NUM_PROCESSES
-      one of several processes joined by jax.distributed on localhost, running
-      train_and_evaluate (sharded over every process's devices) on a short default run.
+  python _engine_worker.py train WORKDIR PORT PROCESS_ID NUM_PROCESSES [ROUNDS [STORE]]
+      one of several processes joined by jax.distributed on localhost (through the CLI's
+      --distributed path, main.initialize_distributed), running train_and_evaluate
+      (sharded over every process's devices) on a short default run of ROUNDS rounds
+      (default 3); with STORE, under helpers.mock_gcs(STORE), so a gs:// WORKDIR is one
+      bucket shared by every process, as on a pod.
 
 ``sharded`` writes the largest absolute differences it found, as JSON.
 """
@@ -99,11 +102,18 @@ def short_config():
 
 if __name__ == "__main__":
     if sys.argv[1] == "train":
-        port, pid, nproc = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-        jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid,
-                                   initialization_timeout=120)
-        from fiarse_jax import train
-        train.train_and_evaluate(short_config(), sys.argv[2], progress=False)
+        import contextlib
+
+        from helpers import mock_gcs
+
+        from fiarse_jax import main, train
+        workdir, port, pid, nproc = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+        rest = sys.argv[6:] + [None] * 2
+        cfg = short_config()
+        cfg.num_rounds = int(rest[0] or cfg.num_rounds)
+        main.initialize_distributed(f"localhost:{port}", num_processes=nproc, process_id=pid)
+        with mock_gcs(rest[1]) if rest[1] else contextlib.nullcontext():
+            train.train_and_evaluate(cfg, workdir, progress=False)
         jax.distributed.shutdown()
         sys.exit(0)
     runs = {"devices": jax.device_count(), **compare([(8, 0), (11, 2)])}

@@ -1,5 +1,6 @@
 """Test helpers: config overrides by dotted name, a minimal TensorBoard event reader,
-parameter counts and leaves by path."""
+parameter counts and leaves by path, a mocked Cloud Storage."""
+import contextlib
 import glob
 import os
 import struct
@@ -74,3 +75,53 @@ def record_builds(monkeypatch) -> list:
 
     monkeypatch.setattr(build, "build_run", spy)
     return runs
+
+
+@contextlib.contextmanager
+def mock_gcs(store: str, deny: str | None = None, bucket_check: bool = False):
+    """``gs://X`` is ``store/X`` (no network), for ``etils.epath`` and for Orbax's two calls
+    that bypass it (TensorStore's kvstore spec; the bucket's hierarchical-namespace check,
+    which needs google-cloud-storage). Orbax then takes its Cloud Storage path (no renames;
+    ``commit_success.txt`` marks a finished checkpoint), as on a real bucket. Every process
+    that enters it with the same ``store`` sees one shared bucket (a pod's hosts).
+    Paths under ``deny`` raise PermissionError (403); ``bucket_check``: leave Orbax's
+    bucket check as it is."""
+    import pytest
+    from etils.epath import testing as epath_testing
+    from orbax.checkpoint._src.path import gcs_utils
+
+    def loc(p):
+        p = os.fspath(p)
+        if deny and p.startswith(deny):
+            raise PermissionError(f"403 POST {p}: caller does not have storage.objects.create access")
+        return os.path.join(store, p[len("gs://"):]) if p.startswith("gs://") else p
+
+    def back(p):
+        p = os.fspath(p)
+        return "gs://" + os.path.relpath(p, store) if p.startswith(store + os.sep) else p
+
+    def one(fn, p, *a, **k):
+        return fn(loc(p), *a, **k)
+
+    def two(fn, p, d, *a, **k):
+        return fn(loc(p), loc(d), *a, **k)
+
+    def open_(fn, p, mode="r", *a, **k):   # an object store: no directories to create first
+        if any(c in mode for c in "wax"):
+            os.makedirs(os.path.dirname(loc(p)), exist_ok=True)
+        return fn(loc(p), mode, *a, **k)
+
+    def glob(fn, p):
+        return [back(x) for x in fn(loc(p))]
+
+    def walk(fn, top, **k):
+        for d, ds, fs in fn(loc(top), **k):
+            yield back(d), ds, fs
+
+    with pytest.MonkeyPatch.context() as mp, epath_testing.mock_epath(
+            open=open_, exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one, remove=one,
+            rmtree=one, stat=one, rename=two, replace=two, copy=two, glob=glob, walk=walk):
+        mp.setattr(gcs_utils, "get_kvstore_for_gcs", lambda p: {"driver": "file", "path": loc(p)})
+        if not bucket_check:
+            mp.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda p: False)
+        yield

@@ -64,30 +64,58 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_training_loop_across_two_processes_equals_one(tmp_path):
-    """train_and_evaluate under jax.distributed (2 processes × 2 devices, sharded): process 0
-    alone writes the outputs, and they match a single-process sharded run."""
+def _two_processes(workdir: str, rounds: int, store: str) -> list[str]:
+    """train_and_evaluate in 2 processes × 2 devices joined by jax.distributed (the CLI's
+    --distributed path), the workdir a gs:// path of one mocked bucket both processes share."""
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, WORKER, "train", str(tmp_path / "multi"), port,
-                               str(i), "2"], env=_env(2),
+    procs = [subprocess.Popen([sys.executable, WORKER, "train", workdir, port, str(i), "2",
+                               str(rounds), store], env=_env(2),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for i in range(2)]
     logs = [p.communicate(timeout=600)[0].decode()[-3000:] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
+    return logs
+
+
+def test_two_processes_on_a_gs_workdir_stop_resume_and_equal_one(tmp_path):
+    """A pod's run in miniature: 2 processes, sharded, workdir gs://bucket/multi (mocked, one
+    bucket for both), stopped after round 2 and resumed to 3. Process 0 alone writes the
+    outputs; they match an uninterrupted single-process run in a local workdir; plot and
+    export read the bucket."""
+    from helpers import mock_gcs
+
+    from fiarse_jax import export, plots
+    from fiarse_jax.metrics import read_jsonl
+    store, run = str(tmp_path / "store"), "gs://bucket/multi"
+    logs = _two_processes(run, 2, store)
+    assert logs[1].count("round 2/2") == 0 and logs[0].count("round 2/2") == 1
+    logs = _two_processes(run, 3, store)
     assert logs[1].count("round 3/3") == 0 and logs[0].count("round 3/3") == 1
     subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]);"
                     "from _engine_worker import short_config; from fiarse_jax import train;"
                     "train.train_and_evaluate(short_config(), sys.argv[2], progress=False)",
                     os.path.dirname(WORKER), str(tmp_path / "single")], env=_env(4), check=True,
                    timeout=600, capture_output=True)
-    multi, single = (json.loads((tmp_path / d / "summary.json").read_text())
-                     for d in ("multi", "single"))
-    assert (multi["processes"], multi["devices"]) == (2, 4)
+    on_store = tmp_path / "store" / "bucket" / "multi"
+    multi, single = (json.loads((d / "summary.json").read_text())
+                     for d in (on_store, tmp_path / "single"))
+    assert (multi["processes"], multi["devices"], multi["resumed_from_round"]) == (2, 4, 2)
     assert (single["processes"], single["devices"]) == (1, 4)
-    for key in ("global_accuracy", "train_loss"):
-        assert multi["final"][key] == pytest.approx(single["final"][key], abs=1e-3), key
-    rounds = [json.loads(l) for l in (tmp_path / "multi" / "rounds.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2, 3]   # written once, by process 0
+    assert sorted(os.listdir(on_store / "checkpoints")) == ["2", "3"]   # keep_checkpoints = 2
+    for name in ("rounds.jsonl", "metrics.jsonl"):   # written once, by process 0
+        got, want = (read_jsonl(str(d / name)) for d in (on_store, tmp_path / "single"))
+        if name == "metrics.jsonl":   # the stopped run also evaluated its last round, 2
+            assert [r["round"] for r in got] == [2, 3]
+            got = got[1:]
+        assert [r["round"] for r in got] == [r["round"] for r in want], name
+        for g, w in zip(got, want):
+            for key, value in w.items():
+                if isinstance(value, float) and key not in ("elapsed_s", "round_time_s"):
+                    assert g[key] == pytest.approx(value, abs=1e-3), (name, key)
+    with mock_gcs(store):
+        assert plots.plot_run(run)
+        info = export.export_submodel(run, "1/4", "gs://bucket/sub.npz")
+        assert info["round"] == 3 and export.load_submodel("gs://bucket/sub.npz").info == info
 
 
 def test_bf16_compute_keeps_float32_state_and_tracks_float32():

@@ -1,12 +1,8 @@
 """``--workdir gs://bucket/run``: every file of a run goes through ``etils.epath``.
 
-No network: ``etils.epath.testing.mock_epath`` maps ``gs://X`` to ``STORE/X`` (a local
-directory), and Orbax's two calls that bypass epath are pointed there too (TensorStore's
-kvstore spec, and the bucket's hierarchical-namespace check, which needs the
-google-cloud-storage client). Orbax then takes its Cloud Storage code path (no renames;
-a ``commit_success.txt`` marks a finished checkpoint), as on a real bucket.
+No network: ``helpers.mock_gcs`` maps ``gs://X`` to ``STORE/X`` (a local directory) for
+epath and for Orbax, which then takes its Cloud Storage code path, as on a real bucket.
 """
-import contextlib
 import importlib.util
 import json
 import os
@@ -14,12 +10,10 @@ import sys
 
 import numpy as np
 import pytest
-from etils.epath import testing as epath_testing
-from orbax.checkpoint._src.path import gcs_utils
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
-from helpers import override, read_scalars  # noqa: E402
+from helpers import mock_gcs, override, read_scalars  # noqa: E402
 
 from fiarse_jax import build, checkpoint, export, paths, plots, train  # noqa: E402
 from fiarse_jax.config import ConfigError  # noqa: E402
@@ -34,47 +28,6 @@ def tiny(num_rounds=4, **over):
     c.num_rounds, c.eval_every, c.checkpoint_every, c.keep_checkpoints = num_rounds, 2, 2, 2
     c.client.local_steps = 3
     return override(c, **over)
-
-
-@contextlib.contextmanager
-def mock_gcs(store: str, deny: str | None = None, bucket_check: bool = False):
-    """``gs://X`` is ``store/X``; paths under ``deny`` raise PermissionError (403);
-    ``bucket_check``: leave Orbax's bucket check (google-cloud-storage) as it is."""
-    def loc(p):
-        p = os.fspath(p)
-        if deny and p.startswith(deny):
-            raise PermissionError(f"403 POST {p}: caller does not have storage.objects.create access")
-        return os.path.join(store, p[len("gs://"):]) if p.startswith("gs://") else p
-
-    def back(p):
-        p = os.fspath(p)
-        return "gs://" + os.path.relpath(p, store) if p.startswith(store + os.sep) else p
-
-    def one(fn, p, *a, **k):
-        return fn(loc(p), *a, **k)
-
-    def two(fn, p, d, *a, **k):
-        return fn(loc(p), loc(d), *a, **k)
-
-    def open_(fn, p, mode="r", *a, **k):   # an object store: no directories to create first
-        if any(c in mode for c in "wax"):
-            os.makedirs(os.path.dirname(loc(p)), exist_ok=True)
-        return fn(loc(p), mode, *a, **k)
-
-    def glob(fn, p):
-        return [back(x) for x in fn(loc(p))]
-
-    def walk(fn, top, **k):
-        for d, ds, fs in fn(loc(top), **k):
-            yield back(d), ds, fs
-
-    with pytest.MonkeyPatch.context() as mp, epath_testing.mock_epath(
-            open=open_, exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one, remove=one,
-            rmtree=one, stat=one, rename=two, replace=two, copy=two, glob=glob, walk=walk):
-        mp.setattr(gcs_utils, "get_kvstore_for_gcs", lambda p: {"driver": "file", "path": loc(p)})
-        if not bucket_check:
-            mp.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda p: False)
-        yield
 
 
 def rows(workdir, name="metrics.jsonl"):
