@@ -96,10 +96,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.server.validate = False
     config.server.z_threshold = 3.5
     config.server.cosine_threshold = 0.0
+    # Where those two tests look: "held" (each client's coordinates, norms per level) or
+    # "core" (the coordinates every client of the round holds: robust with partial models).
+    config.server.screen = "held"
+    # What a direction verdict does: "reject" the update, or only "flag" the client (the
+    # update is used; reputation below excludes clients flagged persistently).
+    config.server.direction_action = "reject"
+    # Reputation: exclude a client flagged (rejected) in at least this many rounds and in
+    # most of the rounds it was screened in (0: never).
+    config.server.exclude_after_flags = 0
 
     # Attack simulation: kind none | sign_flip | scale | gaussian | free_rider | nan |
-    # label_flip; a seeded `fraction` of clients, at any capacity level (or only at the
-    # level indices in `levels`).
+    # label_flip | alie | adaptive (the last two coordinated: fiarse_jax/attacks.py); a
+    # seeded `fraction` of clients, at any capacity level (or only at the level indices in
+    # `levels`).
     config.attack = ml_collections.ConfigDict()
     config.attack.kind = "none"
     config.attack.fraction = 0.0

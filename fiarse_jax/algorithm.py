@@ -8,9 +8,10 @@ that calls them (``train.train_and_evaluate``) knows nothing of what is inside:
 * ``apply(state, client_ids) -> (state, RoundStats)``: one round with these clients.
 
 ``ServerState`` holds what persists across rounds: the global params, the rounds done,
-DP's σ for the rounds ahead and its history (ε composes over it). Everything else a round
-uses is a pure function of (seed, round) (``rng``), so a checkpoint of the params, the
-round and the σ history (σ follows from it and the config) resumes a run exactly.
+DP's σ for the rounds ahead and its history (ε composes over it), and each client's
+screening record (``reputation``). Everything else a round uses is a pure function of
+(seed, round) (``rng``), so a checkpoint of the params, the round, the σ history (σ
+follows from it and the config) and the record resumes a run exactly.
 
 Inside ``apply``: the policy prepares every level's extraction from the global model
 (``policy.prepare``: one sort for FIARSE), each client gets its spec and rows, the
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fiarse_jax import attacks, engine, privacy, rng, server_round, validation
+from fiarse_jax import attacks, engine, privacy, reputation, rng, server_round, validation
 from fiarse_jax import client as client_lib
 from fiarse_jax.build import COMPUTE_DTYPES, Run, local_steps, make_optimizer
 from fiarse_jax.config import ConfigError, stream_blocker
@@ -49,6 +50,7 @@ class ServerState(NamedTuple):
     round: int                # rounds done
     sigma: float              # DP's noise multiplier for the rounds ahead (0: no DP)
     dp_segments: tuple        # ((rounds, σ), ...): the σ history, for DP accounting
+    reputation: np.ndarray    # int32 [num_clients, 2]: rounds screened, rounds flagged
 
 
 class RoundStats(NamedTuple):
@@ -59,6 +61,8 @@ class RoundStats(NamedTuple):
     accepted: np.ndarray      # bool per client
     reason: np.ndarray        # int per client: index into ``validation.REASONS``
     attackers: int            # simulated attackers among the round's clients
+    honest_rejected: int      # updates of honest clients the server refused
+    excluded_total: int | None  # clients excluded by reputation so far (None: it is off)
     dp_epsilon: float | None  # ε spent so far (None without DP)
     seconds: float            # the round's wall time, up to its results on the host
 
@@ -92,6 +96,7 @@ def build_algorithm(run: Run, config) -> Algorithm:
     # inputs; arrays the server step reads are global.
     glob = engine.replicate if multi else (lambda x: x)
     streaming = stream_updates(config)
+    min_flags = config.server.get("exclude_after_flags", 0)
     attack_kind = config.attack.kind if config.attack.kind in attacks.KINDS else "none"
     attack = jax.jit(functools.partial(attacks.attack_updates, attack_kind,
                                        scale=config.attack.scale,
@@ -129,10 +134,11 @@ def build_algorithm(run: Run, config) -> Algorithm:
                                                       reduce=reduce)
 
     def init(params, rounds_done: int = 0, dp_segments: Sequence = (),
-             planned_rounds: int | None = None) -> ServerState:
+             planned_rounds: int | None = None, record=None) -> ServerState:
         """The state after ``rounds_done`` rounds with these params (a fresh run: 0);
         ``dp_segments``/``planned_rounds``: the σ history and ``num_rounds`` of the
-        checkpoint resumed from (DP recalibrates σ when ``num_rounds`` changed)."""
+        checkpoint resumed from (DP recalibrates σ when ``num_rounds`` changed);
+        ``record``: its screening record (default: empty)."""
         spent = tuple((int(n), float(s)) for n, s in dp_segments)
         sigma = noise_multiplier(config, spent, planned_rounds) if sigma0 > 0 and spent else sigma0
         if sigma != sigma0 and lead:
@@ -141,7 +147,9 @@ def build_algorithm(run: Run, config) -> Algorithm:
                   f"{config.dp.target_epsilon}", flush=True)
         if strategy == "sharded":
             params = engine.replicate(params)   # on every device, beside the sharded deltas
-        return ServerState(params, rounds_done, sigma, spent)
+        record = (reputation.fresh(config.data.num_clients) if record is None
+                  else np.asarray(record, np.int32).reshape(config.data.num_clients, 2))
+        return ServerState(params, rounds_done, sigma, spent, record)
 
     def apply(state: ServerState, ids: np.ndarray) -> tuple[ServerState, RoundStats]:
         """Round ``state.round`` with clients ``ids`` (sorted ints)."""
@@ -150,6 +158,7 @@ def build_algorithm(run: Run, config) -> Algorithm:
         view = engine.local_view(state.params)
         streams, round_state, keys, specs, batch = round_inputs(view, rnd, ids)
         in_round = run.attackers[ids]
+        excluded = reputation.excluded(state.reputation, ids, min_flags)
         server_key = glob(streams["server"])
         divisor = glob(divisor_fn(view, round_state) if sigma > 0 else 0.0)
         if streaming:   # the server's sums accumulate while the clients train
@@ -158,11 +167,12 @@ def build_algorithm(run: Run, config) -> Algorithm:
             losses, info, norms = stats.loss, stats._asdict(), stats.norm
         else:
             result = run_clients(view, specs, batch, keys)
+            levels = glob(jnp.asarray(assignment[ids]))
             deltas = (attack(result.delta, result.mask, glob(jnp.asarray(in_round)),
-                             glob(streams["attack"]))
+                             glob(streams["attack"]), levels=levels)
                       if attack_kind != "none" and in_round.any() else result.delta)
-            params, info = server_step(state.params, deltas, result.mask,
-                                       glob(jnp.asarray(assignment[ids])), server_key, divisor)
+            params, info = server_step(state.params, deltas, result.mask, levels, server_key,
+                                       divisor, glob(jnp.asarray(excluded)) if min_flags else None)
             losses, norms = result.loss, update_norms(deltas)
         train_loss = float(engine.to_host(losses).mean())   # the round's one wait
         if not np.isfinite(train_loss):
@@ -176,12 +186,17 @@ def build_algorithm(run: Run, config) -> Algorithm:
             print(f"fiarse-jax: warning: round {rnd + 1}: every update was rejected; "
                   "the model is unchanged", file=sys.stderr, flush=True)
         segments = dp_segments(state.dp_segments, 1, sigma)
+        record = reputation.update(state.reputation, ids, reason)
+        everyone = np.arange(record.shape[0])
+        excluded_total = (int(reputation.excluded(record, everyone, min_flags).sum())
+                          if min_flags else None)
         epsilon = (privacy.epsilon_for_history(segments, sampling_rate=sampling_rate(config),
                                                delta=config.dp.delta,
                                                accountant=config.dp.accountant)
                    if sigma > 0 else None)
-        return (ServerState(params, rnd + 1, sigma, segments),
-                RoundStats(train_loss, norms, accepted, reason, int(in_round.sum()), epsilon,
+        return (ServerState(params, rnd + 1, sigma, segments, record),
+                RoundStats(train_loss, norms, accepted, reason, int(in_round.sum()),
+                           int((~accepted & ~in_round).sum()), excluded_total, epsilon,
                            seconds))
 
     return Algorithm(init, apply, strategy, 1 if strategy == "loop" else chunk, streaming)
@@ -194,11 +209,16 @@ def round_row(stats: RoundStats, round_done: int, *, attack: bool) -> dict:
            "update_norm_mean": float(norms.mean()) if norms.size else 0.0,
            "update_norm_max": float(norms.max()) if norms.size else 0.0,
            "rejected": int((~stats.accepted).sum()),
-           **{f"rejected_{name}": int((stats.reason == i).sum())
+           **{f"rejected_{name}": int(((stats.reason == i) & ~stats.accepted).sum())
               for i, name in enumerate(validation.REASONS) if i > 0},
+           # direction_action = "flag": updates flagged against the consensus, still used
+           "flagged": int(((stats.reason > 0) & stats.accepted).sum()),
            "round_time_s": round(stats.seconds, 4)}
     if attack:
         row["attackers"] = stats.attackers
+        row["rejected_honest"] = stats.honest_rejected
+    if stats.excluded_total is not None:
+        row["excluded_total"] = stats.excluded_total
     if stats.dp_epsilon is not None:
         row["dp_epsilon"] = stats.dp_epsilon
     return row
@@ -233,6 +253,8 @@ def _server(config, sigma: float, streaming: bool):
         aggregator=config.server.aggregator, aggregator_options=options,
         z_threshold=config.server.z_threshold if validate else None,
         cosine_threshold=config.server.cosine_threshold if validate else None,
+        screen=config.server.get("screen", "held"),
+        direction_action=config.server.get("direction_action", "reject"),
         server_lr=config.server.learning_rate, dp_noise_multiplier=sigma,
         dp_clip_norm=config.dp.clip_norm)
     return (stream.contribution if streaming else None), stream, step

@@ -16,6 +16,21 @@ Update attacks (``delta = old − new``, as everywhere):
   same shape) when given.
 * ``nan``: non-finite values on every held coordinate, NaN and +Inf alternating by flat index
   within each leaf, so a validator has to catch both.
+
+Coordinated, omniscient attacks (every attacker of the round sends the same values on the
+coordinates it holds, computed from the round's honest rows, as in the literature's
+evaluations). Honest statistics of a coordinate are over the honest rows that hold it; where
+none does, the attacker keeps its own value there.
+* ``alie`` ("A little is enough", Baruch et al., NeurIPS 2019): μ − z·σ per coordinate (honest
+  mean and population std), z = Φ⁻¹((n − s)/n), s = ⌊n/2 + 1⌋ − f for n rows and f attackers
+  (s clamped to ≥ 1 so z stays finite with an attacker majority). Small shifts inside the
+  honest spread, which coordinate-wise robust rules (median, trimmed mean, Krum) let through.
+* ``adaptive``: the flipped honest consensus −(honest holder mean), restricted to the held
+  coordinates and rescaled to the median held-coordinate L2 norm of the honest rows of the
+  attacker's capacity level (all honest rows when the level has none this round); zeros where
+  that direction vanishes on the held coordinates. Built to pass the norm screen of
+  ``validation`` (its norm is the very median the screen centres on), so that only a
+  direction screen can catch it. Needs ``levels``.
 """
 from __future__ import annotations
 
@@ -26,9 +41,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.scipy.stats import norm as jnorm
+
+from fiarse_jax.aggregators import masked_median
 
 Params = Any
-KINDS = ("none", "sign_flip", "scale", "gaussian", "free_rider", "nan")
+KINDS = ("none", "sign_flip", "scale", "gaussian", "free_rider", "nan", "alie", "adaptive")
+COORDINATED = ("alie", "adaptive")
 
 
 def _finite(name: str, value: Any, *, nonneg: bool = False) -> None:
@@ -88,16 +107,89 @@ def _alternating_nonfinite(shape: tuple[int, ...], dtype) -> jax.Array:
     return jnp.broadcast_to(jnp.where(idx % 2 == 0, jnp.nan, jnp.inf), shape).astype(dtype)
 
 
+def alie_z(is_attacker: jax.Array) -> jax.Array:
+    """Baruch et al.'s z = Φ⁻¹((n − s)/n), s = max(⌊n/2 + 1⌋ − f, 1), for the round's n rows
+    and f attackers (``is_attacker`` bool[n], may be traced); float32 scalar."""
+    flags = jnp.asarray(is_attacker, bool)
+    n = flags.shape[0]
+    s = jnp.maximum(n // 2 + 1 - flags.sum(), 1)
+    return jnorm.ppf((n - s).astype(jnp.float32) / n)
+
+
+def _honest_moments(d: jax.Array, honest: jax.Array, *, std: bool):
+    """Per coordinate of one leaf: (count, mean[, population std]) over the ``honest`` holders."""
+    x = jnp.where(honest, d.astype(jnp.float32), 0.0)
+    count = honest.sum(axis=0)
+    denom = jnp.maximum(count, 1).astype(jnp.float32)
+    mu = x.sum(axis=0) / denom
+    if not std:
+        return count, mu
+    var = jnp.where(honest, (x - mu) ** 2, 0.0).sum(axis=0) / denom
+    return count, mu, jnp.sqrt(var)
+
+
+def _row_sum(x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[0], -1).sum(axis=1)
+
+
+def _coordinated(kind: str, deltas: Params, masks: Params, flags: jax.Array,
+                 levels: jax.Array | None) -> Params:
+    """The ``alie`` / ``adaptive`` replacement values (before selecting the attackers' rows)."""
+    leaves, treedef = jax.tree_util.tree_flatten(deltas)
+    held = [jnp.asarray(m) > 0 for m in treedef.flatten_up_to(masks)]
+    honest = [h & ~_rows(flags, h) for h in held]
+    if kind == "alie":
+        z = alie_z(flags)
+        bad = []
+        for d, h, hon in zip(leaves, held, honest):
+            count, mu, sigma = _honest_moments(d, hon, std=True)
+            bad.append(jnp.where(h & (count > 0), (mu - z * sigma)[None], d))
+        return treedef.unflatten(bad)
+    # adaptive: u = −(honest holder mean), divided by its max |u| so the norms below neither
+    # overflow nor underflow in float32 (only its direction matters).
+    u = [-_honest_moments(d, hon, std=False)[1] for d, hon in zip(leaves, honest)]
+    top = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0) for x in u]))
+    u = [x / jnp.where(top > 0, top, 1.0) for x in u]
+    u_norm = jnp.sqrt(sum(_row_sum(jnp.where(h, x[None], 0.0) ** 2) for x, h in zip(u, held)))
+    norms = jnp.sqrt(sum(_row_sum(jnp.where(h, d.astype(jnp.float32), 0.0) ** 2)
+                         for d, h in zip(leaves, held)))
+    hon_rows = ~flags
+    peers = (levels[:, None] == levels[None, :]) & hon_rows[:, None]  # [peer j, row i]
+    by_level = masked_median(jnp.broadcast_to(norms[:, None], peers.shape), peers)
+    overall = masked_median(norms[:, None], hon_rows[:, None])[0]
+    target = jnp.where(peers.any(axis=0), by_level, overall)
+    factor = jnp.where(u_norm > 0, target / jnp.where(u_norm > 0, u_norm, 1.0), 0.0)
+    return treedef.unflatten([jnp.where(h, x[None] * _rows(factor, h), d)
+                              for d, h, x in zip(leaves, held, u)])
+
+
 def attack_updates(kind: str, deltas: Params, masks: Params, is_attacker: jax.Array,
                    key: jax.Array, *, scale: float = 10.0, noise_std: float = 1.0,
-                   stale: Params | None = None) -> Params:
+                   stale: Params | None = None, levels: jax.Array | None = None) -> Params:
     """``deltas`` with the attackers' rows replaced according to ``kind`` (see module doc).
 
-    ``deltas``/``masks`` (and ``stale``) carry a leading client axis; ``is_attacker`` is
-    bool[clients] for those rows. Honest rows and ``masks`` are untouched; ``gaussian`` and
-    ``nan`` rewrite only held coordinates (others keep their value, which the aggregator
-    ignores), ``free_rider`` the whole row. Jit-able with ``kind`` static; ``key`` is used
-    by ``gaussian`` only.
+    Honest rows and ``masks`` are untouched; ``gaussian``, ``nan``, ``alie`` and ``adaptive``
+    rewrite only held coordinates (others keep their value, which the aggregator ignores),
+    ``free_rider`` the whole row. Jit-able with ``kind`` static.
+
+    Args:
+      kind: one of ``KINDS``. Static.
+      deltas: client deltas (old − new), pytree like params, leading client axis.
+      masks: 0/1 pytree like ``deltas``: the coordinates each client holds.
+      is_attacker: bool [n_clients] for those rows (may be traced).
+      key: PRNG key, used by ``gaussian`` only.
+      scale: λ of ``scale`` (finite).
+      noise_std: std of ``gaussian`` (finite, ≥ 0).
+      stale: what ``free_rider`` sends, pytree like ``deltas``; default zeros.
+      levels: int [n_clients], each row's capacity level index (may be traced); required
+        by ``adaptive``, ignored otherwise.
+
+    Returns:
+      A pytree like ``deltas``, same dtypes.
+
+    Raises:
+      ValueError: an unknown ``kind``, a bad ``scale``/``noise_std``, or ``adaptive``
+        without ``levels`` or with ``levels`` not of shape (n_clients,).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown attack kind {kind!r}; expected one of {KINDS}")
@@ -105,10 +197,22 @@ def attack_updates(kind: str, deltas: Params, masks: Params, is_attacker: jax.Ar
     _finite("noise_std", noise_std, nonneg=True)
     if kind == "none":
         return deltas
+    flags = jnp.asarray(is_attacker, bool)
+    if kind in COORDINATED:
+        if kind == "adaptive":
+            if levels is None:
+                raise ValueError("attack kind 'adaptive' needs levels (each row's capacity "
+                                 "level index) to match its level's honest norms")
+            levels = jnp.asarray(levels)
+            if levels.shape != flags.shape:
+                raise ValueError(f"attack kind 'adaptive': levels has shape {levels.shape}; "
+                                 f"expected {flags.shape}")
+        bad = _coordinated(kind, deltas, masks, flags, levels)
+        return jax.tree_util.tree_map(
+            lambda d, b: jnp.where(_rows(flags, d), b.astype(d.dtype), d), deltas, bad)
     leaves, treedef = jax.tree_util.tree_flatten(deltas)
     keys = jax.tree_util.tree_unflatten(treedef, list(jax.random.split(key, len(leaves))))
     stale = jax.tree_util.tree_map(jnp.zeros_like, deltas) if stale is None else stale
-    flags = jnp.asarray(is_attacker, bool)
 
     def attack(d, m, k, old):
         held = jnp.asarray(m) > 0

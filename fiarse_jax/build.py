@@ -212,10 +212,11 @@ def build_model(config, ds):
 
 
 def choose_attackers(config, assignment: np.ndarray) -> np.ndarray:
-    """bool[num_clients]: ``config.attack``'s malicious clients (none when kind is none),
-    a pure function of the seed."""
+    """bool[num_clients]: the clients ``config.attack`` marks as malicious, a pure function
+    of the seed (none when ``fraction`` is 0). With kind ``none`` they stay honest: a clean
+    twin of an attacked run, scored on the same honest clients (``local_accuracy_honest``)."""
     a = config.attack
-    if a.kind == "none":
+    if a.fraction == 0:
         return np.zeros(len(assignment), bool)
     return attacks.choose_attackers(config.seed + 1, len(assignment), a.fraction,
                                     levels=tuple(a.levels) or None, assignment=assignment)

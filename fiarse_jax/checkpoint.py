@@ -12,7 +12,8 @@ A checkpoint holds everything the next round depends on:
   and the client → capacity assignment;
 * ``meta`` (JSON): the checkpoint ``format``, the config it was made from, the metrics
   history (evaluations and rounds) and, with DP, the σ history ``dp_segments``
-  (``[rounds, σ]`` runs, so ε composes over a σ that a resume recalibrated).
+  (``[rounds, σ]`` runs, so ε composes over a σ that a resume recalibrated), and each
+  client's screening record (``reputation``: rounds screened, rounds flagged).
 
 Everything else a round uses is a pure function of (seed, round): the client sample
 (``rng.sample_clients``), the round's named key streams (``rng.round_streams``), the
@@ -55,7 +56,9 @@ SAFE_TO_CHANGE = ("num_rounds", "eval_every", "checkpoint_every", "keep_checkpoi
 #: Config fields added after checkpoints were first written, with the value the code used
 #: before they existed: a checkpoint without the field resumes when the current value is it.
 ADDED_FIELDS = {"client.betas": [0.9, 0.999], "client.weight_decay": 1e-4,
-                "client.local_epochs": 0.0, "model.early_exits": False}
+                "client.local_epochs": 0.0, "model.early_exits": False,
+                "server.screen": "held", "server.direction_action": "reject",
+                "server.exclude_after_flags": 0}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -238,6 +241,7 @@ class Restored(NamedTuple):
     rounds: list           # the per-round rows so far
     dp_segments: list      # [[rounds, σ], ...]
     planned_rounds: int    # the checkpointed run's ``num_rounds``
+    reputation: list | None  # [[screened, flagged], ...] per client (None: not recorded)
 
 
 def has_checkpoints(workdir: str) -> bool:
@@ -273,7 +277,8 @@ def restore_run(ckpt: RunCheckpoints, config, params, key, assignment) -> Restor
     print(f"resuming from the checkpoint at round {step} "
           f"({config.num_rounds - step} rounds to go)", flush=True)
     return Restored(step, state["params"], list(meta["history"]), list(meta.get("rounds", [])),
-                    [list(s) for s in meta.get("dp_segments", [])], int(meta["config"]["num_rounds"]))
+                    [list(s) for s in meta.get("dp_segments", [])], int(meta["config"]["num_rounds"]),
+                    meta.get("reputation"))
 
 
 def save_run(ckpt: RunCheckpoints, config, state, key, assignment, history: list,
@@ -282,4 +287,5 @@ def save_run(ckpt: RunCheckpoints, config, state, key, assignment, history: list
     the asynchronous save serialises them later)."""
     ckpt.save(state.round, run_state(state.params, state.round, key, assignment),
               {"format": FORMAT, "config": config.to_dict(), "history": list(history),
-               "rounds": list(rounds), "dp_segments": [list(s) for s in state.dp_segments]})
+               "rounds": list(rounds), "dp_segments": [list(s) for s in state.dp_segments],
+               "reputation": np.asarray(state.reputation).tolist()})

@@ -13,6 +13,7 @@ from fiarse_jax import (
     policies,
     privacy,
     server_round,
+    validation,
 )
 from fiarse_jax.data import check_data_config
 from fiarse_jax.errors import ConfigError
@@ -187,7 +188,8 @@ def stream_blocker(config) -> str | None:
         aggregator=config.server.aggregator,
         attack=kind if kind in attacks.KINDS else "none",
         z_threshold=config.server.z_threshold if validate else None,
-        cosine_threshold=config.server.cosine_threshold if validate else None)
+        cosine_threshold=config.server.cosine_threshold if validate else None,
+        reputation=config.server.get("exclude_after_flags", 0) > 0)
 
 
 def _check_robustness(config, method: str, num_clients: int, num_levels: int) -> None:
@@ -204,6 +206,12 @@ def _check_robustness(config, method: str, num_clients: int, num_levels: int) ->
     _bool(config, "server.validate")
     _positive(config, "server.z_threshold")
     _number(config, "server.cosine_threshold", -1.0, 1.0)
+    if "screen" in config.server:
+        _choice(config, "server.screen", validation.SCREENS)
+    if "direction_action" in config.server:
+        _choice(config, "server.direction_action", server_round.DIRECTION_ACTIONS)
+    if "exclude_after_flags" in config.server:
+        _int(config, "server.exclude_after_flags", lo=0)
 
     kind = _choice(config, "attack.kind", ATTACK_KINDS)
     fraction = _number(config, "attack.fraction", 0.0, 1.0, hi_open=True)
@@ -230,6 +238,10 @@ def _check_robustness(config, method: str, num_clients: int, num_levels: int) ->
         _fail("server.validate", True, "the norm and direction screens accept a client by the "
               "other clients' updates, which voids DP's sensitivity bound; set it False with "
               "dp.* (non-finite updates are rejected either way)")
+    if (sigma > 0 or eps > 0) and config.server.get("exclude_after_flags", 0) > 0:
+        _fail("server.exclude_after_flags", config.server.exclude_after_flags, "reputation "
+              "excludes a client by what the server saw of its earlier updates, outside DP's "
+              "accounting; set it 0 with dp.*")
     if (sigma > 0 or eps > 0) and policies.METHODS[method].per_client_random_masks:
         _fail("method", method, f"differential privacy needs per-level masks; {method}'s "
               "are random per client")

@@ -7,7 +7,9 @@ policy uses one fixed draw, the run's evaluation key) — is scored on
   its own order when it has one), and
 * the *local* tests of that capacity's clients: pooled over their samples
   (``local_accuracy``) and as the mean of per-client accuracies
-  (``local_accuracy_client_mean``, the paper's per-size local number).
+  (``local_accuracy_client_mean``, the paper's per-size local number); with simulated
+  attackers, also pooled over the honest clients only (``local_accuracy_honest``: an
+  excluded attacker's own test split says nothing about the defence).
 So every cell of the paper's tables has a counterpart. The full (unmasked)
 global model is scored on the global test set (``global_accuracy``).
 
@@ -59,7 +61,8 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
                    capacities: Sequence[float], assignment: np.ndarray, *,
                    batch_size: int = 20, key: jax.Array | None = None,
                    transform: Callable[[jax.Array], jax.Array] | None = None,
-                   max_batches: int | None = None) -> Callable[..., dict]:
+                   max_batches: int | None = None,
+                   honest: np.ndarray | None = None) -> Callable[..., dict]:
     """``evaluate(params, round_state, data) -> metrics dict`` (see module docstring).
 
     ``assignment[c]`` is the capacity level index of client ``c``;
@@ -68,8 +71,11 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
     ``key``: the draw of a random policy's sub-model (default ``PRNGKey(0)``);
     ``transform(x)`` prepares stored test images (e.g. CIFAR normalisation);
     ``max_batches``: batches scored per device call (default: ⌈1,280 / batch_size⌉ samples'
-    worth, which bounds evaluation memory).
+    worth, which bounds evaluation memory);
+    ``honest``: bool per client; when given, also ``local_accuracy_honest`` (pooled over the
+    local tests of the capacity's honest clients only).
     """
+    honest = None if honest is None else np.asarray(honest, bool)
     max_batches = max_batches or max(1, -(-1280 // batch_size))
     labels = [capacity_label(r) for r in capacities]
     assignment = np.asarray(assignment)
@@ -131,6 +137,8 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
         out = {"global_accuracy": float(correct.mean()), "global_loss": float(loss.mean()),
                "local_accuracy": {}, "local_accuracy_client_mean": {},
                "capacity_global_accuracy": {}}
+        if honest is not None:
+            out["local_accuracy_honest"] = {}
         for lvl, label in enumerate(labels):
             sub, spec = extract(params, round_state, jnp.asarray(lvl, jnp.int32))
             own = sample_level == lvl
@@ -141,6 +149,10 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
             per_client_c = np.bincount(test_client[own], weights=c[own], minlength=num_clients)
             has = per_client_n > 0
             out["local_accuracy"][label] = float(c[own].mean()) if own.any() else float("nan")
+            if honest is not None:
+                mine = own & honest[test_client]
+                out["local_accuracy_honest"][label] = (float(c[mine].mean()) if mine.any()
+                                                       else float("nan"))
             out["local_accuracy_client_mean"][label] = (
                 float((per_client_c[has] / per_client_n[has]).mean()) if has.any() else float("nan"))
         return out
@@ -161,7 +173,8 @@ def run_evaluator(run) -> Callable[[object, int], dict]:
     policy's round state of the last trained round (``Run.eval_state``)."""
     evaluator = make_evaluator(run.logits_fn, run.policy, run.capacities, run.assignment,
                                batch_size=eval_batch_size(run.config), key=run.eval_key,
-                               transform=run.eval_transform)
+                               transform=run.eval_transform,
+                               honest=~run.attackers if run.attackers.any() else None)
 
     def evaluate_run(params, rounds_done: int) -> dict:
         view = engine.local_view(params)

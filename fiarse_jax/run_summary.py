@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fiarse_jax import costs, engine, evaluate, policies
+from fiarse_jax import costs, engine, evaluate, policies, reputation
 from fiarse_jax.masks import maskable_flags, path_names
 
 
@@ -66,7 +66,10 @@ def summarize(run, algorithm, state, history: list, rounds: list, *,
         "devices": jax.device_count(),
         "processes": jax.process_count(),
         "resumed_from_round": resumed_from,
-        "attackers": int(run.attackers.sum()),
+        "attackers": int(run.attackers.sum()) if config.attack.kind != "none" else 0,
+        "reputation": reputation.summary(state.reputation,
+                                         config.server.get("exclude_after_flags", 0),
+                                         np.asarray(run.attackers, bool)),
         "dp": ({"noise_multiplier": state.sigma, "epsilon": rounds[-1].get("dp_epsilon"),
                 "delta": config.dp.delta, "segments": [list(s) for s in state.dp_segments]}
                if state.sigma > 0 else None),

@@ -3,9 +3,11 @@
 ``make_server_round(...)`` returns ``(params, deltas, masks, levels, key, divisor) ->
 (new_params, info)``:
 
-1. screen the updates (``validation.validate_updates``): non-finite updates are always
-   rejected (a NaN never reaches the global model); norm outliers and updates against
-   the consensus direction only when their thresholds are given;
+1. screen the updates (``validation.validate_updates``): non-finite updates, and clients
+   excluded by reputation, are always refused (a NaN never reaches the global model);
+   norm outliers and updates against the consensus direction (on each client's held
+   coordinates, or on the round's core) only when their thresholds are given, and then
+   rejected (a direction verdict may only flag instead: ``direction_action``);
 2. combine the accepted ones: a mask-aware rule from ``aggregators`` (``mean`` is the
    holder average), or, with differential privacy, DP-FedAvg — clip each client's delta
    to L2 norm C, sum over holders, add N(0, (σC)²) per coordinate, divide by the fixed
@@ -36,12 +38,15 @@ from fiarse_jax import aggregators, privacy, validation
 from fiarse_jax.server import apply_update, holder_average, holder_mean
 
 Params = Any
+#: What a direction verdict does (``make_server_round``).
+DIRECTION_ACTIONS = ("reject", "flag")
 
 
 def make_server_round(*, aggregator: str = "mean", aggregator_options: dict | None = None,
                       z_threshold: float | None = None, cosine_threshold: float | None = None,
-                      server_lr: float = 1.0, dp_noise_multiplier: float = 0.0,
-                      dp_clip_norm: float = 1.0) -> Callable:
+                      screen: str = "held", direction_action: str = "reject",
+                      server_lr: float = 1.0,
+                      dp_noise_multiplier: float = 0.0, dp_clip_norm: float = 1.0) -> Callable:
     """The jitted round step; options are checked here, once, with the bad value named.
 
     Args:
@@ -50,15 +55,23 @@ def make_server_round(*, aggregator: str = "mean", aggregator_options: dict | No
       aggregator_options: the rule's options (``aggregators.rule``).
       z_threshold: norm-outlier threshold (``validation.validate_updates``); None off.
       cosine_threshold: direction threshold (``validation.validate_updates``); None off.
+      screen: where those two tests look, ``"held"`` or ``"core"`` (``validation``).
+      direction_action: what a direction verdict does: ``"reject"`` the update, or
+        ``"flag"`` it only (the update is used; the verdict goes to the client's record,
+        and ``reputation`` excludes clients flagged persistently). With non-IID clients an
+        honest update points against the consensus now and then; an attacker does so
+        round after round. Norm outliers, non-finite updates and excluded clients are
+        refused either way.
       server_lr: the server learning rate η_g.
       dp_noise_multiplier: σ; > 0 turns on DP-FedAvg.
       dp_clip_norm: the clipping norm C.
 
     Returns:
-      ``step(params, deltas, masks, levels, key, divisor) -> (new_params, info)``
-      (see the module docstring): ``deltas``/``masks`` pytrees like params with a
+      ``step(params, deltas, masks, levels, key, divisor, excluded=None) -> (new_params,
+      info)`` (see the module docstring): ``deltas``/``masks`` pytrees like params with a
       leading client axis, ``levels`` int[n], ``key`` the server's PRNG key (used
-      only by DP), ``divisor`` DP's fixed public divisor. ``params`` is donated.
+      only by DP), ``divisor`` DP's fixed public divisor, ``excluded`` bool[n] the
+      clients refused by reputation (``reputation.excluded``). ``params`` is donated.
 
     Raises:
       ValueError: an unknown aggregator or bad options, or DP with a rule other
@@ -66,14 +79,20 @@ def make_server_round(*, aggregator: str = "mean", aggregator_options: dict | No
     """
     options = dict(aggregator_options or {})
     combine = aggregators.rule(aggregator, options)
+    if direction_action not in DIRECTION_ACTIONS:
+        raise ValueError(f"direction_action = {direction_action!r} must be one of "
+                         f"{DIRECTION_ACTIONS}")
     dp = dp_noise_multiplier > 0
     if dp and aggregator != "mean":
         raise ValueError(f"differential privacy is DP-FedAvg (the clipped mean); it does not "
                          f"combine with aggregator = {aggregator!r}")
 
-    def step(params, deltas, masks, levels, key, divisor):
+    def step(params, deltas, masks, levels, key, divisor, excluded=None):
         accepted, reason = validation.validate_updates(
-            deltas, masks, levels, z_threshold=z_threshold, cosine_threshold=cosine_threshold)
+            deltas, masks, levels, z_threshold=z_threshold, cosine_threshold=cosine_threshold,
+            screen=screen, excluded=excluded)
+        if direction_action == "flag":   # a direction verdict is recorded, not refused
+            accepted = accepted | (reason == validation.REASONS.index("direction"))
         masks = aggregators.weight_masks(masks, accepted)
         # Rejected or unheld entries may be NaN: zero them so no product can carry one.
         deltas = jax.tree_util.tree_map(lambda d, m: jnp.where(m > 0, d, 0), deltas, masks)
@@ -120,7 +139,8 @@ STREAMABLE = ("mean", "norm_bounded")
 
 
 def stream_blocker(*, aggregator: str = "mean", z_threshold: float | None = None,
-                   cosine_threshold: float | None = None, attack: str = "none") -> str | None:
+                   cosine_threshold: float | None = None, attack: str = "none",
+                   reputation: bool = False) -> str | None:
     """Why these server settings need every client's update at once (None: they do not).
 
     Args:
@@ -128,6 +148,7 @@ def stream_blocker(*, aggregator: str = "mean", z_threshold: float | None = None
       z_threshold: the norm-outlier threshold; None for none.
       cosine_threshold: the direction threshold; None for none.
       attack: the attack name; ``"none"`` for none.
+      reputation: whether clients are excluded by their record (``reputation``).
 
     Returns:
       A sentence naming the setting that blocks streaming, or None.
@@ -138,6 +159,8 @@ def stream_blocker(*, aggregator: str = "mean", z_threshold: float | None = None
         return "update validation compares the clients' updates with each other"
     if attack != "none":
         return f"attack = {attack!r} transforms the stacked updates"
+    if reputation:
+        return "reputation refuses clients by their record in the stacked server step"
     return None
 
 

@@ -52,7 +52,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                                                run.assignment)
     if restored:
         state = algorithm.init(restored.params, restored.round, restored.dp_segments,
-                               restored.planned_rounds)
+                               restored.planned_rounds, restored.reputation)
         history, rounds = restored.history, restored.rounds
     else:   # a fresh start (also when no checkpoint was readable)
         params = build.load_pretrained(config, run.model, run.init_params) if may_resume \

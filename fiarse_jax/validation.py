@@ -27,9 +27,28 @@ test, in this order, gives the reason (``REASONS[reason]``):
    direction and passes. The default threshold 0 rejects updates pointing against
    the consensus (as FLTrust's ReLU-clipped trust score).
 
+4. ``reputation``: the client is ``excluded`` (``reputation.excluded``: flagged in too
+   many earlier rounds). Checked right after ``non_finite`` (an excluded client is not
+   screened); excluded clients leave every statistic, as non-finite ones do.
+
+``screen="core"`` runs tests 2 and 3 on the round's *core* instead: the coordinates
+every screened client (finite, not excluded) holds. With partial models most
+coordinates have few holders (on the default, three quarters of them are held only by
+the round's ~3 capacity-1 clients), so per-coordinate statistics there are at the
+attackers' mercy, and per-level norm statistics come from 3 or 4 clients. The core is
+held by all of them: with FIARSE's nested levels it is the smallest level's kept set
+(as it stands at the end of local training), so the norm z-score is taken over all the
+round's clients in one group (same coordinates, comparable norms) and the direction
+reference is the coordinate-wise median of all of them. A sign flip, a ×λ scale, noise
+or a flipped consensus shows there against the honest majority. Methods whose levels
+are not nested have a smaller core: FedRolex's and dropout's is the structured overlap
+of the round's sub-models (the units every client kept), HeteroFL's the smallest
+level's leading units. A round with no core at all falls back to ``held``.
+
 ``levels`` may be a traced int array: same-level statistics use an
 [n_clients, n_clients] "same level" matrix, so the number of levels need not be
-static. Thresholds are static (``None`` disables a test). Everything is jit-able.
+static. Thresholds and ``screen`` are static (``None`` disables a test). Everything
+is jit-able.
 """
 from __future__ import annotations
 
@@ -46,7 +65,9 @@ from fiarse_jax.aggregators import flatten_clients, masked_median, num_clients
 Params = Any
 
 #: Names of the ``reason`` codes returned by ``validate_updates``.
-REASONS = ("ok", "non_finite", "norm_outlier", "direction")
+REASONS = ("ok", "non_finite", "norm_outlier", "direction", "reputation")
+#: Where the norm and direction tests look: each client's held coordinates, or the core.
+SCREENS = ("held", "core")
 MIN_LEVEL_SIZE = 3  # finite clients a level needs before its norms are tested
 
 
@@ -99,22 +120,33 @@ def held_finite(delta: Params, mask: Params) -> jax.Array:
         jax.tree_util.tree_leaves(delta), jax.tree_util.tree_leaves(mask))]))
 
 
-@functools.partial(jax.jit, static_argnames=("z_threshold", "min_spread", "cosine_threshold"))
+@functools.partial(jax.jit, static_argnames=("z_threshold", "min_spread", "cosine_threshold",
+                                             "screen"))
 def _validate(deltas: Params, masks: Params, levels: jax.Array, reference: Params | None,
-              z_threshold: float | None, min_spread: float, cosine_threshold: float | None):
+              excluded: jax.Array, z_threshold: float | None, min_spread: float,
+              cosine_threshold: float | None, screen: str):
     if z_threshold is None and cosine_threshold is None:
         # Only the finite screen: per leaf, without the [n_clients, P] float32 copies the
         # statistics below need (for a 125 M-parameter model at 20 clients, 10 GB each).
         finite = jax.vmap(held_finite)(deltas, masks)
-        return finite, jnp.where(finite, 0, 1).astype(jnp.int32)
+        reason = jnp.select([~finite, excluded], [1, 4], 0).astype(jnp.int32)
+        return reason == 0, reason
     d, h = flatten_clients(deltas), flatten_clients(masks) > 0
     finite = jnp.where(h, jnp.isfinite(d), True).all(axis=1)
-    h = h & finite[:, None]  # non-finite clients drop out of every statistic
+    active = finite & ~excluded
+    h = h & active[:, None]  # non-finite and excluded clients drop out of every statistic
     x = jnp.where(h, d, 0.0)
+    groups = levels
+    if screen == "core":
+        core = (h | ~active[:, None]).all(axis=0) & active.any()   # held by every active client
+        has_core = core.any()
+        h = jnp.where(has_core, h & core[None, :], h)
+        x = jnp.where(h, x, 0.0)
+        groups = jnp.where(has_core, jnp.zeros_like(levels), levels)   # one group: same coords
 
     norm_outlier = jnp.zeros(levels.shape, bool)
     if z_threshold is not None:
-        z, size = robust_z(jnp.sqrt((x ** 2).sum(axis=1)), levels, finite, min_spread)
+        z, size = robust_z(jnp.sqrt((x ** 2).sum(axis=1)), groups, active, min_spread)
         norm_outlier = (size >= MIN_LEVEL_SIZE) & (z > z_threshold)
 
     direction = jnp.zeros(levels.shape, bool)
@@ -123,15 +155,17 @@ def _validate(deltas: Params, masks: Params, levels: jax.Array, reference: Param
             jax.tree_util.tree_map(lambda r: jnp.asarray(r)[None], reference))[0]
         direction = _cosine(x, h, ref) < cosine_threshold
 
-    reason = jnp.select([~finite, norm_outlier, direction], [1, 2, 3], 0).astype(jnp.int32)
-    return reason == 0, reason
+    reason = jnp.select([~finite, excluded, norm_outlier, direction], [1, 4, 2, 3], 0)
+    return reason == 0, reason.astype(jnp.int32)
 
 
 def validate_updates(deltas: Params, masks: Params, levels: jax.Array, *,
                      z_threshold: float | None = 3.5,
                      min_spread: float = 0.1,
                      cosine_threshold: float | None = 0.0,
-                     reference: Params | None = None) -> tuple[jax.Array, jax.Array]:
+                     reference: Params | None = None,
+                     screen: str = "held",
+                     excluded: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Screen client updates: ``(accepted, reason)`` per client. See the module docstring.
 
     Args:
@@ -144,6 +178,10 @@ def validate_updates(deltas: Params, masks: Params, levels: jax.Array, *,
       reference: the update the direction is compared with, pytree like params
         with no client axis (e.g. a server update from trusted data, FLTrust);
         default the holder median of the finite updates.
+      screen: ``"held"`` (each client's held coordinates, norms per level) or ``"core"``
+        (the coordinates every screened client holds; module docstring). Static.
+      excluded: bool [n], clients refused outright (reason ``reputation``) and left out
+        of every statistic; default none.
 
     Returns:
       ``(accepted bool[n], reason int32[n])``, ``reason`` an index into ``REASONS``.
@@ -161,10 +199,16 @@ def validate_updates(deltas: Params, masks: Params, levels: jax.Array, *,
                                              and -1 <= cosine_threshold <= 1):
         raise ValueError(f"validate_updates: cosine_threshold = {cosine_threshold!r} "
                          "must be in [-1, 1] or None")
+    if screen not in SCREENS:
+        raise ValueError(f"validate_updates: screen = {screen!r} must be one of {SCREENS}")
     levels = jnp.asarray(levels)
     n = num_clients(deltas, masks)
     if levels.shape != (n,):
         raise ValueError(f"validate_updates: levels has shape {levels.shape}; expected ({n},)")
-    return _validate(deltas, masks, levels, reference,
+    excluded = jnp.zeros(n, bool) if excluded is None else jnp.asarray(excluded, bool)
+    if excluded.shape != (n,):
+        raise ValueError(f"validate_updates: excluded has shape {excluded.shape}; "
+                         f"expected ({n},)")
+    return _validate(deltas, masks, levels, reference, excluded,
                      None if z_threshold is None else float(z_threshold), float(min_spread),
-                     None if cosine_threshold is None else float(cosine_threshold))
+                     None if cosine_threshold is None else float(cosine_threshold), screen)

@@ -29,8 +29,9 @@ def test_metrics_match_numpy(batch_size):
                          test_y=jnp.asarray(y), test_client=jnp.asarray(client), num_classes=3,
                          train_sizes=np.full(4, 2), test_sizes=np.bincount(client))
     policy = policies.build_policy("fiarse", caps)
+    honest = np.array([True, False, True, True])   # client 1 a (simulated) attacker
     evaluate = make_evaluator(lambda p, xb, spec=None: xb @ p["Dense_0"]["kernel"], policy, caps,
-                              assignment, batch_size=batch_size)
+                              assignment, batch_size=batch_size, honest=honest)
     out = evaluate(params, policy.prepare(params, 0, None), data)
 
     def np_correct(w):
@@ -47,6 +48,7 @@ def test_metrics_match_numpy(batch_size):
         assert out["capacity_global_accuracy"][label] == pytest.approx(c.mean())
         assert out["local_accuracy"][label] == pytest.approx(c[own].mean())
         assert out["local_accuracy_client_mean"][label] == pytest.approx(np.mean(per_client))
+        assert out["local_accuracy_honest"][label] == pytest.approx(c[own & honest[client]].mean())
     logits = x @ kernel
     ce = -(logits[np.arange(len(y)), y] - np.log(np.exp(logits).sum(-1)))
     assert out["global_loss"] == pytest.approx(ce.mean(), rel=1e-5)

@@ -128,12 +128,19 @@ def test_dp_epsilon_per_round_equals_dp_accounting(tmp_path):
 def test_robustness_command_writes_table_json_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(robustness, "SCENARIOS", {
         "clean": ({}, ("mean",)),
-        "sign_flip_20": ({"attack.kind": "sign_flip", "attack.fraction": 0.2}, ("median",))})
+        "sign_flip_20": ({"attack.kind": "sign_flip", "attack.fraction": 0.2},
+                         ("median", "core+reputation"))})
     result = robustness.robustness(small(num_rounds=2, eval_every=2), str(tmp_path))
     table = (tmp_path / "robustness.md").read_text()
-    assert table == result["table"] and table.count("\n") == 2 + 2
-    assert "| sign_flip_20 | `median` |" in table
+    assert table == result["table"] and table.count("\n") == 2 + 3
+    assert "| sign_flip_20 | `median` |" in table and "| sign_flip_20 | `core+reputation` |" in table
+    assert "honest rejected" in table and "local 1 (honest)" in table
+    for name, r in result["rejected"].items():   # the table's share, from rounds.jsonl
+        rows = [json.loads(l) for l in (tmp_path / name / "rounds.jsonl").read_text().splitlines()]
+        sent = sum(10 - x.get("attackers", 0) for x in rows)   # 10 clients per round
+        assert r["honest_rejected_share"] == sum(x.get("rejected_honest", x["rejected"])
+                                                 for x in rows) / sent
     assert (tmp_path / "robustness.png").stat().st_size > 0
     saved = json.loads((tmp_path / "robustness.json").read_text())
-    assert set(saved["summaries"]) == {"clean-mean", "sign_flip_20-median"}
+    assert set(saved["summaries"]) == {"clean-mean", "sign_flip_20-median", "sign_flip_20-core+reputation"}
     assert saved["summaries"]["sign_flip_20-median"]["config"]["server"]["aggregator"] == "median"
