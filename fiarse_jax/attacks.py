@@ -29,8 +29,9 @@ none does, the attacker keeps its own value there.
   coordinates and rescaled to the median held-coordinate L2 norm of the honest rows of the
   attacker's capacity level (all honest rows when the level has none this round); zeros where
   that direction vanishes on the held coordinates. Built to pass the norm screen of
-  ``validation`` (its norm is the very median the screen centres on), so that only a
-  direction screen can catch it. Needs ``levels``.
+  ``validation`` on held coordinates (its norm is the very median that screen centres on),
+  so that only a direction screen can catch it (on the core its norm is typical too, but
+  not matched exactly). Needs ``levels``.
 """
 from __future__ import annotations
 

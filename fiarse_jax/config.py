@@ -212,6 +212,10 @@ def _check_robustness(config, method: str, num_clients: int, num_levels: int) ->
         _choice(config, "server.direction_action", server_round.DIRECTION_ACTIONS)
     if "exclude_after_flags" in config.server:
         _int(config, "server.exclude_after_flags", lo=0)
+    if (config.server.validate and config.server.get("direction_action") == "flag"
+            and not config.server.get("exclude_after_flags", 0)):
+        _fail("server.direction_action", "flag", "only feeds reputation: with "
+              "server.exclude_after_flags = 0 the direction test would do nothing")
 
     kind = _choice(config, "attack.kind", ATTACK_KINDS)
     fraction = _number(config, "attack.fraction", 0.0, 1.0, hi_open=True)

@@ -3,8 +3,9 @@
 * ``WORKDIR/metrics.jsonl``: one object per evaluation (``round``,
   ``global_accuracy``, ``local_accuracy`` {capacity: acc}, ...; see ``evaluate``).
 * ``WORKDIR/rounds.jsonl``: one object per round: ``round``, ``train_loss`` (mean
-  client loss), ``update_norm_mean`` / ``update_norm_max`` (L2 norm of the client
-  deltas), ``round_time_s``.
+  client loss), ``update_norm_mean`` / ``update_norm_max`` (L2 norm of the accepted
+  client deltas), ``rejected`` / ``rejected_<reason>`` / ``flagged``, ``round_time_s``,
+  and with an attack, reputation or DP their counts and ε (``algorithm.round_row``).
 * ``WORKDIR/tensorboard/``: the same scalars as TensorBoard events (tensorboardX).
 
 A resumed run passes the checkpoint's rows: both JSON files are rewritten from them

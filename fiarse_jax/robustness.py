@@ -35,6 +35,11 @@ DEFENCES: dict[str, dict[str, Any]] = {
                         "server.z_threshold": 7.0, "server.direction_action": "flag",
                         "server.exclude_after_flags": 3},
 }
+#: What every defence starts from (the user's config may have screens of its own on).
+UNDEFENDED = {"server.validate": False, "server.screen": "held", "server.z_threshold": 3.5,
+              "server.cosine_threshold": 0.0, "server.direction_action": "reject",
+              "server.exclude_after_flags": 0, "attack.kind": "none", "attack.fraction": 0.0,
+              "attack.levels": ()}
 RULES = ("mean", "median", "trimmed_mean", "norm_bounded")
 NEW = ("core", "core+reputation")
 ALL = RULES + NEW
@@ -71,8 +76,7 @@ def scenario_configs(config) -> dict[str, Any]:
         for defence in defences:
             cfg = config.copy_and_resolve_references()
             with cfg.unlocked():
-                for field, value in {"server.validate": False, **DEFENCES[defence],
-                                     **fields}.items():
+                for field, value in {**UNDEFENDED, **DEFENCES[defence], **fields}.items():
                     node = cfg
                     *parents, leaf = field.split(".")
                     for p in parents:

@@ -69,7 +69,8 @@ def summarize(run, algorithm, state, history: list, rounds: list, *,
         "attackers": int(run.attackers.sum()) if config.attack.kind != "none" else 0,
         "reputation": reputation.summary(state.reputation,
                                          config.server.get("exclude_after_flags", 0),
-                                         np.asarray(run.attackers, bool)),
+                                         np.asarray(run.attackers, bool)
+                                         & (config.attack.kind != "none")),
         "dp": ({"noise_multiplier": state.sigma, "epsilon": rounds[-1].get("dp_epsilon"),
                 "delta": config.dp.delta, "segments": [list(s) for s in state.dp_segments]}
                if state.sigma > 0 else None),

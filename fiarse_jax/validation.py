@@ -28,8 +28,9 @@ test, in this order, gives the reason (``REASONS[reason]``):
    the consensus (as FLTrust's ReLU-clipped trust score).
 
 4. ``reputation``: the client is ``excluded`` (``reputation.excluded``: flagged in too
-   many earlier rounds). Checked right after ``non_finite`` (an excluded client is not
-   screened); excluded clients leave every statistic, as non-finite ones do.
+   many earlier rounds). Checked first of all (an excluded client's update is refused
+   unread, whatever it holds); excluded clients leave every statistic, as non-finite
+   ones do.
 
 ``screen="core"`` runs tests 2 and 3 on the round's *core* instead: the coordinates
 every screened client (finite, not excluded) holds. With partial models most
@@ -40,10 +41,12 @@ held by all of them: with FIARSE's nested levels it is the smallest level's kept
 (as it stands at the end of local training), so the norm z-score is taken over all the
 round's clients in one group (same coordinates, comparable norms) and the direction
 reference is the coordinate-wise median of all of them. A sign flip, a ×λ scale, noise
-or a flipped consensus shows there against the honest majority. Methods whose levels
-are not nested have a smaller core: FedRolex's and dropout's is the structured overlap
-of the round's sub-models (the units every client kept), HeteroFL's the smallest
-level's leading units. A round with no core at all falls back to ``held``.
+or a flipped consensus shows there against the honest majority. HeteroFL's and
+FedRolex's levels are nested too (the leading units; one rolling window start for every
+width), so their core is the smallest level's sub-model. Federated Dropout's random
+per-client masks are not: its core is the units every client of the round happened to
+keep, plus any parameter no policy masks, which may be little; a round with no core at
+all falls back to ``held``.
 
 ``levels`` may be a traced int array: same-level statistics use an
 [n_clients, n_clients] "same level" matrix, so the number of levels need not be
@@ -129,7 +132,7 @@ def _validate(deltas: Params, masks: Params, levels: jax.Array, reference: Param
         # Only the finite screen: per leaf, without the [n_clients, P] float32 copies the
         # statistics below need (for a 125 M-parameter model at 20 clients, 10 GB each).
         finite = jax.vmap(held_finite)(deltas, masks)
-        reason = jnp.select([~finite, excluded], [1, 4], 0).astype(jnp.int32)
+        reason = jnp.select([excluded, ~finite], [4, 1], 0).astype(jnp.int32)
         return reason == 0, reason
     d, h = flatten_clients(deltas), flatten_clients(masks) > 0
     finite = jnp.where(h, jnp.isfinite(d), True).all(axis=1)
@@ -155,7 +158,7 @@ def _validate(deltas: Params, masks: Params, levels: jax.Array, reference: Param
             jax.tree_util.tree_map(lambda r: jnp.asarray(r)[None], reference))[0]
         direction = _cosine(x, h, ref) < cosine_threshold
 
-    reason = jnp.select([~finite, excluded, norm_outlier, direction], [1, 4, 2, 3], 0)
+    reason = jnp.select([excluded, ~finite, norm_outlier, direction], [4, 1, 2, 3], 0)
     return reason == 0, reason.astype(jnp.int32)
 
 

@@ -31,7 +31,7 @@ def tree(x):
 def numpy_core(d, mask, excluded, z_threshold=3.5, min_spread=0.1, cos_threshold=0.0):
     """The core screen re-derived: the columns every active (finite, not excluded) client
     holds; norms there against median/MAD of all active clients; direction against their
-    coordinate-wise median; reasons in REASONS order (non_finite, reputation, norm, dir)."""
+    coordinate-wise median; the first reason of: reputation, non_finite, norm, direction."""
     held = mask > 0
     finite = np.array([np.isfinite(d[i, held[i]]).all() for i in range(len(d))])
     active = finite & ~excluded
@@ -47,10 +47,10 @@ def numpy_core(d, mask, excluded, z_threshold=3.5, min_spread=0.1, cos_threshold
                         for i in range(len(d))])
     reason = np.zeros(len(d), int)
     for i in range(len(d)):
-        if not finite[i]:
-            reason[i] = NON_FINITE
-        elif excluded[i]:
+        if excluded[i]:
             reason[i] = REPUTATION
+        elif not finite[i]:
+            reason[i] = NON_FINITE
         elif z[i] > z_threshold:
             reason[i] = NORM
         elif cos[i] < cos_threshold:
@@ -108,11 +108,12 @@ def test_no_core_falls_back_to_held():
 
 def test_excluded_without_statistics_screens():
     """With only the finite screen, excluded clients are still refused."""
-    d, mask = nested(np.array([0, 1, 2]))
-    d[2, 0] = np.nan
-    _, reason = validate_updates(tree(d), tree(mask), np.array([0, 1, 2]), z_threshold=None,
-                                 cosine_threshold=None, excluded=np.array([True, False, True]))
-    assert list(np.asarray(reason)) == [REPUTATION, OK, NON_FINITE]
+    d, mask = nested(np.array([0, 1, 2, 2]))
+    d[2, 0] = d[3, 0] = np.nan
+    _, reason = validate_updates(tree(d), tree(mask), np.array([0, 1, 2, 2]), z_threshold=None,
+                                 cosine_threshold=None,
+                                 excluded=np.array([True, False, False, True]))
+    assert list(np.asarray(reason)) == [REPUTATION, OK, NON_FINITE, REPUTATION]
 
 
 @pytest.mark.parametrize("kw, match", [({"screen": "all"}, "screen = 'all'"),

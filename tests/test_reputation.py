@@ -79,13 +79,17 @@ def test_resume_keeps_the_record_exactly(tmp_path):
     assert r[-1]["excluded_total"] == len(want["reputation"]["excluded"])
     assert sum(x["rejected_reputation"] for x in r) >= 1
     assert all(x["rejected_honest"] <= x["rejected"] for x in r)
+    # direction_action = "flag": flagged updates are used, so none is rejected as direction
+    assert sum(x["flagged"] for x in r) >= 1 and sum(x["rejected_direction"] for x in r) == 0
 
 
 @pytest.mark.parametrize("over, field", [
     ({"dp.noise_multiplier": 0.5, "server.validate": False}, "server.exclude_after_flags"),
-    ({"dp.noise_multiplier": 0.5, "server.exclude_after_flags": 0}, "server.validate"),
+    ({"dp.noise_multiplier": 0.5, "server.exclude_after_flags": 0, "server.direction_action": "reject"},
+     "server.validate"),
     ({"server.exclude_after_flags": -1}, "server.exclude_after_flags"),
     ({"server.screen": "everything"}, "server.screen"),
+    ({"server.exclude_after_flags": 0}, "server.direction_action"),   # a flag nobody reads
 ])
 def test_bad_or_dp_combinations_are_one_line(over, field):
     with pytest.raises(ConfigError) as err:
