@@ -28,7 +28,7 @@ first. Times are per round after one warm-up (compile) round. Sections:
   ``--text-clients`` and the CNN at 1,000 clients, per ``--memory-chunks`` chunk size
   and with the server's inputs stacked or streamed: the per-round peak, and from two
   chunk sizes what each client in a chunk adds (per-client training memory).
-* ``masks``: thresholds of all levels (``policy.prepare``: one sort of |w|) for ResNet-18
+* ``masks``: thresholds of all levels (``policy.prepare``: one k-th-largest pass) for ResNet-18
   and a 100 M-parameter synthetic pytree, beside the ResNet round.
 
 Also: XLA's FLOP count of a client step (always compiled for the CPU: XLA's GPU cost
@@ -607,7 +607,7 @@ def main(argv=None) -> dict:
         for r in result["masks"]:
             if resnet_round and "prepare_s" in r:
                 r["share_of_resnet_round_pct"] = 100 * r["prepare_s"] / resnet_round
-        _table("thresholds of all levels (one sort of |w|)", result["masks"],
+        _table("thresholds of all levels (policy.prepare)", result["masks"],
                [("num_params", "params", ",d"), ("prepare_s", "s", ".3f"),
                 ("share_of_resnet_round_pct", "% of round", ".2f")])
 

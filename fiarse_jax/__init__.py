@@ -1,7 +1,7 @@
 """fiarse_jax: FIARSE (Wu et al., NeurIPS 2024) model-heterogeneous federated learning in JAX.
 
 Public surface (see each module's docstring):
-* ``masks``: importance thresholds and masks (one sort serves every capacity).
+* ``masks``: importance thresholds and masks (one pass serves every capacity).
 * ``fiarse``: the sub-model x ⊙ 1[|x| ≥ θ] with the paper's Eq. 3 or masked gradient.
 * ``policies``: extraction methods behind one ``MaskPolicy`` interface.
 * ``client`` / ``engine`` / ``server``: the pure client update, execution strategies

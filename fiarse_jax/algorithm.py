@@ -14,7 +14,7 @@ screening record (``reputation``). Everything else a round uses is a pure functi
 follows from it and the config) and the record resumes a run exactly.
 
 Inside ``apply``: the policy prepares every level's extraction from the global model
-(``policy.prepare``: one sort for FIARSE), each client gets its spec and rows, the
+(``policy.prepare``: one threshold pass for FIARSE), each client gets its spec and rows, the
 clients train with the chosen strategy (``engine``), and the server step aggregates over
 holders. Its internals: streamed sums (the server's inputs summed while the clients
 train) or stacked deltas (robust rules, screens and simulated attacks need all updates

@@ -12,7 +12,8 @@ Differences from the authors' code, on purpose:
   the full model gets the plain gradient); their code uses θ = min |w|.
 
 Everything here is a pure array function: jit-compatible with the ratios static,
-and thresholds for *every* level of a round come from one sort per scope group.
+and thresholds for *every* level of a round come from one pass per scope group
+(``kth_largest``: a bisection on the values' bit patterns, exact, no sort).
 """
 from __future__ import annotations
 
@@ -138,19 +139,54 @@ def _check_scope(scope: str) -> None:
 
 
 def _thresholds_of(values: jax.Array, ratios: Sequence[float]) -> jax.Array:
-    """θ per ratio from one descending sort of ``values`` (|w|, flattened)."""
+    """θ per ratio: the ⌈r·n⌉-th largest of ``values`` (|w|, flattened; r = 1 gives 0)."""
     n = values.shape[0]
-    desc = jnp.sort(values)[::-1]
-    out = [jnp.zeros((), values.dtype) if r == 1.0 else desc[keep_count(r, n) - 1]
-           for r in ratios]
-    return jnp.stack(out)
+    ks = [keep_count(r, n) for r in ratios if r != 1.0]
+    found = iter(kth_largest(values, ks) if ks else [])
+    return jnp.stack([jnp.zeros((), values.dtype) if r == 1.0 else next(found) for r in ratios])
+
+
+def kth_largest(values: jax.Array, ks: Sequence[int]) -> jax.Array:
+    """The k-th largest entry of a non-negative 1-D ``values`` for each k in ``ks``, exactly
+    (``jnp.sort(values)[::-1][k - 1]``) but without sorting.
+
+    A non-negative float's bit pattern, read as an integer, orders as the float does, so
+    each answer is the largest pattern t with #{values ≥ t} ≥ k: a bisection over the 31
+    value bits, one counting pass over ``values`` per bit for every k at once. On a CPU
+    that is ~10× faster than the sort for ResNet-18's 11 M weights (XLA's CPU sort is slow);
+    on accelerators both are fast.
+
+    Args:
+      values: 1-D, non-negative (|w|), a floating dtype; computed in float32 (float64
+        stays float64), which is exact for float16 and bfloat16.
+      ks: ranks, each in [1, len(values)].
+
+    Returns:
+      [len(ks)] in ``values``' dtype.
+    """
+    wide = values.dtype == jnp.float64
+    x = values.astype(jnp.float64 if wide else jnp.float32)
+    int_type, bits = (jnp.int64, 63) if wide else (jnp.int32, 31)
+    pattern = jax.lax.bitcast_convert_type(x, int_type)
+    k = jnp.asarray(ks, int_type)
+
+    def bisect(_, bounds):   # invariant: #{≥ lo} ≥ k > #{≥ hi}
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = (pattern[None, :] >= mid[:, None]).sum(axis=1, dtype=int_type) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    lo = jnp.zeros(len(ks), int_type)
+    hi = jnp.full(len(ks), jnp.iinfo(int_type).max, int_type)
+    lo, _ = jax.lax.fori_loop(0, bits + 1, bisect, (lo, hi))
+    return jax.lax.bitcast_convert_type(lo, x.dtype).astype(values.dtype)
 
 
 def importance_thresholds(params: Params, ratios: Sequence[float], *,
                           scope: str = "global",
                           is_maskable: IsMaskable | None = None,
                           group_fn: GroupFn | None = None):
-    """Thresholds for several capacity ratios at once (one sort per scope group).
+    """Thresholds for several capacity ratios at once (one ``kth_largest`` per scope group).
 
     Args:
       params: the parameter pytree (the global model).

@@ -6,7 +6,7 @@ ever call these, so a new method is one file plus its registration.
 
 Shapes: ``prepare`` runs once per round on the server and returns a *round
 state* holding what every capacity level needs (stacked on a leading level axis
-so that one sort serves all levels). ``client_spec`` picks one client's share of
+so that one threshold pass serves all levels). ``client_spec`` picks one client's share of
 it (a pytree of arrays, identical in structure across clients, so it can be
 vmapped). ``apply`` is the differentiable sub-model used in the client's loss;
 ``mask`` says which coordinates the client holds (the server averages each
