@@ -171,8 +171,9 @@ def build_algorithm(run: Run, config) -> Algorithm:
             deltas = (attack(result.delta, result.mask, glob(jnp.asarray(in_round)),
                              glob(streams["attack"]), levels=levels)
                       if attack_kind != "none" and in_round.any() else result.delta)
+            refused = (glob(jnp.asarray(excluded)),) if min_flags else ()   # reputation
             params, info = server_step(state.params, deltas, result.mask, levels, server_key,
-                                       divisor, glob(jnp.asarray(excluded)) if min_flags else None)
+                                       divisor, *refused)
             losses, norms = result.loss, update_norms(deltas)
         train_loss = float(engine.to_host(losses).mean())   # the round's one wait
         if not np.isfinite(train_loss):

@@ -72,9 +72,9 @@ def test_the_training_loop_hands_out_the_named_streams(tmp_path, monkeypatch, re
     def server_step(**kw):
         step = real_server_round(**kw)
 
-        def run(params, deltas, masks, levels, key, divisor):
+        def run(params, deltas, masks, levels, key, divisor, *excluded):
             given["server"].append(key)
-            return step(params, deltas, masks, levels, key, divisor)
+            return step(params, deltas, masks, levels, key, divisor, *excluded)
         return run
 
     monkeypatch.setattr(server_round, "make_streaming_round", stream_round)
