@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.stats import norm as jnorm
 
-from fiarse_jax.aggregators import masked_median
+from fiarse_jax.validation import group_median
 
 Params = Any
 KINDS = ("none", "sign_flip", "scale", "gaussian", "free_rider", "nan", "alie", "adaptive")
@@ -154,11 +154,9 @@ def _coordinated(kind: str, deltas: Params, masks: Params, flags: jax.Array,
     u_norm = jnp.sqrt(sum(_row_sum(jnp.where(h, x[None], 0.0) ** 2) for x, h in zip(u, held)))
     norms = jnp.sqrt(sum(_row_sum(jnp.where(h, d.astype(jnp.float32), 0.0) ** 2)
                          for d, h in zip(leaves, held)))
-    hon_rows = ~flags
-    peers = (levels[:, None] == levels[None, :]) & hon_rows[:, None]  # [peer j, row i]
-    by_level = masked_median(jnp.broadcast_to(norms[:, None], peers.shape), peers)
-    overall = masked_median(norms[:, None], hon_rows[:, None])[0]
-    target = jnp.where(peers.any(axis=0), by_level, overall)
+    by_level, peers = group_median(norms, levels, ~flags)
+    overall, _ = group_median(norms, jnp.zeros_like(levels), ~flags)
+    target = jnp.where(peers > 0, by_level, overall)
     factor = jnp.where(u_norm > 0, target / jnp.where(u_norm > 0, u_norm, 1.0), 0.0)
     return treedef.unflatten([jnp.where(h, x[None] * _rows(factor, h), d)
                               for d, h, x in zip(leaves, held, u)])

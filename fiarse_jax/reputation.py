@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
-#: ``validation.REASONS`` indices that flag a client (non_finite, norm_outlier, direction).
-FLAGGING = (1, 2, 3)
+from fiarse_jax.validation import REASONS
+
+#: ``validation.REASONS`` indices that flag a client.
+FLAGGING = tuple(REASONS.index(r) for r in ("non_finite", "norm_outlier", "direction"))
+NOT_SCREENED = REASONS.index("reputation")
 
 
 def fresh(num_clients: int) -> np.ndarray:
@@ -44,7 +47,7 @@ def update(record: np.ndarray, ids: np.ndarray, reason: np.ndarray) -> np.ndarra
     than ``reputation``) counts one round screened, and one flagged when ``reason`` is in
     ``FLAGGING``. Returns a new array (the old one may sit in a pending checkpoint)."""
     reason = np.asarray(reason)
-    screened = reason != 4
+    screened = reason != NOT_SCREENED
     out = record.copy()
     np.add.at(out, (ids[screened], 0), 1)
     np.add.at(out, (ids[np.isin(reason, FLAGGING)], 1), 1)

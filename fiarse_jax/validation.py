@@ -92,13 +92,28 @@ def robust_z(values: jax.Array, groups: jax.Array, valid: jax.Array,
       ``(z, group size)``: float [n], and int [n] the number of valid entries in
       each entry's group.
     """
-    peers = (groups[:, None] == groups[None, :]) & valid[:, None]  # [peer j, entry i]
-    column = jnp.broadcast_to(values[:, None], peers.shape)
-    med = masked_median(column, peers)
-    spread = jnp.abs(column - med[None, :])
-    scale = jnp.maximum(1.4826 * masked_median(spread, peers), min_spread * jnp.abs(med))
+    med, size = group_median(values, groups, valid)
     dev = jnp.abs(values - med)
-    return jnp.where(scale > 0, dev / jnp.where(scale > 0, scale, 1.0), 0.0), peers.sum(axis=0)
+    mad, _ = group_median(dev, groups, valid)   # a group's entries share its median
+    scale = jnp.maximum(1.4826 * mad, min_spread * jnp.abs(med))
+    return jnp.where(scale > 0, dev / jnp.where(scale > 0, scale, 1.0), 0.0), size
+
+
+def group_median(values: jax.Array, groups: jax.Array,
+                 valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per entry, the median of the ``valid`` entries of its group (0 where none), and
+    their number; ``groups`` may be traced (an [n, n] "same group" matrix).
+
+    Args:
+      values: float [n].
+      groups: int [n], each entry's group (e.g. capacity level).
+      valid: bool [n], the entries the median is taken over.
+
+    Returns:
+      ``(median, group size)``: float32 [n] and int [n].
+    """
+    peers = (groups[:, None] == groups[None, :]) & valid[:, None]  # [peer j, entry i]
+    return masked_median(jnp.broadcast_to(values[:, None], peers.shape), peers), peers.sum(axis=0)
 
 
 def _cosine(x: jax.Array, h: jax.Array, reference: jax.Array) -> jax.Array:
