@@ -26,3 +26,36 @@ MASKABLE = [("Dense_0", "kernel"), ("Dense_0", "bias"), ("Dense_1", "kernel"), (
 @pytest.fixture
 def params():
     return make_params()
+
+
+# One persistent XLA compilation cache for the test session, shared by the xdist workers
+# and the subprocesses tests start (CLI runs, multi-process workers, the notebook's
+# kernel): many tests compile the same programs (the default config's round, its
+# evaluation) from fresh closures or fresh processes, which JAX's in-memory cache cannot
+# share. The cache is transparent to results; it lives in a temporary folder removed at
+# the end, and a cache the developer set (JAX_COMPILATION_CACHE_DIR) is left alone.
+_CACHE_DIR = "JAX_COMPILATION_CACHE_DIR"
+_MIN_TIME = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+
+
+def pytest_configure(config):
+    import os
+    import tempfile
+
+    if not os.environ.get(_CACHE_DIR):   # the controller, or a run without xdist
+        os.environ[_CACHE_DIR] = tempfile.mkdtemp(prefix="fiarse-tests-xla-cache-")
+        os.environ.setdefault(_MIN_TIME, "0.1")
+        config._fiarse_made_cache = True
+    import jax   # may already be imported, before these variables were set
+
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_DIR])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get(_MIN_TIME, "1.0")))
+
+
+def pytest_unconfigure(config):
+    import os
+    import shutil
+
+    if getattr(config, "_fiarse_made_cache", False):
+        shutil.rmtree(os.environ.pop(_CACHE_DIR), ignore_errors=True)
