@@ -127,7 +127,8 @@ def _round_fn(spec: dict, policy, fns, clients: int):
     strategy, streamed = spec["strategy"], spec.get("reduce", "stream") == "stream"
     stream = make_streaming_round()
     run = engine.make_round_runner(fns, strategy, clients_per_chunk=spec.get("chunk", 0),
-                                   reduce=stream.contribution if streamed else None)
+                                   reduce=stream.contribution if streamed else None,
+                                   xla=spec.get("xla", "auto"))
     prepare = jax.jit(policy.prepare)
     specs_fn = jax.jit(jax.vmap(policy.client_spec, in_axes=(None, 0, 0)))
     levels = jnp.arange(clients) % len(CAPACITIES)
@@ -489,7 +490,8 @@ def main(argv=None) -> dict:
                                  "resnet_steps": resnet_steps, "batch": 20, "rounds": rounds,
                                  "samples_per_client": samples, "dtype": args.dtype,
                                  "gradient": "masked"}}
-    cols = [("clients", "clients", "d"), ("strategy", "strategy", ""), ("chunk", "chunk", "d"),
+    cols = [("clients", "clients", "d"), ("strategy", "strategy", ""), ("variant", "variant", ""),
+            ("chunk", "chunk", "d"),
             ("reduce", "server in", ""),
             ("round_s", "s/round", ".4f"), ("client_steps_per_s", "steps/s", ".1f"),
             ("vs_torch", "vs torch", ".3f"), ("peak_mem_mb", "peak MB", ".0f"),
@@ -504,7 +506,7 @@ def main(argv=None) -> dict:
         write_atomic(out, json.dumps(result, indent=2))
         plot(result, os.path.splitext(out)[0] + ".png")
 
-    def group(model, clients, k, kw, strats, torch_too):
+    def group(model, clients, k, kw, strats, torch_too, xla="auto"):
         rows = []
         for strategy, chunk in strats:
             if chunk and chunk >= clients:
@@ -512,7 +514,7 @@ def main(argv=None) -> dict:
             for reduce in reduces:
                 spec = {"kind": "jax", "model": model, "clients": clients, "steps": k,
                         "model_kwargs": kw, "strategy": strategy, "chunk": chunk,
-                        "reduce": reduce, **common}
+                        "reduce": reduce, "xla": xla, **common}
                 rows.append({"clients": clients, "model_kwargs": kw, **spec,
                              **_child(spec, cores)})
         if torch_too:
@@ -531,11 +533,16 @@ def main(argv=None) -> dict:
                result["strategies"], cols)
         save()
     if "resnet" in sections:
-        # On CPU only loop: XLA's CPU conv gradients inside scan (vmap) are many times slower.
-        strats = [("loop", 0)] + ([("vmap", 0)] if backend != "cpu" else []) + (
+        strats = [("loop", 0), ("vmap", 0)] + (
             [("sharded", 0)] if backend != "cpu" and jax.device_count() > 1 else [])
-        result["resnet"] = group("resnet18", 2 if args.quick else 10, resnet_steps, resnet_kw,
-                                 strats, torch_ok)
+        n_resnet = 2 if args.quick else 10
+        result["resnet"] = group("resnet18", n_resnet, resnet_steps, resnet_kw, strats, torch_ok)
+        # Beside it, the loop as it ran before the per-backend choices: XLA's default
+        # options and JAX's own convolution gradient (models.conv "xla").
+        result["resnet"] += [{**r, "variant": "defaults"} for r in group(
+            "resnet18", n_resnet, resnet_steps, {**resnet_kw, "conv": "xla"}, [("loop", 0)],
+            False, xla="default")]
+        _with_ratio(result["resnet"])
         _table(f"ResNet-18 on 32×32×3 data, K = {resnet_steps}, batch 20", result["resnet"], cols)
         save()
     if "size" in sections:

@@ -131,7 +131,8 @@ def build_algorithm(run: Run, config) -> Algorithm:
             servers[sigma] = _server(config, sigma, streaming)
         reduce, stream, step = servers[sigma]
         return stream, step, engine.make_round_runner(fns, strategy, clients_per_chunk=chunk,
-                                                      reduce=reduce)
+                                                      reduce=reduce,
+                                                      xla=config.engine.get("xla", "auto"))
 
     def init(params, rounds_done: int = 0, dp_segments: Sequence = (),
              planned_rounds: int | None = None, record=None) -> ServerState:

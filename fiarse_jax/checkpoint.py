@@ -46,11 +46,12 @@ FORMAT = 2
 
 
 #: Config fields that may change between a run and its resumption: the length of
-#: the run, bookkeeping, and the execution strategy (strategies agree to float
-#: rounding, so bit-for-bit equality holds only when it is unchanged).
+#: the run, bookkeeping, and the execution strategy, XLA options and convolution
+#: implementation (these agree to float rounding, so bit-for-bit equality holds only
+#: when they are unchanged).
 SAFE_TO_CHANGE = ("num_rounds", "eval_every", "checkpoint_every", "keep_checkpoints",
                   "tensorboard", "engine.strategy", "engine.clients_per_chunk", "engine.reduce",
-                  "engine.memory_budget_gb",
+                  "engine.memory_budget_gb", "engine.xla", "model.conv",
                   "profile", "eval.batch_size", "paper")
 
 #: Config fields added after checkpoints were first written, with the value the code used

@@ -161,6 +161,8 @@ def validate_config(config) -> None:
     if "memory_budget_gb" in config.engine:
         _number(config, "engine.memory_budget_gb", 0.0, math.inf, hi_open=True)
     _choice(config, "engine.dtype", ("float32", "bfloat16"))
+    if "xla" in config.engine:
+        _choice(config, "engine.xla", engine.XLA_SETTINGS)
     if "reduce" in config.engine and _choice(config, "engine.reduce", REDUCE_MODES) == "stream":
         blocker = stream_blocker(config)
         if blocker:

@@ -10,10 +10,13 @@
   that axis then becomes a cross-device sum. With ``jax.distributed`` initialised
   the mesh spans every process's devices (the multi-host / TPU-pod path).
 * ``"loop"``: a Python loop over clients and steps of jitted ``init``/``step``/
-  ``final``: the fast path on CPU, where convolution gradients inside ``scan`` are
-  many times slower (jax-ml/jax#12868).
+  ``final``: the fast path on CPU, where vmapped clients' convolutions become grouped
+  convolutions that XLA:CPU runs slowly (``models.conv`` keeps the steps inside a
+  ``fori_loop`` as fast as one at a time).
 * ``"auto"``: ``vmap`` on GPU/TPU, ``loop`` on CPU.
 
+Every program compiles with ``compiler_options(xla)`` (per-backend XLA options; on CPU
+convolutions run on Eigen rather than YNNPACK).
 All run the same ``ClientFns``, so with the same keys one round agrees up to
 float rounding (tested). Over many rounds the tiny differences can flip a
 threshold decision |w| ≥ θ, so long trajectories drift apart like any two
@@ -34,6 +37,7 @@ the norm-bounded mean, DP-FedAvg). (Training itself holds c clients at once: wit
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +51,13 @@ from fiarse_jax.client import ClientFns, ClientResult, client_update
 from fiarse_jax.data.types import ClientData
 
 STRATEGIES = ("auto", "loop", "vmap", "sharded")
+#: ``config.engine.xla``: "auto" compiles with ``compiler_options``' per-backend choices,
+#: "default" with XLA's defaults.
+XLA_SETTINGS = ("auto", "default")
+#: XLA:CPU's default YNNPACK library fusions less convolutions (checked against the
+#: default in the tests: if a jaxlib changes its default, they say so).
+_CPU_YNN_NO_CONV = ",".join("LIBRARY_FUSION_TYPE_" + t for t in
+                            ("DOT", "REDUCE", "INDIVIDUAL_DOT"))
 CLIENT_AXIS = "clients"
 RoundRunner = Callable[[Any, Any, ClientData, jax.Array], Any]
 #: One client's ``ClientResult`` → ``(sums, stats)``: ``sums`` (a pytree) are added up
@@ -88,6 +99,66 @@ def resolve_strategy(strategy: str, *, backend: str | None = None,
     return "sharded" if local_devices > 1 else "vmap"
 
 
+@functools.cache
+def _accepted(backend: str, options: tuple) -> bool:
+    """Whether this jaxlib compiles with ``options`` on the default backend, ``backend``
+    (an older jaxlib may not know them)."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(np.float32(0)).compile()
+        return True
+    except Exception:   # noqa: BLE001 — an unknown option is an XLA runtime error
+        return False
+
+
+def compiler_options(setting: str = "auto", backend: str | None = None) -> dict[str, str]:
+    """XLA options the engine's programs (and evaluation) compile with on ``backend``.
+
+    ``"auto"`` on CPU: XLA's YNNPACK fusions stay as by default, but convolutions go to
+    XLA's Eigen convolution instead of YNNPACK's: a CIFAR ResNet-18 training step at batch
+    20 took 0.52 s instead of 0.75 s on 2 cores (with ``models.conv``'s canonical backward
+    convolutions; ``benchmarks/suite.py --sections resnet``). Other backends: none yet
+    (XLA's defaults) — GPU choices wait for a measurement. ``"default"``: none anywhere.
+    Options this jaxlib does not know are dropped.
+
+    Args:
+      setting: one of ``XLA_SETTINGS``.
+      backend: default JAX's ``default_backend()``.
+
+    Returns:
+      ``{option: value}`` for ``jax.jit(..., compiler_options=...)`` (may be empty).
+    """
+    if setting not in XLA_SETTINGS:
+        raise ValueError(f"engine.xla = {setting!r}: expected one of {XLA_SETTINGS}")
+    backend = jax.default_backend() if backend is None else backend
+    options = {}
+    if setting == "auto" and backend == "cpu":
+        options = {"xla_cpu_experimental_ynn_fusion_type": _CPU_YNN_NO_CONV}
+    if not options or backend != jax.default_backend():
+        return options
+    return options if _accepted(backend, tuple(sorted(options.items()))) else {}
+
+
+def jit(fun, options: dict[str, str] | None = None, **kwargs):
+    """``jax.jit(fun, **kwargs)`` compiled with ``options`` (``compiler_options()`` if None).
+
+    Called inside another trace (an outer ``jit``, e.g. a whole round compiled at once)
+    it is a plain nested ``jax.jit``: XLA options belong to the outermost program.
+    """
+    options = compiler_options() if options is None else options
+    plain = jax.jit(fun, **kwargs)
+    if not options:
+        return plain
+    tuned = jax.jit(fun, compiler_options=options, **kwargs)
+
+    @functools.wraps(fun)
+    def call(*args, **kw):
+        nested = any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves((args, kw)))
+        return (plain if nested else tuned)(*args, **kw)
+
+    call.lower = tuned.lower
+    return call
+
+
 def _index(tree, i):
     return jax.tree_util.tree_map(lambda a: a[i], tree)
 
@@ -123,15 +194,15 @@ def _zeros(tree_shape):
     return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), tree_shape)
 
 
-def _loop_runner(fns: ClientFns, reduce: Reduce):
-    init = jax.jit(fns.init)
-    step = jax.jit(fns.step, donate_argnums=0)   # the state is replaced every step
+def _loop_runner(fns: ClientFns, reduce: Reduce, options: dict):
+    init = jit(fns.init, options)
+    step = jit(fns.step, options, donate_argnums=0)   # the state is replaced every step
 
     def fold_fn(total, params, state, spec):
         sums, stats = reduce(fns.final(params, state, spec))
         return _add(total, sums), stats
 
-    fold = jax.jit(fold_fn, donate_argnums=0)   # a running total: one copy of the sums
+    fold = jit(fold_fn, options, donate_argnums=0)   # a running total: one copy of the sums
     step_ids = [jnp.asarray(k, jnp.int32) for k in range(fns.num_steps)]
 
     def run(params, specs, data, keys):
@@ -252,7 +323,8 @@ def to_host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _sharded_runner(fns: ClientFns, clients_per_chunk: int, mesh: Mesh, reduce: Reduce):
+def _sharded_runner(fns: ClientFns, clients_per_chunk: int, mesh: Mesh, reduce: Reduce,
+                    options: dict):
     local = _chunked(fns, clients_per_chunk, reduce)
 
     def per_device(params, inputs):
@@ -262,8 +334,8 @@ def _sharded_runner(fns: ClientFns, clients_per_chunk: int, mesh: Mesh, reduce: 
     # The one collective is the psum of the sums; clients are independent, so the
     # varying-axis type check, which would make every carry and custom VJP spell out
     # its axis, is off.
-    mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(CLIENT_AXIS)),
-                                   out_specs=(P(), P(CLIENT_AXIS)), check_vma=False))
+    mapped = jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(CLIENT_AXIS)),
+                               out_specs=(P(), P(CLIENT_AXIS)), check_vma=False), options)
     over_clients, replicated = NamedSharding(mesh, P(CLIENT_AXIS)), NamedSharding(mesh, P())
     # Dropping the padding gathers the results (an uneven split is not a sharding):
     # a client count that is a multiple of the device count keeps them sharded.
@@ -434,7 +506,8 @@ def fit_chunk(fns: ClientFns, params, specs, data: ClientData, keys: jax.Array, 
 
 
 def make_round_runner(fns: ClientFns, strategy: str = "auto", *, clients_per_chunk: int = 0,
-                      mesh: Mesh | None = None, reduce: Reduce | None = None) -> RoundRunner:
+                      mesh: Mesh | None = None, reduce: Reduce | None = None,
+                      xla: str = "auto") -> RoundRunner:
     """A function ``(params, specs, data, keys) -> ClientResult`` (stacked per client).
 
     Args:
@@ -446,6 +519,7 @@ def make_round_runner(fns: ClientFns, strategy: str = "auto", *, clients_per_chu
       reduce: one client's ``ClientResult`` → ``(sums, stats)``, jit-able: the runner
         returns ``(Σ over clients of sums, stats stacked per client)`` instead, and
         never holds more than a chunk of client results.
+      xla: one of ``XLA_SETTINGS``: the programs compile with ``compiler_options(xla)``.
 
     Returns:
       The runner. Its inputs carry a leading client axis (``specs``, ``data``,
@@ -459,16 +533,17 @@ def make_round_runner(fns: ClientFns, strategy: str = "auto", *, clients_per_chu
     if isinstance(clients_per_chunk, bool) or not isinstance(clients_per_chunk, int) \
             or clients_per_chunk < 0:
         raise ValueError(f"clients_per_chunk = {clients_per_chunk!r} must be an integer ≥ 0")
+    options = compiler_options(xla)
     stacking = reduce is None
     reduce = _stack if stacking else reduce
     if strategy == "loop":
-        run = _loop_runner(fns, reduce)
+        run = _loop_runner(fns, reduce, options)
     elif strategy == "sharded":
-        run = _sharded_runner(fns, clients_per_chunk, mesh or client_mesh(), reduce)
+        run = _sharded_runner(fns, clients_per_chunk, mesh or client_mesh(), reduce, options)
     else:
         local = _chunked(fns, clients_per_chunk, reduce)
-        run = jax.jit(lambda params, specs, data, keys: local(
-            params, specs, data, keys, jnp.ones(keys.shape[0], bool)))
+        run = jit(lambda params, specs, data, keys: local(
+            params, specs, data, keys, jnp.ones(keys.shape[0], bool)), options)
     if not stacking:
         return run
     return lambda params, specs, data, keys: run(params, specs, data, keys)[1]

@@ -26,6 +26,7 @@ length compiles once.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -62,7 +63,8 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
                    batch_size: int = 20, key: jax.Array | None = None,
                    transform: Callable[[jax.Array], jax.Array] | None = None,
                    max_batches: int | None = None,
-                   honest: np.ndarray | None = None) -> Callable[..., dict]:
+                   honest: np.ndarray | None = None,
+                   xla: str = "auto") -> Callable[..., dict]:
     """``evaluate(params, round_state, data) -> metrics dict`` (see module docstring).
 
     ``assignment[c]`` is the capacity level index of client ``c``;
@@ -73,7 +75,8 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
     ``max_batches``: batches scored per device call (default: ⌈1,280 / batch_size⌉ samples'
     worth, which bounds evaluation memory);
     ``honest``: bool per client; when given, also ``local_accuracy_honest`` (pooled over the
-    local tests of the capacity's honest clients only).
+    local tests of the capacity's honest clients only);
+    ``xla``: the programs compile with ``engine.compiler_options(xla)``.
     """
     honest = None if honest is None else np.asarray(honest, bool)
     max_batches = max_batches or max(1, -(-1280 // batch_size))
@@ -81,7 +84,9 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
     assignment = np.asarray(assignment)
     key = jax.random.PRNGKey(0) if key is None else key
 
-    @jax.jit
+    options = engine.compiler_options(xla)
+
+    @functools.partial(engine.jit, options=options)
     def score(params, x, y, spec):   # x: [batches, length, ...]: each batch on its own
         def one(xb, yb):
             if transform is not None:
@@ -91,7 +96,7 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
             return jnp.argmax(logits, -1) == yb, loss
         return jax.vmap(one)(x, y)
 
-    @jax.jit
+    @functools.partial(engine.jit, options=options)
     def extract(params, round_state, level):
         # The sub-model as a client of this level computes with it: x ⊙ 1[|x| ≥ θ] for
         # FIARSE; with HeteroFL's scaler on, the 1/r scale it was trained with (a norm
@@ -174,7 +179,8 @@ def run_evaluator(run) -> Callable[[object, int], dict]:
     evaluator = make_evaluator(run.logits_fn, run.policy, run.capacities, run.assignment,
                                batch_size=eval_batch_size(run.config), key=run.eval_key,
                                transform=run.eval_transform,
-                               honest=~run.attackers if run.attackers.any() else None)
+                               honest=~run.attackers if run.attackers.any() else None,
+                               xla=run.config.engine.get("xla", "auto"))
 
     def evaluate_run(params, rounds_done: int) -> dict:
         view = engine.local_view(params)

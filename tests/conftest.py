@@ -46,7 +46,7 @@ def pytest_configure(config):
         os.environ[_CACHE_DIR] = tempfile.mkdtemp(prefix="fiarse-tests-xla-cache-")
         os.environ.setdefault(_MIN_TIME, "0.1")
         config._fiarse_made_cache = True
-    import jax   # may already be imported, before these variables were set
+    import jax  # may already be imported, before these variables were set
 
     jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_DIR])
     jax.config.update("jax_persistent_cache_min_compile_time_secs",

@@ -127,6 +127,9 @@ def test_loop_and_vmap_strategies_agree(gradient):
     out_loop = engine.make_round_runner(fns, "loop")(params, specs, data, keys)
     out_vmap = engine.make_round_runner(fns, "vmap")(params, specs, data, keys)
     chex.assert_trees_all_close(out_loop, out_vmap, rtol=1e-4, atol=1e-5)
+    # ... and with XLA's default options (on CPU: YNNPACK's convolutions, not Eigen's)
+    out_default = engine.make_round_runner(fns, "loop", xla="default")(params, specs, data, keys)
+    chex.assert_trees_all_close(out_loop, out_default, rtol=1e-4, atol=1e-5)
     # Training really happened, and dropped coordinates never moved.
     d = np.asarray(out_loop.delta["Dense_0"]["kernel"])
     m = np.asarray(out_loop.mask["Dense_0"]["kernel"])

@@ -9,6 +9,8 @@ the methods and the run need is declared on the class:
   early-exit stages (``scalefl``), ``None``/absent without early exits;
 * ``takes_token_ids``: reads token ids (text data only);
 * ``load_pretrained(source, params, *, download)``: can start from pretrained weights.
+
+A ``conv`` field (``cnn``, ``resnet18``) picks how convolutions run (``models.conv``).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 
 from fiarse_jax.models.cnn import CNN
+from fiarse_jax.models.conv import CONV_IMPLS
 from fiarse_jax.models.mlp import MLP
 from fiarse_jax.models.resnet import ResNet18
 from fiarse_jax.models.roberta import RobertaClassifier
@@ -96,6 +99,8 @@ def check_model_config(section: Mapping[str, Any]) -> type[nn.Module]:
         if key not in known:
             raise ValueError(f"model.{key} = {value!r}: is not a field of model {name!r}; "
                              f"fields: {known}")
+        if key == "conv" and value not in CONV_IMPLS:
+            raise ValueError(f"model.conv = {value!r}: must be one of {CONV_IMPLS}")
         if isinstance(value, (tuple, list)) and not all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
             raise ValueError(f"model.{key} = {tuple(value)!r}: every size must be an "

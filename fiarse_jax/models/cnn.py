@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 
 from fiarse_jax import units
+from fiarse_jax.models import conv as conv_lib
 
 
 class CNN(nn.Module):
@@ -15,11 +16,14 @@ class CNN(nn.Module):
     features: Sequence[int] = (16, 32)
     hidden_sizes: Sequence[int] = (64,)
     num_classes: int = 10
+    #: how convolutions run (``models.conv.CONV_IMPLS``): "auto" picks per backend.
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        impl = conv_lib.conv_general_dilated(self.conv)
         for i, f in enumerate(self.features):
-            x = nn.relu(nn.Conv(f, (3, 3))(x))
+            x = nn.relu(nn.Conv(f, (3, 3), conv_general_dilated=impl)(x))
             if i < len(self.features) - 1:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from fiarse_jax import units
+from fiarse_jax.models import conv as conv_lib
 
 #: PyTorch's default conv/linear weight init (kaiming_uniform, a=√5): U(±1/√fan_in),
 #: so magnitudes (what FIARSE ranks) start on the authors' scale.
@@ -75,11 +76,12 @@ class StaticBatchNorm(nn.Module):
         return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
 
-def _conv(features: int, size: int, stride: int, name: str) -> nn.Conv:
+def _conv(features: int, size: int, stride: int, name: str, impl: str) -> nn.Conv:
     pad = (size - 1) // 2   # PyTorch-style symmetric padding (SAME pads 0/1 at stride 2)
     return nn.Conv(features, (size, size), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), use_bias=False,
-                   kernel_init=torch_default_init, name=name)
+                   kernel_init=torch_default_init, name=name,
+                   conv_general_dilated=conv_lib.conv_general_dilated(impl))
 
 
 def _classifier(num_classes: int, fan_in: int, name: str) -> nn.Dense:
@@ -95,10 +97,12 @@ class ConvBN(nn.Module):
     features: int
     size: int = 3
     stride: int = 1
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return StaticBatchNorm(name="bn")(_conv(self.features, self.size, self.stride, "conv")(x))
+        return StaticBatchNorm(name="bn")(
+            _conv(self.features, self.size, self.stride, "conv", self.conv)(x))
 
 
 class BasicBlock(nn.Module):
@@ -108,13 +112,15 @@ class BasicBlock(nn.Module):
     inner: int
     stride: int = 1
     projection: bool = False   # 1×1 conv + BN shortcut (first block of stages 2+)
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = nn.relu(StaticBatchNorm(name="bn1")(_conv(self.inner, 3, self.stride, "conv1")(x)))
-        y = StaticBatchNorm(name="bn2")(_conv(self.features, 3, 1, "conv2")(y))
+        conv1 = _conv(self.inner, 3, self.stride, "conv1", self.conv)
+        y = nn.relu(StaticBatchNorm(name="bn1")(conv1(x)))
+        y = StaticBatchNorm(name="bn2")(_conv(self.features, 3, 1, "conv2", self.conv)(y))
         if self.projection:
-            x = ConvBN(self.features, 1, self.stride, name="shortcut")(x)
+            x = ConvBN(self.features, 1, self.stride, self.conv, name="shortcut")(x)
         return nn.relu(y + x)
 
 
@@ -124,12 +130,14 @@ class Stage(nn.Module):
     features: int
     inner_widths: Sequence[int]
     stride: int = 1
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for b, inner in enumerate(self.inner_widths):
             x = BasicBlock(self.features, inner, self.stride if b == 0 else 1,
-                           projection=b == 0 and self.stride != 1, name=f"block{b + 1}")(x)
+                           projection=b == 0 and self.stride != 1, conv=self.conv,
+                           name=f"block{b + 1}")(x)
         return x
 
 
@@ -149,6 +157,8 @@ class ResNet18(nn.Module):
     inner_widths: Sequence[int] = ()
     num_classes: int = 10
     early_exits: bool = False
+    #: how convolutions run (``models.conv.CONV_IMPLS``): "auto" picks per backend.
+    conv: str = "auto"
     #: a norm after every conv (HeteroFL's 1/r scaler is absorbed by it; config checks).
     normalized = True
     depth_field: ClassVar[str | None] = "widths"   # its length: the exits (scalefl's check)
@@ -174,11 +184,11 @@ class ResNet18(nn.Module):
         if exits and not self.early_exits:
             raise ValueError("ResNet18(early_exits=False) has no exit heads; "
                              "call it with exits=False")
-        x = nn.relu(ConvBN(self.widths[0], 3, 1, name="stem")(x))
+        x = nn.relu(ConvBN(self.widths[0], 3, 1, self.conv, name="stem")(x))
         outs = []
         last = len(self.widths) - 1
         for s, (w, inner) in enumerate(zip(self.widths, self._inner())):
-            x = Stage(w, tuple(inner), 1 if s == 0 else 2, name=f"stage{s + 1}")(x)
+            x = Stage(w, tuple(inner), 1 if s == 0 else 2, self.conv, name=f"stage{s + 1}")(x)
             if self.early_exits and s < last:
                 head = _classifier(self.num_classes, x.shape[-1], f"exit{s + 1}")
                 # Heads are created at init; with exits=False they are not computed.
