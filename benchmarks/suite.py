@@ -350,7 +350,8 @@ def plot(result: dict, path: str) -> None:
 
     def label(r):
         return (r["strategy"] + (f" (chunk {r['chunk']})" if r.get("chunk") else "")
-                + (f", {r['reduce']}" if several and r.get("reduce") else ""))
+                + (f", {r['reduce']}" if several and r.get("reduce") else "")
+                + (f" ({r['variant']})" if r.get("variant") else ""))
 
     if not timed and result.get("memory"):
         _plot_memory(result["memory"], axes)
@@ -537,11 +538,12 @@ def main(argv=None) -> dict:
             [("sharded", 0)] if backend != "cpu" and jax.device_count() > 1 else [])
         n_resnet = 2 if args.quick else 10
         result["resnet"] = group("resnet18", n_resnet, resnet_steps, resnet_kw, strats, torch_ok)
-        # Beside it, the loop as it ran before the per-backend choices: XLA's default
-        # options and JAX's own convolution gradient (models.conv "xla").
-        result["resnet"] += [{**r, "variant": "defaults"} for r in group(
-            "resnet18", n_resnet, resnet_steps, {**resnet_kw, "conv": "xla"}, [("loop", 0)],
-            False, xla="default")]
+        # Beside it, on CPU (where the per-backend choices differ from the defaults), the
+        # loop as it ran before them: XLA's default options and JAX's own conv gradient.
+        if backend == "cpu":
+            result["resnet"] += [{**r, "variant": "defaults"} for r in group(
+                "resnet18", n_resnet, resnet_steps, {**resnet_kw, "conv": "xla"},
+                [("loop", 0)], False, xla="default")]
         _with_ratio(result["resnet"])
         _table(f"ResNet-18 on 32×32×3 data, K = {resnet_steps}, batch 20", result["resnet"], cols)
         save()

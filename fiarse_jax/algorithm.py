@@ -342,7 +342,7 @@ def auto_chunk(config, fns, reduce, strategy: str, inputs) -> int:
     try:
         budget = int(budget_gb * 2**30) if budget_gb > 0 else engine.memory_budget()
         chunk, peak = engine.fit_chunk(fns, params, specs, data, keys, budget_bytes=budget,
-                                       reduce=reduce)
+                                       reduce=reduce, xla=config.engine.get("xla", "auto"))
         problem = ""
     except (MemoryError, RuntimeError) as e:
         chunk, peak, problem = -1, 0, str(e)

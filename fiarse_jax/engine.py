@@ -38,6 +38,7 @@ the norm-bounded mean, DP-FedAvg). (Training itself holds c clients at once: wit
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -99,14 +100,33 @@ def resolve_strategy(strategy: str, *, backend: str | None = None,
     return "sharded" if local_devices > 1 else "vmap"
 
 
+def _ynn_probe(x, w, a, b):
+    """A convolution, and a dense layer's step: what the YNNPACK option list must leave as
+    XLA:CPU's default compiles it (``_cpu_choice_holds``)."""
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    def loss(m):
+        return jnp.sum(jnp.tanh(a @ m) ** 2)
+    return y, b - 0.1 * jax.grad(loss)(b), jnp.exp(b).max(1)
+
+
 @functools.cache
-def _accepted(backend: str, options: tuple) -> bool:
-    """Whether this jaxlib compiles with ``options`` on the default backend, ``backend``
-    (an older jaxlib may not know them)."""
+def _cpu_choice_holds() -> bool:
+    """Whether this jaxlib knows the option and ``_CPU_YNN_NO_CONV`` plus convolutions is
+    exactly its default (the probe compiles identically): only then does leaving
+    convolutions out change nothing else. Another jaxlib: XLA's defaults."""
+    args = [jnp.ones(s, jnp.float32) for s in ((2, 16, 16, 32), (3, 3, 32, 32), (20, 64),
+                                               (64, 128))]
+
+    def text(options):
+        compiled = jax.jit(_ynn_probe, compiler_options=options).lower(*args).compile()
+        return re.sub(r"metadata=\{.*?\}", "", compiled.as_text())
+
+    key = "xla_cpu_experimental_ynn_fusion_type"
     try:
-        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(np.float32(0)).compile()
-        return True
-    except Exception:   # noqa: BLE001 — an unknown option is an XLA runtime error
+        return text(None) == text({key: _CPU_YNN_NO_CONV
+                                   + ",LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"})
+    except Exception:   # noqa: BLE001 — an unknown option or value is an XLA runtime error
         return False
 
 
@@ -114,11 +134,11 @@ def compiler_options(setting: str = "auto", backend: str | None = None) -> dict[
     """XLA options the engine's programs (and evaluation) compile with on ``backend``.
 
     ``"auto"`` on CPU: XLA's YNNPACK fusions stay as by default, but convolutions go to
-    XLA's Eigen convolution instead of YNNPACK's: a CIFAR ResNet-18 training step at batch
-    20 took 0.52 s instead of 0.75 s on 2 cores (with ``models.conv``'s canonical backward
-    convolutions; ``benchmarks/suite.py --sections resnet``). Other backends: none yet
-    (XLA's defaults) — GPU choices wait for a measurement. ``"default"``: none anywhere.
-    Options this jaxlib does not know are dropped.
+    XLA's Eigen convolution instead of YNNPACK's (with ``models.conv``'s canonical backward
+    convolutions a CIFAR ResNet-18 round took 31.8 s instead of 36.9 s on 2 cores:
+    ``benchmarks/suite.py --sections resnet``). Only where this jaxlib's default is the
+    one checked (``_cpu_choice_holds``); otherwise none. Other backends: none yet (XLA's
+    defaults) — GPU choices wait for a measurement. ``"default"``: none anywhere.
 
     Args:
       setting: one of ``XLA_SETTINGS``.
@@ -135,7 +155,7 @@ def compiler_options(setting: str = "auto", backend: str | None = None) -> dict[
         options = {"xla_cpu_experimental_ynn_fusion_type": _CPU_YNN_NO_CONV}
     if not options or backend != jax.default_backend():
         return options
-    return options if _accepted(backend, tuple(sorted(options.items()))) else {}
+    return options if _cpu_choice_holds() else {}
 
 
 def jit(fun, options: dict[str, str] | None = None, **kwargs):
@@ -152,8 +172,12 @@ def jit(fun, options: dict[str, str] | None = None, **kwargs):
 
     @functools.wraps(fun)
     def call(*args, **kw):
-        nested = any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves((args, kw)))
-        return (plain if nested else tuned)(*args, **kw)
+        try:
+            return tuned(*args, **kw)
+        except ValueError as e:   # inside another trace: jax refuses the options there
+            if "compiler_options" not in str(e):
+                raise
+            return plain(*args, **kw)
 
     call.lower = tuned.lower
     return call
@@ -353,7 +377,8 @@ def _sharded_runner(fns: ClientFns, clients_per_chunk: int, mesh: Mesh, reduce: 
 
 
 def compiled_peak_bytes(fns: ClientFns, params, specs, data: ClientData, keys: jax.Array, *,
-                        clients_per_chunk: int, reduce: Reduce | None = None) -> int:
+                        clients_per_chunk: int, reduce: Reduce | None = None,
+                        xla: str = "auto") -> int:
     """XLA's peak bytes for one ``vmap`` round of these clients: compiled for this backend, never run.
 
     Inputs, outputs (less what reuses an input) and the temporaries' arena
@@ -366,13 +391,14 @@ def compiled_peak_bytes(fns: ClientFns, params, specs, data: ClientData, keys: j
       data: the clients' ``ClientData``, leading client axis.
       keys: PRNG keys, one per client.
       clients_per_chunk: clients trained at once (0 = all).
-      reduce: as in ``make_round_runner``.
+      reduce, xla: as in ``make_round_runner``.
 
     Returns:
       The peak in bytes.
     """
     local = _chunked(fns, clients_per_chunk, reduce or _stack)
-    run = jax.jit(lambda p, s, d, k: local(p, s, d, k, jnp.ones(k.shape[0], bool)))
+    run = jit(lambda p, s, d, k: local(p, s, d, k, jnp.ones(k.shape[0], bool)),
+              compiler_options(xla))
     return peak_bytes(run.lower(params, specs, data, keys).compile())
 
 
@@ -464,7 +490,8 @@ def chunk_candidates(n: int) -> list[int]:
 
 
 def fit_chunk(fns: ClientFns, params, specs, data: ClientData, keys: jax.Array, *,
-              budget_bytes: int, reduce: Reduce | None = None) -> tuple[int, int]:
+              budget_bytes: int, reduce: Reduce | None = None,
+              xla: str = "auto") -> tuple[int, int]:
     """The most clients trained at once whose ``vmap`` round fits ``budget_bytes``.
 
     Tries only ``chunk_candidates(n)``. All at once is taken when it fits; otherwise a
@@ -474,7 +501,7 @@ def fit_chunk(fns: ClientFns, params, specs, data: ClientData, keys: jax.Array, 
     far too big to run still gets its answer.
 
     Args:
-      fns, params, specs, data, keys, reduce: as in ``compiled_peak_bytes``.
+      fns, params, specs, data, keys, reduce, xla: as in ``compiled_peak_bytes``.
       budget_bytes: the memory budget, e.g. ``memory_budget()``.
 
     Returns:
@@ -489,7 +516,7 @@ def fit_chunk(fns: ClientFns, params, specs, data: ClientData, keys: jax.Array, 
     def peak(c):
         if c not in seen:
             seen[c] = compiled_peak_bytes(fns, params, specs, data, keys, reduce=reduce,
-                                          clients_per_chunk=0 if c == n else c)
+                                          clients_per_chunk=0 if c == n else c, xla=xla)
         return seen[c]
 
     if peak(1) > budget_bytes:

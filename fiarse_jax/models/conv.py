@@ -15,6 +15,9 @@
   (jax-ml/jax#12868) — and it runs the canonical ones on its convolution library.
 * ``"auto"``: ``"canonical"`` on CPU, ``"xla"`` elsewhere, decided at trace time.
 
+A custom VJP has no forward-mode derivative: ``jax.jvp``/``jacfwd``/``hessian`` through
+a ``"canonical"`` convolution raise; use ``"xla"`` for them (training uses reverse mode).
+
 Only plain convolutions (NHWC × HWIO, no dilation, one feature group) take the custom
 path; anything else falls back to ``lax.conv_general_dilated``. (On feature maps smaller
 than the kernel, e.g. 2×2 under a 3×3 kernel, XLA may still swap a backward
@@ -119,7 +122,8 @@ def conv_general_dilated(impl: str = "auto") -> Callable[..., jax.Array]:
         plain = (lhs.ndim == 4 and _is_nhwc(dimension_numbers) and feature_group_count == 1
                  and batch_group_count == 1 and precision is None
                  and preferred_element_type is None
-                 and all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1))))
+                 and all(d == 1 for d in tuple(lhs_dilation or (1, 1))
+                         + tuple(rhs_dilation or (1, 1))))
         if resolve(impl) == "canonical" and plain:
             pads = (lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
                     if isinstance(padding, str) else padding)
