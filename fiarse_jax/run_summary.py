@@ -9,6 +9,7 @@ import numpy as np
 
 from fiarse_jax import costs, engine, evaluate, policies, reputation
 from fiarse_jax.masks import maskable_flags, path_names
+from fiarse_jax.models import conv as conv_lib
 
 
 def kept_fractions(policy, params, round_state, capacities, is_maskable=None, key=None
@@ -63,6 +64,9 @@ def summarize(run, algorithm, state, history: list, rounds: list, *,
         "clients_per_chunk": algorithm.clients_per_chunk,
         "server_inputs": "streamed" if algorithm.streaming else "stacked",
         "backend": jax.default_backend(),
+        # what computes differently per backend (``engine.xla``, ``model.conv``), as resolved
+        "xla_options": engine.compiler_options(config.engine.get("xla", "auto")),
+        "conv": conv_lib.resolve(run.model.conv) if hasattr(run.model, "conv") else None,
         "devices": jax.device_count(),
         "processes": jax.process_count(),
         "resumed_from_round": resumed_from,

@@ -100,6 +100,7 @@ def test_smoke_config_runs_under_both_strategies_and_its_export_reproduces_accur
     assert len(builds) == 2
     s = out["loop"]
     assert s["config"]["model"]["name"] == "resnet18" and s["num_classes"] == 10
+    assert s["conv"] == ("canonical" if jax.default_backend() == "cpu" else "xla")
     assert s["clients_per_level"] == {"1": 2, "1/4": 2, "1/16": 2, "1/64": 2}
     # balanced Dirichlet: every client exactly n_train / n_test samples
     run = runs["loop"]

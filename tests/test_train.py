@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
 from helpers import override  # noqa: E402
 
-from fiarse_jax import build, rng, train  # noqa: E402
+from fiarse_jax import build, engine, rng, train  # noqa: E402
 from fiarse_jax.config import ConfigError, validate_config  # noqa: E402
 
 
@@ -39,6 +39,7 @@ def test_short_run_learns_and_writes_metrics(tmp_path):
                              "train_loss", "capacity_global_accuracy"}
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["final"] == final and on_disk["config"]["num_rounds"] == 40
+    assert on_disk["xla_options"] == engine.compiler_options() and on_disk["conv"] is None  # mlp
 
 
 def test_same_seed_same_results_and_other_seed_differs(tmp_path):
