@@ -21,7 +21,7 @@ from typing import Any
 import flax.linen as nn
 
 from fiarse_jax.models.cnn import CNN
-from fiarse_jax.models.conv import CONV_IMPLS
+from fiarse_jax.models.conv import check as check_conv
 from fiarse_jax.models.mlp import MLP
 from fiarse_jax.models.resnet import ResNet18
 from fiarse_jax.models.roberta import RobertaClassifier
@@ -99,8 +99,8 @@ def check_model_config(section: Mapping[str, Any]) -> type[nn.Module]:
         if key not in known:
             raise ValueError(f"model.{key} = {value!r}: is not a field of model {name!r}; "
                              f"fields: {known}")
-        if key == "conv" and value not in CONV_IMPLS:
-            raise ValueError(f"model.conv = {value!r}: must be one of {CONV_IMPLS}")
+        if key == "conv":
+            check_conv(value)
         if isinstance(value, (tuple, list)) and not all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
             raise ValueError(f"model.{key} = {tuple(value)!r}: every size must be an "

@@ -36,11 +36,16 @@ CONV_IMPLS = ("auto", "xla", "canonical")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+def check(impl: str) -> str:
+    """``impl`` if it names an implementation; else ``ValueError`` naming it (one line)."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"model.conv = {impl!r}: must be one of {CONV_IMPLS}")
+    return impl
+
+
 def resolve(impl: str, backend: str | None = None) -> str:
     """The concrete implementation of ``impl`` on ``backend`` (default: JAX's)."""
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"conv = {impl!r}: expected one of {CONV_IMPLS}")
-    if impl != "auto":
+    if check(impl) != "auto":
         return impl
     backend = jax.default_backend() if backend is None else backend
     return "canonical" if backend == "cpu" else "xla"
@@ -114,7 +119,7 @@ def conv_general_dilated(impl: str = "auto") -> Callable[..., jax.Array]:
     Raises:
       ValueError: an unknown ``impl``.
     """
-    resolve(impl, "cpu")   # validates the name now, not at trace time
+    check(impl)   # now, not at trace time
 
     def conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None,
              rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
