@@ -19,10 +19,11 @@ def environment() -> dict[str, Any]:
 def report(result: dict, columns: Sequence[tuple[str, str, str]], out: str) -> None:
     """Print ``result["rows"]`` as a table (``(key, header, format)`` per column) and
     write ``result`` as JSON to ``out``."""
-    print("".join(f"{h:>{max(len(h) + 2, 10)}}" if i else f"{h:<10}"
+    print("".join(f"{h:>{max(len(h) + 2, 10)}}" if i else f"{h:<16}"
                   for i, (_, h, _) in enumerate(columns)))
     for r in result["rows"]:
-        print("".join(f"{r[k]:>{max(len(h) + 2, 10)}{f}}" if i else f"{r[k]:<10}"
+        print("".join((f"{r[k]:>{max(len(h) + 2, 10)}{f}}" if r.get(k) is not None
+                       else f"{'-':>{max(len(h) + 2, 10)}}") if i else f"{r[k]:<16}"
                       for i, (k, h, f) in enumerate(columns)))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

@@ -145,6 +145,10 @@ def get_config() -> ml_collections.ConfigDict:
     # "stack": every client's delta and mask kept until the server step. "auto": stream
     # when allowed.
     config.engine.reduce = "auto"
+    # Rounds compiled into one program (no host sync between them) where the round allows
+    # it (streamed server inputs, loop or vmap, one process): 0 = every round up to the next
+    # evaluation or checkpoint; n = at most n; 1 = one program per round.
+    config.engine.rounds_per_program = 0
     config.profile = False                # a jax.profiler trace of round 2 under WORKDIR/profile
 
     config.eval_every = 20

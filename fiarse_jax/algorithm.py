@@ -5,7 +5,12 @@ that calls them (``train.train_and_evaluate``) knows nothing of what is inside:
 
 * ``init(params, rounds_done=0, dp_segments=(), planned_rounds=None) -> ServerState``:
   the state a run starts (or resumes) from;
-* ``apply(state, client_ids) -> (state, RoundStats)``: one round with these clients.
+* ``apply(state, client_ids) -> (state, RoundStats)``: one round with these clients;
+* ``apply_rounds(state, [client_ids, ...]) -> (state, [RoundStats, ...])``: consecutive
+  rounds, compiled as one program where the round allows it (streamed server inputs, the
+  loop or vmap strategy, one process): sampling's keys, thresholds, client training and
+  the server step of up to ``max_block(config)`` rounds (``engine.rounds_per_program``;
+  default: up to the next evaluation or checkpoint) run with no host sync in between.
 
 ``ServerState`` holds what persists across rounds: the global params, the rounds done,
 DP's σ for the rounds ahead and its history (ε composes over it), and each client's
@@ -68,13 +73,17 @@ class RoundStats(NamedTuple):
 
 
 class Algorithm(NamedTuple):
-    """``init`` and ``apply`` (module docstring) plus what the run summary reports."""
+    """``init``, ``apply`` and ``apply_rounds`` (module docstring) plus what the run
+    summary reports."""
 
     init: Callable[..., ServerState]
     apply: Callable[[ServerState, np.ndarray], tuple[ServerState, RoundStats]]
+    apply_rounds: Callable[[ServerState, Sequence[np.ndarray]],
+                           tuple[ServerState, list[RoundStats]]]
     strategy: str             # engine strategy: loop, vmap, sharded
     clients_per_chunk: int    # clients trained at once per device (0: all; loop: 1)
     streaming: bool           # whether the server's inputs are streamed
+    rounds_per_program: int   # rounds compiled together at most (1: a program per round)
 
 
 def build_algorithm(run: Run, config) -> Algorithm:
@@ -104,15 +113,19 @@ def build_algorithm(run: Run, config) -> Algorithm:
     client_specs = jax.jit(jax.vmap(policy.client_spec, in_axes=(None, 0, 0)))
     divisor_fn = make_divisor(policy, run.capacities, assignment, sampling_rate(config))
 
-    def round_inputs(view, rnd: int, ids):
+    levels_of = jnp.asarray(assignment)
+
+    def round_inputs(view, rnd, ids, train=data.train):
         """Round ``rnd``'s named key streams (``rng``), policy state, client keys, specs
-        (drawn with each client's ``spec`` stream) and rows."""
+        (drawn with each client's ``spec`` stream) and rows of ``train``; traceable (inside
+        a block of rounds ``rnd``, ``ids`` and ``train`` are the program's)."""
+        ids = jnp.asarray(ids)
         streams = rng.round_streams(run.train_key, rnd)
         round_state = run.prepare(view, rnd, streams["policy"])
-        keys = rng.client_keys(streams["clients"], jnp.asarray(ids))
+        keys = rng.client_keys(streams["clients"], ids)
         spec_keys = jax.vmap(lambda k: rng.client_streams(k)["spec"])(keys)
-        specs = client_specs(round_state, jnp.asarray(assignment[ids]), spec_keys)
-        batch = jax.tree_util.tree_map(lambda a: a[ids], data.train)
+        specs = client_specs(round_state, levels_of[ids], spec_keys)
+        batch = jax.tree_util.tree_map(lambda a: a[ids], train)
         return streams, round_state, keys, specs, batch
 
     sigma0 = noise_multiplier(config)   # a resume may recalibrate it (init)
@@ -176,14 +189,21 @@ def build_algorithm(run: Run, config) -> Algorithm:
             params, info = server_step(state.params, deltas, result.mask, levels, server_key,
                                        divisor, *refused)
             losses, norms = result.loss, update_norms(deltas)
-        train_loss = float(engine.to_host(losses).mean())   # the round's one wait
+        losses = engine.to_host(losses)   # the round's one wait
+        return conclude(state, params, ids, losses, engine.to_host(info["accepted"]),
+                        engine.to_host(info["reason"]), engine.to_host(norms), time.time() - t0)
+
+    def conclude(state: ServerState, params, ids, losses, accepted, reason, norms,
+                 seconds: float) -> tuple[ServerState, RoundStats]:
+        """The host's part of round ``state.round`` (its per-client results on the host):
+        the divergence check, the screening record, DP's ε, the ``RoundStats``."""
+        rnd, sigma, in_round = state.round, state.sigma, run.attackers[ids]
+        train_loss = float(np.mean(losses))
         if not np.isfinite(train_loss):
             raise TrainingError(
                 f"training diverged in round {rnd + 1} (mean client loss {train_loss}); "
                 f"lower config.client.learning_rate ({config.client.learning_rate}) or "
                 f"config.server.learning_rate ({config.server.learning_rate})")
-        accepted, reason = engine.to_host(info["accepted"]), engine.to_host(info["reason"])
-        norms, seconds = engine.to_host(norms)[accepted], time.time() - t0
         if not accepted.any():
             print(f"fiarse-jax: warning: round {rnd + 1}: every update was rejected; "
                   "the model is unchanged", file=sys.stderr, flush=True)
@@ -197,11 +217,94 @@ def build_algorithm(run: Run, config) -> Algorithm:
                                                accountant=config.dp.accountant)
                    if sigma > 0 else None)
         return (ServerState(params, rnd + 1, sigma, segments, record),
-                RoundStats(train_loss, norms, accepted, reason, int(in_round.sum()),
+                RoundStats(train_loss, norms[accepted], accepted, reason, int(in_round.sum()),
                            int((~accepted & ~in_round).sum()), excluded_total, epsilon,
                            seconds))
 
-    return Algorithm(init, apply, strategy, 1 if strategy == "loop" else chunk, streaming)
+    fused = (streaming and strategy in ("loop", "vmap") and not multi
+             and config.engine.get("rounds_per_program", 0) != 1)
+    capacity = max_block(config) if fused else 1
+
+    @functools.cache
+    def block_at(sigma: float):
+        """Up to ``capacity`` rounds at DP noise σ as one compiled program (no host sync
+        between them): ``(params, first, count, ids[capacity, C], train) -> (params,
+        ClientStats[capacity, C])``; rounds ``first … first + count − 1`` run, in a
+        ``while`` loop, so every block length shares the one program."""
+        stream = rounds_at(sigma)[0]
+        clients = engine.program_runner(fns, strategy, clients_per_chunk=chunk,
+                                        reduce=servers[sigma][0])
+
+        def one_round(params, rnd, ids, train):
+            streams, round_state, keys, specs, batch = round_inputs(params, rnd, ids, train)
+            divisor = divisor_fn(params, round_state) if sigma > 0 else 0.0
+            sums, stats = clients(params, specs, batch, keys)
+            return stream.finish(params, sums, streams["server"], divisor), stats
+
+        def block(params, first, count, ids, train):
+            shapes = jax.eval_shape(one_round, params, first, ids[0], train)[1]
+            table = jax.tree_util.tree_map(
+                lambda a: jnp.zeros((ids.shape[0], *a.shape), a.dtype), shapes)
+
+            def body(i, carry):
+                params, table = carry
+                params, stats = one_round(params, first + i, ids[i], train)
+                return params, jax.tree_util.tree_map(lambda t, x: t.at[i].set(x), table, stats)
+
+            return jax.lax.fori_loop(0, count, body, (params, table))
+
+        return engine.jit(block, engine.compiler_options(config.engine.get("xla", "auto")),
+                          donate_argnums=0)
+
+    def apply_rounds(state: ServerState, id_rows: Sequence[np.ndarray]
+                     ) -> tuple[ServerState, list[RoundStats]]:
+        """Rounds ``state.round``, ``state.round + 1``, … with clients ``id_rows[i]``: up to
+        ``max_block(config)`` of them compiled together when the round can be (streamed
+        server inputs, the loop or vmap strategy, one process), else one by one. Each
+        round's ``seconds`` is its block's wall time over the block's rounds."""
+        out: list[RoundStats] = []
+        if not fused:
+            for ids in id_rows:
+                state, stats = apply(state, ids)
+                out.append(stats)
+            return state, out
+        for s in range(0, len(id_rows), capacity):
+            rows = np.stack([np.asarray(i) for i in id_rows[s:s + capacity]])
+            t0, n = time.time(), len(rows)
+            padded = np.concatenate([rows, np.repeat(rows[-1:], capacity - n, axis=0)])
+            params, table = block_at(state.sigma)(state.params, jnp.int32(state.round),
+                                                  jnp.int32(n), jnp.asarray(padded), data.train)
+            table = jax.device_get(table)   # the block's one wait (one process here)
+            seconds = (time.time() - t0) / n
+            for i in range(n):
+                state, stats = conclude(state, params if i == n - 1 else None, rows[i],
+                                        table.loss[i], table.accepted[i], table.reason[i],
+                                        table.norm[i], seconds)
+                out.append(stats)
+        return state, out
+
+    return Algorithm(init, apply, apply_rounds, strategy, 1 if strategy == "loop" else chunk,
+                     streaming, capacity)
+
+
+def next_stop(config, rnd: int, extra: Sequence[int] = ()) -> int:
+    """The first round count after ``rnd`` at which the training loop acts on the host:
+    an evaluation, a checkpoint, the end, a multiple of ``engine.rounds_per_program`` (0:
+    no limit of its own), or one of ``extra``. Multiples of absolute round counts, so a
+    resumed run cuts its rounds into the same blocks as the uninterrupted one."""
+    every = (config.eval_every, config.checkpoint_every,
+             config.engine.get("rounds_per_program", 0))
+    return min([config.num_rounds, *((rnd // e + 1) * e for e in every if e > 0),
+                *(x for x in extra if x > rnd)])
+
+
+def max_block(config) -> int:
+    """The most rounds between two stops (``next_stop``) of ``config``'s run."""
+    rnd, most = 0, 1
+    while rnd < config.num_rounds:
+        stop = next_stop(config, rnd)
+        rnd, most = stop, max(most, stop - rnd)
+    return most
 
 
 def round_row(stats: RoundStats, round_done: int, *, attack: bool) -> dict:

@@ -51,7 +51,8 @@ FORMAT = 2
 #: when they are unchanged).
 SAFE_TO_CHANGE = ("num_rounds", "eval_every", "checkpoint_every", "keep_checkpoints",
                   "tensorboard", "engine.strategy", "engine.clients_per_chunk", "engine.reduce",
-                  "engine.memory_budget_gb", "engine.xla", "model.conv",
+                  "engine.memory_budget_gb", "engine.xla", "engine.rounds_per_program",
+                  "model.conv",
                   "profile", "eval.batch_size", "paper")
 
 #: Config fields added after checkpoints were first written, with the value the code used

@@ -163,6 +163,8 @@ def validate_config(config) -> None:
     _choice(config, "engine.dtype", ("float32", "bfloat16"))
     if "xla" in config.engine:
         _choice(config, "engine.xla", engine.XLA_SETTINGS)
+    if "rounds_per_program" in config.engine:
+        _int(config, "engine.rounds_per_program", lo=0)
     if "reduce" in config.engine and _choice(config, "engine.reduce", REDUCE_MODES) == "stream":
         blocker = stream_blocker(config)
         if blocker:

@@ -15,6 +15,10 @@
   ``fori_loop`` as fast as one at a time).
 * ``"auto"``: ``vmap`` on GPU/TPU, ``loop`` on CPU.
 
+``program_runner`` gives the ``loop`` (a ``lax.scan`` over clients) and ``vmap`` runners
+as traceable functions, for a larger program: ``algorithm`` compiles several whole
+rounds together with them.
+
 Every program compiles with ``compiler_options(xla)`` (per-backend XLA options; on CPU
 convolutions run on Eigen rather than YNNPACK).
 All run the same ``ClientFns``, so with the same keys one round agrees up to
@@ -223,8 +227,7 @@ def _loop_runner(fns: ClientFns, reduce: Reduce, options: dict):
     step = jit(fns.step, options, donate_argnums=0)   # the state is replaced every step
 
     def fold_fn(total, params, state, spec):
-        sums, stats = reduce(fns.final(params, state, spec))
-        return _add(total, sums), stats
+        return _fold(total, reduce(fns.final(params, state, spec)))
 
     fold = jit(fold_fn, options, donate_argnums=0)   # a running total: one copy of the sums
     step_ids = [jnp.asarray(k, jnp.int32) for k in range(fns.num_steps)]
@@ -244,6 +247,40 @@ def _loop_runner(fns: ClientFns, reduce: Reduce, options: dict):
         return total, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *stats)
 
     return run
+
+
+def _scanned(fns: ClientFns, reduce: Reduce):
+    """Traceable ``(params, specs, data, keys) -> (sums, stats)``: one client after another
+    in a ``lax.scan`` (the loop strategy inside one program; one client's training memory)."""
+    def run(params, specs, data, keys):
+        def one(spec, d, key):
+            return reduce(client_update(fns, params, spec, d, key))
+
+        zeros = _zeros(jax.eval_shape(lambda: one(*_index((specs, data, keys), 0))[0]))
+        return jax.lax.scan(lambda total, x: _fold(total, one(*x)), zeros, (specs, data, keys))
+
+    return run
+
+
+def _fold(total, result):
+    sums, stats = result
+    return _add(total, sums), stats
+
+
+def program_runner(fns: ClientFns, strategy: str = "auto", *, clients_per_chunk: int = 0,
+                   reduce: Reduce) -> Callable:
+    """The round's clients as a traceable ``(params, specs, data, keys) -> (sums, stats)``
+    for a larger program (``algorithm``'s rounds compiled together): ``loop`` scans over
+    the clients one at a time, ``vmap`` vmaps them (in chunks of ``clients_per_chunk``).
+    ``sharded`` has no in-program form here (its runner places data itself)."""
+    strategy = resolve_strategy(strategy)
+    if strategy == "loop":
+        return _scanned(fns, reduce)
+    if strategy == "vmap":
+        local = _chunked(fns, clients_per_chunk, reduce)
+        return lambda params, specs, data, keys: local(params, specs, data, keys,
+                                                       jnp.ones(keys.shape[0], bool))
+    raise ValueError(f"program_runner: strategy {strategy!r} has no in-program form")
 
 
 def _chunked(fns: ClientFns, clients_per_chunk: int, reduce: Reduce):
@@ -568,9 +605,8 @@ def make_round_runner(fns: ClientFns, strategy: str = "auto", *, clients_per_chu
     elif strategy == "sharded":
         run = _sharded_runner(fns, clients_per_chunk, mesh or client_mesh(), reduce, options)
     else:
-        local = _chunked(fns, clients_per_chunk, reduce)
-        run = jit(lambda params, specs, data, keys: local(
-            params, specs, data, keys, jnp.ones(keys.shape[0], bool)), options)
+        run = jit(program_runner(fns, strategy, clients_per_chunk=clients_per_chunk,
+                                 reduce=reduce), options)
     if not stacking:
         return run
     return lambda params, specs, data, keys: run(params, specs, data, keys)[1]

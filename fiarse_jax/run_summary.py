@@ -63,6 +63,7 @@ def summarize(run, algorithm, state, history: list, rounds: list, *,
         "strategy": algorithm.strategy,
         "clients_per_chunk": algorithm.clients_per_chunk,
         "server_inputs": "streamed" if algorithm.streaming else "stacked",
+        "rounds_per_program": algorithm.rounds_per_program,
         "backend": jax.default_backend(),
         # what computes differently per backend (``engine.xla``, ``model.conv``), as resolved
         "xla_options": engine.compiler_options(config.engine.get("xla", "auto")),

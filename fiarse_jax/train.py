@@ -1,10 +1,12 @@
 """``train_and_evaluate(config, workdir)``: the federated training loop.
 
 Data flows config → data → model → mask policy (``build.build_run``) → client engine and
-server (``algorithm.build_algorithm``) → metrics and checkpoints (here). Per round the
-loop samples clients (``rng.sample_clients``: a pure function of seed and round), lets
-the algorithm run the round, logs it, evaluates every ``eval_every`` rounds and saves a
-checkpoint every ``checkpoint_every``; it knows nothing of what a method does.
+server (``algorithm.build_algorithm``) → metrics and checkpoints (here). The loop
+samples each round's clients (``rng.sample_clients``: a pure function of seed and round),
+lets the algorithm run the rounds up to the next evaluation or checkpoint
+(``apply_rounds``: one compiled program where it can), logs them, evaluates every
+``eval_every`` rounds and saves a checkpoint every ``checkpoint_every``; it knows nothing
+of what a method does.
 
 Outputs in ``workdir``: ``partition.json`` (who holds what), ``metrics.jsonl`` (one JSON
 object per evaluation), ``rounds.jsonl``, ``summary.json`` (config, final metrics, kept
@@ -29,7 +31,7 @@ from tqdm.auto import tqdm
 from fiarse_jax import build, checkpoint, paths, rng, run_summary
 from fiarse_jax import evaluate as evaluate_lib
 from fiarse_jax import metrics as metrics_lib
-from fiarse_jax.algorithm import TrainingError, build_algorithm, round_row
+from fiarse_jax.algorithm import TrainingError, build_algorithm, next_stop, round_row
 from fiarse_jax.data.summary import federated_summary
 
 __all__ = ["TrainingError", "train_and_evaluate"]
@@ -68,21 +70,26 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                                        tensorboard=config.tensorboard)
               if lead else metrics_lib.NullWriter())
     profile_round = min(start + 1, config.num_rounds - 1) if config.profile else -1
-    bar = tqdm(range(start, config.num_rounds), desc=config.method, unit="round",
-               initial=start, total=config.num_rounds,
+    bar = tqdm(desc=config.method, unit="round", initial=start, total=config.num_rounds,
                disable=(not progress or not lead) if progress is not None else
                (None if lead else True))
     try:
-        for rnd in bar:
-            ids = rng.sample_clients(config.seed, rnd, config.data.num_clients,
-                                     config.clients_per_round)
+        while state.round < config.num_rounds:
+            # Rounds up to the next evaluation or checkpoint: one compiled program where
+            # the algorithm can (``apply_rounds``); the profiled round runs on its own.
+            rnd = state.round
+            stop = next_stop(config, rnd, (profile_round, profile_round + 1))
+            ids = [rng.sample_clients(config.seed, r, config.data.num_clients,
+                                      config.clients_per_round) for r in range(rnd, stop)]
             with _trace(os.path.join(workdir, "profile"), rnd == profile_round):
-                state, stats = algorithm.apply(state, ids)
+                state, block = algorithm.apply_rounds(state, ids)
+            for i, stats in enumerate(block):
+                rounds.append(round_row(stats, rnd + i + 1, attack=config.attack.kind != "none"))
+                writer.write_round(rounds[-1])
+            bar.update(len(block))
             done = state.round
-            rounds.append(round_row(stats, done, attack=config.attack.kind != "none"))
-            writer.write_round(rounds[-1])
             if done % config.eval_every == 0 or done == config.num_rounds:
-                history.append({"round": done, "train_loss": stats.train_loss,
+                history.append({"round": done, "train_loss": block[-1].train_loss,
                                 **evaluate(state.params, done),
                                 "elapsed_s": round(time.time() - t_start, 2)})
                 writer.write_eval(history[-1])
@@ -92,6 +99,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                 checkpoint.save_run(ckpt, config, state, run.train_key, run.assignment,
                                     history, rounds)
     finally:
+        bar.close()
         writer.close()
         if ckpt is not None:
             ckpt.close()

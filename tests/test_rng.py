@@ -96,6 +96,9 @@ def test_the_training_loop_hands_out_the_named_streams(tmp_path, monkeypatch, re
     c.num_rounds, c.eval_every, c.checkpoint_every = 1, 1, 0
     c.dp.noise_multiplier = 1.0
     c.engine.reduce = reduce
+    # One round per program: the keys are concrete values (a block of rounds traces them;
+    # test_train checks that block against these rounds, DP noise included).
+    c.engine.rounds_per_program = 1
     train.train_and_evaluate(c, str(tmp_path / "run"), progress=False)
     s = given["streams"][0]
     assert len(given["server"]) == 1 and _raw(given["server"][0]) == _raw(s["server"])

@@ -1,0 +1,167 @@
+"""Whole training rounds as users run them: one compiled program per round against rounds
+compiled together (``engine.rounds_per_program``), plus the evaluation, extrapolated to
+the config's whole run.
+
+Usage:
+  python benchmarks/rounds.py [--workloads digits_mlp,digits_cnn,cifar_smoke]
+      [--blocks 2] [--out benchmarks/results/rounds_<backend>.json]
+
+Per workload and setting (``rounds_per_program`` = 1, and 0 = every round up to the next
+evaluation in one program), in one process each: build the run, run one block of
+``eval_every`` rounds untimed (compilation), then time ``--blocks`` blocks
+(``Algorithm.apply_rounds``, results on the host), and two evaluations (every capacity's
+sub-model on the global and local tests; the second is timed). The whole run is
+extrapolated, not measured: ``num_rounds`` × s/round + evaluations × s/evaluation, plus
+the measured compile times. Workloads:
+
+* ``digits_mlp``: configs/default.py, the README's first command (200 rounds, K = 20);
+* ``digits_cnn``: the same with the CNN (16, 32 conv, 64 dense);
+* ``cifar_smoke``: configs/cifar_smoke.py (a narrow ResNet-18 on TFDS mock data) for 40
+  rounds of 4 clients × K = 2, evaluated every 10;
+* ``paper_resnet18``: configs/cifar10_resnet18.py on 50,000 TFDS mock images — the
+  paper's shapes (ResNet-18, 10 of 100 clients × K = 100 × batch 20, 800 rounds,
+  evaluation every 20): for an accelerator (on 2 CPU cores a round takes ~10 minutes).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = os.path.join(HERE, "..", "configs")
+
+#: name -> (config file, its argument, field overrides)
+WORKLOADS = {
+    "digits_mlp": ("default.py", None, {}),
+    "digits_cnn": ("default.py", None, {"model.name": "cnn", "model.hidden_sizes": (64,)}),
+    "cifar_smoke": ("cifar_smoke.py", "four,global",
+                    {"num_rounds": 40, "eval_every": 10}),
+    "paper_resnet18": ("cifar10_resnet18.py", "four,global",
+                       {"data.mock_examples": 50_000, "data.download": False}),
+}
+
+
+def load_config(name: str, rounds_per_program: int):
+    """The workload's config, checkpoints off, with ``engine.rounds_per_program``."""
+    file, arg, fields = WORKLOADS[name]
+    sys.path.insert(0, CONFIGS)
+    spec = importlib.util.spec_from_file_location(file[:-3], os.path.join(CONFIGS, file))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    for field, value in {**fields, "checkpoint_every": 0,
+                         "engine.rounds_per_program": rounds_per_program}.items():
+        node = config
+        *parents, leaf = field.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def measure(name: str, rounds_per_program: int, blocks: int) -> dict:
+    """Time the workload's rounds and evaluation (this process; see the module docstring)."""
+    import jax
+
+    from fiarse_jax import build, rng
+    from fiarse_jax import evaluate as evaluate_lib
+    from fiarse_jax.algorithm import build_algorithm
+
+    config = load_config(name, rounds_per_program)
+    t0 = time.perf_counter()
+    run = build.build_run(config)
+    alg = build_algorithm(run, config)
+    evaluate = evaluate_lib.run_evaluator(run)
+    build_s = time.perf_counter() - t0
+    state, block = alg.init(run.init_params), config.eval_every
+
+    def rounds(state, first: int):
+        ids = [rng.sample_clients(config.seed, r, config.data.num_clients,
+                                  config.clients_per_round) for r in range(first, first + block)]
+        t = time.perf_counter()
+        state, stats = alg.apply_rounds(state, ids)
+        jax.block_until_ready(state.params)
+        return state, time.perf_counter() - t, stats
+
+    state, first_block_s, _ = rounds(state, 0)
+    times = []
+    for b in range(1, blocks + 1):
+        state, seconds, stats = rounds(state, b * block)
+        times.append(seconds)
+    done = (blocks + 1) * block
+    eval_times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        metrics = evaluate(state.params, done)
+        eval_times.append(time.perf_counter() - t)
+    round_s = sum(times) / (blocks * block)
+    evals = math.ceil(config.num_rounds / config.eval_every)
+    compile_s = max(first_block_s - block * round_s, 0.0) + max(eval_times[0] - eval_times[1], 0)
+    return {"workload": name, "rounds_per_program": alg.rounds_per_program,
+            "strategy": alg.strategy, "clients_per_round": config.clients_per_round,
+            "local_steps": config.client.local_steps, "num_rounds": config.num_rounds,
+            "eval_every": config.eval_every, "timed_rounds": blocks * block,
+            "round_s": round_s, "first_block_s": first_block_s, "eval_s": eval_times[1],
+            "first_eval_s": eval_times[0], "build_s": build_s,
+            "run_s_extrapolated": build_s + compile_s + config.num_rounds * round_s
+            + evals * eval_times[1],
+            "last_train_loss": stats[-1].train_loss,
+            "global_accuracy": metrics["global_accuracy"]}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--measure", help=argparse.SUPPRESS)
+    ap.add_argument("--workloads", default="digits_mlp,digits_cnn,cifar_smoke")
+    ap.add_argument("--settings", default="1,0", help="rounds_per_program values, e.g. 1,0")
+    ap.add_argument("--blocks", type=int, default=2, help="timed blocks of eval_every rounds")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure(*json.loads(args.measure))))
+        return {}
+    names = args.workloads.split(",")
+    bad = [n for n in names if n not in WORKLOADS]
+    if bad:
+        ap.error(f"--workloads: unknown {bad[0]!r}; expected some of {sorted(WORKLOADS)}")
+    sys.path.insert(0, HERE)
+    import jax
+    from common import environment, report
+    rows = []
+    for name in names:
+        for setting in (int(s) for s in args.settings.split(",")):
+            r = subprocess.run([sys.executable, __file__, "--measure",
+                                json.dumps([name, setting, args.blocks])],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                tail = r.stderr.strip().splitlines()
+                rows.append({"workload": name, "rounds_per_program": setting,
+                             "error": tail[-1] if tail else "failed"})
+                print(f"{name} rounds_per_program={setting}: {rows[-1]['error']}",
+                      file=sys.stderr)
+                continue
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    for r in rows:   # each setting against one program per round, same workload
+        base = next((o for o in rows if o["workload"] == r["workload"]
+                     and o.get("rounds_per_program") == 1 and "round_s" in o), None)
+        r["speedup"] = base["round_s"] / r["round_s"] if base and "round_s" in r else None
+    backend = jax.default_backend()
+    out = args.out or os.path.join(HERE, "results", f"rounds_{backend}.json")
+    result = {"environment": environment(), "blocks": args.blocks,
+              "rows": [r for r in rows if "round_s" in r],
+              "errors": [r for r in rows if "error" in r]}
+    report(result, [("workload", "workload", ""), ("rounds_per_program", "per program", "d"),
+                    ("round_s", "s/round", ".4f"), ("speedup", "speedup", ".2f"),
+                    ("eval_s", "s/eval", ".3f"), ("first_block_s", "1st block s", ".1f"),
+                    ("run_s_extrapolated", "run s (extrap.)", ".0f")], out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Rounds compiled together (``Algorithm.apply_rounds``) against one round at a time
+(``Algorithm.apply``), and the training loop's stops (``algorithm.next_stop``)."""
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import default as default_config  # noqa: E402
+from helpers import override  # noqa: E402
+
+from fiarse_jax import algorithm as algorithm_lib  # noqa: E402
+from fiarse_jax import build, rng, train  # noqa: E402
+from fiarse_jax.config import ConfigError  # noqa: E402
+
+
+def _config(**overrides):
+    config = default_config.get_config()
+    config.num_rounds, config.eval_every, config.checkpoint_every = 7, 3, 0
+    config.client.local_steps = 5
+    return override(config, **overrides)
+
+
+def _ids(config, rounds):
+    return [rng.sample_clients(config.seed, r, config.data.num_clients,
+                               config.clients_per_round) for r in rounds]
+
+
+def _run_both(config, rounds: int):
+    """(params, stats) after ``rounds`` rounds one program each, and as one block."""
+    run = build.build_run(config)
+    alg = algorithm_lib.build_algorithm(run, config)
+    copy = lambda t: jax.tree_util.tree_map(np.array, t)  # noqa: E731  (blocks donate params)
+    state, one = alg.init(copy(run.init_params)), []
+    for ids in _ids(config, range(rounds)):
+        state, stats = alg.apply(state, ids)
+        one.append(stats)
+    block_state, block = alg.apply_rounds(alg.init(copy(run.init_params)),
+                                          _ids(config, range(rounds)))
+    assert block_state.round == state.round == rounds and len(block) == rounds
+    return alg, (state, one), (block_state, block)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},                                                   # FIARSE, loop (CPU's auto)
+    {"engine.strategy": "vmap", "engine.clients_per_chunk": 4},
+    {"method": "fedrolex"},                               # the round index moves the window
+    {"dp.noise_multiplier": 1.0},                         # the server key draws the noise
+    {"method": "fed_dropout"},                            # the spec key draws the sub-model
+], ids=["fiarse", "vmap-chunked", "fedrolex", "dp", "fed_dropout"])
+def test_a_block_of_rounds_equals_the_rounds_one_by_one(overrides):
+    config = _config(**overrides)
+    alg, (state, one), (block_state, block) = _run_both(config, 4)
+    assert alg.rounds_per_program == 3   # eval_every: blocks of up to 3 rounds
+    for a, b in zip(jax.tree_util.tree_leaves(state.params),
+                    jax.tree_util.tree_leaves(block_state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    for a, b in zip(one, block):
+        assert b.train_loss == pytest.approx(a.train_loss, rel=1e-5)
+        np.testing.assert_allclose(b.norms, a.norms, rtol=1e-5)
+        assert (b.accepted == a.accepted).all() and (b.reason == a.reason).all()
+        assert b.dp_epsilon == a.dp_epsilon
+    np.testing.assert_array_equal(block_state.reputation, state.reputation)
+    assert block_state.dp_segments == state.dp_segments
+
+
+def test_stacked_server_inputs_run_one_round_per_program():
+    config = _config(**{"server.aggregator": "median"})
+    alg, (state, one), (block_state, block) = _run_both(config, 2)
+    assert alg.rounds_per_program == 1 and not alg.streaming
+    assert [s.train_loss for s in block] == [s.train_loss for s in one]
+
+
+def test_the_training_loop_gives_the_same_run_either_way(tmp_path):
+    """End to end: rounds.jsonl and metrics.jsonl of blocks (3, 3, 1 rounds) equal those of
+    one program per round; evaluations fall where they did."""
+    runs = {}
+    for n in (0, 1):
+        workdir = tmp_path / str(n)
+        s = train.train_and_evaluate(_config(**{"engine.rounds_per_program": n}), str(workdir),
+                                     progress=False)
+        assert s["rounds_per_program"] == (3 if n == 0 else 1)
+        runs[n] = [[json.loads(line) for line in (workdir / f).read_text().splitlines()]
+                   for f in ("rounds.jsonl", "metrics.jsonl")]
+    (rounds0, evals0), (rounds1, evals1) = runs[0], runs[1]
+    assert [r["round"] for r in rounds0] == list(range(1, 8))
+    assert [m["round"] for m in evals0] == [m["round"] for m in evals1] == [3, 6, 7]
+    for a, b in zip(rounds0, rounds1):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["update_norm_mean"] == pytest.approx(b["update_norm_mean"], rel=1e-5)
+    for a, b in zip(evals0, evals1):
+        assert a["global_loss"] == pytest.approx(b["global_loss"], rel=1e-4)
+        assert a["local_accuracy"] == pytest.approx(b["local_accuracy"], abs=0.01)
+
+
+def _stops_by_hand(config, start, extra=()):
+    """Every round count after ``start`` at which something happens on the host, from
+    the definitions one by one."""
+    stops, ckpt = [], config.checkpoint_every
+    every = config.engine.get("rounds_per_program", 0)
+    for done in range(start + 1, config.num_rounds + 1):
+        if (done % config.eval_every == 0 or done == config.num_rounds
+                or (ckpt and done % ckpt == 0) or (every and done % every == 0)
+                or done in extra):
+            stops.append(done)
+    return stops
+
+
+@pytest.mark.parametrize("fields", [
+    {"num_rounds": 200, "eval_every": 20, "checkpoint_every": 50},
+    {"num_rounds": 37, "eval_every": 10, "checkpoint_every": 0},
+    {"num_rounds": 30, "eval_every": 7, "checkpoint_every": 4,
+     "engine.rounds_per_program": 3},
+    {"num_rounds": 5, "eval_every": 100, "checkpoint_every": 0},
+])
+@pytest.mark.parametrize("start", [0, 13])
+def test_stops_are_the_evaluations_checkpoints_limits_and_extras(fields, start):
+    config = override(default_config.get_config(), **fields)
+    for extra in ((), (start + 1, start + 2)):
+        rnd, got = start, []
+        while rnd < config.num_rounds:
+            rnd = algorithm_lib.next_stop(config, rnd, extra)
+            got.append(rnd)
+        assert got == _stops_by_hand(config, start, extra), (fields, start, extra)
+    everything = [0, *_stops_by_hand(config, 0)]
+    assert algorithm_lib.max_block(config) == max(b - a for a, b in zip(everything,
+                                                                        everything[1:]))
+
+
+def test_a_bad_rounds_per_program_is_one_line(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        train.train_and_evaluate(_config(**{"engine.rounds_per_program": -1}),
+                                 str(tmp_path / "run"))
+    assert str(err.value) == ("config.engine.rounds_per_program = -1: must be an integer "
+                              "≥ 0")
+    assert not (tmp_path / "run").exists()
