@@ -1,4 +1,5 @@
-"""models.conv: the canonical-VJP convolution against JAX's own gradient of lax.conv."""
+"""models.conv: the canonical-VJP and patches convolutions against lax.conv and JAX's own
+gradient of it."""
 import re
 
 import jax
@@ -26,8 +27,12 @@ def _loss(fn):
     return lambda x, w: jnp.sum(jnp.sin(fn(x, w)))
 
 
+IMPLS = {"canonical": conv_lib.canonical_conv, "patches": conv_lib.patches_conv}
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("n,cin,cout,k,s", SHAPES)
-def test_canonical_outputs_and_gradients_equal_lax(n, cin, cout, k, s):
+def test_outputs_and_gradients_equal_lax(n, cin, cout, k, s, impl):
     rng = np.random.default_rng(n * 1000 + cin + cout + k + s)
     x = jnp.asarray(rng.normal(size=(3, n, n, cin)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) / np.sqrt(k * k * cin), jnp.float32)
@@ -36,9 +41,14 @@ def test_canonical_outputs_and_gradients_equal_lax(n, cin, cout, k, s):
         return lax.conv_general_dilated(x, w, (s, s), (pad, pad), dimension_numbers=DN)
 
     def ours(x, w):
-        return conv_lib.canonical_conv(x, w, (s, s), (pad, pad))
+        return IMPLS[impl](x, w, (s, s), (pad, pad))
 
-    np.testing.assert_array_equal(jax.jit(ours)(x, w), jax.jit(ref)(x, w))
+    y_ours, y_ref = jax.jit(ours)(x, w), jax.jit(ref)(x, w)
+    if impl == "canonical":   # the same forward convolution
+        np.testing.assert_array_equal(y_ours, y_ref)
+    else:   # the same products, summed in another order
+        assert y_ours.shape == y_ref.shape and y_ours.dtype == y_ref.dtype
+        np.testing.assert_allclose(y_ours, y_ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(y_ref).max()))
     g_ours = jax.jit(jax.grad(_loss(ours), (0, 1)))(x, w)
     g_ref = jax.jit(jax.grad(_loss(ref), (0, 1)))(x, w)
     for a, b in zip(g_ours, g_ref):
@@ -46,12 +56,13 @@ def test_canonical_outputs_and_gradients_equal_lax(n, cin, cout, k, s):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(jnp.abs(b).max()))
 
 
+@pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("padding", ["SAME", "VALID", ((2, 0), (0, 1))])
-def test_drop_in_handles_string_and_asymmetric_padding(padding):
+def test_drop_in_handles_string_and_asymmetric_padding(padding, impl):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(2, 9, 8, 3)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
-    ours = conv_lib.conv_general_dilated("canonical")
+    ours = conv_lib.conv_general_dilated(impl)
     for strides in ((1, 1), (2, 1)):
         def f(fn, strides=strides):
             return lambda x, w: jnp.sum(jnp.tanh(fn(x, w, strides, padding, dimension_numbers=DN)))
@@ -61,12 +72,19 @@ def test_drop_in_handles_string_and_asymmetric_padding(padding):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_other_convolutions_fall_back_to_lax():
-    """Dilation and feature groups are not the canonical path's: lax computes them."""
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_other_convolutions_fall_back_to_lax(impl):
+    """Dilation and feature groups (and, for patches, a negative padding) are not the
+    custom paths': lax computes them."""
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)
-    ours = conv_lib.conv_general_dilated("canonical")
+    ours = conv_lib.conv_general_dilated(impl)
+    crop = ((-1, 1), (0, 0))
+    np.testing.assert_array_equal(ours(x, w[:, :, :1].repeat(4, 2), (1, 1), crop,
+                                       dimension_numbers=DN),
+                                  lax.conv_general_dilated(x, w[:, :, :1].repeat(4, 2), (1, 1),
+                                                           crop, dimension_numbers=DN))
     kw = dict(dimension_numbers=DN, rhs_dilation=(2, 2))
     np.testing.assert_array_equal(ours(x, w[:, :, :1].repeat(4, 2), (1, 1), "SAME", **kw),
                                   lax.conv_general_dilated(x, w[:, :, :1].repeat(4, 2), (1, 1),
@@ -97,13 +115,38 @@ def test_models_agree_across_conv_impls_and_under_vmap(make, vmapped):
     params = jax.jit(make("xla").init)(jax.random.key(0), x[0])["params"]
     two = jax.tree_util.tree_map(lambda a: jnp.stack([a, 1.1 * a]), params)
     out = {}
-    for impl in ("xla", "canonical"):
+    for impl in ("xla", *IMPLS):
         m = make(impl)
         out[impl] = (jax.jit(lambda p, m=m: _model_step(m, p, x[0], y[0]))(params),
                      jax.jit(jax.vmap(lambda p, a, b, m=m: _model_step(m, p, a, b)))(two, x, y)
                      if vmapped else ())
-    for a, b in zip(jax.tree_util.tree_leaves(out["canonical"]),
-                    jax.tree_util.tree_leaves(out["xla"])):
+    for impl in IMPLS:
+        for a, b in zip(jax.tree_util.tree_leaves(out[impl]), jax.tree_util.tree_leaves(out["xla"])):
+            np.testing.assert_allclose(a, b, rtol=1e-4,
+                                       atol=1e-5 * max(1.0, float(jnp.abs(b).max())))
+
+
+def test_patches_under_vmap_are_batched_matrix_products_not_grouped_convolutions():
+    """Clients' own kernels under vmap (the vmap strategy's case): JAX's gradient of
+    lax.conv makes grouped convolutions of them; the patches implementation has no
+    convolution left at all, forward or backward — matrix products batched over the
+    client axis — and gives the same values."""
+    model = {impl: CNN(features=(4, 8), hidden_sizes=(16,), num_classes=10, conv=impl)
+             for impl in ("xla", "patches")}
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(3, 5, 8, 8, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, size=(3, 5)))
+    params = jax.jit(model["xla"].init)(jax.random.key(0), x[0])["params"]
+    three = jax.tree_util.tree_map(lambda a: jnp.stack([a, 1.1 * a, 0.9 * a]), params)
+    step = {impl: jax.jit(jax.vmap(lambda p, a, b, m=m: _model_step(m, p, a, b)))
+            for impl, m in model.items()}
+    hlo = {impl: f.lower(three, x, y).compile().as_text() for impl, f in step.items()}
+    grouped = re.findall(r"convolution\(.*?feature_group_count=(\d+)", hlo["xla"])
+    assert grouped and max(int(g) for g in grouped) > 1   # what vmap makes of lax.conv
+    assert " convolution(" not in hlo["patches"]
+    assert re.search(r"dot\(.*lhs_batch_dims=\{0\}", hlo["patches"])
+    for a, b in zip(jax.tree_util.tree_leaves(step["patches"](three, x, y)),
+                    jax.tree_util.tree_leaves(step["xla"](three, x, y))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.abs(b).max())))
 
 

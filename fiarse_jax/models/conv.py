@@ -13,13 +13,20 @@
   dimension labels are not the forward ones, to a naive emitted loop — a ResNet-18
   step at batch 20 took 23.6 s instead of 0.75 s and compiled 13× longer on 2 cores
   (jax-ml/jax#12868) — and it runs the canonical ones on its convolution library.
+* ``"patches"``: the k×k shifted views of the padded input side by side (one strided
+  slice per tap) times the kernel as a matrix. Under ``vmap`` with a kernel per client
+  (the vmap strategy) both the forward and the two gradients are batched matrix products
+  over the client axis, where XLA makes a grouped convolution of the others; the price
+  is k² copies of each layer's input. Slower on CPU (copies dominate there); a GPU
+  candidate, to be chosen by measurement (``benchmarks/suite.py``).
 * ``"auto"``: ``"canonical"`` on CPU, ``"xla"`` elsewhere, decided at trace time.
 
 A custom VJP has no forward-mode derivative: ``jax.jvp``/``jacfwd``/``hessian`` through
 a ``"canonical"`` convolution raise; use ``"xla"`` for them (training uses reverse mode).
 
-Only plain convolutions (NHWC × HWIO, no dilation, one feature group) take the custom
-path; anything else falls back to ``lax.conv_general_dilated``. (On feature maps smaller
+Only plain convolutions (NHWC × HWIO, no dilation, one feature group; for
+``"patches"`` no negative padding) take the custom paths; anything else falls back to
+``lax.conv_general_dilated``. (On feature maps smaller
 than the kernel, e.g. 2×2 under a 3×3 kernel, XLA may still swap a backward
 convolution's operands into another layout; CIFAR's 32×32 inputs never get there.)
 """
@@ -32,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-CONV_IMPLS = ("auto", "xla", "canonical")
+CONV_IMPLS = ("auto", "xla", "canonical", "patches")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -98,6 +105,25 @@ def _backward(strides, padding, residuals, dy):
 canonical_conv.defvjp(_forward, _backward)
 
 
+def patches_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+                 padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """NHWC × HWIO → NHWC convolution as (k² shifted input views) × (kernel as a matrix).
+
+    Exact copies (slices, no multiply-by-one that TF32 would round), then one matrix
+    product whose reduction runs over (kh, kw, C_in) — the kernel's own HWIO order, so the
+    kernel is only reshaped. Its gradients are a matrix product each and a sum of padded
+    slices; arguments as ``canonical_conv``.
+    """
+    (kh, kw, cin, cout), (sh, sw) = w.shape, strides
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    oh, ow = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    views = [lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + (oh - 1) * sh + 1,
+                                          j + (ow - 1) * sw + 1, cin), (1, sh, sw, 1))
+             for i in range(kh) for j in range(kw)]
+    cols = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+    return jnp.einsum("bhwk,ko->bhwo", cols, w.reshape(kh * kw * cin, cout))
+
+
 def _is_nhwc(dimension_numbers) -> bool:
     if dimension_numbers is None:
         return False
@@ -129,11 +155,16 @@ def conv_general_dilated(impl: str = "auto") -> Callable[..., jax.Array]:
                  and preferred_element_type is None
                  and all(d == 1 for d in tuple(lhs_dilation or (1, 1))
                          + tuple(rhs_dilation or (1, 1))))
-        if resolve(impl) == "canonical" and plain:
+        chosen = resolve(impl)
+        if chosen != "xla" and plain:
             pads = (lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
                     if isinstance(padding, str) else padding)
-            return canonical_conv(lhs, rhs, tuple(int(s) for s in window_strides),
-                                  tuple((int(lo), int(hi)) for lo, hi in pads))
+            pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+            strides = tuple(int(s) for s in window_strides)
+            if chosen == "canonical":
+                return canonical_conv(lhs, rhs, strides, pads)
+            if min(min(p) for p in pads) >= 0:   # negative padding (a crop): lax below
+                return patches_conv(lhs, rhs, strides, pads)
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
