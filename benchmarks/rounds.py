@@ -4,11 +4,11 @@ the config's whole run.
 
 Usage:
   python benchmarks/rounds.py [--workloads digits_mlp,digits_cnn,cifar_smoke]
-      [--blocks 2] [--out benchmarks/results/rounds_<backend>.json]
+      [--blocks 2] [--block N] [--settings 1,0] [--out benchmarks/results/rounds_<backend>.json]
 
 Per workload and setting (``rounds_per_program`` = 1, and 0 = every round up to the next
 evaluation in one program), in one process each: build the run, run one block of
-``eval_every`` rounds untimed (compilation), then time ``--blocks`` blocks
+``eval_every`` (or ``--block``) rounds untimed (compilation), then time ``--blocks`` blocks
 (``Algorithm.apply_rounds``, results on the host), and two evaluations (every capacity's
 sub-model on the global and local tests; the second is timed). The whole run is
 extrapolated, not measured: ``num_rounds`` × s/round + evaluations × s/evaluation, plus
@@ -18,9 +18,10 @@ the measured compile times. Workloads:
 * ``digits_cnn``: the same with the CNN (16, 32 conv, 64 dense);
 * ``cifar_smoke``: configs/cifar_smoke.py (a narrow ResNet-18 on TFDS mock data) for 40
   rounds of 4 clients × K = 2, evaluated every 10;
-* ``paper_resnet18``: configs/cifar10_resnet18.py on 50,000 TFDS mock images — the
-  paper's shapes (ResNet-18, 10 of 100 clients × K = 100 × batch 20, 800 rounds,
-  evaluation every 20): for an accelerator (on 2 CPU cores a round takes ~10 minutes).
+* ``paper_resnet18``: configs/cifar10_resnet18.py on synthetic CIFAR-10-shaped arrays
+  (``synthetic_cifar``) — the paper's shapes (ResNet-18, 10 of 100 clients × K = 100 ×
+  batch 20, 800 rounds, evaluation every 20 on 10,000 global and 2,500 local test images
+  per capacity): for an accelerator (on 2 CPU cores a round takes ~10 minutes).
 """
 from __future__ import annotations
 
@@ -43,18 +44,38 @@ WORKLOADS = {
     "cifar_smoke": ("cifar_smoke.py", "four,global",
                     {"num_rounds": 40, "eval_every": 10}),
     "paper_resnet18": ("cifar10_resnet18.py", "four,global",
-                       {"data.mock_examples": 50_000, "data.download": False}),
+                       {"data.name": "arrays", "data.data_dir": "SYNTHETIC_CIFAR"}),
 }
 
 
-def load_config(name: str, rounds_per_program: int):
-    """The workload's config, checkpoints off, with ``engine.rounds_per_program``."""
+def synthetic_cifar(path: str, seed: int = 0) -> str:
+    """CIFAR-10's shapes as an ``arrays`` .npz (random uint8 images, random labels; 50,000
+    train and 10,000 test), written once at ``path``: no download, no TFDS."""
+    if not os.path.exists(path):
+        import numpy as np
+        rng = np.random.default_rng(seed)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, x_train=rng.integers(0, 256, (50_000, 32, 32, 3), np.uint8),
+                 y_train=rng.integers(0, 10, 50_000), num_classes=10,
+                 x_test=rng.integers(0, 256, (10_000, 32, 32, 3), np.uint8),
+                 y_test=rng.integers(0, 10, 10_000))
+        os.replace(tmp, path)
+    return path
+
+
+def load_config(name: str, rounds_per_program: int, extra: dict | None = None):
+    """The workload's config, checkpoints off, with ``engine.rounds_per_program`` and the
+    ``extra`` fields (dotted names) set."""
     file, arg, fields = WORKLOADS[name]
+    fields = {**fields, **(extra or {})}
     sys.path.insert(0, CONFIGS)
     spec = importlib.util.spec_from_file_location(file[:-3], os.path.join(CONFIGS, file))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(arg) if arg else module.get_config()
+    if fields.get("data.data_dir") == "SYNTHETIC_CIFAR":
+        fields = {**fields, "data.data_dir": synthetic_cifar(
+            os.path.join(os.environ.get("TMPDIR", "/tmp"), "fiarse_synthetic_cifar10.npz"))}
     for field, value in {**fields, "checkpoint_every": 0,
                          "engine.rounds_per_program": rounds_per_program}.items():
         node = config
@@ -65,8 +86,10 @@ def load_config(name: str, rounds_per_program: int):
     return config
 
 
-def measure(name: str, rounds_per_program: int, blocks: int) -> dict:
-    """Time the workload's rounds and evaluation (this process; see the module docstring)."""
+def measure(name: str, rounds_per_program: int, blocks: int, block: int = 0) -> dict:
+    """Time the workload's rounds and evaluation (this process; see the module docstring).
+    ``block``: rounds per timed block (0: the config's ``eval_every``); the extrapolation
+    still evaluates every ``eval_every`` rounds of the config."""
     import jax
 
     from fiarse_jax import build, rng
@@ -74,6 +97,9 @@ def measure(name: str, rounds_per_program: int, blocks: int) -> dict:
     from fiarse_jax.algorithm import build_algorithm
 
     config = load_config(name, rounds_per_program)
+    eval_every = config.eval_every
+    if block:
+        config.eval_every = block
     t0 = time.perf_counter()
     run = build.build_run(config)
     alg = build_algorithm(run, config)
@@ -101,12 +127,12 @@ def measure(name: str, rounds_per_program: int, blocks: int) -> dict:
         metrics = evaluate(state.params, done)
         eval_times.append(time.perf_counter() - t)
     round_s = sum(times) / (blocks * block)
-    evals = math.ceil(config.num_rounds / config.eval_every)
+    evals = math.ceil(config.num_rounds / eval_every)
     compile_s = max(first_block_s - block * round_s, 0.0) + max(eval_times[0] - eval_times[1], 0)
     return {"workload": name, "rounds_per_program": alg.rounds_per_program,
             "strategy": alg.strategy, "clients_per_round": config.clients_per_round,
             "local_steps": config.client.local_steps, "num_rounds": config.num_rounds,
-            "eval_every": config.eval_every, "timed_rounds": blocks * block,
+            "eval_every": eval_every, "timed_rounds": blocks * block,
             "round_s": round_s, "first_block_s": first_block_s, "eval_s": eval_times[1],
             "first_eval_s": eval_times[0], "build_s": build_s,
             "run_s_extrapolated": build_s + compile_s + config.num_rounds * round_s
@@ -120,7 +146,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--workloads", default="digits_mlp,digits_cnn,cifar_smoke")
     ap.add_argument("--settings", default="1,0", help="rounds_per_program values, e.g. 1,0")
-    ap.add_argument("--blocks", type=int, default=2, help="timed blocks of eval_every rounds")
+    ap.add_argument("--blocks", type=int, default=2, help="timed blocks of rounds")
+    ap.add_argument("--block", type=int, default=0,
+                    help="rounds per block (default: each workload's eval_every)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.measure:
@@ -137,7 +165,7 @@ def main(argv=None) -> dict:
     for name in names:
         for setting in (int(s) for s in args.settings.split(",")):
             r = subprocess.run([sys.executable, __file__, "--measure",
-                                json.dumps([name, setting, args.blocks])],
+                                json.dumps([name, setting, args.blocks, args.block])],
                                capture_output=True, text=True)
             if r.returncode != 0:
                 tail = r.stderr.strip().splitlines()
@@ -153,7 +181,7 @@ def main(argv=None) -> dict:
         r["speedup"] = base["round_s"] / r["round_s"] if base and "round_s" in r else None
     backend = jax.default_backend()
     out = args.out or os.path.join(HERE, "results", f"rounds_{backend}.json")
-    result = {"environment": environment(), "blocks": args.blocks,
+    result = {"environment": environment(), "blocks": args.blocks, "block": args.block,
               "rows": [r for r in rows if "round_s" in r],
               "errors": [r for r in rows if "error" in r]}
     report(result, [("workload", "workload", ""), ("rounds_per_program", "per program", "d"),
