@@ -9,7 +9,8 @@ Builds the workload of ``benchmarks/rounds.py`` (its config and field overrides,
 (compilation), then traces the same number of rounds (``Algorithm.apply_rounds``) and
 reads the trace back: device time per XLA operation (on a GPU the kernels on its
 streams; on CPU the operations XLA's CPU threads ran, control flow such as ``while``
-left out, since it holds the others), grouped by kind (the operation's name without its
+left out, since it holds the others; XLA:CPU runs Eigen convolutions asynchronously, so
+there a convolution's event covers its dispatch, not its work), grouped by kind (the operation's name without its
 ``.N`` suffix) and by name, each with its share of the device time, plus the wall time
 of the traced rounds. Prints a table, writes JSON (the trace itself stays under
 ``--trace-dir`` when given, for TensorBoard/Perfetto).
@@ -28,7 +29,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: Operations that only hold others (their time is their children's): left out.
-CONTAINERS = re.compile(r"^(while|conditional|call|ThunkExecutor|\$)|^np\.asarray")
+CONTAINERS = re.compile(r"^(while|conditional|call|ThunkExecutor|SlinkyThreadPool|\$)"
+                        r"|^np\.asarray")
 
 
 def _value(text: str):

@@ -67,7 +67,6 @@ def load_config(name: str, rounds_per_program: int, extra: dict | None = None):
     """The workload's config, checkpoints off, with ``engine.rounds_per_program`` and the
     ``extra`` fields (dotted names) set."""
     file, arg, fields = WORKLOADS[name]
-    fields = {**fields, **(extra or {})}
     sys.path.insert(0, CONFIGS)
     spec = importlib.util.spec_from_file_location(file[:-3], os.path.join(CONFIGS, file))
     module = importlib.util.module_from_spec(spec)
@@ -77,7 +76,8 @@ def load_config(name: str, rounds_per_program: int, extra: dict | None = None):
         fields = {**fields, "data.data_dir": synthetic_cifar(
             os.path.join(os.environ.get("TMPDIR", "/tmp"), "fiarse_synthetic_cifar10.npz"))}
     for field, value in {**fields, "checkpoint_every": 0,
-                         "engine.rounds_per_program": rounds_per_program}.items():
+                         "engine.rounds_per_program": rounds_per_program,
+                         **(extra or {})}.items():
         node = config
         *parents, leaf = field.split(".")
         for p in parents:

@@ -60,10 +60,12 @@ def test_profile_tool_traces_rounds_and_writes_json(tmp_path):
     out = tmp_path / "p.json"
     r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "profile_rounds.py"),
                         "--workload", "digits_mlp", "--rounds", "1", "--set",
-                        "client.local_steps=2", "--label", "t", "--out", str(out)],
+                        "client.local_steps=2", "--set", "engine.rounds_per_program=1",
+                        "--label", "t", "--out", str(out)],
                        capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert result["overrides"] == {"client.local_steps": 2} and result["label"] == "t"
+    assert result["overrides"] == {"client.local_steps": 2, "engine.rounds_per_program": 1}
+    assert result["rounds_per_program"] == 1 and result["label"] == "t"   # the override won
     assert result["device_ms"] > 0 and result["by_kind"] and result["wall_s"] > 0
     assert sum(x["share"] for x in result["by_kind"]) <= 1.0 + 1e-9
