@@ -10,10 +10,10 @@ Builds the workload of ``benchmarks/rounds.py`` (its config and field overrides,
 reads the trace back: device time per XLA operation (on a GPU the kernels on its
 streams; on CPU the operations XLA's CPU threads ran, control flow such as ``while``
 left out, since it holds the others; XLA:CPU runs Eigen convolutions asynchronously, so
-there a convolution's event covers its dispatch, not its work), grouped by kind (the operation's name without its
-``.N`` suffix) and by name, each with its share of the device time, plus the wall time
-of the traced rounds. Prints a table, writes JSON (the trace itself stays under
-``--trace-dir`` when given, for TensorBoard/Perfetto).
+there a convolution's event covers its dispatch, not its work), grouped by kind (the
+operation's name without its ``.N`` suffix) and by name, each with its share of the
+device time, plus the wall time of the traced rounds. Prints a table, writes JSON (the
+trace itself stays under ``--trace-dir`` when given, for TensorBoard/Perfetto).
 """
 from __future__ import annotations
 

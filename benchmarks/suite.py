@@ -4,6 +4,7 @@ PyTorch reference side by side, scaling curves, and the cost of mask extraction.
 Usage:
   python benchmarks/suite.py [--quick] [--sections strategies,resnet,size,masks,text,memory]
       [--cnn-clients 10,100,1000] [--resnet-steps 100] [--rounds 2] [--no-torch]
+      [--no-torch-tuned]
       [--reduce stream|stack|stream,stack] [--memory-chunks 1,5]
       [--out benchmarks/results/suite_<backend>.json]
 
@@ -17,7 +18,9 @@ first. Times are per round after one warm-up (compile) round. Sections:
 
 * ``strategies``: the CNN on digits-shaped data at each ``--cnn-clients`` count per round,
   for loop / vmap / vmap chunked / sharded, and the PyTorch reference (benchmarks/
-  torch_reference.py, clients one after another, the mask recomputed in every forward).
+  torch_reference.py, clients one after another, the mask recomputed in every forward)
+  twice: as the authors' code runs it (``vs torch``) and tuned (one reused local model,
+  ``torch.compile``, bf16 autocast, channels_last; ``vs tuned``, ``--no-torch-tuned`` skips it).
 * ``resnet``: CIFAR ResNet-18 (11.2 M params) on CIFAR-shaped synthetic data, 10 clients.
 * ``size``: time per round vs CNN width at 10 clients (best strategy and PyTorch).
 * ``text``: the RoBERTa classifier (``small`` on CPU, ``roberta_base`` on an accelerator)
@@ -259,9 +262,12 @@ def _child(spec: dict, cores: list[int]) -> dict:
                "--clients", str(spec["clients"]), "--steps", str(spec["steps"]),
                "--batch", str(spec["batch"]), "--rounds", str(spec["rounds"]),
                "--threads", str(len(cores)), "--device", spec.get("torch_device", "cpu"),
-               # PyTorch compiles nothing: a warm-up round (CUDA/cuDNN start-up on a GPU)
-               # only matters for short rounds.
+               # The authors'-style round compiles nothing: a warm-up round (CUDA/cuDNN
+               # start-up on a GPU) only matters for short rounds. The tuned one runs at
+               # least one whenever it compiles (torch_reference.run_reference).
                "--warmup", "1" if spec["clients"] * spec["steps"] <= 2000 else "0"]
+        if spec.get("variant") == "tuned":
+            cmd.append("--tuned")
         kw = spec.get("model_kwargs", {})
         for flag, key in (("--features", "features"), ("--hidden", "hidden_sizes"),
                           ("--widths", "widths")):
@@ -276,8 +282,9 @@ def _child(spec: dict, cores: list[int]) -> dict:
     out = json.loads(r.stdout[r.stdout.index("{"):])
     if spec["kind"] == "torch":
         device_mb = out.get("peak_device_mb")
-        out = {k: out[k] for k in ("framework", "num_params", "round_s", "client_steps_per_s",
-                                   "peak_rss_mb", "threads", "device")}
+        out = {k: out.get(k) for k in ("framework", "num_params", "round_s", "client_steps_per_s",
+                                       "peak_rss_mb", "threads", "device", "variant", "compiled",
+                                       "compile_error", "compile_s", "bf16", "channels_last")}
         rss = out.pop("peak_rss_mb")
         out.update(strategy="torch", peak_mem_mb=device_mb if device_mb is not None else rss,
                    mem_kind="device" if device_mb is not None else "host RSS")
@@ -333,11 +340,14 @@ def _with_per_client(rows: list[dict]) -> None:
 
 
 def _with_ratio(rows: list[dict]) -> None:
-    """Each row's round time over the PyTorch reference's in the same group."""
-    ref = next((r["round_s"] for r in rows if r.get("strategy") == "torch" and "round_s" in r),
-               None)
-    for r in rows:
-        r["vs_torch"] = r["round_s"] / ref if ref and "round_s" in r else None
+    """Each row's round time over the PyTorch references' in the same group: ``vs_torch``
+    over the authors'-style round's (a torch row without a variant is that one),
+    ``vs_torch_tuned`` over the tuned round's; None where that reference did not run."""
+    for key, variant in (("vs_torch", "authors"), ("vs_torch_tuned", "tuned")):
+        ref = next((r["round_s"] for r in rows if r.get("strategy") == "torch" and
+                    r.get("variant", "authors") == variant and "round_s" in r), None)
+        for r in rows:
+            r[key] = r["round_s"] / ref if ref and "round_s" in r else None
 
 
 def plot(result: dict, path: str) -> None:
@@ -375,6 +385,7 @@ def plot(result: dict, path: str) -> None:
     resnet = [r for r in result.get("resnet", []) if "round_s" in r]
     if not by and resnet:   # no width section: the ResNet-18 round per strategy instead
         axes[1].bar([label(r) for r in resnet], [r["round_s"] for r in resnet])
+        axes[1].tick_params(axis="x", labelsize=8, labelrotation=20)   # long variant labels
         axes[1].set(ylabel="s per round", title=f"ResNet-18, {resnet[0]['clients']} "
                     f"clients × K = {resnet[0]['steps']}")
     elif by:
@@ -446,7 +457,10 @@ def main(argv=None) -> dict:
                     help="memory section: roberta (roberta_base at --text-clients), "
                          "cnn (1,000 clients)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    ap.add_argument("--no-torch", action="store_true",
+                    help="skip the PyTorch references (authors' and tuned)")
+    ap.add_argument("--no-torch-tuned", action="store_true",
+                    help="skip only the tuned PyTorch reference")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.measure:
@@ -466,6 +480,7 @@ def main(argv=None) -> dict:
     backend = jax.default_backend()
     sections = set(args.sections.split(","))
     torch_ok = not args.no_torch and _torch_available()
+    torch_variants = ["authors"] + ([] if args.no_torch_tuned else ["tuned"])
     strategies = [(s.split(":")[0], int(s.split(":")[1]) if ":" in s else 0)
                   for s in args.strategies.split(",")]
     cnn_clients = [int(c) for c in args.cnn_clients.split(",")]
@@ -486,7 +501,8 @@ def main(argv=None) -> dict:
               # The PyTorch reference runs on the same kind of device as JAX.
               "torch_device": "cuda" if backend == "gpu" else "cpu"}
     result: dict = {"environment": {**environment(), "cores": cores,
-                                    "torch": torch_ok, "quick": args.quick},
+                                    "torch": torch_ok, "quick": args.quick,
+                                    "torch_variants": torch_variants if torch_ok else []},
                     "settings": {"capacities": CAPACITIES, "cnn_steps": steps,
                                  "resnet_steps": resnet_steps, "batch": 20, "rounds": rounds,
                                  "samples_per_client": samples, "dtype": args.dtype,
@@ -495,7 +511,8 @@ def main(argv=None) -> dict:
             ("chunk", "chunk", "d"),
             ("reduce", "server in", ""),
             ("round_s", "s/round", ".4f"), ("client_steps_per_s", "steps/s", ".1f"),
-            ("vs_torch", "vs torch", ".3f"), ("peak_mem_mb", "peak MB", ".0f"),
+            ("vs_torch", "vs torch", ".3f"), ("vs_torch_tuned", "vs tuned", ".3f"),
+            ("peak_mem_mb", "peak MB", ".0f"),
             ("achieved_tflops", "TFLOP/s", ".4f"), ("mfu", "MFU", ".3f")]
 
     out = args.out or os.path.join(HERE, "results", f"suite_{backend}.json")
@@ -518,10 +535,12 @@ def main(argv=None) -> dict:
                         "reduce": reduce, "xla": xla, **common}
                 rows.append({"clients": clients, "model_kwargs": kw, **spec,
                              **_child(spec, cores)})
-        if torch_too:
+        for variant in torch_variants if torch_too else []:
             spec = {"kind": "torch", "model": model, "clients": clients, "steps": k,
-                    "model_kwargs": kw, **common}
+                    "model_kwargs": kw, "variant": variant, **common}
             rows.append({"clients": clients, **spec, **_child(spec, cores)})
+            if rows[-1].get("compile_error"):   # still timed, eagerly: say so beside the table
+                print(f"tuned PyTorch round ran eagerly: {rows[-1]['compile_error']}")
         _with_flops(rows, _child({"kind": "flops", "model": model, "steps": k,
                                   "model_kwargs": kw, **common}, cores))
         _with_ratio(rows)

@@ -1,10 +1,11 @@
-"""PyTorch reference of one FIARSE round, run the way the authors' code runs it.
+"""PyTorch reference of one FIARSE round, run the way the authors' code runs it, or tuned.
 
 The benchmark suite times this next to ``fiarse_jax`` to report speed ratios ours/reference.
 Usage (one configuration per process, so ``peak_rss_mb`` is per configuration)::
 
     python benchmarks/torch_reference.py --model cnn --clients 10 --steps 20 --batch 20 \\
-        --rounds 3 [--threads 2] [--json OUT]
+        --rounds 3 [--threads 2] [--json OUT] \\
+        [--tuned [--no-compile] [--no-bf16] [--no-channels-last]]
 
 Mirrored from the authors' code (HarliWu/FIARSE, ``fiarse/{server,worker}.py``,
 ``fiarse/model/model_utils.py``):
@@ -34,10 +35,30 @@ Simplified (documented differences):
   each epoch end); their loaders do not shuffle.
 * The C clients of a round are the whole pool (no sampling) and capacity levels cycle over
   the clients; no evaluation, logging or ``gc.collect``/``empty_cache`` between clients.
+
+Tuned (``--tuned``, ``variant: tuned``): the same round (masked forward, θ per level, SGD
+lr 0.1, data iterator, holder average; clients still one after another, as PyTorch FL
+frameworks run them) the way a performance-minded framework would:
+
+* One local model for all clients: each loads the global weights (``load_state_dict``)
+  instead of a ``deepcopy``, and its delta is taken against the global model itself (no copy
+  of the old weights). One SGD (stateless without momentum), fused where available
+  (``foreach`` otherwise). θ is a tensor buffer shared by the masked layers, set in place.
+* ``torch.compile(model)`` (default mode), compiled once (θ a buffer, so a new θ is no
+  recompile) by a forward+backward before the rounds (``compile_s``), and at least one
+  warm-up round; if compiling fails the round runs eagerly (``compiled: false``,
+  ``compile_error``). ``--no-compile``: eager.
+* bf16 autocast around forward and loss; parameters, gradients, optimiser and deltas stay
+  float32 (``--no-bf16``: float32 throughout).
+* ``channels_last`` model and inputs (``--no-channels-last``); ``cudnn.benchmark`` on CUDA.
+
+With compile and bf16 off it computes the authors'-style round's global model to float
+rounding (tests/test_torch_reference.py).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -69,7 +90,7 @@ def _build(model: str, num_classes: int, model_kwargs: dict[str, Any]):
         return w * (w.abs() >= theta)      # bool mask: autograd gives g ⊙ M
 
     class MaskedConv2d(nn.Conv2d):
-        theta: torch.Tensor | float = 0.0
+        theta: torch.Tensor      # a non-persistent buffer (below): not in the state_dict
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             b = None if self.bias is None else masked(self.bias, self.theta)
@@ -77,7 +98,7 @@ def _build(model: str, num_classes: int, model_kwargs: dict[str, Any]):
                             self.dilation, self.groups)
 
     class MaskedLinear(nn.Linear):
-        theta: torch.Tensor | float = 0.0
+        theta: torch.Tensor
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return F.linear(x, masked(self.weight, self.theta), masked(self.bias, self.theta))
@@ -145,10 +166,17 @@ def _build(model: str, num_classes: int, model_kwargs: dict[str, Any]):
             return self.head(x.mean(dim=(2, 3)))
 
     if model == "cnn":
-        return CNN(**model_kwargs), DIGITS_SHAPE
-    if model == "resnet18":
-        return ResNet18(**model_kwargs), CIFAR_SHAPE
-    raise ValueError(f"unknown model {model!r} (cnn | resnet18)")
+        net, shape = CNN(**model_kwargs), DIGITS_SHAPE
+    elif model == "resnet18":
+        net, shape = ResNet18(**model_kwargs), CIFAR_SHAPE
+    else:
+        raise ValueError(f"unknown model {model!r} (cnn | resnet18)")
+    # θ is a tensor buffer, so a compiled forward reads it as an input: a new value (per
+    # client or level) is no recompile. Non-persistent: state_dict/load_state_dict skip it.
+    for m in net.modules():
+        if isinstance(m, (MaskedConv2d, MaskedLinear)):
+            m.register_buffer("theta", torch.zeros(()), persistent=False)
+    return net, shape
 
 
 def _maskable(net) -> list:
@@ -173,20 +201,47 @@ def _thresholds(net, capacities: Sequence[float], per_level_topk: bool = False) 
         return {r: torch.kthvalue(absw, n - k + 1).values for r, k in ks.items()}
 
 
+def _one_line(e: BaseException) -> str:
+    """``Type: first line of the message`` of an exception, for a JSON field."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _fast_sgd(params) -> tuple[Any, str]:
+    """``SGD(lr=0.1)`` with the fused kernel where this build has one for the device, else
+    the ``foreach`` one (both without momentum or weight decay, as the authors'); its kind."""
+    import torch
+    params = list(params)
+    try:
+        return torch.optim.SGD(params, lr=0.1, fused=True), "fused"
+    except (RuntimeError, ValueError):
+        return torch.optim.SGD(params, lr=0.1, foreach=True), "foreach"
+
+
 def run_reference(model: str = "cnn", clients: int = 10, steps: int = 20, batch: int = 20,
                   rounds: int = 3, threads: int | None = None,
                   capacities: Sequence[float] = (1.0, 0.25, 0.0625), warmup_rounds: int = 1,
                   model_kwargs: dict[str, Any] | None = None, seed: int = 0,
                   samples_per_client: int = 500, num_classes: int = 10,
-                  device: str = "cpu", per_client_topk: bool = False) -> dict[str, Any]:
+                  device: str = "cpu", per_client_topk: bool = False, tuned: bool = False,
+                  compile_model: bool = True, bf16: bool = True, channels_last: bool = True,
+                  return_state: bool = False) -> dict[str, Any]:
     """Time ``rounds`` FIARSE rounds (after ``warmup_rounds`` untimed ones) in PyTorch.
 
     Returns framework/version/threads, ``num_params`` (all) and ``num_maskable``, ``round_s``
     (mean seconds per timed round), ``round_times_s``, ``client_steps_per_s``
     (clients·steps/round_s), ``peak_rss_mb`` (this process's peak RSS), ``last_loss`` (mean
-    training loss of the last round, a sanity check) and the configuration.
+    training loss of the last round, a sanity check), the configuration, and ``variant``
+    (``authors`` | ``tuned``) with what the tuned round actually used: ``compiled``
+    (``compile_error`` if compiling failed and it ran eagerly; ``compile_s``: the first
+    compiled forward+backward, done before the rounds), ``bf16``, ``channels_last``, ``sgd``.
     ``per_client_topk``: recompute θ with ``torch.topk`` for every client, as the authors'
     server does, instead of once per round (same θ values; more work).
+    ``tuned``: the same round the way a performance-minded framework runs it (module
+    docstring); ``compile_model``, ``bf16`` and ``channels_last`` switch its parts (ignored
+    without ``tuned``). When it compiles, at least one warm-up round runs.
+    ``return_state``: add ``state``, the global ``state_dict`` after the last round (cloned,
+    contiguous; not JSON) — the tests compare the two variants with it.
     """
     import torch
     import torch.nn.functional as F
@@ -195,8 +250,10 @@ def run_reference(model: str = "cnn", clients: int = 10, steps: int = 20, batch:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     dev = torch.device(device)
+    bf16, channels_last = tuned and bf16, tuned and channels_last
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     net, shape = _build(model, num_classes, dict(model_kwargs or {}))
-    net = net.to(dev).train()
+    net = net.to(dev, memory_format=fmt).train()
     gen = torch.Generator().manual_seed(seed)
     xs = torch.randn(clients, samples_per_client, *shape, generator=gen).to(dev)
     ys = torch.randint(0, num_classes, (clients, samples_per_client), generator=gen).to(dev)
@@ -209,11 +266,52 @@ def run_reference(model: str = "cnn", clients: int = 10, steps: int = 20, batch:
             orders[c], cursor[c] = torch.randperm(samples_per_client, generator=gen), 0
         idx = orders[c][cursor[c]:cursor[c] + batch].to(dev)
         cursor[c] += batch
-        return xs[c, idx], ys[c, idx]
+        return xs[c, idx].contiguous(memory_format=fmt), ys[c, idx]
 
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
+
+    def loss_of(forward, x, y):
+        """Cross-entropy of the forward, in bf16 autocast when asked (weights stay float32)."""
+        with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            return F.cross_entropy(forward(x), y)
+
+    compiled, compile_error, compile_s, sgd = False, None, None, "default"
+    if tuned:
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        local = copy.deepcopy(net)          # the one local model: each client loads into it
+        theta = torch.zeros((), device=dev)
+        for m in _maskable(local):
+            m.theta = theta                 # one buffer for all layers, set per client
+        opt, sgd = _fast_sgd(local.parameters())   # stateless (no momentum): one for all
+        forward = local
+        if compile_model:
+            t0 = time.perf_counter()
+            try:   # compiles at the first call: run a forward and backward (no update) now
+                candidate = torch.compile(local)   # same shapes and strides as the steps
+                x0 = xs[0, :batch].contiguous(memory_format=fmt)
+                loss_of(candidate, x0, ys[0, :batch]).backward()
+                sync()
+                forward, compiled, compile_s = candidate, True, time.perf_counter() - t0
+            except Exception as e:   # no compiler, unsupported platform, ...: eager, recorded
+                compile_error = _one_line(e)
+            opt.zero_grad()
+            if compiled:
+                warmup_rounds = max(warmup_rounds, 1)
+
+    def start_client(level_theta):
+        """(module, its forward, optimizer, weights before training) of one client."""
+        if tuned:
+            local.load_state_dict(net.state_dict())
+            theta.copy_(level_theta)
+            return local, forward, opt, net.state_dict()   # the global stays put until the end
+        fresh = copy.deepcopy(net)
+        for m in _maskable(fresh):
+            m.theta = level_theta
+        return (fresh, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1),
+                copy.deepcopy(fresh.state_dict()))
 
     def one_round() -> float:
         thetas = {} if per_client_topk else _thresholds(net, capacities)
@@ -221,30 +319,27 @@ def run_reference(model: str = "cnn", clients: int = 10, steps: int = 20, batch:
         cnt = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
         losses = []
         for c in range(clients):
-            local, level = copy.deepcopy(net), capacities[c % len(capacities)]
-            theta = (_thresholds(local, (level,), per_level_topk=True)[level] if per_client_topk
-                     else thetas[level])
-            for m in _maskable(local):
-                m.theta = theta
-            old = copy.deepcopy(local.state_dict())
-            opt = torch.optim.SGD(local.parameters(), lr=0.1)
+            level = capacities[c % len(capacities)]
+            module, fwd, opt_c, old = start_client(
+                _thresholds(net, (level,), per_level_topk=True)[level] if per_client_topk
+                else thetas[level])
             for _ in range(steps):
                 x, y = next_batch(c)
-                opt.zero_grad()
-                loss = F.cross_entropy(local(x), y)
+                opt_c.zero_grad()
+                loss = loss_of(fwd, x, y)
                 loss.backward()
-                opt.step()
+                opt_c.step()
                 losses.append(loss.detach())
-            for k, new in local.state_dict().items():
+            for k, new in module.state_dict().items():
                 delta = old[k] - new
                 tot[k] += delta
                 cnt[k] += delta != 0
-            del local, old
+            del module, fwd, opt_c, old
         with torch.no_grad():
             state = net.state_dict()
             for k in state:
                 state[k] -= torch.nan_to_num(tot[k] / cnt[k], nan=0.0, posinf=0.0, neginf=0.0)
-        return float(torch.stack(losses).mean())
+        return float(torch.stack(losses).float().mean())
 
     times, loss = [], float("nan")
     for r in range(warmup_rounds + rounds):
@@ -255,9 +350,12 @@ def run_reference(model: str = "cnn", clients: int = 10, steps: int = 20, batch:
         if r >= warmup_rounds:
             times.append(time.perf_counter() - t0)
     round_s = sum(times) / len(times) if times else float("nan")
-    return {
+    result = {
         "framework": "torch", "torch": torch.__version__, "threads": torch.get_num_threads(),
         "device": str(dev), "model": model, "model_kwargs": dict(model_kwargs or {}),
+        "variant": "tuned" if tuned else "authors", "compiled": compiled,
+        "compile_error": compile_error, "compile_s": compile_s, "bf16": bf16,
+        "channels_last": channels_last, "sgd": sgd,
         "num_params": sum(p.numel() for p in net.parameters()),
         "num_maskable": sum(p.numel() for m in _maskable(net) for p in m.parameters(recurse=False)),
         "clients": clients, "steps": steps, "batch": batch, "capacities": list(capacities),
@@ -269,6 +367,9 @@ def run_reference(model: str = "cnn", clients: int = 10, steps: int = 20, batch:
                            else None),
         "last_loss": loss,
     }
+    if return_state:
+        result["state"] = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
+    return result
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -292,6 +393,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--per-client-topk", action="store_true",
                     help="θ by torch.topk for every client (the authors' server) instead of once per round")
+    ap.add_argument("--tuned", action="store_true",
+                    help="the tuned round: one reused local model, torch.compile, bf16 autocast, "
+                         "channels_last, fused SGD")
+    ap.add_argument("--no-compile", action="store_true", help="with --tuned: eager")
+    ap.add_argument("--no-bf16", action="store_true", help="with --tuned: float32 forward")
+    ap.add_argument("--no-channels-last", action="store_true",
+                    help="with --tuned: contiguous (NCHW) memory format")
     ap.add_argument("--json", default=None, help="also write the result to this file")
     args = ap.parse_args(argv)
     kwargs = {k: v for k, v in (("features", args.features), ("hidden_sizes", args.hidden),
@@ -299,7 +407,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = run_reference(args.model, args.clients, args.steps, args.batch, args.rounds,
                            args.threads, tuple(float(c) for c in args.capacities.split(",")),
                            args.warmup, kwargs, args.seed, device=args.device,
-                           per_client_topk=args.per_client_topk)
+                           per_client_topk=args.per_client_topk, tuned=args.tuned,
+                           compile_model=not args.no_compile, bf16=not args.no_bf16,
+                           channels_last=not args.no_channels_last)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
