@@ -457,6 +457,11 @@ def main(argv=None) -> dict:
                     help="memory section: roberta (roberta_base at --text-clients), "
                          "cnn (1,000 clients)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--resnet-variants", default=None,
+                    help="resnet section: rows beside loop/vmap, comma-separated from "
+                         "defaults (loop on XLA's and JAX's own defaults), patches (vmap with "
+                         "model.conv=patches), bf16 (vmap, bf16 compute); '' for none "
+                         "(default: defaults on CPU, patches,bf16 elsewhere)")
     ap.add_argument("--no-torch", action="store_true",
                     help="skip the PyTorch references (authors' and tuned)")
     ap.add_argument("--no-torch-tuned", action="store_true",
@@ -524,7 +529,7 @@ def main(argv=None) -> dict:
         write_atomic(out, json.dumps(result, indent=2))
         plot(result, os.path.splitext(out)[0] + ".png")
 
-    def group(model, clients, k, kw, strats, torch_too, xla="auto"):
+    def group(model, clients, k, kw, strats, torch_too, xla="auto", dtype=None):
         rows = []
         for strategy, chunk in strats:
             if chunk and chunk >= clients:
@@ -532,7 +537,8 @@ def main(argv=None) -> dict:
             for reduce in reduces:
                 spec = {"kind": "jax", "model": model, "clients": clients, "steps": k,
                         "model_kwargs": kw, "strategy": strategy, "chunk": chunk,
-                        "reduce": reduce, "xla": xla, **common}
+                        "reduce": reduce, "xla": xla, **common,
+                        **({"dtype": dtype} if dtype else {})}
                 rows.append({"clients": clients, "model_kwargs": kw, **spec,
                              **_child(spec, cores)})
         for variant in torch_variants if torch_too else []:
@@ -557,12 +563,22 @@ def main(argv=None) -> dict:
             [("sharded", 0)] if backend != "cpu" and jax.device_count() > 1 else [])
         n_resnet = 2 if args.quick else 10
         result["resnet"] = group("resnet18", n_resnet, resnet_steps, resnet_kw, strats, torch_ok)
-        # Beside it, on CPU (where the per-backend choices differ from the defaults), the
-        # loop as it ran before them: XLA's default options and JAX's own conv gradient.
-        if backend == "cpu":
-            result["resnet"] += [{**r, "variant": "defaults"} for r in group(
-                "resnet18", n_resnet, resnet_steps, {**resnet_kw, "conv": "xla"},
-                [("loop", 0)], False, xla="default")]
+        # Beside it, the variants (--resnet-variants): on CPU (where the per-backend
+        # choices differ from the defaults) the loop as it ran before them, XLA's default
+        # options and JAX's own conv gradient; on an accelerator the candidates for vmap,
+        # the patches convolution (batched matrix products) and bf16 compute.
+        variants = {"defaults": ({"conv": "xla"}, "loop", "default", None),
+                    "patches": ({"conv": "patches"}, "vmap", "auto", None),
+                    "bf16": ({}, "vmap", "auto", "bfloat16")}
+        names = (args.resnet_variants if args.resnet_variants is not None else
+                 "defaults" if backend == "cpu" else "patches,bf16")
+        for name in filter(None, names.split(",")):
+            if name not in variants:
+                ap.error(f"--resnet-variants: unknown {name!r}; expected some of {sorted(variants)}")
+            kw, strategy, xla, dtype = variants[name]
+            result["resnet"] += [{**r, "variant": name} for r in group(
+                "resnet18", n_resnet, resnet_steps, {**resnet_kw, **kw}, [(strategy, 0)],
+                False, xla=xla, dtype=dtype)]
         _with_ratio(result["resnet"])
         _table(f"ResNet-18 on 32×32×3 data, K = {resnet_steps}, batch 20", result["resnet"], cols)
         save()
