@@ -30,7 +30,7 @@ step() {   # step NAME SECONDS ARGS...: one measurement, its log and exit status
 
 if [ "${QUICK:-0}" = 1 ]; then
   K=1; BLOCK=2; PAPER=digits_cnn; CNN_CLIENTS=40; CHUNK=vmap:10; PROFILE_STEPS=2
-  Q="--quick --resnet-variants defaults,patches,bf16"
+  Q="--quick --resnet-variants defaults,program,patches,bf16"
 else
   K=100; BLOCK=5; PAPER=paper_resnet18; CNN_CLIENTS=10000; CHUNK=vmap:1000; PROFILE_STEPS=20; Q=
 fi

@@ -129,12 +129,25 @@ def _round_fn(spec: dict, policy, fns, clients: int):
 
     strategy, streamed = spec["strategy"], spec.get("reduce", "stream") == "stream"
     stream = make_streaming_round()
+    levels = jnp.arange(clients) % len(CAPACITIES)
+    if spec.get("program") and streamed:   # the whole round as one program, as training runs it
+        clients_in = engine.program_runner(fns, strategy, clients_per_chunk=spec.get("chunk", 0),
+                                           reduce=stream.contribution)
+
+        def whole(params, r, data):
+            key = jax.random.PRNGKey(r)
+            keys = jax.random.split(key, clients)
+            specs = jax.vmap(policy.client_spec, in_axes=(None, 0, 0))(
+                policy.prepare(params, r, key), levels, keys)
+            return stream.finish(params, clients_in(params, specs, data, keys)[0], key, 0.0)
+
+        return engine.jit(whole, engine.compiler_options(spec.get("xla", "auto")),
+                          donate_argnums=0)
     run = engine.make_round_runner(fns, strategy, clients_per_chunk=spec.get("chunk", 0),
                                    reduce=stream.contribution if streamed else None,
                                    xla=spec.get("xla", "auto"))
     prepare = jax.jit(policy.prepare)
     specs_fn = jax.jit(jax.vmap(policy.client_spec, in_axes=(None, 0, 0)))
-    levels = jnp.arange(clients) % len(CAPACITIES)
     server_step = make_server_round()   # what training runs: screen, holder average, update
 
     def one_round(params, r, data):
@@ -459,9 +472,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--resnet-variants", default=None,
                     help="resnet section: rows beside loop/vmap, comma-separated from "
-                         "defaults (loop on XLA's and JAX's own defaults), patches (vmap with "
-                         "model.conv=patches), bf16 (vmap, bf16 compute); '' for none "
-                         "(default: defaults on CPU, patches,bf16 elsewhere)")
+                         "defaults (loop on XLA's and JAX's own defaults), program (the "
+                         "backend's strategy with the whole round one program, as training "
+                         "runs it), patches (vmap with model.conv=patches), bf16 (vmap, bf16 "
+                         "compute); '' for none (default: defaults,program on CPU, "
+                         "program,patches,bf16 elsewhere)")
     ap.add_argument("--no-torch", action="store_true",
                     help="skip the PyTorch references (authors' and tuned)")
     ap.add_argument("--no-torch-tuned", action="store_true",
@@ -529,7 +544,7 @@ def main(argv=None) -> dict:
         write_atomic(out, json.dumps(result, indent=2))
         plot(result, os.path.splitext(out)[0] + ".png")
 
-    def group(model, clients, k, kw, strats, torch_too, xla="auto", dtype=None):
+    def group(model, clients, k, kw, strats, torch_too, xla="auto", dtype=None, program=False):
         rows = []
         for strategy, chunk in strats:
             if chunk and chunk >= clients:
@@ -538,7 +553,8 @@ def main(argv=None) -> dict:
                 spec = {"kind": "jax", "model": model, "clients": clients, "steps": k,
                         "model_kwargs": kw, "strategy": strategy, "chunk": chunk,
                         "reduce": reduce, "xla": xla, **common,
-                        **({"dtype": dtype} if dtype else {})}
+                        **({"dtype": dtype} if dtype else {}),
+                        **({"program": True} if program else {})}
                 rows.append({"clients": clients, "model_kwargs": kw, **spec,
                              **_child(spec, cores)})
         for variant in torch_variants if torch_too else []:
@@ -567,18 +583,20 @@ def main(argv=None) -> dict:
         # choices differ from the defaults) the loop as it ran before them, XLA's default
         # options and JAX's own conv gradient; on an accelerator the candidates for vmap,
         # the patches convolution (batched matrix products) and bf16 compute.
+        auto = "loop" if backend == "cpu" else "vmap"
         variants = {"defaults": ({"conv": "xla"}, "loop", "default", None),
+                    "program": ({}, auto, "auto", None),
                     "patches": ({"conv": "patches"}, "vmap", "auto", None),
                     "bf16": ({}, "vmap", "auto", "bfloat16")}
         names = (args.resnet_variants if args.resnet_variants is not None else
-                 "defaults" if backend == "cpu" else "patches,bf16")
+                 "defaults,program" if backend == "cpu" else "program,patches,bf16")
         for name in filter(None, names.split(",")):
             if name not in variants:
                 ap.error(f"--resnet-variants: unknown {name!r}; expected some of {sorted(variants)}")
             kw, strategy, xla, dtype = variants[name]
             result["resnet"] += [{**r, "variant": name} for r in group(
                 "resnet18", n_resnet, resnet_steps, {**resnet_kw, **kw}, [(strategy, 0)],
-                False, xla=xla, dtype=dtype)]
+                False, xla=xla, dtype=dtype, program=name == "program")]
         _with_ratio(result["resnet"])
         _table(f"ResNet-18 on 32×32×3 data, K = {resnet_steps}, batch 20", result["resnet"], cols)
         save()

@@ -166,7 +166,8 @@ def build_algorithm(run: Run, config) -> Algorithm:
         return ServerState(params, rounds_done, sigma, spent, record)
 
     def apply(state: ServerState, ids: np.ndarray) -> tuple[ServerState, RoundStats]:
-        """Round ``state.round`` with clients ``ids`` (sorted ints)."""
+        """Round ``state.round`` with clients ``ids`` (sorted ints); donates
+        ``state.params``."""
         t0, rnd, sigma = time.time(), state.round, state.sigma
         stream, server_step, run_clients = rounds_at(sigma)
         view = engine.local_view(state.params)
@@ -222,7 +223,7 @@ def build_algorithm(run: Run, config) -> Algorithm:
                            seconds))
 
     fused = (streaming and strategy in ("loop", "vmap") and not multi
-             and config.engine.get("rounds_per_program", 0) != 1)
+             and max_block(config) > 1)
     capacity = max_block(config) if fused else 1
 
     @functools.cache
@@ -230,7 +231,8 @@ def build_algorithm(run: Run, config) -> Algorithm:
         """Up to ``capacity`` rounds at DP noise σ as one compiled program (no host sync
         between them): ``(params, first, count, ids[capacity, C], train) -> (params,
         ClientStats[capacity, C])``; rounds ``first … first + count − 1`` run, in a
-        ``while`` loop, so every block length shares the one program."""
+        ``while`` loop, so every block length shares the one program. A round whose mean
+        client loss is not finite ends the block (the host reports it: ``conclude``)."""
         stream = rounds_at(sigma)[0]
         clients = engine.program_runner(fns, strategy, clients_per_chunk=chunk,
                                         reduce=servers[sigma][0])
@@ -246,12 +248,16 @@ def build_algorithm(run: Run, config) -> Algorithm:
             table = jax.tree_util.tree_map(
                 lambda a: jnp.zeros((ids.shape[0], *a.shape), a.dtype), shapes)
 
-            def body(i, carry):
-                params, table = carry
+            def body(carry):
+                i, params, table, _ = carry
                 params, stats = one_round(params, first + i, ids[i], train)
-                return params, jax.tree_util.tree_map(lambda t, x: t.at[i].set(x), table, stats)
+                table = jax.tree_util.tree_map(lambda t, x: t.at[i].set(x), table, stats)
+                return i + 1, params, table, jnp.isfinite(jnp.mean(stats.loss))
 
-            return jax.lax.fori_loop(0, count, body, (params, table))
+            carry = (jnp.int32(0), params, table, jnp.bool_(True))
+            _, params, table, _ = jax.lax.while_loop(lambda c: (c[0] < count) & c[3], body,
+                                                     carry)
+            return params, table
 
         return engine.jit(block, engine.compiler_options(config.engine.get("xla", "auto")),
                           donate_argnums=0)
@@ -261,8 +267,17 @@ def build_algorithm(run: Run, config) -> Algorithm:
         """Rounds ``state.round``, ``state.round + 1``, … with clients ``id_rows[i]``: up to
         ``max_block(config)`` of them compiled together when the round can be (streamed
         server inputs, the loop or vmap strategy, one process), else one by one. Each
-        round's ``seconds`` is its block's wall time over the block's rounds."""
+        round's ``seconds`` is its block's wall time over the block's rounds. As ``apply``,
+        it donates ``state.params`` (the state passed in is spent). A diverged round raises
+        ``TrainingError`` whose ``rounds`` holds the ``RoundStats`` of the rounds before it."""
         out: list[RoundStats] = []
+        try:
+            return _apply_rounds(state, id_rows, out)
+        except TrainingError as e:
+            e.rounds = out
+            raise
+
+    def _apply_rounds(state, id_rows, out):
         if not fused:
             for ids in id_rows:
                 state, stats = apply(state, ids)
@@ -299,12 +314,12 @@ def next_stop(config, rnd: int, extra: Sequence[int] = ()) -> int:
 
 
 def max_block(config) -> int:
-    """The most rounds between two stops (``next_stop``) of ``config``'s run."""
-    rnd, most = 0, 1
-    while rnd < config.num_rounds:
-        stop = next_stop(config, rnd)
-        rnd, most = stop, max(most, stop - rnd)
-    return most
+    """The most rounds between two stops (``next_stop``) of ``config``'s run: the shortest
+    period (every multiple of it is a stop, the first one after round 0 included), or
+    the whole run if shorter."""
+    periods = (config.eval_every, config.checkpoint_every,
+               config.engine.get("rounds_per_program", 0))
+    return max(1, min([config.num_rounds, *(p for p in periods if p > 0)]))
 
 
 def round_row(stats: RoundStats, round_done: int, *, attack: bool) -> dict:

@@ -81,11 +81,13 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
             stop = next_stop(config, rnd, (profile_round, profile_round + 1))
             ids = [rng.sample_clients(config.seed, r, config.data.num_clients,
                                       config.clients_per_round) for r in range(rnd, stop)]
-            with _trace(os.path.join(workdir, "profile"), rnd == profile_round):
-                state, block = algorithm.apply_rounds(state, ids)
-            for i, stats in enumerate(block):
-                rounds.append(round_row(stats, rnd + i + 1, attack=config.attack.kind != "none"))
-                writer.write_round(rounds[-1])
+            try:
+                with _trace(os.path.join(workdir, "profile"), rnd == profile_round):
+                    state, block = algorithm.apply_rounds(state, ids)
+            except TrainingError as e:   # the rounds before the diverged one are logged
+                _log_rounds(e.rounds, rnd, rounds, writer, config)
+                raise
+            _log_rounds(block, rnd, rounds, writer, config)
             bar.update(len(block))
             done = state.round
             if done % config.eval_every == 0 or done == config.num_rounds:
@@ -110,6 +112,13 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         metrics_lib.write_atomic(os.path.join(workdir, "summary.json"),
                                  json.dumps(summary, indent=2, default=run_summary.jsonable))
     return summary
+
+
+def _log_rounds(block, first: int, rounds: list, writer, config) -> None:
+    """``rounds.jsonl`` rows of rounds ``first + 1, …`` (their ``RoundStats``)."""
+    for i, stats in enumerate(block):
+        rounds.append(round_row(stats, first + i + 1, attack=config.attack.kind != "none"))
+        writer.write_round(rounds[-1])
 
 
 @contextlib.contextmanager

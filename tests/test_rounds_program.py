@@ -137,3 +137,30 @@ def test_a_bad_rounds_per_program_is_one_line(tmp_path):
     assert str(err.value) == ("config.engine.rounds_per_program = -1: must be an integer "
                               "≥ 0")
     assert not (tmp_path / "run").exists()
+
+
+def _poisoned_run(config, bad_round: int, build_run=build.build_run):
+    """``build_run(config)`` with NaN rows for a client first sampled in ``bad_round``."""
+    run = build_run(config)
+    earlier = set(np.concatenate(_ids(config, range(bad_round))).tolist())
+    victim = next(c for c in _ids(config, [bad_round])[0] if c not in earlier)
+    x = np.array(run.data.train.x)
+    x[victim] = np.nan
+    return run._replace(data=run.data._replace(train=run.data.train._replace(x=jax.numpy.asarray(x))))
+
+
+@pytest.mark.parametrize("per_program", [0, 1])
+def test_divergence_inside_a_block_names_its_round_and_keeps_the_rounds_before(
+        tmp_path, monkeypatch, per_program):
+    config = _config(**{"engine.rounds_per_program": per_program})
+    run = _poisoned_run(config, 1)   # the block is rounds 1–3: the second round diverges
+    alg = algorithm_lib.build_algorithm(run, config)
+    with pytest.raises(algorithm_lib.TrainingError, match="diverged in round 2 ") as err:
+        alg.apply_rounds(alg.init(run.init_params), _ids(config, range(3)))
+    assert len(err.value.rounds) == 1 and np.isfinite(err.value.rounds[0].train_loss)
+    # the training loop logs that round before it stops
+    monkeypatch.setattr(build, "build_run", lambda c, **kw: _poisoned_run(c, 1))
+    with pytest.raises(train.TrainingError, match="diverged in round 2 "):
+        train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+    rows = (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()
+    assert [json.loads(r)["round"] for r in rows] == [1]
