@@ -35,7 +35,7 @@ def get_config(arg: str = "four,global,exits") -> ml_collections.ConfigDict:
     config.model.blocks_per_stage = (1, 1, 1, 1)
     config.num_rounds = 150
     config.client.local_steps = 20
-    config.engine.strategy = "loop"    # conv gradients in a vmapped scan are slow on CPU
+    config.engine.strategy = "loop"    # vmapped clients' convolutions are grouped ones: slow on CPU
     config.eval_every = 50
     config.checkpoint_every = 25
     return config

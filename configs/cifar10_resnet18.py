@@ -92,7 +92,8 @@ def cifar_config(dataset: str, arg: str) -> ml_collections.ConfigDict:
     # Exit heads after stages 1–3: scalefl needs them; other methods leave them untrained.
     config.model.early_exits = exits
     # How convolutions run: "auto" (CPU: backward convolutions in the forward layout;
-    # elsewhere JAX's own gradient) | "xla" | "canonical" (fiarse_jax/models/conv.py).
+    # elsewhere JAX's own gradient) | "xla" | "canonical" | "patches" (shifted views × kernel
+    # matrix: batched matrix products under vmap) (fiarse_jax/models/conv.py).
     config.model.conv = "auto"
 
     config.num_rounds = 800

@@ -446,7 +446,8 @@ def auto_chunk(config, fns, reduce, strategy: str, inputs) -> int:
     whose round fits ``engine.memory_budget_gb`` (GiB; 0: 90 % of the device memory still
     free), by XLA's compiled peak of the client round (``engine.fit_chunk``; every round
     has the same shapes, so one round's answer holds for all). The server step is not
-    counted: with stacked server inputs and a robust rule, leave headroom. ``inputs()``
+    counted: with stacked server inputs and a robust rule, or rounds compiled together
+    (the new model, and DP's divisor, live beside the training), leave headroom. ``inputs()``
     gives (params, keys, specs, data) of a round. ``loop`` trains one client at a time
     anyway: 0. Across processes every one decides, and all take the smallest answer."""
     if strategy == "loop":

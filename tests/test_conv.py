@@ -80,6 +80,11 @@ def test_other_convolutions_fall_back_to_lax(impl):
     x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)
     ours = conv_lib.conv_general_dilated(impl)
+    tiny = x[:, :2, :2]   # smaller than the kernel: no output
+    np.testing.assert_array_equal(ours(tiny, w[:, :, :1].repeat(4, 2), (1, 1), "VALID",
+                                       dimension_numbers=DN),
+                                  lax.conv_general_dilated(tiny, w[:, :, :1].repeat(4, 2), (1, 1),
+                                                           "VALID", dimension_numbers=DN))
     crop = ((-1, 1), (0, 0))
     np.testing.assert_array_equal(ours(x, w[:, :, :1].repeat(4, 2), (1, 1), crop,
                                        dimension_numbers=DN),

@@ -97,7 +97,7 @@ def test_the_training_loop_hands_out_the_named_streams(tmp_path, monkeypatch, re
     c.dp.noise_multiplier = 1.0
     c.engine.reduce = reduce
     # One round per program: the keys are concrete values (a block of rounds traces them;
-    # test_train checks that block against these rounds, DP noise included).
+    # test_rounds_program checks that block against these rounds, DP noise included).
     c.engine.rounds_per_program = 1
     train.train_and_evaluate(c, str(tmp_path / "run"), progress=False)
     s = given["streams"][0]

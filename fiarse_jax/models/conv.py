@@ -163,7 +163,9 @@ def conv_general_dilated(impl: str = "auto") -> Callable[..., jax.Array]:
             strides = tuple(int(s) for s in window_strides)
             if chosen == "canonical":
                 return canonical_conv(lhs, rhs, strides, pads)
-            if min(min(p) for p in pads) >= 0:   # negative padding (a crop): lax below
+            fits = all(n + lo + hi >= k for n, (lo, hi), k in
+                       zip(lhs.shape[1:3], pads, rhs.shape[:2]))
+            if min(min(p) for p in pads) >= 0 and fits:   # else (a crop; no output): lax
                 return patches_conv(lhs, rhs, strides, pads)
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
