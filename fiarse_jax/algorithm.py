@@ -128,6 +128,7 @@ def build_algorithm(run: Run, config) -> Algorithm:
         batch = jax.tree_util.tree_map(lambda a: a[ids], train)
         return streams, round_state, keys, specs, batch
 
+    xla = config.engine.get("xla", "auto")
     sigma0 = noise_multiplier(config)   # a resume may recalibrate it (init)
     servers = {sigma0: _server(config, sigma0, streaming)}   # built before any file is written
     chunk = config.engine.clients_per_chunk
@@ -137,15 +138,18 @@ def build_algorithm(run: Run, config) -> Algorithm:
         chunk = auto_chunk(config, fns, servers[sigma0][0], strategy,
                            lambda: (run.init_params, *round_inputs(run.init_params, 0, ids0)[2:]))
 
+    def server_at(sigma: float):
+        """``_server``'s (reduce hook, streamed server, stacked step) at DP noise σ."""
+        if sigma not in servers:
+            servers[sigma] = _server(config, sigma, streaming)
+        return servers[sigma]
+
     @functools.cache
     def rounds_at(sigma: float):
         """(streamed server or None, stacked server step, client runner) at DP noise σ."""
-        if sigma not in servers:
-            servers[sigma] = _server(config, sigma, streaming)
-        reduce, stream, step = servers[sigma]
+        reduce, stream, step = server_at(sigma)
         return stream, step, engine.make_round_runner(fns, strategy, clients_per_chunk=chunk,
-                                                      reduce=reduce,
-                                                      xla=config.engine.get("xla", "auto"))
+                                                      reduce=reduce, xla=xla)
 
     def init(params, rounds_done: int = 0, dp_segments: Sequence = (),
              planned_rounds: int | None = None, record=None) -> ServerState:
@@ -233,9 +237,8 @@ def build_algorithm(run: Run, config) -> Algorithm:
         ClientStats[capacity, C])``; rounds ``first … first + count − 1`` run, in a
         ``while`` loop, so every block length shares the one program. A round whose mean
         client loss is not finite ends the block (the host reports it: ``conclude``)."""
-        stream = rounds_at(sigma)[0]
-        clients = engine.program_runner(fns, strategy, clients_per_chunk=chunk,
-                                        reduce=servers[sigma][0])
+        reduce, stream, _ = server_at(sigma)
+        clients = engine.program_runner(fns, strategy, clients_per_chunk=chunk, reduce=reduce)
 
         def one_round(params, rnd, ids, train):
             streams, round_state, keys, specs, batch = round_inputs(params, rnd, ids, train)
@@ -259,8 +262,7 @@ def build_algorithm(run: Run, config) -> Algorithm:
                                                      carry)
             return params, table
 
-        return engine.jit(block, engine.compiler_options(config.engine.get("xla", "auto")),
-                          donate_argnums=0)
+        return engine.jit(block, engine.compiler_options(xla), donate_argnums=0)
 
     def apply_rounds(state: ServerState, id_rows: Sequence[np.ndarray]
                      ) -> tuple[ServerState, list[RoundStats]]:
@@ -307,9 +309,7 @@ def next_stop(config, rnd: int, extra: Sequence[int] = ()) -> int:
     an evaluation, a checkpoint, the end, a multiple of ``engine.rounds_per_program`` (0:
     no limit of its own), or one of ``extra``. Multiples of absolute round counts, so a
     resumed run cuts its rounds into the same blocks as the uninterrupted one."""
-    every = (config.eval_every, config.checkpoint_every,
-             config.engine.get("rounds_per_program", 0))
-    return min([config.num_rounds, *((rnd // e + 1) * e for e in every if e > 0),
+    return min([config.num_rounds, *((rnd // e + 1) * e for e in _stop_periods(config)),
                 *(x for x in extra if x > rnd)])
 
 
@@ -317,9 +317,15 @@ def max_block(config) -> int:
     """The most rounds between two stops (``next_stop``) of ``config``'s run: the shortest
     period (every multiple of it is a stop, the first one after round 0 included), or
     the whole run if shorter."""
+    return max(1, min([config.num_rounds, *_stop_periods(config)]))
+
+
+def _stop_periods(config) -> list[int]:
+    """The periods (in rounds) of the training loop's stops: evaluations, checkpoints and
+    ``engine.rounds_per_program`` (0: none)."""
     periods = (config.eval_every, config.checkpoint_every,
                config.engine.get("rounds_per_program", 0))
-    return max(1, min([config.num_rounds, *(p for p in periods if p > 0)]))
+    return [p for p in periods if p > 0]
 
 
 def round_row(stats: RoundStats, round_done: int, *, attack: bool) -> dict:

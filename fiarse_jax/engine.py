@@ -139,8 +139,10 @@ def compiler_options(setting: str = "auto", backend: str | None = None) -> dict[
 
     ``"auto"`` on CPU: XLA's YNNPACK fusions stay as by default, but convolutions go to
     XLA's Eigen convolution instead of YNNPACK's (with ``models.conv``'s canonical backward
-    convolutions a CIFAR ResNet-18 round took 31.8 s instead of 36.9 s on 2 cores:
-    ``benchmarks/suite.py --sections resnet``). Only where this jaxlib's default is the
+    convolutions a CIFAR ResNet-18 round took 31.8 s instead of 36.9 s on 2 cores in one
+    run of ``benchmarks/suite.py --sections resnet``, 32.9 s instead of 33.2 s in another:
+    the gain is within this machine's run-to-run spread; docs/profile.md shows the time
+    leaving YNNPACK's convolutions). Only where this jaxlib's default is the
     one checked (``_cpu_choice_holds``); otherwise none. Other backends: none yet (XLA's
     defaults) — GPU choices wait for a measurement. ``"default"``: none anywhere.
 
