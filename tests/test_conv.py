@@ -73,7 +73,7 @@ def test_drop_in_handles_string_and_asymmetric_padding(padding, impl):
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLS))
-def test_other_convolutions_fall_back_to_lax(impl):
+def test_other_convolutions_fall_back_to_lax(impl, monkeypatch):
     """Dilation and feature groups (and, for patches, a negative padding) are not the
     custom paths': lax computes them."""
     rng = np.random.default_rng(2)
@@ -85,11 +85,16 @@ def test_other_convolutions_fall_back_to_lax(impl):
                                        dimension_numbers=DN),
                                   lax.conv_general_dilated(tiny, w[:, :, :1].repeat(4, 2), (1, 1),
                                                            "VALID", dimension_numbers=DN))
+    # A negative padding (a crop) goes to lax, never to patches. Its values are not
+    # compared: XLA:CPU (jaxlib 0.10.2) returns garbage (|y| ~ 1e11, varying between
+    # compilations) for this convolution, lax's own call included.
+    def refuse(*args):
+        raise AssertionError("a crop reached the patches convolution")
+    monkeypatch.setattr(conv_lib, "patches_conv", refuse)
     crop = ((-1, 1), (0, 0))
-    np.testing.assert_array_equal(ours(x, w[:, :, :1].repeat(4, 2), (1, 1), crop,
-                                       dimension_numbers=DN),
-                                  lax.conv_general_dilated(x, w[:, :, :1].repeat(4, 2), (1, 1),
-                                                           crop, dimension_numbers=DN))
+    assert ours(x, w[:, :, :1].repeat(4, 2), (1, 1), crop, dimension_numbers=DN).shape == \
+        lax.conv_general_dilated(x, w[:, :, :1].repeat(4, 2), (1, 1), crop,
+                                 dimension_numbers=DN).shape
     kw = dict(dimension_numbers=DN, rhs_dilation=(2, 2))
     np.testing.assert_array_equal(ours(x, w[:, :, :1].repeat(4, 2), (1, 1), "SAME", **kw),
                                   lax.conv_general_dilated(x, w[:, :, :1].repeat(4, 2), (1, 1),
