@@ -41,9 +41,10 @@ fi
 step suite_resnet 300 benchmarks/suite.py $Q --sections resnet,masks --resnet-steps $K \
   --rounds 1 --out "$OUT/suite_gpu_resnet.json"
 # 2. Whole rounds: one program per round against blocks compiled together, and the
-#    evaluation, on the paper's shapes: the paper run's end-to-end time, extrapolated.
+#    evaluation (the levels side by side and one after another), on the paper's shapes:
+#    the paper run's end-to-end time, extrapolated.
 step rounds 150 benchmarks/rounds.py --workloads $PAPER --blocks 1 --block $BLOCK \
-  --out "$OUT/rounds_gpu.json"
+  --eval-levels vmap,map --out "$OUT/rounds_gpu.json"
 # 3. The CNN at 10,000 clients per round (chunked vmap, streamed server sums).
 step cnn10k 60 benchmarks/suite.py ${Q%% *} --sections strategies --cnn-clients $CNN_CLIENTS \
   --strategies $CHUNK --no-torch --rounds 1 --out "$OUT/suite_gpu_cnn10k.json"

@@ -4,13 +4,16 @@ the config's whole run.
 
 Usage:
   python benchmarks/rounds.py [--workloads digits_mlp,digits_cnn,cifar_smoke]
-      [--blocks 2] [--block N] [--settings 1,0] [--out benchmarks/results/rounds_<backend>.json]
+      [--blocks 2] [--block N] [--settings 1,0] [--eval-levels auto]
+      [--out benchmarks/results/rounds_<backend>.json]
 
 Per workload and setting (``rounds_per_program`` = 1, and 0 = every round up to the next
 evaluation in one program), in one process each: build the run, run one block of
 ``eval_every`` (or ``--block``) rounds untimed (compilation), then time ``--blocks`` blocks
 (``Algorithm.apply_rounds``, results on the host), and two evaluations (every capacity's
-sub-model on the global and local tests; the second is timed). The whole run is
+sub-model on the global and local tests; the second is timed) per ``--eval-levels`` mode
+(``eval.levels``: e.g. ``map,vmap`` times both side by side, and ``eval_levels_max_diff``
+is the largest difference between their metrics). The whole run is
 extrapolated, not measured: ``num_rounds`` × s/round + evaluations × s/evaluation, plus
 the measured compile times. Workloads:
 
@@ -86,10 +89,12 @@ def load_config(name: str, rounds_per_program: int, extra: dict | None = None):
     return config
 
 
-def measure(name: str, rounds_per_program: int, blocks: int, block: int = 0) -> dict:
+def measure(name: str, rounds_per_program: int, blocks: int, block: int = 0,
+            levels: tuple[str, ...] = ("auto",)) -> dict:
     """Time the workload's rounds and evaluation (this process; see the module docstring).
     ``block``: rounds per timed block (0: the config's ``eval_every``); the extrapolation
-    still evaluates every ``eval_every`` rounds of the config."""
+    still evaluates every ``eval_every`` rounds of the config and uses the first of
+    ``levels`` (``eval.levels`` modes, each timed side by side: ``eval_s_<mode>``)."""
     import jax
 
     from fiarse_jax import build, rng
@@ -103,7 +108,6 @@ def measure(name: str, rounds_per_program: int, blocks: int, block: int = 0) -> 
     t0 = time.perf_counter()
     run = build.build_run(config)
     alg = build_algorithm(run, config)
-    evaluate = evaluate_lib.run_evaluator(run)
     build_s = time.perf_counter() - t0
     state, block = alg.init(run.init_params), config.eval_every
 
@@ -121,11 +125,16 @@ def measure(name: str, rounds_per_program: int, blocks: int, block: int = 0) -> 
         state, seconds, stats = rounds(state, b * block)
         times.append(seconds)
     done = (blocks + 1) * block
-    eval_times = []
-    for _ in range(2):
-        t = time.perf_counter()
-        metrics = evaluate(state.params, done)
-        eval_times.append(time.perf_counter() - t)
+    by_levels, scores = {}, {}
+    for mode in levels:   # a first (compiling) and a second evaluation each
+        run.config.eval.levels = mode
+        evaluate, eval_times = evaluate_lib.run_evaluator(run), []
+        for _ in range(2):
+            t = time.perf_counter()
+            metrics = evaluate(state.params, done)
+            eval_times.append(time.perf_counter() - t)
+        by_levels[mode], scores[mode] = eval_times, metrics
+    eval_times, metrics = by_levels[levels[0]], scores[levels[0]]
     round_s = sum(times) / (blocks * block)
     evals = math.ceil(config.num_rounds / eval_every)
     compile_s = max(first_block_s - block * round_s, 0.0) + max(eval_times[0] - eval_times[1], 0)
@@ -137,8 +146,17 @@ def measure(name: str, rounds_per_program: int, blocks: int, block: int = 0) -> 
             "first_eval_s": eval_times[0], "build_s": build_s,
             "run_s_extrapolated": build_s + compile_s + config.num_rounds * round_s
             + evals * eval_times[1],
+            **{f"eval_s_{m}": t[1] for m, t in by_levels.items() if len(levels) > 1},
+            "eval_levels_max_diff": max(abs(a - b) for m in levels for a, b in zip(
+                _numbers(metrics), _numbers(scores[m]))),
             "last_train_loss": stats[-1].train_loss,
             "global_accuracy": metrics["global_accuracy"]}
+
+
+def _numbers(metrics: dict) -> list[float]:
+    """Every number of a metrics dict, nested dicts flattened in key order."""
+    return [x for k in sorted(metrics) for x in
+            (_numbers(metrics[k]) if isinstance(metrics[k], dict) else [metrics[k]])]
 
 
 def main(argv=None) -> dict:
@@ -149,12 +167,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--blocks", type=int, default=2, help="timed blocks of rounds")
     ap.add_argument("--block", type=int, default=0,
                     help="rounds per block (default: each workload's eval_every)")
+    ap.add_argument("--eval-levels", default="auto",
+                    help="eval.levels modes timed side by side, e.g. map,vmap (the first one "
+                         "counts in the extrapolation)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.measure:
         print(json.dumps(measure(*json.loads(args.measure))))
         return {}
-    names = args.workloads.split(",")
+    names, levels = args.workloads.split(","), args.eval_levels.split(",")
+    from fiarse_jax import evaluate
+    for mode in levels:
+        try:
+            evaluate.resolve_levels(mode)
+        except ValueError as e:
+            ap.error(f"--eval-levels: {e}")
     bad = [n for n in names if n not in WORKLOADS]
     if bad:
         ap.error(f"--workloads: unknown {bad[0]!r}; expected some of {sorted(WORKLOADS)}")
@@ -165,7 +192,7 @@ def main(argv=None) -> dict:
     for name in names:
         for setting in (int(s) for s in args.settings.split(",")):
             r = subprocess.run([sys.executable, __file__, "--measure",
-                                json.dumps([name, setting, args.blocks, args.block])],
+                                json.dumps([name, setting, args.blocks, args.block, levels])],
                                capture_output=True, text=True)
             if r.returncode != 0:
                 tail = r.stderr.strip().splitlines()
@@ -186,7 +213,9 @@ def main(argv=None) -> dict:
               "errors": [r for r in rows if "error" in r]}
     report(result, [("workload", "workload", ""), ("rounds_per_program", "per program", "d"),
                     ("round_s", "s/round", ".4f"), ("speedup", "speedup", ".2f"),
-                    ("eval_s", "s/eval", ".3f"), ("first_block_s", "1st block s", ".1f"),
+                    ("eval_s", "s/eval", ".3f"),
+                    *[(f"eval_s_{m}", f"s/eval {m}", ".3f") for m in levels if len(levels) > 1],
+                    ("first_block_s", "1st block s", ".1f"),
                     ("run_s_extrapolated", "run s (extrap.)", ".0f")], out)
     return result
 

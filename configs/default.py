@@ -159,6 +159,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Test sets are scored in batches of this size (0: client.batch_size, as the authors'
     # loaders): the global test set in its own order, each client's test split on its own.
     config.eval.batch_size = 0
+    # The capacity levels' sub-models scored side by side ('vmap') or one after another
+    # ('map') in one program; 'auto': 'map' on CPU, 'vmap' elsewhere.
+    config.eval.levels = "auto"
     # Orbax checkpoints under WORKDIR/checkpoints; rerunning on the same workdir resumes.
     config.checkpoint_every = 50       # rounds; 0 = no checkpoints
     config.keep_checkpoints = 2

@@ -174,6 +174,8 @@ def validate_config(config) -> None:
     _int(config, "eval_every")
     if "eval" in config:
         _int(config, "eval.batch_size", lo=0)
+        if "levels" in config.eval:
+            _choice(config, "eval.levels", evaluate.LEVEL_MODES)
     _int(config, "checkpoint_every", lo=0)
     _int(config, "keep_checkpoints", lo=1)
     _bool(config, "tensorboard")

@@ -17,12 +17,16 @@ Batches are those of the authors' evaluation (their loaders never shuffle): the
 global test set in its own order in batches of ``batch_size`` (their client batch
 size, 20), and each client's own test split alone, in batches of ``batch_size`` —
 a batch never mixes clients. With static BatchNorm (ResNet-18) a batch's statistics
-are part of the prediction, so this is what "local" and "global" mean. Batches of one
-length run as one vmapped call over the batch axis (each batch normalised on its
-own, as if scored one by one); a smaller last batch is a length of its own, never
-padded with rows (they would change the real rows' statistics). Calls are padded instead
-with whole repeated batches up to ``max_batches`` (their results dropped), so each batch
-length compiles once.
+are part of the prediction, so this is what "local" and "global" mean. A smaller last
+batch is a length of its own, never padded with rows (they would change the real rows'
+statistics).
+
+One evaluation is one compiled program and one host sync: the test batches stay on the
+device between evaluations; the program extracts every level's sub-model, runs its
+batches with ``lax.map`` in steps of about ``samples_per_step`` samples (each batch on its
+own), and scores the levels side by side (``levels="vmap"``: the sub-models stacked) or
+one after another (``"map"``). Local batches are grouped by their client's level; a level
+with fewer batches than another repeats some, whose results are dropped.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from fiarse_jax import engine
 from fiarse_jax.data.types import FederatedData
@@ -58,13 +63,29 @@ def batch_plan(groups: Sequence[np.ndarray], batch_size: int) -> dict[int, np.nd
     return {n: np.stack(bs) for n, bs in sorted(by_len.items())}
 
 
+LEVEL_MODES = ("auto", "vmap", "map")
+
+
+def resolve_levels(mode: str, backend: str | None = None) -> str:
+    """How the capacity levels' sub-models are scored in one program: ``"vmap"`` (stacked,
+    side by side) or ``"map"`` (one after another, ``lax.map``); ``"auto"``: ``"map"`` on
+    CPU (measured faster there: ``benchmarks/rounds.py --settings``), ``"vmap"`` elsewhere.
+    An unknown ``mode`` is a ``ValueError`` naming it (one line)."""
+    if mode not in LEVEL_MODES:
+        raise ValueError(f"eval.levels = {mode!r}: must be one of {LEVEL_MODES}")
+    if mode != "auto":
+        return mode
+    backend = jax.default_backend() if backend is None else backend
+    return "map" if backend == "cpu" else "vmap"
+
+
 def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
                    capacities: Sequence[float], assignment: np.ndarray, *,
                    batch_size: int = 20, key: jax.Array | None = None,
                    transform: Callable[[jax.Array], jax.Array] | None = None,
-                   max_batches: int | None = None,
+                   samples_per_step: int = 1280,
                    honest: np.ndarray | None = None,
-                   xla: str = "auto") -> Callable[..., dict]:
+                   xla: str = "auto", levels: str = "auto") -> Callable[..., dict]:
     """``evaluate(params, round_state, data) -> metrics dict`` (see module docstring).
 
     ``assignment[c]`` is the capacity level index of client ``c``;
@@ -72,31 +93,36 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
     ``batch_size``: the evaluation batch (the authors': the client batch size);
     ``key``: the draw of a random policy's sub-model (default ``PRNGKey(0)``);
     ``transform(x)`` prepares stored test images (e.g. CIFAR normalisation);
-    ``max_batches``: batches scored per device call (default: ⌈1,280 / batch_size⌉ samples'
-    worth, which bounds evaluation memory);
+    ``samples_per_step``: about how many test samples one step of a program scores (over
+    the levels side by side with ``"vmap"``), which bounds evaluation memory;
     ``honest``: bool per client; when given, also ``local_accuracy_honest`` (pooled over the
     local tests of the capacity's honest clients only);
-    ``xla``: the programs compile with ``engine.compiler_options(xla)``.
+    ``xla``: the programs compile with ``engine.compiler_options(xla)``;
+    ``levels``: ``resolve_levels``' mode (``"auto"`` resolved here, on JAX's backend).
     """
     honest = None if honest is None else np.asarray(honest, bool)
-    max_batches = max_batches or max(1, -(-1280 // batch_size))
+    mode = resolve_levels(levels)
     labels = [capacity_label(r) for r in capacities]
+    num_levels = len(labels)
+    side_by_side = num_levels if mode == "vmap" else 1   # sub-models run at once
     assignment = np.asarray(assignment)
     key = jax.random.PRNGKey(0) if key is None else key
-
     options = engine.compiler_options(xla)
 
-    @functools.partial(engine.jit, options=options)
-    def score(params, x, y, spec):   # x: [batches, length, ...]: each batch on its own
-        def one(xb, yb):
-            if transform is not None:
-                xb = transform(xb)
-            logits = logits_fn(params, xb, spec)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), yb)
-            return jnp.argmax(logits, -1) == yb, loss
-        return jax.vmap(one)(x, y)
+    def one(params, spec, xb, yb):   # one batch, normalised on its own
+        if transform is not None:
+            xb = transform(xb)
+        logits = logits_fn(params, xb, spec)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), yb)
+        return jnp.argmax(logits, -1) == yb, loss
 
-    @functools.partial(engine.jit, options=options)
+    def batches(params, spec, x, y):
+        """x: [steps, step, length, ...] -> (correct, loss) [steps, step, length]."""
+        run = jax.vmap(functools.partial(one, params, spec))
+        if len(x) == 1:   # one step: no loop
+            return jax.tree.map(lambda a: a[None], run(x[0], y[0]))
+        return lax.map(lambda b: run(*b), (x, y))
+
     def extract(params, round_state, level):
         # The sub-model as a client of this level computes with it: x ⊙ 1[|x| ≥ θ] for
         # FIARSE; with HeteroFL's scaler on, the 1/r scale it was trained with (a norm
@@ -104,52 +130,95 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
         spec = policy.client_spec(round_state, level, key)
         return policy.apply(params, spec), spec
 
+    def all_levels(params, round_state, x, y, shared):
+        """Every level's sub-model's correct on its batches: ``x`` [steps, step, ...] for
+        all (``shared``) or [levels, steps, step, ...] one set per level."""
+        def level(lvl, xl, yl):
+            return batches(*extract(params, round_state, lvl), xl, yl)[0]
+        ids = jnp.arange(num_levels, dtype=jnp.int32)
+        if mode == "vmap":
+            axis = None if shared else 0
+            return jax.vmap(level, in_axes=(0, axis, axis))(ids, x, y)
+        if shared:
+            return lax.map(lambda lvl: level(lvl, x, y), ids)
+        return lax.map(lambda a: level(*a), (ids, x, y))
+
+    @functools.partial(engine.jit, options=options)
+    def score(params, round_state, glob, local):
+        """The whole evaluation: per global batch length the full model's (correct, loss)
+        and every level's correct; per local batch length every level's correct."""
+        return ({n: (*batches(params, None, x, y), all_levels(params, round_state, x, y, True))
+                 for n, (x, y) in glob.items()},
+                {n: all_levels(params, round_state, x, y, False) for n, (x, y) in local.items()})
+
+    def steps(index: np.ndarray, x: np.ndarray, y: np.ndarray, spare: np.ndarray):
+        """Batches ``index`` [n, length] (-1: none) as arrays [steps, step, length, ...] in
+        steps of about ``samples_per_step`` samples, the last step filled with
+        repeats (of ``spare``'s batches where ``index`` has none); the index padded with -1."""
+        step = max(1, min(len(index), samples_per_step // (index.shape[1] * side_by_side)))
+        total = -(-len(index) // step) * step
+        real = index[index[:, 0] >= 0]
+        take = np.resize(real if len(real) else spare, (total, index.shape[1]))
+        index = np.concatenate([index, np.full((total - len(index), index.shape[1]), -1)])
+        shape = (total // step, step, index.shape[1])
+        return x[take].reshape(shape + x.shape[1:]), y[take].reshape(shape), index.reshape(shape)
+
     plans: dict[int, tuple] = {}   # id(data) -> (data, global plan, local plan)
 
     def plan(data: FederatedData):
+        """The batches on the device, built once per dataset: global ``{length: (x, y,
+        index)}`` (``steps``); local the same with a leading level axis, each level's
+        batches padded to the longest level's count."""
         if id(data) not in plans or plans[id(data)][0] is not data:
-            gx, gy = data.global_test()
+            gx, gy = (np.asarray(a) for a in data.global_test())
+            lx, ly = np.asarray(data.test_x), np.asarray(data.test_y)
             owner = np.asarray(data.test_client)
-            local_groups = [np.flatnonzero(owner == c) for c in np.unique(owner)]
-            plans.clear()   # host copies once per dataset, not per call
-            plans[id(data)] = (data, (np.asarray(gx), np.asarray(gy),
-                                      batch_plan([np.arange(len(gy))], batch_size)),
-                               (np.asarray(data.test_x), np.asarray(data.test_y),
-                                batch_plan(local_groups, batch_size)))
+            glob = {n: steps(b, gx, gy, b)
+                    for n, b in batch_plan([np.arange(len(gy))], batch_size).items()}
+            local = {}
+            for n, b in batch_plan([np.flatnonzero(owner == c) for c in np.unique(owner)],
+                                   batch_size).items():
+                level_of = assignment[owner[b[:, 0]]]
+                most = np.bincount(level_of, minlength=num_levels).max()
+                per = [steps(np.concatenate([b[level_of == lvl], np.full(
+                    (most - (level_of == lvl).sum(), n), -1)]), lx, ly, b)
+                    for lvl in range(num_levels)]
+                local[n] = tuple(np.stack(a) for a in zip(*per))
+            # The test batches on the device (host arrays: no compiled ops), once per dataset.
+            glob, local = ({n: (*jax.device_put((x, y)), i) for n, (x, y, i) in d.items()}
+                           for d in (glob, local))
+            plans.clear()
+            plans[id(data)] = (data, glob, local)
         return plans[id(data)][1:]
 
-    def predict(params, x, y, batches, spec=None) -> tuple[np.ndarray, np.ndarray]:
-        """(1/0, cross-entropy) per sample of ``x``, scored in the planned batches (samples
-        in no batch: 0)."""
-        correct, losses = np.zeros(len(y), np.float64), np.zeros(len(y), np.float64)
-        for idx in batches.values():
-            for s in range(0, len(idx), max_batches):
-                part = idx[s:s + max_batches]
-                # Whole batches repeated up to max_batches: one compiled shape per length.
-                padded = np.concatenate([part, np.resize(part, (max_batches - len(part),
-                                                                part.shape[1]))])
-                c, l = score(params, x[padded], y[padded], spec)
-                correct[part] = np.asarray(c)[:len(part)]
-                losses[part] = np.asarray(l)[:len(part)]
-        return correct, losses
-
     def evaluate(params, round_state, data: FederatedData) -> dict:
-        (gx, gy, g_batches), (lx, ly, l_batches) = plan(data)
+        glob, local = plan(data)
         test_client = np.asarray(data.test_client)
         num_clients = len(assignment)
         sample_level = assignment[test_client]
-        correct, loss = predict(params, gx, gy, g_batches)
+        n_global = len(data.global_test()[1])
+        correct, loss = np.zeros(n_global), np.zeros(n_global)
+        level_global = np.zeros((num_levels, n_global))
+        g, l = jax.device_get(score(params, round_state,
+                                    {n: (x, y) for n, (x, y, _) in glob.items()},
+                                    {n: (x, y) for n, (x, y, _) in local.items()}))
+        for n, (_, _, idx) in glob.items():
+            real = idx >= 0
+            correct[idx[real]], loss[idx[real]] = g[n][0][real], g[n][1][real]
+            level_global[:, idx[real]] = g[n][2][:, real]
+        level_local = np.zeros(len(test_client))
+        for n, (_, _, idx) in local.items():
+            real = idx >= 0
+            level_local[idx[real]] = l[n][real]
         out = {"global_accuracy": float(correct.mean()), "global_loss": float(loss.mean()),
                "local_accuracy": {}, "local_accuracy_client_mean": {},
                "capacity_global_accuracy": {}}
         if honest is not None:
             out["local_accuracy_honest"] = {}
+        c = level_local
         for lvl, label in enumerate(labels):
-            sub, spec = extract(params, round_state, jnp.asarray(lvl, jnp.int32))
             own = sample_level == lvl
-            out["capacity_global_accuracy"][label] = float(
-                predict(sub, gx, gy, g_batches, spec)[0].mean())
-            c, _ = predict(sub, lx, ly, {n: b[own[b[:, 0]]] for n, b in l_batches.items()}, spec)
+            out["capacity_global_accuracy"][label] = float(level_global[lvl].mean())
             per_client_n = np.bincount(test_client[own], minlength=num_clients)
             per_client_c = np.bincount(test_client[own], weights=c[own], minlength=num_clients)
             has = per_client_n > 0
@@ -180,7 +249,8 @@ def run_evaluator(run) -> Callable[[object, int], dict]:
                                batch_size=eval_batch_size(run.config), key=run.eval_key,
                                transform=run.eval_transform,
                                honest=~run.attackers if run.attackers.any() else None,
-                               xla=run.config.engine.get("xla", "auto"))
+                               xla=run.config.engine.get("xla", "auto"),
+                               levels=run.config.get("eval", {}).get("levels", "auto"))
 
     def evaluate_run(params, rounds_done: int) -> dict:
         view = engine.local_view(params)

@@ -1,4 +1,5 @@
 """evaluate: every metric re-derived in NumPy on a model whose predictions we control."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,8 +14,12 @@ def test_capacity_labels():
         ["1", "1/4", "1/16", "1/64", "0.64", "1/3", "0.3333"]
 
 
-@pytest.mark.parametrize("batch_size", [3, 1024])  # 3: several batches and smaller last ones
-def test_metrics_match_numpy(batch_size):
+# batch 3: several batches and smaller last ones; 7 samples per step: a step of one or two
+# batches and a remainder (lax.map's) — the scores cannot depend on how they are grouped.
+@pytest.mark.parametrize("batch_size,levels,samples_per_step",
+                         [(3, "map", 1280), (3, "vmap", 1280), (3, "map", 7), (3, "vmap", 13),
+                          (1024, "vmap", 1280)])
+def test_metrics_match_numpy(batch_size, levels, samples_per_step):
     rng = np.random.default_rng(0)
     # Sample j is the one-hot e_{f_j}, so its logits are row f_j of the (masked) kernel.
     kernel = rng.normal(size=(5, 3)).astype(np.float32)
@@ -31,7 +36,8 @@ def test_metrics_match_numpy(batch_size):
     policy = policies.build_policy("fiarse", caps)
     honest = np.array([True, False, True, True])   # client 1 a (simulated) attacker
     evaluate = make_evaluator(lambda p, xb, spec=None: xb @ p["Dense_0"]["kernel"], policy, caps,
-                              assignment, batch_size=batch_size, honest=honest)
+                              assignment, batch_size=batch_size, honest=honest, levels=levels,
+                              samples_per_step=samples_per_step)
     out = evaluate(params, policy.prepare(params, 0, None), data)
 
     def np_correct(w):
@@ -84,24 +90,28 @@ def _np_bn_correct(x, y, kernel, batch):
     return np.concatenate(out).astype(float)
 
 
-def test_static_bn_local_scores_one_client_per_batch_and_global_in_its_own_order():
+@pytest.mark.parametrize("levels", ["map", "vmap"])
+def test_static_bn_local_scores_one_client_per_batch_and_global_in_its_own_order(levels):
     """A client's local accuracy under a batch-statistics model depends on its own test
     samples only (batches never mix clients), in batches of ``batch_size``; the global
     set is scored in its own order. Both re-derived in NumPy."""
     kernel = np.random.default_rng(5).normal(size=(4, 3)).astype(np.float32)
     params = {"Dense_0": {"kernel": kernel}}
-    caps = (1.0,)
-    assignment = np.array([0, 0, 0, 0])
+    caps = (1.0, 0.5)
+    assignment = np.array([0, 1, 0, 1])   # levels with unequal batch counts per length
     policy = policies.build_policy("fedavg_full", caps)
-    evaluate = make_evaluator(_batch_norm_logits, policy, caps, assignment, batch_size=3)
+    evaluate = make_evaluator(_batch_norm_logits, policy, caps, assignment, batch_size=3,
+                              levels=levels, samples_per_step=6)
     perm = np.random.default_rng(9).permutation(25)
     data = _bn_data(0, global_perm=perm)
     out = evaluate(params, policy.prepare(params, 0, None), data)
     x, y, client = np.asarray(data.test_x), np.asarray(data.test_y), np.asarray(data.test_client)
     per_client = [_np_bn_correct(x[client == c], y[client == c], kernel, 3) for c in range(4)]
-    assert out["local_accuracy_client_mean"]["1"] == pytest.approx(
-        np.mean([p.mean() for p in per_client]), abs=1e-12)
-    assert out["local_accuracy"]["1"] == pytest.approx(np.concatenate(per_client).mean(), abs=1e-12)
+    for label, mine in (("1", [0, 2]), ("1/2", [1, 3])):
+        assert out["local_accuracy_client_mean"][label] == pytest.approx(
+            np.mean([per_client[c].mean() for c in mine]), abs=1e-12)
+        assert out["local_accuracy"][label] == pytest.approx(
+            np.concatenate([per_client[c] for c in mine]).mean(), abs=1e-12)
     assert out["global_accuracy"] == pytest.approx(
         _np_bn_correct(x[perm], y[perm], kernel, 3).mean(), abs=1e-12)
 
@@ -152,3 +162,80 @@ def test_federate_keeps_the_test_split_whole_and_in_order_for_the_global_set():
                       seed=seed, partition="balanced_dirichlet", n_train=20, n_test=5)
         np.testing.assert_array_equal(fd.global_x, ds.test_x)
         np.testing.assert_array_equal(fd.global_y, ds.test_y)
+
+
+def test_levels_auto_is_map_on_cpu_and_vmap_elsewhere_and_a_bad_mode_is_one_line(tmp_path):
+    import os
+    import sys
+
+    from fiarse_jax import train
+    from fiarse_jax.config import ConfigError
+    from fiarse_jax.evaluate import resolve_levels
+    assert [resolve_levels("auto", b) for b in ("cpu", "gpu", "tpu")] == ["map", "vmap", "vmap"]
+    assert resolve_levels("vmap", "cpu") == "vmap"
+    with pytest.raises(ValueError, match=r"^eval.levels = 'both': must be one of"):
+        make_evaluator(_batch_norm_logits, policies.build_policy("fedavg_full", (1.0,)),
+                       (1.0,), np.zeros(4, int), levels="both")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+    import default  # noqa: PLC0415
+    c = default.get_config()
+    c.eval.levels = "both"
+    with pytest.raises(ConfigError) as err:
+        train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert str(err.value).startswith("config.eval.levels = 'both': must be one of")
+    assert not (tmp_path / "run").exists()
+
+
+def _reference(run, params) -> dict:
+    """The evaluation re-derived batch by batch: per level its sub-model, each batch alone."""
+    state = run.eval_state(params, 1)
+    gx, gy = (np.asarray(a) for a in run.data.global_test())
+    lx, ly = np.asarray(run.data.test_x), np.asarray(run.data.test_y)
+    owner = np.asarray(run.data.test_client)
+    b = run.config.eval.batch_size
+    logits = jax.jit(run.logits_fn)
+
+    def correct(p, spec, x, y):
+        return np.concatenate([np.argmax(logits(p, x[s:s + b], spec), -1) == y[s:s + b]
+                               for s in range(0, len(y), b)])
+
+    out = {"global_accuracy": correct(params, None, gx, gy).mean(),
+           "capacity_global_accuracy": {}, "local_accuracy_client_mean": {}}
+    for lvl, r in enumerate(run.capacities):
+        spec = run.policy.client_spec(state, lvl, run.eval_key)
+        sub = run.policy.apply(params, spec)
+        label = capacity_label(r)
+        out["capacity_global_accuracy"][label] = correct(sub, spec, gx, gy).mean()
+        out["local_accuracy_client_mean"][label] = np.mean(
+            [correct(sub, spec, lx[owner == c], ly[owner == c]).mean()
+             for c in np.flatnonzero(run.assignment == lvl) if (owner == c).any()])
+    return out
+
+
+@pytest.mark.parametrize("method", ["fed_dropout", "heterofl", "scalefl"])
+def test_both_level_modes_equal_a_batch_by_batch_reference(method):
+    """A random draw (fed_dropout), width scaling (heterofl) and early-exit readouts
+    (scalefl): the levels side by side and one after another score as the reference."""
+    import os
+    import sys
+
+    from helpers import override
+
+    from fiarse_jax import build
+    from fiarse_jax.evaluate import run_evaluator
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+    import default  # noqa: PLC0415
+    # Batches of one (a single batch length: one compile here and in the reference).
+    c = override(default.get_config(), method=method, **{"data.num_clients": 12,
+                                                         "eval.batch_size": 1})
+    if method == "scalefl":
+        c.model.hidden_sizes, c.model.early_exits = (16, 16), True
+    run = build.build_run(c)
+    params = run.init_params
+    want = _reference(run, params)
+    for mode in ("map", "vmap"):
+        c.eval.levels = mode
+        got = run_evaluator(run)(params, 1)
+        assert got["global_accuracy"] == pytest.approx(want["global_accuracy"], abs=1e-12)
+        for k in ("capacity_global_accuracy", "local_accuracy_client_mean"):
+            assert got[k] == pytest.approx(want[k], abs=1e-12), (mode, k)
