@@ -16,7 +16,8 @@ def test_rounds_benchmark_times_both_settings_and_writes_json(tmp_path):
     out = tmp_path / "rounds.json"
     r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "rounds.py"),
                         "--workloads", "digits_mlp", "--blocks", "1", "--block", "2",
-                        "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+                        "--eval-levels", "vmap,map", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())
     assert not result["errors"]
@@ -27,6 +28,16 @@ def test_rounds_benchmark_times_both_settings_and_writes_json(tmp_path):
     # the same rounds either way: the same model after them, to float rounding
     assert fused["last_train_loss"] == pytest.approx(one["last_train_loss"], rel=1e-5)
     assert fused["run_s_extrapolated"] > 200 * fused["round_s"]
+    # both evaluation modes timed, the first one counted, the same metrics
+    assert one["eval_s"] == one["eval_s_vmap"] and one["eval_s_map"] > 0
+    assert one["eval_levels_max_diff"] == 0
+
+
+def test_rounds_benchmark_names_a_bad_eval_mode():
+    r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "rounds.py"),
+                        "--eval-levels", "map,pmap"], capture_output=True, text=True,
+                       timeout=600, cwd=REPO)
+    assert r.returncode == 2 and "eval.levels = 'pmap'" in r.stderr.strip().splitlines()[-1]
 
 
 def test_profile_summary_groups_device_operations_and_leaves_out_containers():
