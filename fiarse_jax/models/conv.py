@@ -24,11 +24,9 @@
 A custom VJP has no forward-mode derivative: ``jax.jvp``/``jacfwd``/``hessian`` through
 a ``"canonical"`` convolution raise; use ``"xla"`` for them (training uses reverse mode).
 
-Only plain convolutions (NHWC × HWIO, no dilation, one feature group; for
-``"patches"`` no negative padding) take the custom paths; anything else falls back to
-``lax.conv_general_dilated``. (On feature maps smaller
-than the kernel, e.g. 2×2 under a 3×3 kernel, XLA may still swap a backward
-convolution's operands into another layout; CIFAR's 32×32 inputs never get there.)
+Only plain convolutions (NHWC × HWIO, no dilation, one feature group, no negative
+padding, a padded input at least the kernel's size) take the custom paths; anything else
+falls back to ``lax.conv_general_dilated``.
 """
 from __future__ import annotations
 
@@ -161,12 +159,11 @@ def conv_general_dilated(impl: str = "auto") -> Callable[..., jax.Array]:
                     if isinstance(padding, str) else padding)
             pads = tuple((int(lo), int(hi)) for lo, hi in pads)
             strides = tuple(int(s) for s in window_strides)
-            if chosen == "canonical":
-                return canonical_conv(lhs, rhs, strides, pads)
             fits = all(n + lo + hi >= k for n, (lo, hi), k in
                        zip(lhs.shape[1:3], pads, rhs.shape[:2]))
             if min(min(p) for p in pads) >= 0 and fits:   # else (a crop; no output): lax
-                return patches_conv(lhs, rhs, strides, pads)
+                return (canonical_conv if chosen == "canonical" else patches_conv)(
+                    lhs, rhs, strides, pads)
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
