@@ -146,17 +146,32 @@ def measure(name: str, rounds_per_program: int, blocks: int, block: int = 0,
             "first_eval_s": eval_times[0], "build_s": build_s,
             "run_s_extrapolated": build_s + compile_s + config.num_rounds * round_s
             + evals * eval_times[1],
-            **{f"eval_s_{m}": t[1] for m, t in by_levels.items() if len(levels) > 1},
-            "eval_levels_max_diff": max(abs(a - b) for m in levels for a, b in zip(
-                _numbers(metrics), _numbers(scores[m]))),
+            **({f"eval_s_{m}": t[1] for m, t in by_levels.items()} if len(levels) > 1 else {}),
+            **({"eval_levels_max_diff": _max_diff(list(scores.values()))}
+               if len(levels) > 1 else {}),
             "last_train_loss": stats[-1].train_loss,
             "global_accuracy": metrics["global_accuracy"]}
 
 
-def _numbers(metrics: dict) -> list[float]:
-    """Every number of a metrics dict, nested dicts flattened in key order."""
-    return [x for k in sorted(metrics) for x in
-            (_numbers(metrics[k]) if isinstance(metrics[k], dict) else [metrics[k]])]
+def _flat(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """A metrics dict's numbers by dotted name (nested dicts flattened)."""
+    out = {}
+    for k, v in metrics.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def _max_diff(runs: list[dict]) -> float:
+    """The largest difference between the first metrics dict and the others (NaN = NaN;
+    a metric one of them lacks, or NaN against a number: infinity)."""
+    first, worst = _flat(runs[0]), 0.0
+    for other in map(_flat, runs[1:]):
+        for k in first.keys() | other.keys():
+            a, b = first.get(k), other.get(k)
+            if a is None or b is None or math.isnan(a) != math.isnan(b):
+                return math.inf
+            worst = max(worst, 0.0 if math.isnan(a) else abs(a - b))
+    return worst
 
 
 def main(argv=None) -> dict:
@@ -176,12 +191,11 @@ def main(argv=None) -> dict:
         print(json.dumps(measure(*json.loads(args.measure))))
         return {}
     names, levels = args.workloads.split(","), args.eval_levels.split(",")
-    from fiarse_jax import evaluate
-    for mode in levels:
-        try:
-            evaluate.resolve_levels(mode)
-        except ValueError as e:
-            ap.error(f"--eval-levels: {e}")
+    # Checked by name: resolving "auto" would start a backend here, held while children run.
+    from fiarse_jax.evaluate import LEVEL_MODES
+    bad = [m for m in levels if m not in LEVEL_MODES]
+    if bad:
+        ap.error(f"--eval-levels: eval.levels = {bad[0]!r}: must be one of {LEVEL_MODES}")
     bad = [n for n in names if n not in WORKLOADS]
     if bad:
         ap.error(f"--workloads: unknown {bad[0]!r}; expected some of {sorted(WORKLOADS)}")

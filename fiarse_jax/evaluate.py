@@ -22,7 +22,7 @@ batch is a length of its own, never padded with rows (they would change the real
 statistics).
 
 One evaluation is one compiled program and one host sync: the test batches stay on the
-device between evaluations; the program extracts every level's sub-model, runs its
+device between evaluations; the program extracts every level's sub-model once, runs its
 batches with ``lax.map`` in steps of about ``samples_per_step`` samples (each batch on its
 own), and scores the levels side by side (``levels="vmap"``: the sub-models stacked) or
 one after another (``"map"``). Local batches are grouped by their client's level; a level
@@ -69,7 +69,9 @@ LEVEL_MODES = ("auto", "vmap", "map")
 def resolve_levels(mode: str, backend: str | None = None) -> str:
     """How the capacity levels' sub-models are scored in one program: ``"vmap"`` (stacked,
     side by side) or ``"map"`` (one after another, ``lax.map``); ``"auto"``: ``"map"`` on
-    CPU (measured faster there: ``benchmarks/rounds.py --settings``), ``"vmap"`` elsewhere.
+    CPU (measured faster there: ``benchmarks/rounds.py --eval-levels map,vmap``), ``"vmap"``
+    elsewhere. ``"vmap"`` holds every level's sub-model at once (levels × the model's
+    memory): ``"map"`` is the choice for a large model on a small device.
     An unknown ``mode`` is a ``ValueError`` naming it (one line)."""
     if mode not in LEVEL_MODES:
         raise ValueError(f"eval.levels = {mode!r}: must be one of {LEVEL_MODES}")
@@ -93,8 +95,9 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
     ``batch_size``: the evaluation batch (the authors': the client batch size);
     ``key``: the draw of a random policy's sub-model (default ``PRNGKey(0)``);
     ``transform(x)`` prepares stored test images (e.g. CIFAR normalisation);
-    ``samples_per_step``: about how many test samples one step of a program scores (over
-    the levels side by side with ``"vmap"``), which bounds evaluation memory;
+    ``samples_per_step``: about how many test samples one step of the program scores (over
+    the levels side by side with ``"vmap"``; at least one batch per level), which bounds
+    the activations' memory;
     ``honest``: bool per client; when given, also ``local_accuracy_honest`` (pooled over the
     local tests of the capacity's honest clients only);
     ``xla``: the programs compile with ``engine.compiler_options(xla)``;
@@ -130,26 +133,23 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
         spec = policy.client_spec(round_state, level, key)
         return policy.apply(params, spec), spec
 
-    def all_levels(params, round_state, x, y, shared):
-        """Every level's sub-model's correct on its batches: ``x`` [steps, step, ...] for
-        all (``shared``) or [levels, steps, step, ...] one set per level."""
-        def level(lvl, xl, yl):
-            return batches(*extract(params, round_state, lvl), xl, yl)[0]
-        ids = jnp.arange(num_levels, dtype=jnp.int32)
-        if mode == "vmap":
-            axis = None if shared else 0
-            return jax.vmap(level, in_axes=(0, axis, axis))(ids, x, y)
-        if shared:
-            return lax.map(lambda lvl: level(lvl, x, y), ids)
-        return lax.map(lambda a: level(*a), (ids, x, y))
-
     @functools.partial(engine.jit, options=options)
     def score(params, round_state, glob, local):
-        """The whole evaluation: per global batch length the full model's (correct, loss)
-        and every level's correct; per local batch length every level's correct."""
-        return ({n: (*batches(params, None, x, y), all_levels(params, round_state, x, y, True))
-                 for n, (x, y) in glob.items()},
-                {n: all_levels(params, round_state, x, y, False) for n, (x, y) in local.items()})
+        """The whole evaluation: ``glob`` {length: (x, y)} batches [steps, step, length, ...],
+        ``local`` the same with a leading level axis. Per global length the full model's
+        (correct, loss) and every level's correct [levels, ...]; per local length every
+        level's correct on its own batches. Each level's sub-model is extracted once."""
+        def level(lvl, own):
+            sub, spec = extract(params, round_state, lvl)
+            return ({n: batches(sub, spec, x, y)[0] for n, (x, y) in glob.items()},
+                    {n: batches(sub, spec, x, y)[0] for n, (x, y) in own.items()})
+        ids = jnp.arange(num_levels, dtype=jnp.int32)
+        if mode == "vmap":
+            levels_g, levels_l = jax.vmap(level)(ids, local)
+        else:
+            levels_g, levels_l = lax.map(lambda a: level(*a), (ids, local))
+        return ({n: (*batches(params, None, x, y), levels_g[n]) for n, (x, y) in glob.items()},
+                levels_l)
 
     def steps(index: np.ndarray, x: np.ndarray, y: np.ndarray, spare: np.ndarray):
         """Batches ``index`` [n, length] (-1: none) as arrays [steps, step, length, ...] in
@@ -241,6 +241,17 @@ def eval_batch_size(config) -> int:
     return int(b) if b else int(config.client.batch_size)
 
 
+def _one_copy(tree):
+    """One device's copy of each replicated multi-device leaf (the ``sharded`` strategy's
+    parameters): the evaluation runs on one device, its test batches stay where they are."""
+    def one(a):
+        if (isinstance(a, jax.Array) and len(a.sharding.device_set) > 1
+                and a.is_fully_replicated):
+            return a.addressable_data(0)
+        return a
+    return jax.tree_util.tree_map(one, tree)
+
+
 def run_evaluator(run) -> Callable[[object, int], dict]:
     """``(params, rounds_done) -> metrics`` of a ``build.Run``: every capacity's sub-model
     on the global test set and on its clients' local tests (``make_evaluator``), with the
@@ -253,7 +264,7 @@ def run_evaluator(run) -> Callable[[object, int], dict]:
                                levels=run.config.get("eval", {}).get("levels", "auto"))
 
     def evaluate_run(params, rounds_done: int) -> dict:
-        view = engine.local_view(params)
+        view = _one_copy(engine.local_view(params))
         return evaluator(view, run.eval_state(view, rounds_done), run.data)
 
     return evaluate_run

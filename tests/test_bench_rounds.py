@@ -30,7 +30,7 @@ def test_rounds_benchmark_times_both_settings_and_writes_json(tmp_path):
     assert fused["run_s_extrapolated"] > 200 * fused["round_s"]
     # both evaluation modes timed, the first one counted, the same metrics
     assert one["eval_s"] == one["eval_s_vmap"] and one["eval_s_map"] > 0
-    assert one["eval_levels_max_diff"] == 0
+    assert one["eval_levels_max_diff"] < 1e-5   # accuracies equal, losses to rounding
 
 
 def test_rounds_benchmark_names_a_bad_eval_mode():

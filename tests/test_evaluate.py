@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fiarse_jax import masks, policies
@@ -94,24 +95,31 @@ def _np_bn_correct(x, y, kernel, batch):
 def test_static_bn_local_scores_one_client_per_batch_and_global_in_its_own_order(levels):
     """A client's local accuracy under a batch-statistics model depends on its own test
     samples only (batches never mix clients), in batches of ``batch_size``; the global
-    set is scored in its own order. Both re-derived in NumPy."""
+    set is scored in its own order. Both re-derived in NumPy, each level with its own
+    FIARSE sub-model (the levels predict differently: a level mix-up shows)."""
     kernel = np.random.default_rng(5).normal(size=(4, 3)).astype(np.float32)
     params = {"Dense_0": {"kernel": kernel}}
-    caps = (1.0, 0.5)
+    caps = (1.0, 0.25)
     assignment = np.array([0, 1, 0, 1])   # levels with unequal batch counts per length
-    policy = policies.build_policy("fedavg_full", caps)
+    policy = policies.build_policy("fiarse", caps)
     evaluate = make_evaluator(_batch_norm_logits, policy, caps, assignment, batch_size=3,
                               levels=levels, samples_per_step=6)
     perm = np.random.default_rng(9).permutation(25)
     data = _bn_data(0, global_perm=perm)
     out = evaluate(params, policy.prepare(params, 0, None), data)
     x, y, client = np.asarray(data.test_x), np.asarray(data.test_y), np.asarray(data.test_client)
-    per_client = [_np_bn_correct(x[client == c], y[client == c], kernel, 3) for c in range(4)]
-    for label, mine in (("1", [0, 2]), ("1/2", [1, 3])):
+    subs = [kernel * (np.abs(kernel) >= float(masks.importance_threshold(params, r)))
+            for r in caps]
+    per_client = [[_np_bn_correct(x[client == c], y[client == c], k, 3) for c in range(4)]
+                  for k in subs]
+    assert any((a != b).any() for a, b in zip(*per_client))
+    for lvl, (label, mine) in enumerate((("1", [0, 2]), ("1/4", [1, 3]))):
         assert out["local_accuracy_client_mean"][label] == pytest.approx(
-            np.mean([per_client[c].mean() for c in mine]), abs=1e-12)
+            np.mean([per_client[lvl][c].mean() for c in mine]), abs=1e-12)
         assert out["local_accuracy"][label] == pytest.approx(
-            np.concatenate([per_client[c] for c in mine]).mean(), abs=1e-12)
+            np.concatenate([per_client[lvl][c] for c in mine]).mean(), abs=1e-12)
+        assert out["capacity_global_accuracy"][label] == pytest.approx(
+            _np_bn_correct(x[perm], y[perm], subs[lvl], 3).mean(), abs=1e-12)
     assert out["global_accuracy"] == pytest.approx(
         _np_bn_correct(x[perm], y[perm], kernel, 3).mean(), abs=1e-12)
 
@@ -200,15 +208,19 @@ def _reference(run, params) -> dict:
                                for s in range(0, len(y), b)])
 
     out = {"global_accuracy": correct(params, None, gx, gy).mean(),
-           "capacity_global_accuracy": {}, "local_accuracy_client_mean": {}}
+           "global_loss": np.mean([optax.softmax_cross_entropy_with_integer_labels(
+               logits(params, gx[s:s + b], None), gy[s:s + b]) for s in range(0, len(gy), b)]),
+           "capacity_global_accuracy": {}, "local_accuracy_client_mean": {},
+           "local_accuracy": {}}
     for lvl, r in enumerate(run.capacities):
         spec = run.policy.client_spec(state, lvl, run.eval_key)
         sub = run.policy.apply(params, spec)
         label = capacity_label(r)
         out["capacity_global_accuracy"][label] = correct(sub, spec, gx, gy).mean()
-        out["local_accuracy_client_mean"][label] = np.mean(
-            [correct(sub, spec, lx[owner == c], ly[owner == c]).mean()
-             for c in np.flatnonzero(run.assignment == lvl) if (owner == c).any()])
+        own = [correct(sub, spec, lx[owner == c], ly[owner == c])
+               for c in np.flatnonzero(run.assignment == lvl) if (owner == c).any()]
+        out["local_accuracy_client_mean"][label] = np.mean([o.mean() for o in own])
+        out["local_accuracy"][label] = np.concatenate(own).mean()
     return out
 
 
@@ -237,5 +249,6 @@ def test_both_level_modes_equal_a_batch_by_batch_reference(method):
         c.eval.levels = mode
         got = run_evaluator(run)(params, 1)
         assert got["global_accuracy"] == pytest.approx(want["global_accuracy"], abs=1e-12)
-        for k in ("capacity_global_accuracy", "local_accuracy_client_mean"):
+        assert got["global_loss"] == pytest.approx(want["global_loss"], rel=1e-5)
+        for k in ("capacity_global_accuracy", "local_accuracy_client_mean", "local_accuracy"):
             assert got[k] == pytest.approx(want[k], abs=1e-12), (mode, k)
