@@ -180,9 +180,11 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
                                    batch_size).items():
                 level_of = assignment[owner[b[:, 0]]]
                 most = np.bincount(level_of, minlength=num_levels).max()
-                per = [steps(np.concatenate([b[level_of == lvl], np.full(
-                    (most - (level_of == lvl).sum(), n), -1)]), lx, ly, b)
-                    for lvl in range(num_levels)]
+                per = []
+                for lvl in range(num_levels):
+                    mine = b[level_of == lvl]
+                    padded = np.concatenate([mine, np.full((most - len(mine), n), -1)])
+                    per.append(steps(padded, lx, ly, b))
                 local[n] = tuple(np.stack(a) for a in zip(*per))
             # The test batches on the device (host arrays: no compiled ops), once per dataset.
             glob, local = ({n: (*jax.device_put((x, y)), i) for n, (x, y, i) in d.items()}
@@ -206,16 +208,15 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
             real = idx >= 0
             correct[idx[real]], loss[idx[real]] = g[n][0][real], g[n][1][real]
             level_global[:, idx[real]] = g[n][2][:, real]
-        level_local = np.zeros(len(test_client))
+        c = np.zeros(len(test_client))   # 1/0 per local test sample, by its client's level
         for n, (_, _, idx) in local.items():
             real = idx >= 0
-            level_local[idx[real]] = l[n][real]
+            c[idx[real]] = l[n][real]
         out = {"global_accuracy": float(correct.mean()), "global_loss": float(loss.mean()),
                "local_accuracy": {}, "local_accuracy_client_mean": {},
                "capacity_global_accuracy": {}}
         if honest is not None:
             out["local_accuracy_honest"] = {}
-        c = level_local
         for lvl, label in enumerate(labels):
             own = sample_level == lvl
             out["capacity_global_accuracy"][label] = float(level_global[lvl].mean())
