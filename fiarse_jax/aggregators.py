@@ -30,7 +30,10 @@ Rules (``AGGREGATORS``), with n the number of holders of a coordinate:
   all its coordinates and an unselected one none, so a coordinate held only by
   unselected clients (e.g. the part only large-capacity clients train) gets 0
   this round. Needs n_clients > 2f + 2 and 1 ≤ m ≤ n_clients − f (Blanchard et
-  al., 2017); m defaults to n_clients − f.
+  al., 2017). The count is over participants: m defaults to p − f, and a given m is
+  capped at p − f, so a client refused before the rule (non-finite, a screen,
+  reputation: a non-holder everywhere) does not let one more suspect through; with
+  p ≤ f nobody is selected (the model stays unchanged).
 
 ``aggregate_deltas(..., client_weights=w)`` takes the accept/reject vector from
 ``validation.validate_updates``: rejected clients (w = 0) become non-holders
@@ -295,35 +298,43 @@ def _pairwise_distances(x: jax.Array, h: jax.Array) -> jax.Array:
     return jnp.where(jnp.eye(x.shape[0], dtype=bool), jnp.inf, msd)
 
 
-def _krum_keep(x: jax.Array, h: jax.Array, num_byzantine: int, num_selected: int) -> jax.Array:
+def _krum_keep(x: jax.Array, h: jax.Array, num_byzantine: int,
+               num_selected: int | None) -> jax.Array:
     n = x.shape[0]
     participant = h.any(axis=1)
     k = jnp.maximum(participant.sum() - num_byzantine - 2, 1)
+    # m over the participants: p − f (refused clients hold nothing), a given m capped there.
+    limit = participant.sum() - num_byzantine
+    selected = limit if num_selected is None else jnp.minimum(num_selected, limit)
     nearest = jnp.sort(_pairwise_distances(x, h), axis=1)
     scores = jnp.where(jnp.arange(n) < k, nearest, 0.0).sum(axis=1)
     # Participants first (their scores, even +∞, clipped below a non-participant's +∞),
     # then by score; a stable argsort breaks ties by client index.
     key = jnp.where(participant, jnp.minimum(scores, jnp.finfo(jnp.float32).max), jnp.inf)
     rank = jnp.argsort(jnp.argsort(key))
-    return participant & (rank < num_selected)
+    return participant & (rank < selected)
 
 
-def _krum_options(n: int, num_byzantine: int, num_selected: int | None) -> tuple[int, int]:
+def _krum_options(n: int, num_byzantine: int, num_selected: int | None
+                  ) -> tuple[int, int | None]:
+    """Checked (f, m); m None: p − f, decided per call from the participants."""
     if not (isinstance(num_byzantine, numbers.Integral) and num_byzantine >= 0):
         raise ValueError(f"multi_krum: num_byzantine = {num_byzantine!r} must be an int ≥ 0")
     if n <= 2 * num_byzantine + 2:
         raise ValueError(f"multi_krum: num_byzantine = {num_byzantine} needs more than "
                          f"2·{num_byzantine} + 2 clients; got {n}")
-    m = n - num_byzantine if num_selected is None else num_selected
-    if not (isinstance(m, numbers.Integral) and 1 <= m <= n - num_byzantine):
+    if num_selected is None:
+        return int(num_byzantine), None
+    if not (isinstance(num_selected, numbers.Integral)
+            and 1 <= num_selected <= n - num_byzantine):
         raise ValueError(f"multi_krum: num_selected = {num_selected!r} must be an int in "
                          f"[1, {n - num_byzantine}] (n_clients − num_byzantine)")
-    return int(num_byzantine), int(m)
+    return int(num_byzantine), int(num_selected)
 
 
 @functools.partial(jax.jit, static_argnames=("num_byzantine", "num_selected"))
 def _krum_select(deltas: Params, masks: Params, num_byzantine: int,
-                 num_selected: int) -> jax.Array:
+                 num_selected: int | None) -> jax.Array:
     return _krum_keep(*_held(deltas, masks), num_byzantine, num_selected)
 
 
@@ -335,7 +346,8 @@ def krum_select(deltas: Params, masks: Params, *, num_byzantine: int,
       deltas: client deltas (old − new), pytree like params, leading client axis.
       masks: 0/1 pytree like ``deltas``: the coordinates each client holds.
       num_byzantine: f, an int ≥ 0 with n_clients > 2f + 2.
-      num_selected: m in [1, n_clients − f]; default n_clients − f.
+      num_selected: m in [1, n_clients − f], capped at p − f (p: the participating
+        clients, those holding anything); default p − f.
 
     Returns:
       bool [n_clients], True for the selected clients.
@@ -349,7 +361,7 @@ def krum_select(deltas: Params, masks: Params, *, num_byzantine: int,
 
 @functools.partial(jax.jit, static_argnames=("num_byzantine", "num_selected"))
 def _multi_krum(deltas: Params, masks: Params, num_byzantine: int,
-                num_selected: int) -> tuple[Params, Params]:
+                num_selected: int | None) -> tuple[Params, Params]:
     x, h = _held(deltas, masks)
     h = h & _krum_keep(x, h, num_byzantine, num_selected)[:, None]
     return _result(_holder_mean(x, h), h, deltas)

@@ -225,3 +225,30 @@ def test_client_weights_shape_is_checked():
     deltas, masks = make_updates()
     with pytest.raises(ValueError, match=r"client_weights has shape \(3,\); expected \(7,\)"):
         aggregate_deltas("mean", deltas, masks, client_weights=np.ones(3))
+
+
+def test_krum_counts_only_participants_when_clients_were_refused():
+    """10 clients, f = 2: two honest updates refused before the rule, two attackers send
+    50.0. m = (10 − 2 refused) − f = 6 keeps the six honest ones; counting the refused
+    (m = 8) would keep both attackers too (aggregate ≈ 12.5)."""
+    rng = np.random.default_rng(7)
+    deltas = {"w": (0.01 * rng.normal(size=(10, 12))).astype(np.float32)}
+    deltas["w"][[8, 9]] = 50.0
+    masks = {"w": np.ones((10, 12), np.float32)}
+    weights = np.ones(10, np.float32)
+    weights[[0, 1]] = 0.0                  # refused: non-finite, a screen or reputation
+    agg, counts = aggregate_deltas("multi_krum", deltas, masks, client_weights=weights,
+                                   num_byzantine=2)
+    np.testing.assert_array_equal(counts["w"], 6.0)
+    np.testing.assert_allclose(agg["w"], deltas["w"][2:8].mean(0), rtol=1e-5, atol=1e-7)
+    assert np.abs(agg["w"]).max() < 0.1
+    # A given m is capped at the participants − f too; with p ≤ f nobody is kept.
+    _, counts = aggregate_deltas("multi_krum", deltas, masks, client_weights=weights,
+                                 num_byzantine=2, num_selected=8)
+    np.testing.assert_array_equal(counts["w"], 6.0)
+    few = np.zeros(10, np.float32)
+    few[[8, 9]] = 1.0
+    agg, counts = aggregate_deltas("multi_krum", deltas, masks, client_weights=few,
+                                   num_byzantine=2)
+    np.testing.assert_array_equal(counts["w"], 0.0)
+    np.testing.assert_array_equal(agg["w"], 0.0)
