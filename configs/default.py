@@ -153,12 +153,16 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.eval_every = 20
     # `fiarse-jax reproduce`: the paper's cells to stand beside ours ('' = none; the
-    # CIFAR configs set cifar10_four / cifar100_four).
+    # paper configs set cifar10_four / cifar100_four / ag_news).
     config.paper = ""
     config.eval = ml_collections.ConfigDict()
     # Test sets are scored in batches of this size (0: client.batch_size, as the authors'
-    # loaders): the global test set in its own order, each client's test split on its own.
+    # loaders), unshuffled: the global test set in its order, each client's split alone.
     config.eval.batch_size = 0
+    # The global test set: "clients" (the authors': every client's test split concatenated
+    # in client order; with static BN a batch then lies inside one client's skewed split)
+    # | "dataset" (the dataset's test split in its own order: i.i.d.-looking batches).
+    config.eval.global_order = "clients"
     # The capacity levels' sub-models scored side by side ('vmap') or one after another
     # ('map') in one program; 'auto': 'map' on CPU, 'vmap' elsewhere.
     config.eval.levels = "auto"

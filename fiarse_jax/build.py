@@ -133,6 +133,7 @@ def build_run(config, *, pretrained: bool = True) -> Run:
         data = federate(ds, num_clients=d.num_clients, alpha=d.alpha,
                         test_fraction=d.test_fraction, min_client_size=d.min_client_size,
                         seed=config.seed,
+                        global_order=config.get("eval", {}).get("global_order", "clients"),
                         **{k: d[k] for k in ("partition", "n_train", "n_test", "classes_per_client")
                            if k in d})
     except ValueError as e:  # e.g. too many clients for the data at this alpha

@@ -53,7 +53,7 @@ SAFE_TO_CHANGE = ("num_rounds", "eval_every", "checkpoint_every", "keep_checkpoi
                   "tensorboard", "engine.strategy", "engine.clients_per_chunk", "engine.reduce",
                   "engine.memory_budget_gb", "engine.xla", "engine.rounds_per_program",
                   "model.conv",
-                  "profile", "eval.batch_size", "eval.levels", "paper")
+                  "profile", "eval.batch_size", "eval.levels", "eval.global_order", "paper")
 
 #: Config fields added after checkpoints were first written, with the value the code used
 #: before they existed: a checkpoint without the field resumes when the current value is it.

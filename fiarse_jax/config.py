@@ -16,6 +16,7 @@ from fiarse_jax import (
     validation,
 )
 from fiarse_jax.data import check_data_config
+from fiarse_jax.data.federation import GLOBAL_ORDERS
 from fiarse_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -176,6 +177,8 @@ def validate_config(config) -> None:
         _int(config, "eval.batch_size", lo=0)
         if "levels" in config.eval:
             _choice(config, "eval.levels", evaluate.LEVEL_MODES)
+        if "global_order" in config.eval:
+            _choice(config, "eval.global_order", GLOBAL_ORDERS)
     _int(config, "checkpoint_every", lo=0)
     _int(config, "keep_checkpoints", lo=1)
     _bool(config, "tensorboard")

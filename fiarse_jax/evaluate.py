@@ -3,8 +3,8 @@
 For each capacity level r the sub-model ``policy.apply(params, spec_r)`` — the
 model a client of that level computes with (x ⊙ 1[|x| ≥ θ_r] for FIARSE; a random
 policy uses one fixed draw, the run's evaluation key) — is scored on
-* the *global* test set (``FederatedData.global_test``: the dataset's test split in
-  its own order when it has one), and
+* the *global* test set (``FederatedData.global_test``: by default the authors' —
+  every client's test split concatenated in client order; ``eval.global_order``), and
 * the *local* tests of that capacity's clients: pooled over their samples
   (``local_accuracy``) and as the mean of per-client accuracies
   (``local_accuracy_client_mean``, the paper's per-size local number); with simulated
@@ -14,7 +14,7 @@ So every cell of the paper's tables has a counterpart. The full (unmasked)
 global model is scored on the global test set (``global_accuracy``).
 
 Batches are those of the authors' evaluation (their loaders never shuffle): the
-global test set in its own order in batches of ``batch_size`` (their client batch
+global test set in its order in batches of ``batch_size`` (their client batch
 size, 20), and each client's own test split alone, in batches of ``batch_size`` —
 a batch never mixes clients. With static BatchNorm (ResNet-18) a batch's statistics
 are part of the prediction, so this is what "local" and "global" mean. A smaller last

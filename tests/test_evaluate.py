@@ -159,17 +159,82 @@ def test_global_score_does_not_depend_on_the_partition():
     assert outs[0]["capacity_global_accuracy"] == outs[1]["capacity_global_accuracy"]
 
 
-def test_federate_keeps_the_test_split_whole_and_in_order_for_the_global_set():
-    from fiarse_jax.data import Dataset, federate
+def _class_sorted_dataset():
+    from fiarse_jax.data import Dataset
     rng = np.random.default_rng(0)
-    ds = Dataset(x=rng.normal(size=(200, 2)).astype(np.float32), y=np.repeat(np.arange(4), 50),
-                 num_classes=4, test_x=rng.normal(size=(40, 2)).astype(np.float32),
-                 test_y=np.repeat(np.arange(4), 10).astype(np.int32))
+    # Test rows stored class by class (as an image folder): row i's feature is i, to find it.
+    return Dataset(x=rng.normal(size=(200, 2)).astype(np.float32), y=np.repeat(np.arange(4), 50),
+                   num_classes=4, test_x=np.stack([np.arange(40.0)] * 2, 1).astype(np.float32),
+                   test_y=np.repeat(np.arange(4), 10).astype(np.int32))
+
+
+def test_dataset_order_keeps_the_test_split_whole_and_in_order_for_the_global_set():
+    from fiarse_jax.data import federate
+    ds = _class_sorted_dataset()
     for seed in (0, 1):
         fd = federate(ds, num_clients=4, alpha=0.3, test_fraction=0.2, min_client_size=2,
-                      seed=seed, partition="balanced_dirichlet", n_train=20, n_test=5)
-        np.testing.assert_array_equal(fd.global_x, ds.test_x)
-        np.testing.assert_array_equal(fd.global_y, ds.test_y)
+                      seed=seed, partition="balanced_dirichlet", n_train=20, n_test=5,
+                      global_order="dataset")
+        np.testing.assert_array_equal(fd.global_test()[0], ds.test_x)
+        np.testing.assert_array_equal(fd.global_test()[1], ds.test_y)
+
+
+def test_clients_order_is_the_authors_concatenation_of_shuffled_client_splits():
+    """The authors' server test set: client k's test indices (from the partition, shuffled
+    once) concatenated for k = 0, 1, ...; re-derived here from the partition itself."""
+    from fiarse_jax.data import federate
+    from fiarse_jax.data.partition import balanced_dirichlet_partition
+    ds = _class_sorted_dataset()
+    shuffled = 0
+    for seed in (0, 1, 2):
+        fd = federate(ds, num_clients=4, alpha=0.3, test_fraction=0.2, min_client_size=2,
+                      seed=seed, partition="balanced_dirichlet", n_train=20, n_test=10)
+        _, parts = balanced_dirichlet_partition(ds.y, ds.test_y, 4, 0.3, n_train=20, n_test=10,
+                                                rng=np.random.default_rng(seed))
+        gx, gy = (np.asarray(a) for a in fd.global_test())
+        rows = gx[:, 0].astype(int)            # which test row each global sample is
+        owner = np.asarray(fd.test_client)
+        np.testing.assert_array_equal(owner, np.repeat(np.arange(4), 10))   # client order
+        for k, part in enumerate(parts):       # client k's block: its split, in one order
+            np.testing.assert_array_equal(np.sort(rows[owner == k]), np.sort(part))
+            shuffled += not np.array_equal(rows[owner == k], np.sort(part))
+        np.testing.assert_array_equal(gy, ds.test_y[rows])
+        np.testing.assert_array_equal(gx, np.asarray(fd.test_x))   # the local arrays themselves
+        # The same set as the dataset order, in another order.
+        other = federate(ds, num_clients=4, alpha=0.3, test_fraction=0.2, min_client_size=2,
+                         seed=seed, partition="balanced_dirichlet", n_train=20, n_test=10,
+                         global_order="dataset")
+        np.testing.assert_array_equal(np.sort(other.global_test()[0][:, 0]), np.sort(rows))
+    assert shuffled > 6        # splits are not left in the stored (class-sorted) order
+    with pytest.raises(ValueError, match="^eval.global_order = 'random': must be one of"):
+        federate(ds, num_clients=4, alpha=0.3, test_fraction=0.2, min_client_size=2, seed=0,
+                 partition="balanced_dirichlet", n_train=20, n_test=5, global_order="random")
+
+
+def test_clients_order_global_batches_are_the_local_batches_under_static_bn():
+    """With the authors' global set and a batch size dividing every client's test count,
+    every global batch is one local batch: a full model's global accuracy is the pooled
+    local accuracy, batch statistics included; the dataset's order scores other batches."""
+    from fiarse_jax.data import Dataset, federate
+    rng = np.random.default_rng(3)
+    ds = Dataset(x=rng.normal(size=(400, 4)).astype(np.float32),
+                 y=np.repeat(np.arange(4), 100).astype(np.int32), num_classes=4,
+                 test_x=rng.normal(size=(80, 4)).astype(np.float32) + np.repeat(
+                     np.eye(4, dtype=np.float32), 20, 0),
+                 test_y=np.repeat(np.arange(4), 20).astype(np.int32))
+    params = {"Dense_0": {"kernel": rng.normal(size=(4, 4)).astype(np.float32)}}
+    policy = policies.build_policy("fedavg_full", (1.0,))
+    out = {}
+    for order in ("clients", "dataset"):
+        fd = federate(ds, num_clients=4, alpha=0.3, test_fraction=0.2, min_client_size=2, seed=0,
+                      partition="balanced_dirichlet", n_train=50, n_test=20, global_order=order)
+        out[order] = make_evaluator(_batch_norm_logits, policy, (1.0,), np.zeros(4, int),
+                                    batch_size=5)(params, policy.prepare(params, 0, None), fd)
+    c = out["clients"]
+    assert c["global_accuracy"] == pytest.approx(c["local_accuracy"]["1"])
+    assert c["capacity_global_accuracy"]["1"] == pytest.approx(c["local_accuracy"]["1"])
+    assert out["dataset"]["local_accuracy"] == c["local_accuracy"]
+    assert out["dataset"]["global_accuracy"] != pytest.approx(c["global_accuracy"])
 
 
 def test_levels_auto_is_map_on_cpu_and_vmap_elsewhere_and_a_bad_mode_is_one_line(tmp_path):

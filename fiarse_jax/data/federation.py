@@ -19,6 +19,9 @@ from fiarse_jax.data.types import ClientData, Dataset, FederatedData
 #: config.data.partition: how ``federate`` splits the data over clients.
 PARTITIONS = ("dirichlet", "balanced_dirichlet", "iid", "shards")
 
+#: config.eval.global_order: what the global test set is, in which order (``federate``).
+GLOBAL_ORDERS = ("clients", "dataset")
+
 
 def stack_clients(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray]) -> ClientData:
     """Per-client rows padded with zeros to the largest client, plus counts."""
@@ -33,7 +36,8 @@ def stack_clients(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray]) -> Clie
 
 def federate(ds: Dataset, *, num_clients: int, alpha: float, test_fraction: float,
              min_client_size: int, seed: int, partition: str = "dirichlet",
-             n_train: int = 500, n_test: int = 100, classes_per_client: int = 2) -> FederatedData:
+             n_train: int = 500, n_test: int = 100, classes_per_client: int = 2,
+             global_order: str = "clients") -> FederatedData:
     """Split ``ds`` over ``num_clients`` clients, each with its own train and test data.
 
     * ``dirichlet``: Dirichlet(α) label skew over all samples (a separate test split is
@@ -43,7 +47,19 @@ def federate(ds: Dataset, *, num_clients: int, alpha: float, test_fraction: floa
     * ``balanced_dirichlet`` (the paper's CIFAR federation): every client exactly
       ``n_train`` samples of the train split and ``n_test`` of the test split, both
       following the client's own Dirichlet(α) label mix; needs a separate test split.
+
+    Each client's test split is shuffled once (a seeded stream of its own), as the
+    authors' partition leaves it; it is scored in that order.
+
+    ``global_order``: the global test set. ``"clients"`` (the authors'): every client's
+    test split concatenated in client order, so with
+    static BN a global batch lies inside one client's label-skewed split, as in the
+    paper's "Global" column. ``"dataset"``: the dataset's test split in its own order
+    (``balanced_dirichlet``) or the pooled clients' test samples in one fixed mixed order:
+    i.i.d.-looking batches.
     """
+    if global_order not in GLOBAL_ORDERS:
+        raise ValueError(f"eval.global_order = {global_order!r}: must be one of {GLOBAL_ORDERS}")
     rng = np.random.default_rng(seed)
     if partition == "balanced_dirichlet":
         if ds.test_x is None:
@@ -75,12 +91,20 @@ def federate(ds: Dataset, *, num_clients: int, alpha: float, test_fraction: floa
         pooled = np.sort(np.concatenate(test_parts))
         pooled = pooled[np.random.default_rng(0).permutation(len(pooled))]
         gx, gy = x[pooled], y[pooled]
+    # Each client's test split in one shuffled order, as the authors' partition leaves it
+    # (a batch of a split stored class by class would hold one class); its own stream, so
+    # the partition's draws are unchanged.
+    order = np.random.default_rng([seed, 7])
+    test_parts = [order.permutation(t) for t in test_parts]
     test_idx = np.concatenate(test_parts)
     test_client = np.concatenate([np.full(len(t), i, np.int32) for i, t in enumerate(test_parts)])
+    if global_order == "clients":   # the local test arrays themselves: global_test() gives them
+        gx = gy = None
     return FederatedData(
         train=stack_clients(x, y, train_parts),
         test_x=jnp.asarray(tx[test_idx]), test_y=jnp.asarray(ty[test_idx]),
         test_client=jnp.asarray(test_client), num_classes=ds.num_classes,
         train_sizes=np.array([len(p) for p in train_parts]),
         test_sizes=np.array([len(p) for p in test_parts]),
-        global_x=np.asarray(gx), global_y=np.asarray(gy, np.int32))
+        global_x=None if gx is None else np.asarray(gx),
+        global_y=None if gy is None else np.asarray(gy, np.int32))

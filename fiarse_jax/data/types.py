@@ -49,12 +49,12 @@ class Dataset(NamedTuple):
 class FederatedData(NamedTuple):
     """Clients' training rows, their local test samples, and the global test set.
 
-    ``global_x``/``global_y``: the test set the global numbers are measured on, in its
-    own order: the dataset's test split when the partition leaves it whole
-    (``balanced_dirichlet``: clients' local tests are draws from it), else the pooled
-    clients' test samples in one fixed mixed order (the same set in the same order
-    whoever holds which sample).
-    None (hand-built data): the pooled ``test_x`` in client order.
+    ``global_x``/``global_y``: the test set the global numbers are measured on, when it
+    is not the clients' (``eval.global_order = "dataset"``): the dataset's test split
+    when the partition leaves it whole (``balanced_dirichlet``: clients' local tests are
+    draws from it), else the pooled clients' test samples in one fixed mixed order.
+    None (``"clients"``, the authors' global set, and hand-built data): every client's
+    test split concatenated in client order, ``test_x``/``test_y`` themselves.
     """
 
     train: ClientData        # leading axis: every client
