@@ -35,10 +35,24 @@ def kept_fractions(policy, params, round_state, capacities, is_maskable=None, ke
     return overall, per_layer
 
 
+def maskable_sizes(params, is_maskable=None) -> dict[str, int]:
+    """Maskable scalars per top-level module (layer): the sizes behind
+    ``kept_fraction_per_layer``."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    out: dict[str, int] = {}
+    for (p, leaf), f in zip(flat, maskable_flags(params, is_maskable)):
+        if f:
+            layer = path_names(p)[0]
+            out[layer] = out.get(layer, 0) + int(leaf.size)
+    return out
+
+
 def summarize(run, algorithm, state, history: list, rounds: list, *,
-              resumed_from: int | None, t_start: float) -> dict[str, Any]:
+              resumed_from: int | None, t_start: float,
+              disconnected_at_start: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """The summary of a finished run (``run``: ``build.Run``; ``state``: the final
-    ``algorithm.ServerState``; ``history``/``rounds``: the evaluation and round rows)."""
+    ``algorithm.ServerState``; ``history``/``rounds``: the evaluation and round rows;
+    ``disconnected_at_start``: ``connectivity.disconnected_levels`` of the initial model)."""
     config, capacities, assignment = run.config, run.capacities, run.assignment
     params = engine.local_view(state.params)
     final_state = run.eval_state(params, config.num_rounds)
@@ -55,8 +69,14 @@ def summarize(run, algorithm, state, history: list, rounds: list, *,
         "capacities": dict(zip(labels, capacities)),
         "kept_fraction": dict(zip(labels, kept_overall)),
         "kept_fraction_per_layer": dict(zip(labels, kept_layers)),
+        "maskable_per_layer": maskable_sizes(params, run.is_maskable),
+        # levels whose round-0 sub-model held no weight at a cut (``connectivity``)
+        "disconnected_at_start": disconnected_at_start or {},
         "costs": cost,
         "num_classes": run.data.num_classes,
+        # which global test set the global numbers are on (``eval.global_order``)
+        "global_test": {"order": config.get("eval", {}).get("global_order", "clients"),
+                        "samples": int(len(run.data.global_test()[1]))},
         "num_params": int(sum(l.size for l in jax.tree_util.tree_leaves(params))),
         "clients_per_level": {evaluate.capacity_label(c): int((assignment == i).sum())
                               for i, c in enumerate(capacities)},

@@ -22,13 +22,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from typing import Any
 
 import jax
 from tqdm.auto import tqdm
 
-from fiarse_jax import build, checkpoint, paths, rng, run_summary
+from fiarse_jax import build, checkpoint, connectivity, paths, rng, run_summary
 from fiarse_jax import evaluate as evaluate_lib
 from fiarse_jax import metrics as metrics_lib
 from fiarse_jax.algorithm import TrainingError, build_algorithm, next_stop, round_row
@@ -61,9 +62,15 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
             else run.init_params
         state, history, rounds = algorithm.init(params), [], []
     start = state.round
+    # Levels whose initial sub-model is cut off from the input (a note, not an error).
+    disconnected = connectivity.disconnected_levels(
+        run.policy, run.model, run.init_params, run.eval_state(run.init_params, 0),
+        [evaluate_lib.capacity_label(c) for c in run.capacities], run.eval_key)
     if start == 0 and lead:   # who holds what, written before any training
         metrics_lib.write_atomic(os.path.join(workdir, "partition.json"),
                                  json.dumps(federated_summary(run.data)))
+        if disconnected:
+            print(f"fiarse-jax: {connectivity.note(disconnected)}", file=sys.stderr, flush=True)
     # The JSON-lines files are rewritten from the checkpoint's rows, so rounds a killed
     # run logged after its last checkpoint are not duplicated.
     writer = (metrics_lib.MetricWriter(workdir, evals=history, rounds=rounds,
@@ -107,7 +114,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
             ckpt.close()
     summary = run_summary.summarize(run, algorithm, state, history, rounds,
                                     resumed_from=restored.round if restored else None,
-                                    t_start=t_start)
+                                    t_start=t_start, disconnected_at_start=disconnected)
     if lead:
         metrics_lib.write_atomic(os.path.join(workdir, "summary.json"),
                                  json.dumps(summary, indent=2, default=run_summary.jsonable))

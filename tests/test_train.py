@@ -24,9 +24,14 @@ def test_default_config_is_valid():
     validate_config(default_config.get_config())
 
 
-def test_short_run_learns_and_writes_metrics(tmp_path):
+def test_short_run_learns_and_writes_metrics(tmp_path, capsys):
     config = small_config(num_rounds=40, eval_every=20)
     summary = train.train_and_evaluate(config, str(tmp_path))
+    # The default MLP's 1/16 level starts cut off at its output layer: said, and recorded.
+    assert "1/16: Dense_1" in capsys.readouterr().err
+    assert summary["disconnected_at_start"] == {"1/16": ["Dense_1"]}
+    n_local = len(build.build_run(config).data.test_y)   # every client's test samples
+    assert summary["global_test"] == {"order": "clients", "samples": n_local}
     final = summary["final"]
     assert final["global_accuracy"] > 0.85          # chance is 0.10
     for label in ("1", "1/4", "1/16"):

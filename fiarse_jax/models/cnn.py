@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from fiarse_jax import units
+from fiarse_jax import connectivity, units
 from fiarse_jax.models import conv as conv_lib
 
 
@@ -34,6 +34,10 @@ class CNN(nn.Module):
     def layer_names(self) -> list[str]:
         return ([f"Conv_{i}" for i in range(len(self.features))]
                 + [f"Dense_{i}" for i in range(len(self.hidden_sizes) + 1)])
+
+    def output_cuts(self) -> dict:
+        """Every layer's kernel cuts the input off when empty (``connectivity``)."""
+        return connectivity.chain_cuts(self.layer_names())
 
     def unit_groups(self, params) -> list[units.UnitGroup]:
         """Output channels of every conv and hidden dense layer (classes stay full)."""

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fiarse_jax import units
+from fiarse_jax import connectivity, units
 
 
 class MLP(nn.Module):
@@ -48,6 +48,10 @@ class MLP(nn.Module):
 
     def layer_names(self) -> list[str]:
         return [f"Dense_{i}" for i in range(len(self.hidden_sizes) + 1)]
+
+    def output_cuts(self) -> dict:
+        """Every layer's kernel cuts the input off when empty (``connectivity``)."""
+        return connectivity.chain_cuts(self.layer_names())
 
     def unit_groups(self, params) -> list[units.UnitGroup]:
         """Hidden units of every layer but the output (the class logits stay full).

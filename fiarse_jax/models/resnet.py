@@ -215,6 +215,19 @@ class ResNet18(nn.Module):
                 names.append(exits[s])
         return names + ["head"]
 
+    def output_cuts(self) -> dict:
+        """Where an empty sub-model cuts the input off (``connectivity``): the stem conv,
+        a projecting block when both its conv path and its shortcut are empty, and the
+        head; identity blocks never cut (their shortcut carries the stream)."""
+        cuts: dict = {"stem": [[("stem", "conv", "kernel")]]}
+        for s, b, projection in self._blocks():
+            if projection:
+                at = (f"stage{s}", f"block{b}")
+                cuts["/".join(at)] = [[at + ("conv1", "kernel"), at + ("conv2", "kernel")],
+                                      [at + ("shortcut", "conv", "kernel")]]
+        cuts["head"] = [[("head", "kernel")]]
+        return cuts
+
     def _blocks(self):
         """(stage index s ≥ 1, block index b ≥ 1, has projection) in forward order."""
         return [(s + 1, b + 1, s > 0 and b == 0)
