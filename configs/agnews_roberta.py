@@ -63,6 +63,8 @@ def get_config(arg: str = "four,coarse,pretrained") -> ml_collections.ConfigDict
     config.fiarse_neuron.scope = "layer"
 
     config.data.name = "ag_news"
+    # `fiarse-jax reproduce`: the paper's AG News local/global cells (four sizes)
+    config.paper = "ag_news" if capacities == CAPACITY_SETS["four"] else ""
     config.data.partition = "dirichlet"
     config.data.num_clients = 200
     config.data.alpha = 1.0

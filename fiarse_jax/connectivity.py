@@ -13,7 +13,8 @@ A model describes its cuts with ``output_cuts() -> {name: [branch, ...]}``: the 
 is cut at ``name`` when every branch is broken, a branch being a list of parameter path
 prefixes all of which must hold something (a chain layer: one branch, its kernel; a
 residual block with a projection: the conv path and the shortcut). A model without the
-method (RoBERTa: residual everywhere) is never reported.
+method (RoBERTa: residual everywhere) is never reported, nor is a method that reads out
+at early exits (``scalefl``: its small levels drop the deeper layers on purpose).
 """
 from __future__ import annotations
 

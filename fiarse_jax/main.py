@@ -5,7 +5,7 @@
       --workdir runs/cmp
   fiarse-jax robustness --config configs/default.py --workdir runs/robust  # attacks × rules, DP
   fiarse-jax reproduce --config configs/cifar10_cpu.py --config.data.data_dir=PATH \
-      --workdir runs/repro          # the paper's comparison beside the paper's numbers
+      --workdir runs/repro --seeds 0,1,2   # the paper's table beside ours, mean ± std
   fiarse-jax plot --workdir runs/default                            # PNGs of a finished run
   fiarse-jax export --workdir runs/default --capacity 1/4 --out sub.npz
   fiarse-jax --distributed --config ... --workdir gs://BUCKET/run  # every host of a TPU pod
@@ -32,6 +32,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and the summary.")
 _METHODS = flags.DEFINE_list("methods", None, "With `compare`: the methods to run, comma-separated; "
                              "with `reproduce` (optional): the variants to run.")
+_SEEDS = flags.DEFINE_string("seeds", None, "With `compare` and `reproduce`: run every method "
+                             "once per seed, e.g. 0,1,2 (partition, initialisation and sampling "
+                             "follow the seed); tables show mean ± std over seeds.")
 _CAPACITY = flags.DEFINE_string("capacity", None, "With `export`: the capacity, e.g. 1/4 or 0.25.")
 _OUT = flags.DEFINE_string("out", None, "With `export`: the .npz file to write.")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -50,7 +53,7 @@ COMMANDS = ("train", "compare", "reproduce", "robustness", "plot", "export")
 _NEEDS = {"train": {"config"}, "compare": {"config", "methods"}, "reproduce": {"config"},
           "robustness": {"config"}, "plot": set(), "export": {"capacity", "out"}}
 #: flags a sub-command may get without needing them.
-_MAY = {"reproduce": {"methods"}}
+_MAY = {"reproduce": {"methods", "seeds"}, "compare": {"seeds"}}
 
 
 def main(argv: list[str]) -> None:
@@ -62,7 +65,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}; "
                              f"sub-commands: {', '.join(COMMANDS)} (train is the default)")
     given = {n for n, f in (("config", _CONFIG), ("methods", _METHODS), ("capacity", _CAPACITY),
-                            ("out", _OUT)) if f.value is not None}
+                            ("out", _OUT), ("seeds", _SEEDS)) if f.value is not None}
     for name in sorted(_NEEDS[command] - given):
         raise app.UsageError(f"`{command}` needs --{name}")
     for name in sorted(given - _NEEDS[command] - _MAY.get(command, set())):
@@ -76,13 +79,15 @@ def main(argv: list[str]) -> None:
                              "--distributed")
     try:
         if command == "compare":
-            result = compare.compare(_CONFIG.value, _METHODS.value, _WORKDIR.value)
+            result = compare.compare(_CONFIG.value, _METHODS.value, _WORKDIR.value,
+                                     seeds=compare.parse_seeds(_SEEDS.value))
             print(result["table"])
             print("wrote " + ", ".join(result["plots"]))
             if result["failures"]:
                 sys.exit(1)
         elif command == "reproduce":
-            result = reproduce.reproduce(_CONFIG.value, _WORKDIR.value, _METHODS.value)
+            result = reproduce.reproduce(_CONFIG.value, _WORKDIR.value, _METHODS.value,
+                                         seeds=compare.parse_seeds(_SEEDS.value))
             print(result["table"])
             print("wrote " + ", ".join(
                 [os.path.join(_WORKDIR.value, "reproduction.md")] + result["plots"]))

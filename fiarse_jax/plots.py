@@ -41,13 +41,16 @@ def by_size(capacities: dict[str, float]) -> list[str]:
 
 
 def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,
-                  ylim, path: str) -> str:
-    """One bar per series inside every group; legend outside the axes."""
+                  ylim, path: str, errors: dict[str, Sequence[float]] | None = None) -> str:
+    """One bar per series inside every group (``errors``: a series' ± error bars);
+    legend outside the axes."""
     plt = _pyplot()
+    errors = errors or {}
     fig, ax = plt.subplots(figsize=(3.2 + 0.45 * len(groups) * len(series), 3.6))
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series.items()):
-        ax.bar(np.arange(len(groups)) + i * width - 0.4 + width / 2, values, width, label=name)
+        ax.bar(np.arange(len(groups)) + i * width - 0.4 + width / 2, values, width, label=name,
+               yerr=errors.get(name), error_kw={"elinewidth": 1, "capsize": 2})
     ax.set_xticks(np.arange(len(groups)), list(groups))
     ax.set_ylabel(ylabel)
     ax.set_ylim(*ylim)
@@ -114,17 +117,29 @@ def plot_run(workdir: str) -> list[str]:
     return out
 
 
-def plot_comparison(summaries: dict[str, dict], histories: dict[str, list], workdir: str) -> list[str]:
-    """Write the two PNGs; returns their paths."""
+def plot_comparison(summaries: dict[str, dict | list[dict]], histories: dict[str, list],
+                    workdir: str) -> list[str]:
+    """Write the two PNGs; returns their paths. A name may map to one run's summary and
+    history, or to lists of them, one per seed: then lines are the mean over seeds with a
+    band of ± one standard deviation, bars carry ± std error bars."""
     plt = _pyplot()
-    first = next(iter(summaries.values()))
+    runs = {m: s if isinstance(s, list) else [s] for m, s in summaries.items()}
+    hists = {m: h if h and isinstance(h[0], list) else [h] for m, h in histories.items()}
+    first = next(iter(runs.values()))[0]
     labels = by_size(first["capacities"])
     panels = [(f"capacity {l}: local test", lambda m, l=l: m["local_accuracy"][l]) for l in labels]
     panels.append(("full model: global test", lambda m: m["global_accuracy"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), sharey=True)
     for ax, (title, get) in zip(np.atleast_1d(axes), panels):
-        for method, hist in histories.items():
-            ax.plot([m["round"] for m in hist], [100 * get(m) for m in hist], marker=".", label=method)
+        for method, seeds in hists.items():
+            n = min(len(h) for h in seeds)   # the evaluations every seed has
+            x = [m["round"] for m in seeds[0][:n]]
+            ys = 100 * np.array([[get(m) for m in h[:n]] for h in seeds])
+            line, = ax.plot(x, ys.mean(0), marker=".", label=method)
+            if len(seeds) > 1:
+                sd = ys.std(0, ddof=1)
+                ax.fill_between(x, ys.mean(0) - sd, ys.mean(0) + sd, color=line.get_color(),
+                                alpha=0.2, lw=0)
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
@@ -134,8 +149,10 @@ def plot_comparison(summaries: dict[str, dict], histories: dict[str, list], work
     p1 = os.path.join(workdir, "accuracy_vs_round.png")
     _save(fig, p1)
 
+    local = {m: 100 * np.array([[s["final"]["local_accuracy"][l] for l in labels] for s in ss])
+             for m, ss in runs.items()}
     p2 = grouped_bars(
-        [f"capacity {l}" for l in labels],
-        {m: [100 * s["final"]["local_accuracy"][l] for l in labels] for m, s in summaries.items()},
-        "local test accuracy (%)", (0, 100), os.path.join(workdir, "accuracy_per_capacity.png"))
+        [f"capacity {l}" for l in labels], {m: a.mean(0) for m, a in local.items()},
+        "local test accuracy (%)", (0, 100), os.path.join(workdir, "accuracy_per_capacity.png"),
+        errors={m: a.std(0, ddof=1) for m, a in local.items() if len(a) > 1})
     return [p1, p2]

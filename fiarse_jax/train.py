@@ -29,7 +29,7 @@ from typing import Any
 import jax
 from tqdm.auto import tqdm
 
-from fiarse_jax import build, checkpoint, connectivity, paths, rng, run_summary
+from fiarse_jax import build, checkpoint, connectivity, paths, policies, rng, run_summary
 from fiarse_jax import evaluate as evaluate_lib
 from fiarse_jax import metrics as metrics_lib
 from fiarse_jax.algorithm import TrainingError, build_algorithm, next_stop, round_row
@@ -62,8 +62,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
             else run.init_params
         state, history, rounds = algorithm.init(params), [], []
     start = state.round
-    # Levels whose initial sub-model is cut off from the input (a note, not an error).
-    disconnected = connectivity.disconnected_levels(
+    # Levels whose initial sub-model is cut off from the input (a note, not an error); a
+    # method reading out at early exits drops the deeper layers on purpose.
+    disconnected = {} if policies.uses_exits(config.method) else connectivity.disconnected_levels(
         run.policy, run.model, run.init_params, run.eval_state(run.init_params, 0),
         [evaluate_lib.capacity_label(c) for c in run.capacities], run.eval_key)
     if start == 0 and lead:   # who holds what, written before any training

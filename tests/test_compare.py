@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
@@ -86,3 +87,68 @@ def test_a_failing_method_leaves_the_others_and_marks_its_row(tmp_path, monkeypa
     assert "**failed**: TrainingError: training diverged" in rows[-1]
     assert len(rows[-1].split(" | ")) == len(rows[0].split(" | "))   # same column count
     assert json.loads((tmp_path / "comparison.json").read_text())["failures"] == res["failures"]
+
+
+@pytest.mark.parametrize("value,match", [
+    ("", "--seeds '': expected distinct non-negative integers"),
+    ("0,,1", "--seeds '0,,1': expected distinct non-negative integers"),
+    ("0,-1", "--seeds '0,-1': -1 is negative"),
+    ("1,2,1", "--seeds '1,2,1': 1 is listed twice"),
+    ("0,1.5", "--seeds '0,1.5': '1.5' is not an integer"),
+    ("a", "--seeds 'a': 'a' is not an integer")])
+def test_bad_seeds_are_one_line_each(value, match):
+    with pytest.raises(ConfigError) as err:
+        compare.parse_seeds(value)
+    assert str(err.value).startswith(match) and "\n" not in str(err.value)
+    assert compare.parse_seeds(" 2, 0 ,1") == [2, 0, 1] and compare.parse_seeds(None) is None
+
+
+def test_bad_seeds_on_the_command_line_stop_before_any_run(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fiarse_jax", "compare", "--config",
+                        os.path.join(REPO, "configs", "default.py"), "--methods", "fiarse",
+                        "--workdir", str(tmp_path / "cmp"), "--seeds", "0,-3"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["fiarse-jax: error: --seeds '0,-3': -3 is negative "
+                                             "(seeds are ≥ 0)"]
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_over_seeds_shows_mean_and_std(tmp_path):
+    c = tiny()
+    c.num_rounds = 1
+    res = compare.compare(c, ["fiarse", "heterofl"], str(tmp_path), seeds=[3, 4])
+    rows = res["table"].strip().splitlines()[2:]
+    for row, m in zip(rows, ["fiarse", "heterofl"]):
+        runs = [res["summaries"][s][m] for s in ("3", "4")]
+        assert [r["config"]["seed"] for r in runs] == [3, 4]
+        full = [100 * r["final"]["global_accuracy"] for r in runs]
+        assert f"{np.mean(full):.2f} ± {np.std(full, ddof=1):.2f}" in row
+    assert (tmp_path / "seed_4" / "heterofl" / "summary.json").exists()
+    assert (tmp_path / "accuracy_vs_round.png").stat().st_size > 10_000
+
+
+def test_only_methods_that_train_exit_heads_are_built_with_them():
+    """Exit heads a method never trains would take its budget (their initial magnitudes
+    rank high under FIARSE): compare/reproduce build them only for scalefl, and every
+    other parameter starts the same with or without them (Flax seeds a module by name)."""
+    import digits_scalefl  # noqa: PLC0415
+    import jax
+    import jax.numpy as jnp
+
+    from fiarse_jax import models, policies
+    base = digits_scalefl.get_config()
+    for m in policies.METHODS:
+        cfg = compare.method_config(base, m)
+        assert cfg.model.early_exits == (m == "scalefl"), m
+        assert cfg.model.hidden_sizes == base.model.hidden_sizes
+    for name, opts, x in [("mlp", {"hidden_sizes": (16, 16, 16)}, jnp.zeros((1, 64))),
+                          ("resnet18", {"widths": (4, 8, 8, 8), "blocks_per_stage": (1, 1, 1, 1)},
+                           jnp.zeros((1, 16, 16, 3)))]:
+        init = {e: models.build_model(name, 10, {**opts, "early_exits": e}).init(
+            jax.random.PRNGKey(0), x)["params"] for e in (True, False)}
+        with_heads = dict(jax.tree_util.tree_flatten_with_path(init[True])[0])
+        without = dict(jax.tree_util.tree_flatten_with_path(init[False])[0])
+        assert len(with_heads) > len(without) and set(without) <= set(with_heads)
+        for k, v in without.items():
+            np.testing.assert_array_equal(v, with_heads[k], err_msg=f"{name} {k}")

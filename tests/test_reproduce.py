@@ -33,9 +33,11 @@ def test_the_six_variants_differ_only_in_method_and_options():
     assert configs["fiarse_tcb"].fiarse.gradient == "tcb"
     assert configs["fiarse_masked"].fiarse.gradient == "masked"
     base = tiny().to_dict()
-    for c in configs.values():
+    for v, c in configs.items():
         d = c.to_dict()
-        assert {k for k in d if d[k] != base[k]} <= {"method", "fiarse"}
+        assert {k for k in d if d[k] != base[k]} <= {"method", "fiarse", "model"}
+        # Exit heads only where the method trains them: nothing else of the model changes.
+        assert d["model"] == {**base["model"], "early_exits": v == "scalefl"}
 
 
 def test_reproduce_report_numbers_are_the_runs_beside_the_paper(tmp_path):
@@ -50,19 +52,63 @@ def test_reproduce_report_numbers_are_the_runs_beside_the_paper(tmp_path):
     for v, n in res["numbers"].items():
         f = s[v]["final"]
         glob = 100 * np.mean([f["capacity_global_accuracy"][l] for l in labels])
-        assert n["global"] == pytest.approx(glob)
+        assert n["global"]["mean"] == pytest.approx(glob) and n["global"]["std"] == 0
         for l in labels:
-            assert n["local"][l] == pytest.approx(100 * f["local_accuracy_client_mean"][l])
-        ref = paper.get(reproduce.VARIANTS[v][2], {}).get("global")
-        cell = f"{glob:.2f} ({ref:.2f}, {glob - ref:+.2f})" if ref else f"{glob:.2f}"
-        row = next(r for r in text.splitlines() if r.startswith(f"| `{v}` |") and "(" in r
-                   or r.startswith(f"| `{v}` |") and v == "fedavg_smallest")
-        assert cell in row, (v, cell, row)
-    fiarse_row = next(r for r in text.splitlines() if r.startswith("| `fiarse_masked` |"))
-    assert "(73.12, " in fiarse_row and "(82.04, " in fiarse_row
+            assert n["sizes"][l]["mean"] == pytest.approx(100 * f["local_accuracy_client_mean"][l])
+        # The overall local number: the mean over clients of each one's own accuracy.
+        per_client = [f["local_accuracy_client_mean"][l] for l in labels
+                      for _ in range(s[v]["clients_per_level"][l])]
+        assert n["local"]["mean"] == pytest.approx(100 * np.mean(per_client))
+        ref = paper.get(reproduce.VARIANTS[v][2], {})
+        row = next(r for r in text.splitlines() if r.startswith(f"| `{v}` |"))
+        cells = [c.strip() for c in row.split("|")[2:-1]]
+        expect = [(n["local"]["mean"], ref.get("local"))] + [
+            (n["sizes"][l]["mean"], ref.get("sizes", {}).get(l)) for l in labels] + [
+            (glob, ref.get("global"))]
+        for cell, (ours, p) in zip(cells, expect):
+            assert cell == (f"{ours:.2f} ({p:.2f}, {ours - p:+.2f})" if p else f"{ours:.2f}")
+    heterofl_row = next(r for r in text.splitlines() if r.startswith("| `heterofl` |"))
+    assert all(f"({c:.2f}, " in heterofl_row for c in [68.88, 60.24, 69.32, 72.18, 73.76, 66.05])
     assert "## Direction of the paper's claims" in text
+    assert "`fiarse_masked` − `heterofl`, local:" in text
     assert json.loads((tmp_path / "reproduction.json").read_text())["paper"] == "cifar10_four"
     assert (tmp_path / "reproduction_vs_paper.png").stat().st_size > 10_000
+
+
+def test_reproduce_over_seeds_mean_std_and_a_stopped_command_resumes(tmp_path):
+    variants = ["fiarse_masked", "heterofl"]
+    first = reproduce.reproduce(tiny(), str(tmp_path), variants, seeds=[0, 1])
+    per_seed = {}
+    for seed in (0, 1):
+        for v in variants:
+            d = tmp_path / f"seed_{seed}" / v
+            summary = json.loads((d / "summary.json").read_text())
+            assert summary["config"]["seed"] == seed
+            per_seed[seed, v] = summary
+    # The seed drives the partition: the two seeds' clients hold different data.
+    assert (json.loads((tmp_path / "seed_0" / "heterofl" / "partition.json").read_text())
+            != json.loads((tmp_path / "seed_1" / "heterofl" / "partition.json").read_text()))
+    labels = first["labels"]
+    for v in variants:
+        glob = [100 * np.mean([per_seed[s, v]["final"]["capacity_global_accuracy"][l]
+                               for l in labels]) for s in (0, 1)]
+        g = first["numbers"][v]["global"]
+        assert g["seeds"] == pytest.approx(glob)
+        assert g["mean"] == pytest.approx(np.mean(glob))
+        assert g["std"] == pytest.approx(np.std(glob, ddof=1))
+        row = next(r for r in first["table"].splitlines() if r.startswith(f"| `{v}` |"))
+        assert f"{np.mean(glob):.2f} ± {np.std(glob, ddof=1):.2f}" in row
+    assert "mean ± std over 2 seeds" in first["table"]
+    assert set(first["numbers_per_seed"]) == {"0", "1"}
+    # A stopped command: seed 1's heterofl never finished. The rerun trains only it.
+    import shutil
+    shutil.rmtree(tmp_path / "seed_1" / "heterofl")
+    kept = {p: p.stat().st_mtime_ns for p in tmp_path.glob("seed_*/*/metrics.jsonl")}
+    again = reproduce.reproduce(tiny(), str(tmp_path), variants, seeds=[0, 1])
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    assert (tmp_path / "seed_1" / "heterofl" / "summary.json").exists()
+    assert again["numbers"]["heterofl"]["global"]["seeds"] == pytest.approx(
+        first["numbers"]["heterofl"]["global"]["seeds"])   # the same run, bit for bit
 
 
 def test_reproduce_checks_every_variant_before_any_run(tmp_path):

@@ -80,7 +80,7 @@ register_method("fed_dropout", MethodSpec(fed_dropout_policy, structured=True,
                                             per_client_random_masks=True))
 register_method("fedavg_full", MethodSpec(fedavg_full_policy, structured=True))
 register_method("fedavg_smallest", MethodSpec(fedavg_smallest_policy, structured=True))
-register_method("scalefl", MethodSpec(scalefl_policy, structured=True,
+register_method("scalefl", MethodSpec(scalefl_policy, structured=True, uses_exits=True,
                                       check_options=scalefl.check_option_ranges,
                                       check_model=scalefl.check_model))
 
@@ -134,6 +134,11 @@ def _spec(name: str) -> MethodSpec:
     if name not in METHODS:
         raise ValueError(f"method = {name!r}: must be one of {sorted(METHODS)}")
     return METHODS[name]
+
+
+def uses_exits(name: str) -> bool:
+    """Whether method ``name`` trains a model's early-exit heads (``MethodSpec.uses_exits``)."""
+    return _spec(name).uses_exits
 
 
 def check_method_config(name: str, section: Mapping[str, Any] | None = None,
@@ -203,4 +208,4 @@ def build_policy(name: str, capacities: Sequence[float],
 
 __all__ = ["BUILDER_ARGS", "METHODS", "MaskPolicy", "MethodSpec", "POLICIES", "STRUCTURED",
            "build_policy", "check_method_config", "method_options", "register_method",
-           "select_level", "unregister_method"]
+           "select_level", "unregister_method", "uses_exits"]

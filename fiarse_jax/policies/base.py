@@ -96,6 +96,9 @@ class MethodSpec:
       structured: masks drop whole units (the sub-model shrinks to dense arrays).
       per_client_random_masks: every client draws its own mask, not one per level
         (DP-FedAvg refuses such a method).
+      uses_exits: the method trains a model's early-exit heads (``model.early_exits``);
+        for the others the heads are dead weight that would take masks' budget, so
+        ``compare``/``reproduce`` build their models without them.
       check_options: optional ``(options) -> None`` for rules on the options beyond types
         and choices (ranges, ...), given every option (defaults filled in); raises
         ``ValueError("<key> = <value!r>: ...")``, ``key`` relative to the method's section.
@@ -109,5 +112,6 @@ class MethodSpec:
     builder: Callable[..., MaskPolicy]
     structured: bool = False
     per_client_random_masks: bool = False
+    uses_exits: bool = False
     check_options: Callable[[Mapping[str, Any]], None] | None = None
     check_model: Callable[[Mapping[str, Any], type | None, Mapping[str, Any]], None] | None = None
