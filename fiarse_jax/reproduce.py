@@ -364,6 +364,23 @@ def reproduce(config, workdir: str, variants: Sequence[str] | None = None, *,
     return result
 
 
+def disconnected_note(summaries: dict) -> str:
+    """Which variants' levels started with no weight at a layer with no skip around it
+    (``summary["disconnected_at_start"]``, ``connectivity``), in how many seeds."""
+    found: dict[tuple[str, str, str], int] = {}
+    for per in summaries.values():
+        for v, s in per.items():
+            for label, cuts in s.get("disconnected_at_start", {}).items():
+                key = (v, label, ", ".join(cuts))
+                found[key] = found.get(key, 0) + 1
+    if not found:
+        return "no level of any run (every sub-model held a path from input to output)"
+    n = len(summaries)
+    return "; ".join(f"`{v}` {label} at {cuts}" + (f" ({k} of {n} seeds)" if n > 1 else "")
+                     for (v, label, cuts), k in found.items()) + \
+        " (global-scope θ over initial magnitudes; training reconnects it)"
+
+
 def run_facts(config, configs: dict, summaries: dict, labels: Sequence[str],
               seeds: Sequence[int] | None) -> dict[str, str]:
     """The report's facts: data, federation, model, schedule, machine, seeds, wall time."""
@@ -387,6 +404,7 @@ def run_facts(config, configs: dict, summaries: dict, labels: Sequence[str],
                     f"{config.client.batch_size}); evaluation batch "
                     f"{evaluate.eval_batch_size(config)}",
         "seeds": ", ".join(str(s) for s in seeds) if seeds else f"{config.seed} (the config's)",
+        "cut off at round 0": disconnected_note(summaries),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"backend {first.get('backend', '?')} (strategy {first.get('strategy', '?')})",
         "wall time": (f"{sum(s['wall_time_s'] for s in done) / 60:.1f} min in all; per run: "
