@@ -8,6 +8,8 @@
       --workdir runs/repro --seeds 0,1,2   # the paper's table beside ours, mean ± std
   fiarse-jax plot --workdir runs/default                            # PNGs of a finished run
   fiarse-jax export --workdir runs/default --capacity 1/4 --out sub.npz
+  fiarse-jax list                                                    # methods, models, data, ...
+  fiarse-jax config --config configs/default.py --config.method=heterofl   # resolved, checked
   fiarse-jax --distributed --config ... --workdir gs://BUCKET/run  # every host of a TPU pod
 
 Any config field can be overridden, e.g.
@@ -15,6 +17,7 @@ Any config field can be overridden, e.g.
 """
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import sys
@@ -23,8 +26,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from fiarse_jax import compare, export, plots, report, reproduce, robustness, train
-from fiarse_jax.config import ConfigError
+from fiarse_jax import catalog, compare, export, paths, plots, report, reproduce, robustness, train
+from fiarse_jax.config import ConfigError, validate_config
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (a Python file with get_config()).",
@@ -46,14 +49,64 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "With --distributed: hos
                                    "process 0 (default: detected, or JAX_COORDINATOR_ADDRESS).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed: the processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
-flags.mark_flags_as_required(["workdir"])
 
-COMMANDS = ("train", "compare", "reproduce", "robustness", "plot", "export")
+#: command -> (what it does, an example); ``train`` is the default.
+COMMAND_HELP = {
+    "train": ("train one method and evaluate it (the default command; rerun to resume)",
+              "fiarse-jax --config configs/default.py --workdir runs/default"),
+    "compare": ("several methods on one seed, partition and schedule: a table and plots",
+                "fiarse-jax compare --config configs/default.py --methods fiarse,heterofl "
+                "--workdir runs/cmp --seeds 0,1,2"),
+    "reproduce": ("the paper's comparison, every cell of the paper's table beside ours",
+                  "fiarse-jax reproduce --config configs/cifar10_cpu.py "
+                  "--config.data.data_dir=PATH --workdir runs/c10_cpu --seeds 0,1,2"),
+    "robustness": ("attacks × aggregation rules and DP on one config: a table and a plot",
+                   "fiarse-jax robustness --config configs/default.py --workdir runs/robust"),
+    "plot": ("PNGs of a finished run", "fiarse-jax plot --workdir runs/default"),
+    "export": ("one capacity's sub-model as an .npz file",
+               "fiarse-jax export --workdir runs/default --capacity 1/4 --out sub.npz"),
+    "list": ("the methods, models, datasets, aggregation rules and attacks, with options",
+             "fiarse-jax list"),
+    "config": ("print the resolved, validated config; runs nothing",
+               "fiarse-jax config --config configs/default.py --config.method=heterofl"),
+}
+COMMANDS = tuple(COMMAND_HELP)
 #: flags each sub-command needs (and only it, or a command of ``_MAY``, may get).
-_NEEDS = {"train": {"config"}, "compare": {"config", "methods"}, "reproduce": {"config"},
-          "robustness": {"config"}, "plot": set(), "export": {"capacity", "out"}}
+_NEEDS = {"train": {"config", "workdir"}, "compare": {"config", "methods", "workdir"},
+          "reproduce": {"config", "workdir"}, "robustness": {"config", "workdir"},
+          "plot": {"workdir"}, "export": {"capacity", "out", "workdir"}, "list": set(),
+          "config": {"config"}}
 #: flags a sub-command may get without needing them.
 _MAY = {"reproduce": {"methods", "seeds"}, "compare": {"seeds"}}
+_FLAGS = {"config": _CONFIG, "workdir": _WORKDIR, "methods": _METHODS, "capacity": _CAPACITY,
+          "out": _OUT, "seeds": _SEEDS}
+
+
+def help_text(command: str | None) -> str:
+    """``--help``: the commands (``command`` None), or one command's flags and example."""
+    if command is None:
+        width = max(map(len, COMMANDS))
+        return "\n".join(
+            ["fiarse-jax: FIARSE and model-heterogeneous federated learning baselines in JAX.",
+             "", "usage: fiarse-jax [COMMAND] [--config FILE[:ARG]] [--workdir DIR] "
+             "[--config.FIELD=VALUE ...]", "", "commands:"]
+            + [f"  {c:<{width}}  {what}" for c, (what, _) in COMMAND_HELP.items()]
+            + ["", "`fiarse-jax COMMAND --help` shows a command's flags and an example;",
+               "`fiarse-jax list` the methods, models and datasets; any config field can be",
+               "overridden, e.g. --config.num_rounds=3 --config.method=heterofl.",
+               "", "example: " + COMMAND_HELP["train"][1]]) + "\n"
+    what, example = COMMAND_HELP[command]
+    names = sorted(_NEEDS[command]) + sorted(_MAY.get(command, set()))
+    lines = [f"fiarse-jax {command}: {what}", "", "flags:"]
+    for n in names:
+        need = "required" if n in _NEEDS[command] else "optional"
+        lines.append(f"  --{n} ({need}): {' '.join(flags.FLAGS[_FLAGS[n].name].help.split())}")
+    if "config" in _NEEDS[command]:
+        lines.append("  --config.FIELD=VALUE: override one config field (any number of them)")
+    if command == "train":
+        lines.append("  --distributed [--coordinator H:P --num_processes N --process_id I]: "
+                     "one process per host")
+    return "\n".join(lines + ["", "example: " + example]) + "\n"
 
 
 def main(argv: list[str]) -> None:
@@ -62,14 +115,13 @@ def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     command = argv[1] if len(argv) > 1 else "train"
     if command not in COMMANDS or len(argv) > 2:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}; "
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}; "
                              f"sub-commands: {', '.join(COMMANDS)} (train is the default)")
-    given = {n for n, f in (("config", _CONFIG), ("methods", _METHODS), ("capacity", _CAPACITY),
-                            ("out", _OUT), ("seeds", _SEEDS)) if f.value is not None}
+    given = {n for n, f in _FLAGS.items() if f.value is not None}
     for name in sorted(_NEEDS[command] - given):
-        raise app.UsageError(f"`{command}` needs --{name}")
+        _fail(f"`{command}` needs --{name}")
     for name in sorted(given - _NEEDS[command] - _MAY.get(command, set())):
-        raise app.UsageError(f"--{name} does not go with `{command}`")
+        _fail(f"--{name} does not go with `{command}`")
     cluster = {"coordinator": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
                "process_id": _PROCESS_ID.value}
     if _DISTRIBUTED.value:
@@ -78,41 +130,87 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--coordinator, --num_processes and --process_id go with "
                              "--distributed")
     try:
-        if command == "compare":
-            result = compare.compare(_CONFIG.value, _METHODS.value, _WORKDIR.value,
-                                     seeds=compare.parse_seeds(_SEEDS.value))
-            print(result["table"])
-            print("wrote " + ", ".join(result["plots"]))
-            if result["failures"]:
-                sys.exit(1)
-        elif command == "reproduce":
-            result = reproduce.reproduce(_CONFIG.value, _WORKDIR.value, _METHODS.value,
-                                         seeds=compare.parse_seeds(_SEEDS.value))
-            print(result["table"])
-            print("wrote " + ", ".join(
-                [os.path.join(_WORKDIR.value, "reproduction.md")] + result["plots"]))
-            if result["failures"]:
-                sys.exit(1)
-        elif command == "robustness":
-            result = robustness.robustness(_CONFIG.value, _WORKDIR.value)
-            print(result["table"])
-            print(f"wrote {result['plot']}")
-        elif command == "plot":
-            print("wrote " + ", ".join(plots.plot_run(_WORKDIR.value)))
-        elif command == "export":
-            info = export.export_submodel(_WORKDIR.value, _CAPACITY.value, _OUT.value)
-            print(f"wrote {_OUT.value} ({info['file_bytes']:,} bytes) and its .json: "
-                  f"{info['method']} capacity {info['label']} after round {info['round']}, "
-                  f"{info['params_held']:,} of {info['params_total']:,} parameters held"
-                  + (f", dense sub-model {info['dense_params']:,}" if "dense_params" in info else ""))
-        else:
-            report.print_summary(train.train_and_evaluate(_CONFIG.value, _WORKDIR.value))
+        run_command(command)
     except (ConfigError, FileNotFoundError) as e:
         print(f"fiarse-jax: error: {e}", file=sys.stderr)
         sys.exit(2)
     except train.TrainingError as e:
         print(f"fiarse-jax: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"fiarse-jax: interrupted; {interrupted_note(command, _WORKDIR.value)}",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def interrupted_note(command: str, workdir: str | None) -> str:
+    """What a Ctrl-C left, and how to go on (one line)."""
+    if command not in ("train", "compare", "reproduce", "robustness") or not workdir:
+        return "nothing to resume"
+    if command != "train":
+        return ("rerun the same command to go on: finished runs are read back, the stopped "
+                "one resumes from its last checkpoint")
+    saved = _checkpoint_rounds(workdir)
+    if not saved:
+        return "no checkpoint was saved yet: rerun the same command to start again"
+    return f"the last checkpoint is round {max(saved)}: rerun the same command to resume from it"
+
+
+def _checkpoint_rounds(workdir: str) -> list[int]:
+    d = os.path.join(workdir, "checkpoints")
+    try:
+        return [int(n) for n in paths.listdir(d) if n.isdigit()] if paths.isdir(d) else []
+    except OSError:
+        return []
+
+
+def flat_fields(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """``(dotted.field, value)`` of a config dict, in order: the names ``--config.`` takes."""
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += flat_fields(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def run_command(command: str) -> None:
+    """Run one sub-command on the parsed flags."""
+    if command == "list":
+        print(catalog.text(), end="")
+    elif command == "config":
+        validate_config(_CONFIG.value)
+        print("\n".join(f"{k} = {v!r}" for k, v in flat_fields(_CONFIG.value.to_dict())))
+    elif command == "compare":
+        result = compare.compare(_CONFIG.value, _METHODS.value, _WORKDIR.value,
+                                 seeds=compare.parse_seeds(_SEEDS.value))
+        print(result["table"])
+        print("wrote " + ", ".join(result["plots"]))
+        if result["failures"]:
+            sys.exit(1)
+    elif command == "reproduce":
+        result = reproduce.reproduce(_CONFIG.value, _WORKDIR.value, _METHODS.value,
+                                     seeds=compare.parse_seeds(_SEEDS.value))
+        print(result["table"])
+        print("wrote " + ", ".join(
+            [os.path.join(_WORKDIR.value, "reproduction.md")] + result["plots"]))
+        if result["failures"]:
+            sys.exit(1)
+    elif command == "robustness":
+        result = robustness.robustness(_CONFIG.value, _WORKDIR.value)
+        print(result["table"])
+        print(f"wrote {result['plot']}")
+    elif command == "plot":
+        print("wrote " + ", ".join(plots.plot_run(_WORKDIR.value)))
+    elif command == "export":
+        info = export.export_submodel(_WORKDIR.value, _CAPACITY.value, _OUT.value)
+        print(f"wrote {_OUT.value} ({info['file_bytes']:,} bytes) and its .json: "
+              f"{info['method']} capacity {info['label']} after round {info['round']}, "
+              f"{info['params_held']:,} of {info['params_total']:,} parameters held"
+              + (f", dense sub-model {info['dense_params']:,}" if "dense_params" in info else ""))
+    else:
+        report.print_summary(train.train_and_evaluate(_CONFIG.value, _WORKDIR.value))
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
@@ -123,10 +221,62 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, but an unknown ``--config.FIELD`` is one line, not a traceback."""
+def _fail(message: str) -> None:
+    print(f"fiarse-jax: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_arg(argv: list[str]) -> str | None:
+    """The value of ``--config`` in ``argv`` (either form), or None."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def check_config_file(value: str) -> None:
+    """A missing config file, one with a syntax error or one without ``get_config``: one
+    line (exit 2) before absl loads it."""
+    path = value.split(":", 1)[0]
+    if not os.path.isfile(path):
+        _fail(f"--config {value}: no such file {path!r}")
     try:
-        return app.parse_flags_with_usage(argv)
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+    except (SyntaxError, UnicodeDecodeError, OSError) as e:
+        where = f" at line {e.lineno}" if getattr(e, "lineno", None) else ""
+        _fail(f"--config {value}: cannot read it as Python{where}: "
+              f"{getattr(e, 'msg', None) or e}")
+    if not any(isinstance(n, ast.FunctionDef) and n.name == "get_config" for n in tree.body):
+        _fail(f"--config {value}: {path!r} defines no get_config() (a config file is a Python "
+              "file whose get_config() returns an ml_collections.ConfigDict)")
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, but ``-h``/``--help`` print our help (exit 0), and a bad config file,
+    a config argument it refuses or an unknown ``--config.FIELD`` is one line (exit 2)."""
+    if "-h" in argv[1:] or "--help" in argv[1:]:
+        command = next((a for a in argv[1:] if a in COMMANDS), None)
+        print(help_text(command), end="")
+        sys.exit(0)
+    value = _config_arg(argv)
+    if value is not None:
+        check_config_file(value)
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:   # absl wraps what get_config raised (a bad config argument)
+        cause = _root_cause(e)
+        _fail(" ".join(str(cause if cause is not e else e).split()))
     except (KeyError, AttributeError) as e:
         overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
         while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError)

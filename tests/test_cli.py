@@ -46,6 +46,92 @@ def test_cli_unknown_field_is_one_line(tmp_path):
     assert "Traceback" not in r.stderr and not workdir.exists()
 
 
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "fiarse_jax", *args], capture_output=True,
+                          text=True, timeout=300, cwd=REPO, **kw)
+
+
+@pytest.mark.parametrize("command", [None, "train", "compare", "reproduce", "robustness", "plot",
+                                     "export", "list", "config"])
+def test_help_for_the_command_and_every_subcommand_exits_0(command, capsys):
+    from fiarse_jax import main
+    argv = ["fiarse-jax"] + ([command] if command else []) + ["-h" if command else "--help"]
+    with pytest.raises(SystemExit) as done:
+        main._parse_flags(argv)
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    if command is None:
+        assert all(f"  {c} " in out for c in main.COMMANDS) and "example: fiarse-jax" in out
+    else:
+        assert out.startswith(f"fiarse-jax {command}: ") and "\nexample: fiarse-jax" in out
+        assert all(f"--{n} (required)" in out for n in main._NEEDS[command])
+
+
+def test_help_list_and_config_from_the_shell(tmp_path):
+    r = cli("--help")
+    assert r.returncode == 0 and r.stdout.startswith("fiarse-jax: ") and not r.stderr.strip()
+    r = cli("list")
+    assert r.returncode == 0, r.stderr
+    from fiarse_jax import aggregators, attacks, models, policies
+    from fiarse_jax.data.registry import DATASETS
+    for name in [*policies.METHODS, *models.MODELS, *DATASETS, *aggregators.AGGREGATORS,
+                 *attacks.KINDS]:
+        assert f"\n  {name} " in r.stdout, name
+    assert "options: scope='global', gradient='tcb'" in r.stdout   # fiarse's, with defaults
+    r = cli("config", "--config", CONFIG, "--config.method=heterofl", "--config.num_rounds=7")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "method = 'heterofl'" in lines and "num_rounds = 7" in lines
+    assert "fiarse.gradient = 'tcb'" in lines and "capacities = (1.0, 0.25, 0.0625)" in lines
+    r = cli("config", "--config", CONFIG, "--config.client.batch_size=0")
+    assert r.returncode == 2 and r.stderr.startswith("fiarse-jax: error: config.client.batch_size")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text,arg,message", [
+    (None, "", "no such file"),
+    ("x = (\n", "", "cannot read it as Python at line 1"),
+    ("x = 1\n", "", "defines no get_config()"),
+    ("def get_config(arg):\n    raise ValueError(f'config argument {arg!r}: expected a|b')\n",
+     ":c", "config argument 'c': expected a|b")])
+def test_a_bad_config_file_is_one_line(tmp_path, capsys, text, arg, message):
+    from fiarse_jax import main
+    path = tmp_path / "cfg.py"
+    if text is not None:
+        path.write_text(text)
+    try:
+        with pytest.raises(SystemExit) as done:
+            main._parse_flags(["fiarse-jax", "--config", f"{path}{arg}", "--workdir",
+                               str(tmp_path / "w")])
+    finally:
+        main.flags.FLAGS.unparse_flags()   # absl's flags are global: leave them unparsed
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fiarse-jax: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
+
+
+def test_ctrl_c_is_one_line_naming_the_round_to_resume_from(tmp_path):
+    import signal
+    import time
+    work = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "fiarse_jax", "--config", CONFIG, "--workdir",
+                          str(work), "--config.num_rounds=100000", "--config.eval_every=2",
+                          "--config.checkpoint_every=2", "--config.tensorboard=False"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (work / "checkpoints" / "2").is_dir():
+        time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fiarse-jax: interrupted; the last checkpoint is round ")
+    assert last.endswith(": rerun the same command to resume from it") and "Traceback" not in err
+    saved = max(int(n) for n in os.listdir(work / "checkpoints") if n.isdigit())
+    assert f"round {saved}:" in last
+
+
 def test_benchmark_suite_quick_runs_and_writes_json_and_png(tmp_path):
     """The benchmark suite stays runnable (timings are not asserted): the sharded strategy
     in a child process with forced host devices, XLA's FLOP count, the threshold timing,

@@ -72,17 +72,32 @@ def unregister_method(name: str) -> MethodSpec:
     return METHODS.pop(name)
 
 
-register_method("fiarse", MethodSpec(fiarse_policy))
-register_method("fiarse_neuron", MethodSpec(fiarse_neuron_policy, structured=True))
-register_method("heterofl", MethodSpec(heterofl_policy, structured=True, check_model=heterofl.check_model))
-register_method("fedrolex", MethodSpec(fedrolex_policy, structured=True))
-register_method("fed_dropout", MethodSpec(fed_dropout_policy, structured=True,
-                                            per_client_random_masks=True))
-register_method("fedavg_full", MethodSpec(fedavg_full_policy, structured=True))
-register_method("fedavg_smallest", MethodSpec(fedavg_smallest_policy, structured=True))
-register_method("scalefl", MethodSpec(scalefl_policy, structured=True, uses_exits=True,
-                                      check_options=scalefl.check_option_ranges,
-                                      check_model=scalefl.check_model))
+register_method("fiarse", MethodSpec(
+    fiarse_policy, description="FIARSE: the ⌈r·N⌉ largest |w| (θ_r fixed per round, the mask "
+    "re-evaluated every step)"))
+register_method("fiarse_neuron", MethodSpec(
+    fiarse_neuron_policy, structured=True,
+    description="FIARSE over whole units: the most important neurons/channels"))
+register_method("heterofl", MethodSpec(
+    heterofl_policy, structured=True, check_model=heterofl.check_model,
+    description="HeteroFL: the leading channels of every hidden layer"))
+register_method("fedrolex", MethodSpec(
+    fedrolex_policy, structured=True,
+    description="FedRolex: a window of channels that rolls every round"))
+register_method("fed_dropout", MethodSpec(
+    fed_dropout_policy, structured=True, per_client_random_masks=True,
+    description="Federated Dropout: a fresh random subset of units per client and round"))
+register_method("fedavg_full", MethodSpec(
+    fedavg_full_policy, structured=True,
+    description="FedAvg, every client the full model (ignores capacity: an upper bound)"))
+register_method("fedavg_smallest", MethodSpec(
+    fedavg_smallest_policy, structured=True,
+    description="FedAvg, every client the smallest sub-model (a lower bound)"))
+register_method("scalefl", MethodSpec(
+    scalefl_policy, structured=True, uses_exits=True,
+    check_options=scalefl.check_option_ranges, check_model=scalefl.check_model,
+    description="ScaleFL-style: width and depth shrink together, early exits, "
+    "self-distillation"))
 
 
 class _Builders(Mapping):

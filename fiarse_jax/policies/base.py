@@ -96,6 +96,7 @@ class MethodSpec:
       structured: masks drop whole units (the sub-model shrinks to dense arrays).
       per_client_random_masks: every client draws its own mask, not one per level
         (DP-FedAvg refuses such a method).
+      description: one line saying what the method keeps (``fiarse-jax list``).
       uses_exits: the method trains a model's early-exit heads (``model.early_exits``);
         for the others the heads are dead weight that would take masks' budget, so
         ``compare``/``reproduce`` build their models without them.
@@ -113,5 +114,6 @@ class MethodSpec:
     structured: bool = False
     per_client_random_masks: bool = False
     uses_exits: bool = False
+    description: str = ""
     check_options: Callable[[Mapping[str, Any]], None] | None = None
     check_model: Callable[[Mapping[str, Any], type | None, Mapping[str, Any]], None] | None = None
