@@ -141,18 +141,19 @@ def finished_summary(run_dir: str, config) -> dict | None:
     return summary
 
 
-def run_all(configs: dict[str, Any], workdir: str, *, progress: bool | None = None
-            ) -> tuple[dict[str, dict], dict[str, list], dict[str, str]]:
+def run_all(configs: dict[str, Any], workdir: str, *, progress: bool | None = None,
+            overwrite: bool = False) -> tuple[dict[str, dict], dict[str, list], dict[str, str]]:
     """Train every ``{name: config}`` into ``workdir/<name>/`` (resuming what a killed
-    command left; a run already finished with the same config is read, not rerun);
-    (summaries, histories, failures) by name. A run that raises is recorded in
-    ``failures`` and the others go on."""
+    command left; a run already finished with the same config is read, not rerun;
+    ``overwrite``: every run starts over); (summaries, histories, failures) by name. A run
+    that raises is recorded in ``failures`` and the others go on."""
     summaries, histories, failures = {}, {}, {}
     for name, cfg in configs.items():
         run_dir = os.path.join(workdir, name)
         try:
-            summaries[name] = (finished_summary(run_dir, cfg)
-                               or train.train_and_evaluate(cfg, run_dir, progress=progress))
+            summaries[name] = ((not overwrite and finished_summary(run_dir, cfg))
+                               or train.train_and_evaluate(cfg, run_dir, progress=progress,
+                                                           overwrite=overwrite))
         except Exception as e:   # noqa: BLE001 — any failure: the others still run
             failures[name] = failure_reason(e)
             print(f"fiarse-jax: {name} failed: {failures[name]}", file=sys.stderr, flush=True)
@@ -162,13 +163,14 @@ def run_all(configs: dict[str, Any], workdir: str, *, progress: bool | None = No
 
 
 def run_seeds(configs: dict[str, Any], workdir: str, seeds: Sequence[int] | None, *,
-              progress: bool | None = None) -> dict[int | None, tuple[dict, dict, dict]]:
+              progress: bool | None = None, overwrite: bool = False
+              ) -> dict[int | None, tuple[dict, dict, dict]]:
     """``run_all`` once per seed, seed by seed (a stopped command leaves whole seeds): every
     config with ``seed`` set — partition, initialisation and client sampling all follow
     it — into ``workdir/seed_<seed>/<name>/``. ``seeds`` None: the configs' own seed,
     into ``workdir/<name>/`` (key None). ``{seed: (summaries, histories, failures)}``."""
     if seeds is None:
-        return {None: run_all(configs, workdir, progress=progress)}
+        return {None: run_all(configs, workdir, progress=progress, overwrite=overwrite)}
     seeds = parse_seeds([str(s) for s in seeds])
     out = {}
     for seed in seeds:
@@ -177,7 +179,8 @@ def run_seeds(configs: dict[str, Any], workdir: str, seeds: Sequence[int] | None
             seeded[name] = cfg.copy_and_resolve_references()
             with seeded[name].unlocked():
                 seeded[name].seed = int(seed)
-        out[seed] = run_all(seeded, os.path.join(workdir, f"seed_{seed}"), progress=progress)
+        out[seed] = run_all(seeded, os.path.join(workdir, f"seed_{seed}"), progress=progress,
+                            overwrite=overwrite)
     return out
 
 
@@ -194,7 +197,7 @@ def by_name(runs: dict[Any, tuple[dict, dict, dict]]) -> tuple[dict[str, list], 
 
 
 def compare(config, methods: Sequence[str], workdir: str, *, seeds: Sequence[int] | None = None,
-            progress: bool | None = None) -> dict[str, Any]:
+            progress: bool | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train every method in ``methods`` under ``config`` (once per seed of ``seeds``, into
     ``workdir/seed_<s>/<method>/``; None: the config's seed, into ``workdir/<method>/``);
     write table (mean ± std over seeds), JSON (every seed's summaries) and plots."""
@@ -208,7 +211,7 @@ def compare(config, methods: Sequence[str], workdir: str, *, seeds: Sequence[int
     configs = {m: method_config(config, m) for m in methods}
     for cfg in configs.values():       # every config checked before any run starts
         validate_config(cfg)
-    runs = run_seeds(configs, workdir, seeds, progress=progress)
+    runs = run_seeds(configs, workdir, seeds, progress=progress, overwrite=overwrite)
     summaries, histories = by_name(runs)
     failures = {(m if s is None else f"{m} (seed {s})"): e
                 for s, (_, _, fails) in runs.items() for m, e in fails.items()}

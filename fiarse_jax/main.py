@@ -38,6 +38,9 @@ _METHODS = flags.DEFINE_list("methods", None, "With `compare`: the methods to ru
 _SEEDS = flags.DEFINE_string("seeds", None, "With `compare` and `reproduce`: run every method "
                              "once per seed, e.g. 0,1,2 (partition, initialisation and sampling "
                              "follow the seed); tables show mean ± std over seeds.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "With `train`, `compare` and `reproduce`: "
+                               "start over, removing what an earlier run left in the workdir "
+                               "(checkpoints, metrics, summary, plots) instead of resuming.")
 _CAPACITY = flags.DEFINE_string("capacity", None, "With `export`: the capacity, e.g. 1/4 or 0.25.")
 _OUT = flags.DEFINE_string("out", None, "With `export`: the .npz file to write.")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -77,9 +80,10 @@ _NEEDS = {"train": {"config", "workdir"}, "compare": {"config", "methods", "work
           "plot": {"workdir"}, "export": {"capacity", "out", "workdir"}, "list": set(),
           "config": {"config"}}
 #: flags a sub-command may get without needing them.
-_MAY = {"reproduce": {"methods", "seeds"}, "compare": {"seeds"}}
+_MAY = {"reproduce": {"methods", "seeds", "overwrite"}, "compare": {"seeds", "overwrite"},
+        "train": {"overwrite"}}
 _FLAGS = {"config": _CONFIG, "workdir": _WORKDIR, "methods": _METHODS, "capacity": _CAPACITY,
-          "out": _OUT, "seeds": _SEEDS}
+          "out": _OUT, "seeds": _SEEDS, "overwrite": _OVERWRITE}
 
 
 def help_text(command: str | None) -> str:
@@ -117,7 +121,7 @@ def main(argv: list[str]) -> None:
     if command not in COMMANDS or len(argv) > 2:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}; "
                              f"sub-commands: {', '.join(COMMANDS)} (train is the default)")
-    given = {n for n, f in _FLAGS.items() if f.value is not None}
+    given = {n for n, f in _FLAGS.items() if f.value not in (None, False)}
     for name in sorted(_NEEDS[command] - given):
         _fail(f"`{command}` needs --{name}")
     for name in sorted(given - _NEEDS[command] - _MAY.get(command, set())):
@@ -139,8 +143,11 @@ def main(argv: list[str]) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         print(f"fiarse-jax: interrupted; {interrupted_note(command, _WORKDIR.value)}",
-              file=sys.stderr)
-        sys.exit(130)
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Now, without interpreter shutdown: a checkpoint save still in flight would print
+        # its thread's error after this line (the step it writes is not a checkpoint yet).
+        os._exit(130)
 
 
 def interrupted_note(command: str, workdir: str | None) -> str:
@@ -184,14 +191,16 @@ def run_command(command: str) -> None:
         print("\n".join(f"{k} = {v!r}" for k, v in flat_fields(_CONFIG.value.to_dict())))
     elif command == "compare":
         result = compare.compare(_CONFIG.value, _METHODS.value, _WORKDIR.value,
-                                 seeds=compare.parse_seeds(_SEEDS.value))
+                                 seeds=compare.parse_seeds(_SEEDS.value),
+                                 overwrite=_OVERWRITE.value)
         print(result["table"])
         print("wrote " + ", ".join(result["plots"]))
         if result["failures"]:
             sys.exit(1)
     elif command == "reproduce":
         result = reproduce.reproduce(_CONFIG.value, _WORKDIR.value, _METHODS.value,
-                                     seeds=compare.parse_seeds(_SEEDS.value))
+                                     seeds=compare.parse_seeds(_SEEDS.value),
+                                     overwrite=_OVERWRITE.value)
         print(result["table"])
         print("wrote " + ", ".join(
             [os.path.join(_WORKDIR.value, "reproduction.md")] + result["plots"]))
@@ -210,7 +219,8 @@ def run_command(command: str) -> None:
               f"{info['params_held']:,} of {info['params_total']:,} parameters held"
               + (f", dense sub-model {info['dense_params']:,}" if "dense_params" in info else ""))
     else:
-        report.print_summary(train.train_and_evaluate(_CONFIG.value, _WORKDIR.value))
+        report.print_summary(train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                                      overwrite=_OVERWRITE.value))
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,

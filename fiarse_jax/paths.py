@@ -86,6 +86,21 @@ def remove(path) -> None:
         as_path(path).unlink()
 
 
+def remove_tree(path) -> None:
+    """Remove a file or a directory tree (absent: nothing to do)."""
+    if is_local(path):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+        return
+    p = as_path(path)
+    if p.is_dir():
+        p.rmtree()
+    elif p.exists():
+        p.unlink()
+
+
 def write_atomic(path, data: str | bytes) -> None:
     """Write ``data`` (text or bytes) to ``path`` so that no reader ever sees it half-written.
 

@@ -327,12 +327,14 @@ def plot_vs_paper(agg: dict, labels: Sequence[str], path: str) -> str:
 
 
 def reproduce(config, workdir: str, variants: Sequence[str] | None = None, *,
-              seeds: Sequence[int] | None = None, progress: bool | None = None) -> dict[str, Any]:
+              seeds: Sequence[int] | None = None, progress: bool | None = None,
+              overwrite: bool = False) -> dict[str, Any]:
     """Train the variants (once per seed of ``seeds``, into ``workdir/seed_<s>/``; None:
-    the config's seed, into ``workdir``) and write the report (see module docstring)."""
+    the config's seed, into ``workdir``; ``overwrite``: every run starts over instead of
+    resuming) and write the report (see module docstring)."""
     variants = list(variants or VARIANTS)
     configs = variant_configs(config, variants)
-    runs = compare.run_seeds(configs, workdir, seeds, progress=progress)
+    runs = compare.run_seeds(configs, workdir, seeds, progress=progress, overwrite=overwrite)
     labels = [evaluate.capacity_label(c) for c in sorted(config.capacities)]
     paper_key = config.get("paper", "")
     per_seed = {s: numbers(summaries, labels, paper_key) for s, (summaries, _, _) in runs.items()}

@@ -8,11 +8,13 @@ lets the algorithm run the rounds up to the next evaluation or checkpoint
 ``eval_every`` rounds and saves a checkpoint every ``checkpoint_every``; it knows nothing
 of what a method does.
 
-Outputs in ``workdir``: ``partition.json`` (who holds what), ``metrics.jsonl`` (one JSON
-object per evaluation), ``rounds.jsonl``, ``summary.json`` (config, final metrics, kept
-fractions, costs, timing; ``run_summary``) and ``checkpoints/`` (Orbax; ``checkpoint``):
-running the same command again on the same ``workdir`` resumes from the latest
-checkpoint and gives the uninterrupted run's results bit for bit.
+Outputs in ``workdir``: ``config.json`` (the run's config, at start), ``partition.json``
+(who holds what), ``metrics.jsonl`` (one JSON object per evaluation), ``rounds.jsonl``,
+``summary.json`` (config, final metrics, kept fractions, costs, timing; ``run_summary``)
+and ``checkpoints/`` (Orbax; ``checkpoint``): running the same command again on the same
+``workdir`` resumes from the latest checkpoint and gives the uninterrupted run's results
+bit for bit; ``overwrite=True`` (``--overwrite``) starts over instead. A lock
+(``workdir_lock``) keeps a second run out of a workdir in use.
 
 Across processes (after ``jax.distributed.initialize``, strategy ``sharded``) every
 process runs this same loop; process 0 alone writes files.
@@ -29,7 +31,16 @@ from typing import Any
 import jax
 from tqdm.auto import tqdm
 
-from fiarse_jax import build, checkpoint, connectivity, paths, policies, rng, run_summary
+from fiarse_jax import (
+    build,
+    checkpoint,
+    connectivity,
+    paths,
+    policies,
+    rng,
+    run_summary,
+    workdir_lock,
+)
 from fiarse_jax import evaluate as evaluate_lib
 from fiarse_jax import metrics as metrics_lib
 from fiarse_jax.algorithm import TrainingError, build_algorithm, next_stop, round_row
@@ -38,18 +49,49 @@ from fiarse_jax.data.summary import federated_summary
 __all__ = ["TrainingError", "train_and_evaluate"]
 
 
-def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) -> dict[str, Any]:
+#: What a run writes in its workdir (``overwrite`` removes these, and PNGs).
+RUN_OUTPUTS = ("checkpoints", "tensorboard", "profile", "metrics.jsonl", "rounds.jsonl",
+               "summary.json", "partition.json", "config.json")
+
+
+def train_and_evaluate(config, workdir: str, *, progress: bool | None = None,
+                       overwrite: bool = False) -> dict[str, Any]:
     """Train ``config.method`` federatedly and evaluate it; returns the summary dict.
 
     ``progress``: show a tqdm bar (``None``: only on an interactive terminal).
+    ``overwrite``: start over — remove what an earlier run left in ``workdir``
+    (``RUN_OUTPUTS``, PNGs) instead of resuming from it.
+    The run holds ``workdir``'s lock (``workdir_lock``): a second run into the same
+    workdir is refused with one line naming the holder.
     """
-    t_start, lead = time.time(), jax.process_index() == 0
+    t_start = time.time()
     paths.check_workdir(workdir)   # a wrong bucket or permission: one line, before any work
+    with workdir_lock.hold(workdir):
+        if overwrite and jax.process_index() == 0:
+            clear_outputs(workdir)
+        return _train(config, workdir, progress, t_start)
+
+
+def clear_outputs(workdir: str) -> None:
+    """Remove a run's outputs from ``workdir`` (``RUN_OUTPUTS`` and PNG plots)."""
+    if not paths.isdir(workdir):
+        return
+    for name in paths.listdir(workdir):
+        if name in RUN_OUTPUTS or name.endswith(".png"):
+            paths.remove_tree(os.path.join(workdir, name))
+
+
+def _train(config, workdir: str, progress: bool | None, t_start: float) -> dict[str, Any]:
+    lead = jax.process_index() == 0
     may_resume = checkpoint.has_checkpoints(workdir)   # pretrained weights only when fresh
     run = build.build_run(config, pretrained=not may_resume)
     algorithm = build_algorithm(run, config)
     evaluate = evaluate_lib.run_evaluator(run)
     paths.makedirs(workdir)
+    if lead:   # the config this run uses, readable before it ends
+        metrics_lib.write_atomic(os.path.join(workdir, "config.json"),
+                                 json.dumps(config.to_dict(), indent=2,
+                                            default=run_summary.jsonable))
     ckpt = checkpoint.open_run(workdir, config)
     restored = ckpt and checkpoint.restore_run(ckpt, config, run.init_params, run.train_key,
                                                run.assignment)

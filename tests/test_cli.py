@@ -1,5 +1,6 @@
 """The command line as a user runs it (a real subprocess)."""
 import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def test_a_bad_config_file_is_one_line(tmp_path, capsys, text, arg, message):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
 
 
-def test_ctrl_c_is_one_line_naming_the_round_to_resume_from(tmp_path):
+def test_a_second_run_into_a_busy_workdir_and_ctrl_c_are_one_line_each(tmp_path):
     import signal
     import time
     work = tmp_path / "run"
@@ -122,6 +123,16 @@ def test_ctrl_c_is_one_line_naming_the_round_to_resume_from(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and not (work / "checkpoints" / "2").is_dir():
         time.sleep(0.5)
+    # A second run into the same workdir: refused, naming the holder, touching nothing.
+    before = {f.name: f.stat().st_mtime_ns for f in work.iterdir() if f.is_file()}
+    r = cli("--config", CONFIG, "--workdir", str(work), "--config.num_rounds=100000",
+            "--config.seed=1")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert f"is in use by process {p.pid} on " in r.stderr and "--workdir" in r.stderr
+    assert json.loads((work / "config.json").read_text())["seed"] == 0
+    assert not any(f.stat().st_mtime_ns != before[f.name] for f in work.iterdir()
+                   if f.name in before and f.name not in ("metrics.jsonl", "rounds.jsonl"))
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err[-2000:]

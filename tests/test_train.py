@@ -208,3 +208,22 @@ def test_config_file_arguments_pick_one_option_per_group():
     with pytest.raises(ValueError, match="config argument 'six': expected four|five, "
                                          "global|layer, exits"):
         parse_config_arg("six", **groups)
+
+
+def test_a_stale_lock_is_taken_over_and_overwrite_starts_over(tmp_path):
+    from fiarse_jax import workdir_lock
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / workdir_lock.LOCK_NAME).write_text('{"pid": 1, "host": "gone"}')   # a killed run's
+    config = small_config(num_rounds=2, eval_every=2, checkpoint_every=2)
+    train.train_and_evaluate(config, str(tmp_path))
+    assert json.loads((tmp_path / workdir_lock.LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(
+        json.dumps(config.to_dict(), default=list))
+    fewer = small_config(num_rounds=1, eval_every=1, checkpoint_every=1)
+    with pytest.raises(ConfigError, match="already at round 2"):
+        train.train_and_evaluate(fewer, str(tmp_path))
+    summary = train.train_and_evaluate(fewer, str(tmp_path), overwrite=True)
+    assert summary["resumed_from_round"] is None and summary["final"]["round"] == 1
+    rows = [json.loads(l) for l in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
