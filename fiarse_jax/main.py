@@ -6,7 +6,7 @@
   fiarse-jax robustness --config configs/default.py --workdir runs/robust  # attacks × rules, DP
   fiarse-jax reproduce --config configs/cifar10_cpu.py --config.data.data_dir=PATH \
       --workdir runs/repro --seeds 0,1,2   # the paper's table beside ours, mean ± std
-  fiarse-jax plot --workdir runs/default                            # PNGs of a finished run
+  fiarse-jax plot --workdir runs/default [--out DIR --format pdf]   # figures, also mid-run
   fiarse-jax export --workdir runs/default --capacity 1/4 --out sub.npz
   fiarse-jax list                                                    # methods, models, data, ...
   fiarse-jax config --config configs/default.py --config.method=heterofl   # resolved, checked
@@ -42,7 +42,10 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "With `train`, `compare` and 
                                "start over, removing what an earlier run left in the workdir "
                                "(checkpoints, metrics, summary, plots) instead of resuming.")
 _CAPACITY = flags.DEFINE_string("capacity", None, "With `export`: the capacity, e.g. 1/4 or 0.25.")
-_OUT = flags.DEFINE_string("out", None, "With `export`: the .npz file to write.")
+_OUT = flags.DEFINE_string("out", None, "With `export`: the .npz file to write; with `plot`: "
+                           "the folder for the figures (default: the workdir).")
+_FORMAT = flags.DEFINE_enum("format", None, ["png", "pdf", "svg"], "With `plot`: the figures' "
+                            "format (png at 150 dpi, or vector pdf/svg; default png).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first: one process per host of a "
     "TPU pod or GPU cluster, all with the same command and a workdir every host sees (gs://). "
@@ -65,7 +68,8 @@ COMMAND_HELP = {
                   "--config.data.data_dir=PATH --workdir runs/c10_cpu --seeds 0,1,2"),
     "robustness": ("attacks × aggregation rules and DP on one config: a table and a plot",
                    "fiarse-jax robustness --config configs/default.py --workdir runs/robust"),
-    "plot": ("PNGs of a finished run", "fiarse-jax plot --workdir runs/default"),
+    "plot": ("figures of a run, finished, running or stopped",
+             "fiarse-jax plot --workdir runs/default --out figs --format pdf"),
     "export": ("one capacity's sub-model as an .npz file",
                "fiarse-jax export --workdir runs/default --capacity 1/4 --out sub.npz"),
     "list": ("the methods, models, datasets, aggregation rules and attacks, with options",
@@ -81,9 +85,9 @@ _NEEDS = {"train": {"config", "workdir"}, "compare": {"config", "methods", "work
           "config": {"config"}}
 #: flags a sub-command may get without needing them.
 _MAY = {"reproduce": {"methods", "seeds", "overwrite"}, "compare": {"seeds", "overwrite"},
-        "train": {"overwrite"}}
+        "train": {"overwrite"}, "plot": {"out", "format"}}
 _FLAGS = {"config": _CONFIG, "workdir": _WORKDIR, "methods": _METHODS, "capacity": _CAPACITY,
-          "out": _OUT, "seeds": _SEEDS, "overwrite": _OVERWRITE}
+          "out": _OUT, "seeds": _SEEDS, "overwrite": _OVERWRITE, "format": _FORMAT}
 
 
 def help_text(command: str | None) -> str:
@@ -211,7 +215,13 @@ def run_command(command: str) -> None:
         print(result["table"])
         print(f"wrote {result['plot']}")
     elif command == "plot":
-        print("wrote " + ", ".join(plots.plot_run(_WORKDIR.value)))
+        out = _OUT.value or _WORKDIR.value
+        try:
+            written = plots.plot_run(_WORKDIR.value, _OUT.value, _FORMAT.value or "png")
+        except PermissionError as e:
+            raise ConfigError(f"cannot write the figures to {out!r} ({e.strerror}): pass "
+                              "--out DIR to write them elsewhere") from None
+        print("wrote " + ", ".join(written))
     elif command == "export":
         info = export.export_submodel(_WORKDIR.value, _CAPACITY.value, _OUT.value)
         print(f"wrote {_OUT.value} ({info['file_bytes']:,} bytes) and its .json: "

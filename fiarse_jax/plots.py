@@ -1,14 +1,17 @@
 """Plots of one run (``fiarse-jax plot --workdir DIR``) and of a method comparison.
 
-``plot_run(workdir)`` reads ``metrics.jsonl``, ``rounds.jsonl`` and ``summary.json``
-and writes, in ``workdir``:
+``plot_run(workdir, out=None, fmt="png")`` reads ``metrics.jsonl``, ``rounds.jsonl`` and
+``summary.json`` — or, for a run still going or interrupted, ``config.json`` in place of
+the summary — and writes, in ``out`` (default: ``workdir``):
 
-* ``accuracy_vs_round.png``: the full model and every capacity's sub-model on the
-  global test set, and every sub-model on its own clients' local tests;
-* ``loss_vs_round.png``: mean client training loss per round and global test loss;
-* ``kept_per_layer.png``: the fraction of each layer's maskable parameters every
-  capacity's sub-model keeps at the last round;
-* ``partition.png``: every client's training label counts (from ``partition.json``).
+* ``accuracy_vs_round``: the full model and every capacity's sub-model on the global
+  test set, and every sub-model on its own clients' local tests (one legend for both);
+* ``loss_vs_round``: mean client training loss per round and global test loss;
+* ``kept_per_layer`` (finished runs): the fraction of each layer's maskable parameters
+  every capacity's sub-model keeps at the last round;
+* ``partition``: every client's training label counts (from ``partition.json``).
+
+``fmt``: ``png`` (150 dpi), ``pdf`` or ``svg`` (vector, for a paper).
 """
 from __future__ import annotations
 
@@ -29,9 +32,13 @@ def _pyplot():
     return plt
 
 
+#: ``plot --format``: what ``plot_run`` can write.
+FORMATS = ("png", "pdf", "svg")
+
+
 def _save(fig, path: str) -> None:
     fig.tight_layout()
-    paths.save_figure(fig, path, dpi=110)
+    paths.save_figure(fig, path, dpi=150)
     _pyplot().close(fig)
 
 
@@ -60,61 +67,101 @@ def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], ylab
     return path
 
 
-def plot_run(workdir: str) -> list[str]:
-    """Write the run's three PNGs (see module docstring); returns their paths."""
+def _run_facts(workdir: str) -> tuple[dict, dict | None]:
+    """(config, summary or None): a finished run's summary, else the config a running or
+    interrupted run wrote at its start."""
     summary_path = os.path.join(workdir, "summary.json")
-    if not paths.exists(summary_path):
-        raise FileNotFoundError(f"{workdir!r} holds no summary.json: not a finished run directory "
-                                "(run `fiarse-jax --config ... --workdir DIR` first)")
-    summary = json.loads(paths.read_text(summary_path))
-    evals = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    rounds = read_jsonl(os.path.join(workdir, "rounds.jsonl"))
-    labels = by_size(summary["capacities"])
+    if paths.exists(summary_path):
+        summary = json.loads(paths.read_text(summary_path))
+        return summary["config"], summary
+    config_path = os.path.join(workdir, "config.json")
+    if paths.exists(config_path):
+        return json.loads(paths.read_text(config_path)), None
+    raise FileNotFoundError(f"{workdir!r} holds no summary.json or config.json: not a run "
+                            "directory (run `fiarse-jax --config ... --workdir DIR` first)")
+
+
+def plot_run(workdir: str, out: str | None = None, fmt: str = "png") -> list[str]:
+    """Write the run's figures (see module docstring) into ``out`` (default ``workdir``)
+    as ``fmt``; returns their paths. Works on a finished, running or interrupted run."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: must be one of {', '.join(FORMATS)}")
+    config, summary = _run_facts(workdir)
+    evals = read_jsonl(os.path.join(workdir, "metrics.jsonl")) if paths.exists(
+        os.path.join(workdir, "metrics.jsonl")) else []
+    if not evals:
+        raise FileNotFoundError(f"{workdir!r} has no evaluation yet (metrics.jsonl is empty "
+                                f"or absent): plot again after round {config['eval_every']}")
+    rounds = (read_jsonl(os.path.join(workdir, "rounds.jsonl"))
+              if paths.exists(os.path.join(workdir, "rounds.jsonl")) else [])
+    out = workdir if out is None else out
+    paths.makedirs(out)
+    labels = list(evals[-1]["local_accuracy"])
+    labels.sort(key=lambda l: _size(l))
     plt = _pyplot()
     x = [m["round"] for m in evals]
+    status = "" if summary else f" (running or stopped: {x[-1]} of {config['num_rounds']} rounds)"
 
-    fig, (ax_g, ax_l) = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-    ax_g.plot(x, [100 * m["global_accuracy"] for m in evals], "k--", lw=1, label="full model", zorder=3)
+    fig, (ax_g, ax_l) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for l in labels:
-        ax_g.plot(x, [100 * m["capacity_global_accuracy"][l] for m in evals], marker=".",
-                  label=f"capacity {l}")
-        ax_l.plot(x, [100 * m["local_accuracy"][l] for m in evals], marker=".", label=f"capacity {l}")
-    for ax, title in ((ax_g, "global test (all clients)"), (ax_l, "local test (own clients)")):
-        ax.set_title(title)
+        line, = ax_g.plot(x, [100 * m["capacity_global_accuracy"][l] for m in evals],
+                          marker="o", ms=3, label=f"capacity {l}")
+        ax_l.plot(x, [100 * m["local_accuracy"][l] for m in evals], marker="o", ms=3,
+                  color=line.get_color())
+    # The full model over the capacity-1 line: black, dashed, thicker, drawn last.
+    ax_g.plot(x, [100 * m["global_accuracy"] for m in evals], "k--", lw=2, label="full model",
+              zorder=3)
+    for ax, title in ((ax_g, "global test set (all clients)"), (ax_l, "local tests (own clients)")):
+        ax.set_title(title, fontsize=11)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
     ax_g.set_ylabel("accuracy (%)")
-    fig.suptitle(f"{summary['config']['method']} on {summary['config']['data']['name']}")
-    p1 = os.path.join(workdir, "accuracy_vs_round.png")
-    _save(fig, p1)
+    handles, names = ax_g.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=9,
+               bbox_to_anchor=(0.5, -0.02), frameon=False)
+    fig.suptitle(f"{config['method']} on {config['data']['name']}{status}")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    p1 = os.path.join(out, f"accuracy_vs_round.{fmt}")
+    paths.save_figure(fig, p1, dpi=150)
+    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(6, 4))
     if rounds:
         ax.plot([r["round"] for r in rounds], [r["train_loss"] for r in rounds], alpha=0.8,
                 label="client training loss (per round)")
-    ax.plot(x, [m["global_loss"] for m in evals], "k-", marker=".", label="full model, global test")
+    ax.plot(x, [m["global_loss"] for m in evals], "k-", marker="o", ms=3,
+            label="full model, global test")
     ax.set_yscale("log")
     ax.set_xlabel("round")
     ax.set_ylabel("cross-entropy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    p2 = os.path.join(workdir, "loss_vs_round.png")
+    ax.legend(fontsize=9)
+    p2 = os.path.join(out, f"loss_vs_round.{fmt}")
     _save(fig, p2)
+    result = [p1, p2]
 
-    kept = summary["kept_fraction_per_layer"]
-    layers = list(kept[labels[-1]])
-    p3 = grouped_bars(layers, {f"capacity {l}": [100 * kept[l][k] for k in layers] for l in labels},
-                       f"kept at round {summary['final']['round']} (%)", (0, 105),
-                       os.path.join(workdir, "kept_per_layer.png"))
-    out = [p1, p2, p3]
+    if summary:
+        kept = summary["kept_fraction_per_layer"]
+        layers = list(kept[labels[-1]])
+        result.append(grouped_bars(
+            layers, {f"capacity {l}": [100 * kept[l][k] for k in layers] for l in labels},
+            f"kept at round {summary['final']['round']} (%)", (0, 105),
+            os.path.join(out, f"kept_per_layer.{fmt}")))
     partition = os.path.join(workdir, "partition.json")
     if paths.exists(partition):
         from fiarse_jax.data.summary import plot_partition
         part = json.loads(paths.read_text(partition))
-        out.append(plot_partition(part, os.path.join(workdir, "partition.png"),
-                                  title=f"training samples per client ({summary['config']['data']['name']})"))
-    return out
+        result.append(plot_partition(part, os.path.join(out, f"partition.{fmt}"),
+                                     title=f"training samples per client ({config['data']['name']})"))
+    return result
+
+
+def _size(label: str) -> float:
+    """A capacity label's value ('1/4' -> 0.25, '0.64' -> 0.64)."""
+    if "/" in label:
+        a, b = label.split("/")
+        return float(a) / float(b)
+    return float(label)
 
 
 def plot_comparison(summaries: dict[str, dict | list[dict]], histories: dict[str, list],
@@ -129,8 +176,13 @@ def plot_comparison(summaries: dict[str, dict | list[dict]], histories: dict[str
     labels = by_size(first["capacities"])
     panels = [(f"capacity {l}: local test", lambda m, l=l: m["local_accuracy"][l]) for l in labels]
     panels.append(("full model: global test", lambda m: m["global_accuracy"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), sharey=True)
-    for ax, (title, get) in zip(np.atleast_1d(axes), panels):
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows + 0.6), sharey=True,
+                             squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, get) in zip(axes.flat, panels):
         for method, seeds in hists.items():
             n = min(len(h) for h in seeds)   # the evaluations every seed has
             x = [m["round"] for m in seeds[0][:n]]
@@ -140,14 +192,20 @@ def plot_comparison(summaries: dict[str, dict | list[dict]], histories: dict[str
                 sd = ys.std(0, ddof=1)
                 ax.fill_between(x, ys.mean(0) - sd, ys.mean(0) + sd, color=line.get_color(),
                                 alpha=0.2, lw=0)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=11)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
-    np.atleast_1d(axes)[0].set_ylabel("accuracy (%)")
-    np.atleast_1d(axes)[-1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    for row in axes:
+        row[0].set_ylabel("accuracy (%)")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    seeds = max(len(s) for s in hists.values())
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), fontsize=9,
+               frameon=False, title=f"mean ± 1 std over {seeds} seeds" if seeds > 1 else None,
+               title_fontsize=9)
+    fig.tight_layout(rect=(0, (0.65 if seeds > 1 else 0.45) / (3.2 * rows + 0.6), 1, 1))
     p1 = os.path.join(workdir, "accuracy_vs_round.png")
-    _save(fig, p1)
+    paths.save_figure(fig, p1, dpi=150)
+    plt.close(fig)
 
     local = {m: 100 * np.array([[s["final"]["local_accuracy"][l] for l in labels] for s in ss])
              for m, ss in runs.items()}

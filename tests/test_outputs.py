@@ -84,6 +84,43 @@ def test_plot_command_writes_nonempty_pngs(runs):
         plots.plot_run(os.path.join(w, "checkpoints"))
 
 
+def test_plot_a_stopped_run_elsewhere_as_pdf_and_a_read_only_workdir_is_one_line(runs, tmp_path):
+    import shutil
+    w, _ = runs["fiarse"]
+    stopped = tmp_path / "stopped"
+    shutil.copytree(w, stopped, ignore=shutil.ignore_patterns("*.png", "checkpoints"))
+    (stopped / "summary.json").unlink()          # a run still going (or killed): no summary
+    written = plots.plot_run(str(stopped), str(tmp_path / "figs"), "pdf")
+    assert [os.path.basename(p) for p in written] == ["accuracy_vs_round.pdf",
+                                                      "loss_vs_round.pdf", "partition.pdf"]
+    assert all(open(p, "rb").read(5) == b"%PDF-" for p in written)
+    assert not list(stopped.glob("*.pdf"))
+    with pytest.raises(ValueError, match="--format 'jpg': must be one of png, pdf, svg"):
+        plots.plot_run(str(stopped), fmt="jpg")
+    (stopped / "metrics.jsonl").write_text("")
+    with pytest.raises(FileNotFoundError, match="has no evaluation yet"):
+        plots.plot_run(str(stopped))
+
+
+
+def test_plot_into_a_read_only_folder_is_one_line(runs, tmp_path, monkeypatch):
+    from fiarse_jax import main
+    from fiarse_jax.config import ConfigError
+    w, _ = runs["fiarse"]
+
+    def denied(fig, path, **kw):   # as a read-only folder answers (root would write anyway)
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(plots.paths, "save_figure", denied)
+    main.flags.FLAGS(["fiarse-jax", "--workdir", w])
+    try:
+        with pytest.raises(ConfigError, match=r"cannot write the figures to .* \(Permission "
+                                              r"denied\): pass --out DIR"):
+            main.run_command("plot")
+    finally:
+        main.flags.FLAGS.unparse_flags()
+
+
 def _pooled_accuracy(sub, run):
     x, y = run.data.global_test()
     logits = sub.predict(x)

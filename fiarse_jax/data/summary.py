@@ -96,7 +96,7 @@ def plot_partition(summary: dict[str, Any], path: str, *, title: str | None = No
     ax_map.set_ylabel("class")
     fig.colorbar(im, ax=ax_map, label="fraction of client's samples", pad=0.01)
     fig.tight_layout()
-    paths.save_figure(fig, path, dpi=110)   # a gs:// path too
+    paths.save_figure(fig, path, dpi=150)   # a gs:// path too
     plt.close(fig)
     return path
 
