@@ -29,6 +29,7 @@ accounting, the auto-sized client chunk, and the multi-process glue.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +43,28 @@ from fiarse_jax import attacks, engine, privacy, reputation, rng, server_round, 
 from fiarse_jax import client as client_lib
 from fiarse_jax.build import COMPUTE_DTYPES, Run, local_steps, make_optimizer
 from fiarse_jax.config import ConfigError, stream_blocker
+
+#: A mean client loss above this many times chance (ln K) is a diverged run, not a slow one.
+DIVERGED_LOSS_FACTOR = 1000.0
+
+
+def divergence(train_loss: float, reason: np.ndarray, in_round: np.ndarray,
+               num_classes: int) -> str | None:
+    """Why a round counts as diverged (None: it does not): a non-finite mean client loss;
+    one above ``DIVERGED_LOSS_FACTOR`` × ln K (e.g. lr 1e6 on the default reaches ~8e4
+    while chance is 2.3); or every honest client's update non-finite (the server rejects
+    them all, and the run would go on unchanged at chance)."""
+    if not np.isfinite(train_loss):
+        return f"mean client loss {train_loss}"
+    bound = DIVERGED_LOSS_FACTOR * math.log(max(num_classes, 2))
+    if train_loss > bound:
+        return (f"mean client loss {train_loss:.4g}, over {DIVERGED_LOSS_FACTOR:g}× chance's "
+                f"ln {num_classes} = {math.log(max(num_classes, 2)):.2f}")
+    honest = ~np.asarray(in_round, bool)
+    non_finite = np.asarray(reason) == validation.REASONS.index("non_finite")
+    if honest.any() and non_finite[honest].all():
+        return "every client's update was non-finite"
+    return None
 
 
 class TrainingError(RuntimeError):
@@ -204,9 +227,10 @@ def build_algorithm(run: Run, config) -> Algorithm:
         the divergence check, the screening record, DP's ε, the ``RoundStats``."""
         rnd, sigma, in_round = state.round, state.sigma, run.attackers[ids]
         train_loss = float(np.mean(losses))
-        if not np.isfinite(train_loss):
+        why = divergence(train_loss, reason, in_round, run.data.num_classes)
+        if why:
             raise TrainingError(
-                f"training diverged in round {rnd + 1} (mean client loss {train_loss}); "
+                f"training diverged in round {rnd + 1} ({why}); "
                 f"lower config.client.learning_rate ({config.client.learning_rate}) or "
                 f"config.server.learning_rate ({config.server.learning_rate})")
         if not accepted.any():

@@ -227,3 +227,27 @@ def test_a_stale_lock_is_taken_over_and_overwrite_starts_over(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+
+
+def test_divergence_covers_absurd_losses_and_all_non_finite_updates():
+    import numpy as np
+
+    from fiarse_jax.algorithm import divergence
+    from fiarse_jax.validation import REASONS
+    ok, nf = REASONS.index("ok"), REASONS.index("non_finite")
+    honest = np.zeros(3, bool)
+    assert divergence(2.3, np.array([ok, ok, ok]), honest, 10) is None
+    assert divergence(float("nan"), np.array([ok] * 3), honest, 10) == "mean client loss nan"
+    assert divergence(2302.0, np.array([ok] * 3), honest, 10) is None       # 1000 × ln 10 = 2302.6
+    assert "over 1000× chance's ln 10 = 2.30" in divergence(8.1e4, np.array([ok] * 3), honest, 10)
+    assert divergence(2.0, np.array([nf] * 3), honest, 10) == "every client's update was non-finite"
+    # Non-finite updates from the round's attackers only: the defence at work, not divergence.
+    attackers = np.array([True, True, False])
+    assert divergence(2.0, np.array([nf, nf, ok]), attackers, 10) is None
+    assert divergence(2.0, np.array([nf, nf, nf]), attackers, 10) is not None
+
+
+def test_an_absurd_learning_rate_stops_with_the_divergence_line(tmp_path):
+    with pytest.raises(train.TrainingError, match="training diverged in round 1 .*lower "
+                                                  "config.client.learning_rate"):
+        train.train_and_evaluate(small_config(**{"client.learning_rate": 1e6}), str(tmp_path))
