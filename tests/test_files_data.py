@@ -292,6 +292,8 @@ def test_arrays_grayscale_float_and_declared_classes(tmp_path):
     (lambda a: a.update(x_test=np.zeros((4, 8, 8, 3))), "give both splits as uint8"),
     (lambda a: a.update(x_train=np.full((10, 8, 8, 3), 2.0)), "must be in [0, 1]"),
     (lambda a: a.update(x_train=np.full((10, 8, 8, 3), 300)), "must be in 0..255"),
+    (lambda a: a.update(x_train=np.zeros((10, 3, 8, 8), np.uint8)),
+     "x_train has shape (10, 3, 8, 8), which looks channels-first"),
 ])
 def test_bad_arrays_are_one_line(tmp_path, change, words):
     a = good_arrays()

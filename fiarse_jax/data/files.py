@@ -327,6 +327,11 @@ def _images(name: str, x: np.ndarray) -> np.ndarray:
                          "[n, H, W] (grayscale)")
     if len(x) == 0:
         raise ValueError(f"arrays: {name} is empty")
+    if x.shape[1] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4) and x.shape[-1] > x.shape[1]:
+        # [n, C, H, W] (PyTorch's layout) would train as C×H images with W channels.
+        raise ValueError(f"arrays: {name} has shape {x.shape}, which looks channels-first "
+                         f"([n, C, H, W]); store images as [n, H, W, C] (e.g. "
+                         f"np.transpose(x, (0, 2, 3, 1)))")
     if x.dtype == np.uint8:
         return x
     if np.issubdtype(x.dtype, np.integer):
