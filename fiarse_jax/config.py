@@ -147,7 +147,7 @@ def validate_config(config) -> None:
             _fail("client.betas", b, "must be two numbers in [0, 1) (AdamW's β1, β2)")
     if "weight_decay" in config.client:
         _number(config, "client.weight_decay", 0.0, math.inf, hi_open=True)
-    _int(config, "client.local_steps")
+    _int(config, "client.local_steps", hi=MAX_LOCAL_STEPS)
     if "local_epochs" in config.client:
         _number(config, "client.local_epochs", 0.0, 1e6)
     _int(config, "client.batch_size")
@@ -182,6 +182,10 @@ def validate_config(config) -> None:
     _int(config, "checkpoint_every", lo=0)
     _int(config, "keep_checkpoints", lo=1)
     _bool(config, "tensorboard")
+
+
+#: More local steps than this per round is a typo, not an experiment (the paper: K = 100).
+MAX_LOCAL_STEPS = 1_000_000
 
 
 #: ``config.engine.reduce``: stream the server's inputs when the rule allows (``auto``),

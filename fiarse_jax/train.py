@@ -123,6 +123,7 @@ def _train(config, workdir: str, progress: bool | None, t_start: float) -> dict[
     bar = tqdm(desc=config.method, unit="round", initial=start, total=config.num_rounds,
                disable=(not progress or not lead) if progress is not None else
                (None if lead else True))
+    t_loop = time.time()
     try:
         while state.round < config.num_rounds:
             # Rounds up to the next evaluation or checkpoint: one compiled program where
@@ -140,6 +141,8 @@ def _train(config, workdir: str, progress: bool | None, t_start: float) -> dict[
             _log_rounds(block, rnd, rounds, writer, config)
             bar.update(len(block))
             done = state.round
+            if rnd == start and lead:
+                _estimate(time.time() - t_loop, len(block), config.num_rounds - done)
             if done % config.eval_every == 0 or done == config.num_rounds:
                 history.append({"round": done, "train_loss": block[-1].train_loss,
                                 **evaluate(state.params, done),
@@ -184,6 +187,16 @@ def _trace(directory: str, on: bool):
             yield
         finally:
             jax.profiler.stop_trace()
+
+
+def _estimate(seconds: float, rounds_done: int, rounds_left: int) -> None:
+    """After the first block: the time the rest will take at its pace, said up front when
+    it is long (over 10 min; an upper estimate, the block's compilation included)."""
+    left = seconds / max(rounds_done, 1) * rounds_left
+    if left > 600:
+        print(f"fiarse-jax: note: the first {rounds_done} round(s) took {seconds:.1f} s "
+              f"(compilation included); the remaining {rounds_left} will take about "
+              f"{left / 3600:.1f} h at this pace", file=sys.stderr, flush=True)
 
 
 def _show(bar, m: dict, num_rounds: int, lead: bool) -> None:

@@ -98,7 +98,8 @@ BAD = [
     ("client.learning_rate", float("inf"), "config.client.learning_rate = inf"),
     ("model.hidden_sizes", (0,), "config.model.hidden_sizes = (0,): every size must be an integer ≥ 1"),
     ("model.depth", 3, "config.model.depth = 3: is not a field of model 'mlp'; fields: ['early_exits', 'hidden_sizes']"),
-    ("client.local_steps", 0, "config.client.local_steps = 0: must be an integer ≥ 1"),
+    ("client.local_steps", 0, "config.client.local_steps = 0: must be an integer in [1, 1000000]"),
+    ("client.local_steps", 10**10, "config.client.local_steps = 10000000000: must be an integer in [1, "),
     ("client.optimizer", "lbfgs", "config.client.optimizer = 'lbfgs'"),
     ("server.learning_rate", 0.0, "config.server.learning_rate = 0.0"),
     ("num_rounds", 0, "config.num_rounds = 0"),
@@ -251,3 +252,12 @@ def test_an_absurd_learning_rate_stops_with_the_divergence_line(tmp_path):
     with pytest.raises(train.TrainingError, match="training diverged in round 1 .*lower "
                                                   "config.client.learning_rate"):
         train.train_and_evaluate(small_config(**{"client.learning_rate": 1e6}), str(tmp_path))
+
+
+def test_a_long_run_says_its_estimated_time_up_front(capsys):
+    train._estimate(30.0, 2, 100)          # 15 s a round, 100 left: 25 min
+    assert capsys.readouterr().err.strip() == (
+        "fiarse-jax: note: the first 2 round(s) took 30.0 s (compilation included); the "
+        "remaining 100 will take about 0.4 h at this pace")
+    train._estimate(3.0, 2, 100)           # 2.5 min: nothing to say
+    assert capsys.readouterr().err == ""
