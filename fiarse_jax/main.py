@@ -130,6 +130,8 @@ def main(argv: list[str]) -> None:
         _fail(f"`{command}` needs --{name}")
     for name in sorted(given - _NEEDS[command] - _MAY.get(command, set())):
         _fail(f"--{name} does not go with `{command}`")
+    if _CONFIG.value is not None and _MODEL_SWITCH:
+        switch_model_family(_CONFIG.value, _MODEL_SWITCH)
     cluster = {"coordinator": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
                "process_id": _PROCESS_ID.value}
     if _DISTRIBUTED.value:
@@ -173,6 +175,39 @@ def _checkpoint_rounds(workdir: str) -> list[int]:
         return [int(n) for n in paths.listdir(d) if n.isdigit()] if paths.isdir(d) else []
     except OSError:
         return []
+
+
+#: ``--config.model.name=X`` and the other ``--config.model.FIELD=V`` of the command line,
+#: taken out of absl's hands (``_parse_flags``): the config file's model section may not
+#: have X's fields, so they are applied after the switch (``switch_model_family``).
+_MODEL_SWITCH: dict[str, str] = {}
+
+
+def take_model_switch(argv: list[str]) -> list[str]:
+    """``argv`` without its ``--config.model.*`` overrides when one sets ``model.name``
+    (kept in ``_MODEL_SWITCH``); unchanged otherwise."""
+    given = {a[len("--config.model."):].split("=", 1)[0]: a.split("=", 1)[1]
+             for a in argv if a.startswith("--config.model.") and "=" in a}
+    if "name" not in given:
+        return argv
+    _MODEL_SWITCH.clear()
+    _MODEL_SWITCH.update(given)
+    return [a for a in argv if not (a.startswith("--config.model.") and "=" in a)]
+
+
+def switch_model_family(config, given: dict[str, str]) -> None:
+    """``--config.model.name=X``: the model section becomes X's defaults (every field the
+    config file set is dropped), then the command line's ``--config.model.*`` apply
+    (values read as Python literals, else as strings)."""
+    with config.unlocked():
+        for k in list(config.model.keys()):
+            del config.model[k]
+        for k, text in given.items():
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
+            config.model[k] = value
 
 
 def flat_fields(d: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -292,6 +327,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
     value = _config_arg(argv)
     if value is not None:
         check_config_file(value)
+    switched = take_model_switch(argv)
+    if switched is not argv and argv is sys.argv:   # config_flags reads sys.argv's overrides
+        sys.argv[:] = switched
+    argv = switched
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:   # absl wraps what get_config raised (a bad config argument)

@@ -84,6 +84,13 @@ def test_help_list_and_config_from_the_shell(tmp_path):
     lines = r.stdout.splitlines()
     assert "method = 'heterofl'" in lines and "num_rounds = 7" in lines
     assert "fiarse.gradient = 'tcb'" in lines and "capacities = (1.0, 0.25, 0.0625)" in lines
+    # Another model family from the command line: its defaults, then the given fields.
+    r = cli("config", "--config", CONFIG, "--config.model.name=cnn", "--config.model.features=(8,)")
+    assert r.returncode == 0, r.stderr
+    assert [l for l in r.stdout.splitlines() if l.startswith("model.")] == [
+        "model.features = (8,)", "model.name = 'cnn'"]
+    r = cli("config", "--config", CONFIG, "--config.model.name=cnn", "--config.model.hiddn=(8,)")
+    assert r.returncode == 2 and "config.model.hiddn = (8,): is not a field of model 'cnn'" in r.stderr
     r = cli("config", "--config", CONFIG, "--config.client.batch_size=0")
     assert r.returncode == 2 and r.stderr.startswith("fiarse-jax: error: config.client.batch_size")
     assert len(r.stderr.strip().splitlines()) == 1
