@@ -49,15 +49,20 @@ def by_size(capacities: dict[str, float]) -> list[str]:
 
 def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,
                   ylim, path: str, errors: dict[str, Sequence[float]] | None = None) -> str:
-    """One bar per series inside every group (``errors``: a series' ± error bars);
-    legend outside the axes."""
+    """One bar per series inside every group (``errors``: a series' ± error bars); a NaN
+    value (a cell not run) draws no bar but an "n/a" mark; legend outside the axes."""
     plt = _pyplot()
     errors = errors or {}
     fig, ax = plt.subplots(figsize=(3.2 + 0.45 * len(groups) * len(series), 3.6))
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series.items()):
-        ax.bar(np.arange(len(groups)) + i * width - 0.4 + width / 2, values, width, label=name,
-               yerr=errors.get(name), error_kw={"elinewidth": 1, "capsize": 2})
+        xs = np.arange(len(groups)) + i * width - 0.4 + width / 2
+        ax.bar(xs, values, width, label=name, yerr=errors.get(name),
+               error_kw={"elinewidth": 1, "capsize": 2})
+        for x, v in zip(xs, values):
+            if not np.isfinite(v):   # not run: absent, not 0
+                ax.text(x, ylim[0], "n/a", ha="center", va="bottom", fontsize=7,
+                        color="0.4")
     ax.set_xticks(np.arange(len(groups)), list(groups))
     ax.set_ylabel(ylabel)
     ax.set_ylim(*ylim)

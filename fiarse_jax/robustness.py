@@ -134,7 +134,7 @@ def robustness(config, workdir: str, *, progress: bool | None = None) -> dict[st
     scenarios = list(SCENARIOS)
     defences = [d for d in DEFENCES if any(f"{s}-{d}" in summaries for s in scenarios)]
     series = {d: [100 * summaries[f"{s}-{d}"]["final"]["global_accuracy"]
-                  if f"{s}-{d}" in summaries else 0.0 for s in scenarios] for d in defences}
+                  if f"{s}-{d}" in summaries else float("nan") for s in scenarios] for d in defences}
     png = plots.grouped_bars(scenarios, series, "full-model accuracy (%)", (0, 100),
                               os.path.join(workdir, "robustness.png"))
     result = {"table": table, "plot": png, "rejected": rejected, "summaries": summaries}

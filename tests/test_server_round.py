@@ -130,7 +130,18 @@ def test_robustness_command_writes_table_json_and_plot(tmp_path, monkeypatch):
         "clean": ({}, ("mean",)),
         "sign_flip_20": ({"attack.kind": "sign_flip", "attack.fraction": 0.2},
                          ("median", "core+reputation"))})
+    drawn = {}
+    real_bars = robustness.plots.grouped_bars
+
+    def bars(groups, series, *a, **kw):
+        drawn.update(series)
+        return real_bars(groups, series, *a, **kw)
+
+    monkeypatch.setattr(robustness.plots, "grouped_bars", bars)
     result = robustness.robustness(small(num_rounds=2, eval_every=2), str(tmp_path))
+    # Cells not run are absent from the plot (NaN: no bar), not drawn as 0 %.
+    assert np.isnan(drawn["mean"][1]) and np.isnan(drawn["median"][0])
+    assert drawn["mean"][0] > 0 and drawn["median"][1] > 0
     table = (tmp_path / "robustness.md").read_text()
     assert table == result["table"] and table.count("\n") == 2 + 3
     assert "| sign_flip_20 | `median` |" in table and "| sign_flip_20 | `core+reputation` |" in table
