@@ -17,14 +17,9 @@ import numpy as np
 import optax
 
 from fiarse_jax import attacks, models, policies, rng
+from fiarse_jax.capacities import assign_capacities
 from fiarse_jax.config import ConfigError, validate_config
 from fiarse_jax.data import DATASETS, federate, load_from_config
-
-
-def assign_capacities(num_clients: int, num_levels: int) -> np.ndarray:
-    """Level index per client in equal contiguous blocks (clients 0..N/L−1 → level 0, …)."""
-    return (np.arange(num_clients) * num_levels) // num_clients
-
 
 #: config.engine.dtype → the client's compute dtype (None: the parameters' own).
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}

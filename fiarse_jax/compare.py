@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from fiarse_jax import evaluate, paths, plots, policies, train
+from fiarse_jax import paths, plots, policies, train
+from fiarse_jax.capacities import capacity_label
 from fiarse_jax.config import ConfigError, validate_config
 from fiarse_jax.metrics import read_jsonl, write_atomic
 
@@ -215,7 +216,7 @@ def compare(config, methods: Sequence[str], workdir: str, *, seeds: Sequence[int
     summaries, histories = by_name(runs)
     failures = {(m if s is None else f"{m} (seed {s})"): e
                 for s, (_, _, fails) in runs.items() for m, e in fails.items()}
-    labels = [evaluate.capacity_label(c) for c in sorted(config.capacities)]
+    labels = [capacity_label(c) for c in sorted(config.capacities)]
     table = markdown_table(summaries, failures, labels)
     paths.makedirs(workdir)
     write_atomic(os.path.join(workdir, "comparison.md"), table)

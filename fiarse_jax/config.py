@@ -15,6 +15,7 @@ from fiarse_jax import (
     server_round,
     validation,
 )
+from fiarse_jax.capacities import capacity_label
 from fiarse_jax.data import check_data_config
 from fiarse_jax.data.federation import GLOBAL_ORDERS
 from fiarse_jax.errors import ConfigError
@@ -119,7 +120,7 @@ def validate_config(config) -> None:
             _fail("capacities", tuple(caps), f"every ratio must be in (0, 1]; {c!r} is not")
     if len(set(caps)) != len(caps):
         _fail("capacities", tuple(caps), "ratios must be distinct")
-    labels = [evaluate.capacity_label(c) for c in caps]
+    labels = [capacity_label(c) for c in caps]
     if len(set(labels)) != len(labels):
         _fail("capacities", tuple(caps), f"ratios must have distinct labels, got {labels}")
     if len(caps) > num_clients:

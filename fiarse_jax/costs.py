@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from fiarse_jax import units
-from fiarse_jax.evaluate import capacity_label
+from fiarse_jax.capacities import capacity_label
 from fiarse_jax.masks import maskable_flags
 from fiarse_jax.policies.base import MaskPolicy
 

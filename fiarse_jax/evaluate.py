@@ -40,16 +40,9 @@ import optax
 from jax import lax
 
 from fiarse_jax import engine
+from fiarse_jax.capacities import capacity_label
 from fiarse_jax.data.types import FederatedData
 from fiarse_jax.policies.base import MaskPolicy
-
-
-def capacity_label(r: float) -> str:
-    """'1', '1/4', '1/16' when 1/r is an integer (to 1e-9), else the decimal ('0.64')."""
-    inv = 1.0 / r
-    if abs(inv - round(inv)) < 1e-9 * inv:
-        return "1" if round(inv) == 1 else f"1/{round(inv)}"
-    return f"{r:.6g}"
 
 
 def batch_plan(groups: Sequence[np.ndarray], batch_size: int) -> dict[int, np.ndarray]:

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fiarse_jax import build, checkpoint, costs, evaluate, models, paths, policies
+from fiarse_jax import build, checkpoint, costs, models, paths, policies
+from fiarse_jax.capacities import capacity_label
 from fiarse_jax.config import ConfigError
 from fiarse_jax.data import augment
 from fiarse_jax.masks import path_names
@@ -59,7 +60,7 @@ def _unflat(arrays: dict[str, np.ndarray], prefix: str) -> dict:
 
 def parse_capacity(text: str, capacities) -> int:
     """Level index of ``text`` ('0.25', '1/4', '.25') among the run's capacities."""
-    labels = [evaluate.capacity_label(c) for c in capacities]
+    labels = [capacity_label(c) for c in capacities]
     try:
         num, _, den = str(text).partition("/")
         value = float(num) / float(den) if den else float(num)
@@ -101,7 +102,7 @@ def export_submodel(workdir: str, capacity: str, out: str) -> dict:
         raise ConfigError(f"--out {out!r}: the file name must end in .npz")
     run, params, rounds, meta = load_run_state(workdir)
     level = parse_capacity(capacity, run.capacities)
-    label = evaluate.capacity_label(run.capacities[level])
+    label = capacity_label(run.capacities[level])
     spec = run.policy.client_spec(run.eval_state(params, rounds), level, run.eval_key)
     sub = run.policy.apply(params, spec)
     mask = run.policy.mask(params, spec)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fiarse_jax import paths
+from fiarse_jax.capacities import by_size as labels_by_size
 from fiarse_jax.metrics import read_jsonl
 
 
@@ -44,7 +45,7 @@ def _save(fig, path: str) -> None:
 
 def by_size(capacities: dict[str, float]) -> list[str]:
     """Capacity labels, smallest first (as the paper's tables)."""
-    return sorted(capacities, key=lambda k: capacities[k])
+    return sorted(capacities, key=lambda k: capacities[k])   # label -> capacity
 
 
 def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,
@@ -101,8 +102,7 @@ def plot_run(workdir: str, out: str | None = None, fmt: str = "png") -> list[str
               if paths.exists(os.path.join(workdir, "rounds.jsonl")) else [])
     out = workdir if out is None else out
     paths.makedirs(out)
-    labels = list(evals[-1]["local_accuracy"])
-    labels.sort(key=lambda l: _size(l))
+    labels = labels_by_size(evals[-1]["local_accuracy"])
     plt = _pyplot()
     x = [m["round"] for m in evals]
     status = "" if summary else f" (running or stopped: {x[-1]} of {config['num_rounds']} rounds)"
@@ -159,14 +159,6 @@ def plot_run(workdir: str, out: str | None = None, fmt: str = "png") -> list[str
         result.append(plot_partition(part, os.path.join(out, f"partition.{fmt}"),
                                      title=f"training samples per client ({config['data']['name']})"))
     return result
-
-
-def _size(label: str) -> float:
-    """A capacity label's value ('1/4' -> 0.25, '0.64' -> 0.64)."""
-    if "/" in label:
-        a, b = label.split("/")
-        return float(a) / float(b)
-    return float(label)
 
 
 def plot_comparison(summaries: dict[str, dict | list[dict]], histories: dict[str, list],

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from fiarse_jax import compare, evaluate, paths, plots
+from fiarse_jax.capacities import capacity_label
 from fiarse_jax.config import ConfigError, validate_config
 from fiarse_jax.metrics import write_atomic
 
@@ -335,7 +336,7 @@ def reproduce(config, workdir: str, variants: Sequence[str] | None = None, *,
     variants = list(variants or VARIANTS)
     configs = variant_configs(config, variants)
     runs = compare.run_seeds(configs, workdir, seeds, progress=progress, overwrite=overwrite)
-    labels = [evaluate.capacity_label(c) for c in sorted(config.capacities)]
+    labels = [capacity_label(c) for c in sorted(config.capacities)]
     paper_key = config.get("paper", "")
     per_seed = {s: numbers(summaries, labels, paper_key) for s, (summaries, _, _) in runs.items()}
     per_seed = {s: n for s, n in per_seed.items() if n}

@@ -7,7 +7,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from fiarse_jax import costs, engine, evaluate, policies, reputation
+from fiarse_jax import costs, engine, policies, reputation
+from fiarse_jax.capacities import capacity_label
 from fiarse_jax.masks import maskable_flags, path_names
 from fiarse_jax.models import conv as conv_lib
 
@@ -56,7 +57,7 @@ def summarize(run, algorithm, state, history: list, rounds: list, *,
     config, capacities, assignment = run.config, run.capacities, run.assignment
     params = engine.local_view(state.params)
     final_state = run.eval_state(params, config.num_rounds)
-    labels = [evaluate.capacity_label(c) for c in capacities]
+    labels = [capacity_label(c) for c in capacities]
     kept_overall, kept_layers = kept_fractions(run.policy, params, final_state, capacities,
                                                run.is_maskable, run.eval_key)
     cost = costs.capacity_costs(run.model, params, run.policy, final_state, capacities,
@@ -78,7 +79,7 @@ def summarize(run, algorithm, state, history: list, rounds: list, *,
         "global_test": {"order": config.get("eval", {}).get("global_order", "clients"),
                         "samples": int(len(run.data.global_test()[1]))},
         "num_params": int(sum(l.size for l in jax.tree_util.tree_leaves(params))),
-        "clients_per_level": {evaluate.capacity_label(c): int((assignment == i).sum())
+        "clients_per_level": {capacity_label(c): int((assignment == i).sum())
                               for i, c in enumerate(capacities)},
         "strategy": algorithm.strategy,
         "clients_per_chunk": algorithm.clients_per_chunk,

@@ -44,6 +44,7 @@ from fiarse_jax import (
 from fiarse_jax import evaluate as evaluate_lib
 from fiarse_jax import metrics as metrics_lib
 from fiarse_jax.algorithm import TrainingError, build_algorithm, next_stop, round_row
+from fiarse_jax.capacities import capacity_label
 from fiarse_jax.data.summary import federated_summary
 
 __all__ = ["TrainingError", "train_and_evaluate"]
@@ -108,7 +109,7 @@ def _train(config, workdir: str, progress: bool | None, t_start: float) -> dict[
     # method reading out at early exits drops the deeper layers on purpose.
     disconnected = {} if policies.uses_exits(config.method) else connectivity.disconnected_levels(
         run.policy, run.model, run.init_params, run.eval_state(run.init_params, 0),
-        [evaluate_lib.capacity_label(c) for c in run.capacities], run.eval_key)
+        [capacity_label(c) for c in run.capacities], run.eval_key)
     if start == 0 and lead:   # who holds what, written before any training
         metrics_lib.write_atomic(os.path.join(workdir, "partition.json"),
                                  json.dumps(federated_summary(run.data)))
