@@ -374,6 +374,9 @@ def read_arrays(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     if os.path.isdir(path):
         raise ValueError(f"arrays: {path} is a directory; config.data.data_dir must be an "
                          f".npz file holding {', '.join(ARRAY_KEYS)}")
+    if os.path.isfile(path) and not zipfile.is_zipfile(path) and not path.endswith(".npy"):
+        raise ValueError(f"arrays: {path} is not an .npz file (not a zip archive: an .npz is "
+                         f"what np.savez writes, holding {', '.join(ARRAY_KEYS)})")
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
