@@ -144,6 +144,9 @@ def main(argv: list[str]) -> None:
     except (ConfigError, FileNotFoundError) as e:
         print(f"fiarse-jax: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except PermissionError as e:   # a read-only --out or workdir
+        print(f"fiarse-jax: error: cannot write {e.filename!r} ({e.strerror})", file=sys.stderr)
+        sys.exit(2)
     except train.TrainingError as e:
         print(f"fiarse-jax: error: {e}", file=sys.stderr)
         sys.exit(1)
