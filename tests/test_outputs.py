@@ -179,3 +179,23 @@ def test_export_leaves_an_in_flight_save_alone(runs, tmp_path):
         assert os.path.isdir(tmp_save)   # read-only: no cleanup of another process's save
     finally:
         os.rmdir(tmp_save)
+
+
+def test_a_read_only_export_target_is_one_line(runs, monkeypatch, capsys):
+    from fiarse_jax import export, main
+    w, _ = runs["fiarse"]
+
+    def denied(*a, **kw):   # as a read-only folder answers (root would write anyway)
+        raise PermissionError(13, "Permission denied", "/read-only/sub.npz")
+
+    monkeypatch.setattr(export, "export_submodel", denied)
+    main.flags.FLAGS(["fiarse-jax", "--workdir", w, "--capacity", "1/4", "--out",
+                      "/read-only/sub.npz"])
+    try:
+        with pytest.raises(SystemExit) as done:
+            main.main(["fiarse-jax", "export"])
+    finally:
+        main.flags.FLAGS.unparse_flags()
+    assert done.value.code == 2
+    assert capsys.readouterr().err == ("fiarse-jax: error: cannot write '/read-only/sub.npz' "
+                                       "(Permission denied)\n")
