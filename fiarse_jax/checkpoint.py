@@ -63,6 +63,11 @@ ADDED_FIELDS = {"client.betas": [0.9, 0.999], "client.weight_decay": 1e-4,
                 "server.exclude_after_flags": 0}
 
 
+def _plain(v):
+    """Tuples (nested too) as lists: a config and its JSON form compare equal."""
+    return [_plain(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -70,7 +75,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         if isinstance(v, dict):
             out.update(_flatten(v, key + "."))
         else:
-            out[key] = list(v) if isinstance(v, tuple) else v
+            out[key] = _plain(v)
     return out
 
 
@@ -86,14 +91,15 @@ def unused_prefixes(config: dict) -> tuple[str, ...]:
     return tuple(out)
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """Dotted names of fields (outside ``SAFE_TO_CHANGE`` and the sections the current run
+def config_differences(saved: dict, current: dict,
+                       may_differ: tuple[str, ...] = SAFE_TO_CHANGE) -> list[str]:
+    """Dotted names of fields (outside ``may_differ`` and the sections the current run
     does not read) that differ, with both values."""
     a, b = _flatten(saved), _flatten(current)
     unused = unused_prefixes(current)
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if key in SAFE_TO_CHANGE or key.startswith(unused):
+        if key in may_differ or key.startswith(unused):
             continue
         va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
         if va == "<absent>" and key in ADDED_FIELDS and vb == ADDED_FIELDS[key]:

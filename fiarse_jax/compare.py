@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fiarse_jax import paths, plots, policies, train
+from fiarse_jax import paths, plots, policies, train, workdir_lock
 from fiarse_jax.capacities import capacity_label
 from fiarse_jax.config import ConfigError, validate_config
 from fiarse_jax.metrics import read_jsonl, write_atomic
@@ -122,10 +122,19 @@ def parse_seeds(value: str | Sequence[str] | None) -> list[int] | None:
     return seeds
 
 
+#: Fields a finished run may differ in and still be read back by a rerun command: how it
+#: was computed and saved, not what it measured (every ``eval*`` field must match).
+REUSE_MAY_DIFFER = ("checkpoint_every", "keep_checkpoints", "tensorboard", "profile", "paper",
+                    "engine.strategy", "engine.clients_per_chunk", "engine.reduce",
+                    "engine.memory_budget_gb", "engine.xla", "engine.rounds_per_program",
+                    "model.conv")
+
+
 def finished_summary(run_dir: str, config) -> dict | None:
     """The summary of a run already finished in ``run_dir`` with ``config`` (the same
-    fields, up to ``checkpoint.SAFE_TO_CHANGE``, and all ``num_rounds`` done), else None:
-    a rerun command takes it as it is instead of rebuilding the run."""
+    fields up to ``REUSE_MAY_DIFFER``, evaluated on the same global test order, all
+    ``num_rounds`` done), else None: a rerun command takes it as it is instead of
+    rebuilding the run."""
     from fiarse_jax.checkpoint import config_differences
     path = os.path.join(run_dir, "summary.json")
     if not paths.exists(path):
@@ -135,9 +144,11 @@ def finished_summary(run_dir: str, config) -> dict | None:
     except (OSError, ValueError):
         return None
     saved = summary.get("config", {})
+    order = config.get("eval", {}).get("global_order", "clients")
     if (saved.get("num_rounds") != config.num_rounds
             or summary.get("final", {}).get("round") != config.num_rounds
-            or config_differences(saved, config.to_dict())):
+            or summary.get("global_test", {}).get("order") != order
+            or config_differences(saved, config.to_dict(), REUSE_MAY_DIFFER)):
         return None
     return summary
 
@@ -155,6 +166,8 @@ def run_all(configs: dict[str, Any], workdir: str, *, progress: bool | None = No
             summaries[name] = ((not overwrite and finished_summary(run_dir, cfg))
                                or train.train_and_evaluate(cfg, run_dir, progress=progress,
                                                            overwrite=overwrite))
+        except workdir_lock.WorkdirBusy:   # another command works here: stop, do not race it
+            raise
         except Exception as e:   # noqa: BLE001 — any failure: the others still run
             failures[name] = failure_reason(e)
             print(f"fiarse-jax: {name} failed: {failures[name]}", file=sys.stderr, flush=True)

@@ -145,7 +145,8 @@ def main(argv: list[str]) -> None:
         print(f"fiarse-jax: error: {e}", file=sys.stderr)
         sys.exit(2)
     except PermissionError as e:   # a read-only --out or workdir
-        print(f"fiarse-jax: error: cannot write {e.filename!r} ({e.strerror})", file=sys.stderr)
+        what = repr(e.filename) if e.filename else "a file"
+        print(f"fiarse-jax: error: cannot write {what} ({e.strerror or e})", file=sys.stderr)
         sys.exit(2)
     except train.TrainingError as e:
         print(f"fiarse-jax: error: {e}", file=sys.stderr)
@@ -164,8 +165,8 @@ def interrupted_note(command: str, workdir: str | None) -> str:
     if command not in ("train", "compare", "reproduce", "robustness") or not workdir:
         return "nothing to resume"
     if command != "train":
-        return ("rerun the same command to go on: finished runs are read back, the stopped "
-                "one resumes from its last checkpoint")
+        return ("rerun the same command to go on: every run resumes from its last checkpoint "
+                "(compare and reproduce read finished runs back)")
     saved = _checkpoint_rounds(workdir)
     if not saved:
         return "no checkpoint was saved yet: rerun the same command to start again"
@@ -188,29 +189,68 @@ _MODEL_SWITCH: dict[str, str] = {}
 
 def take_model_switch(argv: list[str]) -> list[str]:
     """``argv`` without its ``--config.model.*`` overrides when one sets ``model.name``
-    (kept in ``_MODEL_SWITCH``); unchanged otherwise."""
-    given = {a[len("--config.model."):].split("=", 1)[0]: a.split("=", 1)[1]
-             for a in argv if a.startswith("--config.model.") and "=" in a}
-    if "name" not in given:
-        return argv
+    and a ``--config`` is given (kept in ``_MODEL_SWITCH``); unchanged otherwise. Both
+    ``--config.model.F=V`` and ``--config.model.F V`` count; ``--noconfig.model.F`` is
+    refused there (one line: say ``=false``)."""
     _MODEL_SWITCH.clear()
+    joined, i = [], 0
+    while i < len(argv):   # "--config.model.F V" -> "--config.model.F=V"
+        a = argv[i]
+        if (a.startswith("--config.model.") and "=" not in a and i + 1 < len(argv)
+                and not argv[i + 1].startswith("-")):
+            joined.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        joined.append(a)
+        i += 1
+    given = {a[len("--config.model."):].split("=", 1)[0]: a.split("=", 1)[1]
+             for a in joined if a.startswith("--config.model.") and "=" in a}
+    if "name" not in given or _config_arg(argv) is None:
+        return argv
+    negated = [a for a in joined if a.startswith("--noconfig.model.")]
+    if negated:
+        _fail(f"{negated[0]}: with --config.model.name give "
+              f"--config.model.{negated[0][len('--noconfig.model.'):]}=false")
     _MODEL_SWITCH.update(given)
-    return [a for a in argv if not (a.startswith("--config.model.") and "=" in a)]
+    return [a for a in joined if not (a.startswith("--config.model.") and "=" in a)]
+
+
+def _model_value(name: str, field: str, text: str):
+    """``text`` as model ``name``'s field: a bool field takes true/false/1/0 (any case), a
+    tuple field a literal tuple or one number; else a Python literal, or the text."""
+    import dataclasses
+
+    from fiarse_jax import models
+    cls = models.MODELS.get(name)
+    default = next((f.default for f in dataclasses.fields(cls) if f.name == field), None) \
+        if cls is not None else None
+    if isinstance(default, bool):
+        low = text.strip().lower()
+        if low in ("true", "1", "yes", "false", "0", "no"):
+            return low in ("true", "1", "yes")
+        _fail(f"--config.model.{field}={text}: expected true or false")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    if isinstance(default, tuple):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return (value,)
+        if isinstance(value, list):
+            return tuple(value)
+    return value
 
 
 def switch_model_family(config, given: dict[str, str]) -> None:
     """``--config.model.name=X``: the model section becomes X's defaults (every field the
-    config file set is dropped), then the command line's ``--config.model.*`` apply
-    (values read as Python literals, else as strings)."""
+    config file set is dropped), then the command line's ``--config.model.*`` apply, read
+    as X's field types (``_model_value``)."""
+    name = given["name"]
     with config.unlocked():
         for k in list(config.model.keys()):
             del config.model[k]
         for k, text in given.items():
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text
-            config.model[k] = value
+            config.model[k] = text if k == "name" else _model_value(name, k, text)
 
 
 def flat_fields(d: dict, prefix: str = "") -> list[tuple[str, object]]:

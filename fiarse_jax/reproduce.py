@@ -120,11 +120,14 @@ def overall_local(final: dict, clients_per_level: dict[str, int], labels: Sequen
     return float((n * acc).sum() / n.sum())
 
 
-def held_in_exits(summary: dict, labels: Sequence[str]) -> dict[str, int]:
+def held_in_exits(summary: dict, labels: Sequence[str]) -> dict[str, int | None]:
     """Per size, the maskable parameters the sub-model holds in early-exit heads (module
     names starting with ``exit``, any case): what a method without a readout there would
-    waste of its budget."""
-    sizes = summary.get("maskable_per_layer", {})
+    waste of its budget. None per size for a summary written before ``maskable_per_layer``
+    existed."""
+    if "maskable_per_layer" not in summary:
+        return {l: None for l in labels}
+    sizes = summary["maskable_per_layer"]
     kept = summary["kept_fraction_per_layer"]
     return {l: int(round(sum(kept[l].get(k, 0.0) * n for k, n in sizes.items()
                              if k.lower().startswith("exit")))) for l in labels}
@@ -159,15 +162,17 @@ ACCURACIES = ("local", "sizes", "global", "capacity_global", "full_model")
 
 
 def aggregate(per_seed: dict[Any, dict]) -> dict:
-    """Numbers over seeds: per variant run in every seed given, each accuracy as
-    ``{"mean", "std", "seeds"}`` (std: the sample standard deviation, ddof = 1; 0 for
-    one seed) — nested per size where the numbers are; budgets and paper cells from the
-    first seed (the same in every seed up to a draw's ties)."""
+    """Numbers over seeds: per variant (every variant that ran in some seed), each accuracy
+    as ``{"mean", "std", "seeds"}`` over the seeds it ran in (std: the sample standard
+    deviation, ddof = 1; 0 for one seed) — nested per size where the numbers are; budgets
+    and paper cells from the first seed it ran in (the same in every seed up to a draw's
+    ties)."""
     seeds = list(per_seed)
+    variants = list(dict.fromkeys(v for s in seeds for v in per_seed[s]))   # first-seen order
     out = {}
-    for v in per_seed[seeds[0]]:
+    for v in variants:
         have = [per_seed[s][v] for s in seeds if v in per_seed[s]]
-        entry = {k: per_seed[seeds[0]][v][k] for k in per_seed[seeds[0]][v] if k not in ACCURACIES}
+        entry = {k: have[0][k] for k in have[0] if k not in ACCURACIES}
         for k in ACCURACIES:
             if isinstance(have[0][k], dict):
                 entry[k] = {l: spread([h[k][l] for h in have]) for l in have[0][k]}
@@ -186,10 +191,12 @@ def spread(values: Sequence[float]) -> dict:
 
 
 def _cell(ours: dict | None, paper: float | None, multi: bool) -> str:
-    """'ours' or 'mean ± std', then '(paper, gap)' where the paper has the cell."""
+    """'ours' or 'mean ± std' (a variant that ran in one seed of several: 'x (1 seed)'),
+    then '(paper, gap)' where the paper has the cell."""
     if ours is None:
         return "—"
-    text = f"{ours['mean']:.2f}" + (f" ± {ours['std']:.2f}" if multi else "")
+    spread_text = (f" ± {ours['std']:.2f}" if len(ours["seeds"]) > 1 else " (1 seed)")
+    text = f"{ours['mean']:.2f}" + (spread_text if multi else "")
     if paper is None:
         return text
     return f"{text} ({paper:.2f}, {ours['mean'] - paper:+.2f})"
@@ -240,7 +247,7 @@ def direction(per_seed: dict[Any, dict], labels: Sequence[str], paper_key: str =
             text = (f"  per size, local ({', '.join(labels)}): "
                     + ", ".join(_diff(g, multi).split(",")[0] for g in gaps)
                     + f"; largest at {largest}")
-            if "sizes" in ref[0] and "sizes" in ref[1]:
+            if all(l in r.get("sizes", {}) for r in ref for l in labels):
                 pg = [ref[0]["sizes"][l] - ref[1]["sizes"][l] for l in labels]
                 text += (f" (paper: {', '.join(f'{g:+.2f}' for g in pg)}; largest at "
                          f"{labels[int(np.argmax(pg))]})")
@@ -288,7 +295,8 @@ def markdown(per_seed: dict[Any, dict], labels: Sequence[str], failures: dict[st
     for v, n in agg.items():
         rows.append(f"| `{v}` | " + " | ".join(
             f"{n['params_held'][l]:,} ({100 * n['kept_fraction'][l]:.2f} %; heads "
-            f"{n['exit_params_held'][l]:,})" for l in labels) + " |")
+            + ("n/a" if n["exit_params_held"][l] is None else f"{n['exit_params_held'][l]:,}")
+            + ")" for l in labels) + " |")
     rows += ["", "## Direction of the paper's claims", ""]
     rows += [f"- {l}" if not l.startswith("  ") else f"  - {l.strip()}"
              for l in direction(per_seed, labels, paper_key)]
@@ -371,6 +379,10 @@ def disconnected_note(summaries: dict) -> str:
     """Which variants' levels started with no weight at a layer with no skip around it
     (``summary["disconnected_at_start"]``, ``connectivity``), in how many seeds."""
     found: dict[tuple[str, str, str], int] = {}
+    missing = [v for per in summaries.values() for v, s in per.items()
+               if "disconnected_at_start" not in s]
+    if missing:
+        return "not recorded (runs made before summaries recorded it)"
     for per in summaries.values():
         for v, s in per.items():
             for label, cuts in s.get("disconnected_at_start", {}).items():
@@ -398,7 +410,9 @@ def run_facts(config, configs: dict, summaries: dict, labels: Sequence[str],
                       f"(α = {config.data.alpha}), sizes {', '.join(labels)}",
         "global test": (f"{first.get('global_test', {}).get('samples', '?')} samples: "
                         + ("every client's test split in client order, the authors'"
-                           if order == "clients" else "the dataset's test split in its own order")
+                           if order == "clients" else "the dataset's test split in its own "
+                           "order (pooled clients' tests in a fixed mixed order where the "
+                           "partition leaves no test split whole)")
                         + f" (eval.global_order = {order!r})"),
         "model": "; ".join(f"{v}: {m}" for v, m in models.items())
                  if len(set(models.values())) > 1 else next(iter(models.values())),

@@ -68,8 +68,12 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None,
     t_start = time.time()
     paths.check_workdir(workdir)   # a wrong bucket or permission: one line, before any work
     with workdir_lock.hold(workdir):
-        if overwrite and jax.process_index() == 0:
-            clear_outputs(workdir)
+        if overwrite:
+            if jax.process_index() == 0:
+                clear_outputs(workdir)
+            if jax.process_count() > 1:   # nobody looks for checkpoints before they are gone
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices("fiarse_jax_overwrite")
         return _train(config, workdir, progress, t_start)
 
 
@@ -89,10 +93,6 @@ def _train(config, workdir: str, progress: bool | None, t_start: float) -> dict[
     algorithm = build_algorithm(run, config)
     evaluate = evaluate_lib.run_evaluator(run)
     paths.makedirs(workdir)
-    if lead:   # the config this run uses, readable before it ends
-        metrics_lib.write_atomic(os.path.join(workdir, "config.json"),
-                                 json.dumps(config.to_dict(), indent=2,
-                                            default=run_summary.jsonable))
     ckpt = checkpoint.open_run(workdir, config)
     restored = ckpt and checkpoint.restore_run(ckpt, config, run.init_params, run.train_key,
                                                run.assignment)
@@ -104,6 +104,15 @@ def _train(config, workdir: str, progress: bool | None, t_start: float) -> dict[
         params = build.load_pretrained(config, run.model, run.init_params) if may_resume \
             else run.init_params
         state, history, rounds = algorithm.init(params), [], []
+    if lead:   # the config this run uses (accepted: a refused resume stopped above)
+        metrics_lib.write_atomic(os.path.join(workdir, "config.json"),
+                                 json.dumps(config.to_dict(), indent=2,
+                                            default=run_summary.jsonable))
+    if (restored and state.round == config.num_rounds and history
+            and history[-1]["round"] == state.round):
+        # A finished run asked again: its last evaluation with today's evaluation settings
+        # (eval.* may change on resume); the same numbers when they did not change.
+        history[-1] = {**history[-1], **evaluate(state.params, state.round)}
     start = state.round
     # Levels whose initial sub-model is cut off from the input (a note, not an error); a
     # method reading out at early exits drops the deeper layers on purpose.

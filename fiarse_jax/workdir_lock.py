@@ -10,8 +10,9 @@ dies, so a lock left by a killed run is simply taken over.
 
 Limits: a ``gs://`` (or other URL) workdir has no file lock — runs there are not guarded
 (use one workdir per run); on a network filesystem ``flock`` is as good as its server's
-locking. Only process 0 of a multi-process run takes the lock. Without ``fcntl``
-(Windows) nothing is locked.
+locking. A multi-process run (``jax.process_count() > 1``: its workdir is shared, usually
+``gs://``) is not locked either: a refusal on one process would leave the others waiting
+in collectives. Without ``fcntl`` (Windows) nothing is locked.
 """
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ except ImportError:   # Windows: no locking
 LOCK_NAME = ".fiarse_lock"
 
 
+class WorkdirBusy(ConfigError):
+    """Another process holds the workdir's lock (a one-line ``ConfigError``)."""
+
+
 def _holder(path: str) -> str:
     """Who holds the lock, as the holder wrote it (or 'another process')."""
     try:
@@ -52,7 +57,7 @@ def hold(workdir: str) -> Iterator[None]:
     """Hold ``workdir``'s lock for the block; ``ConfigError`` (one line naming the holder)
     when another process holds it. Creates ``workdir`` (local paths), and removes it again
     when the block wrote nothing there (a run stopped by a bad config leaves nothing)."""
-    if fcntl is None or not paths.is_local(workdir) or jax.process_index() != 0:
+    if fcntl is None or not paths.is_local(workdir) or jax.process_count() > 1:
         yield
         return
     created = not os.path.exists(workdir)
@@ -63,7 +68,7 @@ def hold(workdir: str) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise ConfigError(f"--workdir {workdir!r} is in use by {_holder(path)}: wait for it "
+        raise WorkdirBusy(f"--workdir {workdir!r} is in use by {_holder(path)}: wait for it "
                           "to finish or use another --workdir (its lock: "
                           f"{path})") from None
     try:

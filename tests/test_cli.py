@@ -192,3 +192,24 @@ def test_benchmark_memory_measure_sees_the_round_inputs_and_streaming_save_memor
         assert stream["compiled_peak_mb"] <= stack["compiled_peak_mb"]
     suite._with_per_client(rows)
     assert [("per_client_mb" in x) for x in rows] == [False, False, True, True]
+
+
+def test_the_model_switch_reads_values_as_the_new_models_field_types(capsys):
+    from fiarse_jax import main
+    argv = ["fiarse-jax", "--config", CONFIG, "--config.model.name", "mlp",
+            "--config.model.early_exits=FALSE", "--config.model.hidden_sizes=64", "--workdir", "w"]
+    assert main.take_model_switch(argv) == ["fiarse-jax", "--config", CONFIG, "--workdir", "w"]
+    assert main._MODEL_SWITCH == {"name": "mlp", "early_exits": "FALSE", "hidden_sizes": "64"}
+    assert main._model_value("mlp", "early_exits", "FALSE") is False
+    assert main._model_value("mlp", "hidden_sizes", "64") == (64,)
+    assert main._model_value("cnn", "features", "[8, 16]") == (8, 16)
+    assert main._model_value("resnet18", "conv", "patches") == "patches"
+    # No model.name, or no --config: nothing is taken, and a stale switch is cleared.
+    plain = ["fiarse-jax", "--config", CONFIG, "--config.model.hidden_sizes=(8,)"]
+    assert main.take_model_switch(plain) is plain and main._MODEL_SWITCH == {}
+    bare = ["fiarse-jax", "--config.model.name=cnn"]
+    assert main.take_model_switch(bare) is bare
+    with pytest.raises(SystemExit) as done:
+        main._model_value("mlp", "early_exits", "maybe")
+    assert done.value.code == 2
+    assert "--config.model.early_exits=maybe: expected true or false" in capsys.readouterr().err

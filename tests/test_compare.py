@@ -152,3 +152,38 @@ def test_only_methods_that_train_exit_heads_are_built_with_them():
         assert len(with_heads) > len(without) and set(without) <= set(with_heads)
         for k, v in without.items():
             np.testing.assert_array_equal(v, with_heads[k], err_msg=f"{name} {k}")
+
+
+def test_a_finished_run_is_read_back_only_when_it_measured_the_same_thing(tmp_path):
+    from fiarse_jax import train
+    c = tiny()
+    c.num_rounds, c.eval_every = 2, 2
+    run = str(tmp_path / "run")
+    first = train.train_and_evaluate(c, run)
+    assert compare.finished_summary(run, c) == json.loads(
+        json.dumps(first, default=str))                            # read back as it is
+    moved = c.copy_and_resolve_references()
+    moved.engine.rounds_per_program = 1                            # how, not what: still read
+    assert compare.finished_summary(run, moved) is not None
+    for field, value in (("global_order", "dataset"), ("batch_size", 7)):
+        other = c.copy_and_resolve_references()
+        other.eval[field] = value                                  # another measurement
+        assert compare.finished_summary(run, other) is None, field
+    longer = c.copy_and_resolve_references()
+    longer.num_rounds = 3
+    assert compare.finished_summary(run, longer) is None
+    # Rerun with the other order: the finished run is re-evaluated, not reported stale.
+    other = c.copy_and_resolve_references()
+    other.eval.global_order = "dataset"
+    again = train.train_and_evaluate(other, run)
+    assert again["global_test"]["order"] == "dataset" and again["final"]["round"] == 2
+    assert again["final"]["global_accuracy"] == first["final"]["global_accuracy"]   # no BN
+
+
+def test_a_busy_run_directory_stops_the_comparison_instead_of_racing_it(tmp_path):
+    from fiarse_jax import workdir_lock
+    with workdir_lock.hold(str(tmp_path / "cmp" / "heterofl")):   # another command's run
+        with pytest.raises(workdir_lock.WorkdirBusy, match="is in use by process"):
+            compare.compare(tiny(), ["fiarse", "heterofl", "fedavg_full"], str(tmp_path / "cmp"))
+    assert (tmp_path / "cmp" / "fiarse" / "summary.json").exists()      # the one before it
+    assert not (tmp_path / "cmp" / "fedavg_full").exists()              # none after it

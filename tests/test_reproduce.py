@@ -123,3 +123,39 @@ def test_reproduce_checks_every_variant_before_any_run(tmp_path):
     c.paper = "mnist"
     with pytest.raises(ConfigError, match="config.paper = 'mnist'"):
         reproduce.reproduce(c, str(tmp_path / "r"))
+
+
+def _fake(local, glob, labels, paper_key="cifar10_four", method="fiarse"):
+    """One variant's ``numbers`` entry with the given accuracies (%)."""
+    ref = reproduce.PAPER.get(paper_key, {}).get(method, {})
+    return {"local": local, "sizes": {l: local for l in labels}, "global": glob,
+            "capacity_global": {l: glob for l in labels}, "full_model": glob,
+            "params_held": {l: 10 for l in labels}, "kept_fraction": {l: 0.5 for l in labels},
+            "exit_params_held": {l: None for l in labels},
+            "paper": {"local": ref.get("local"),
+                      "sizes": {l: ref.get("sizes", {}).get(l) for l in labels},
+                      "global": ref.get("global")}}
+
+
+def test_report_keeps_a_variant_missing_from_the_first_seed_and_odd_sizes():
+    labels = ["1/2", "1"]            # sizes the paper's table does not have
+    per_seed = {0: {"fiarse_masked": _fake(40.0, 38.0, labels)},
+                1: {"fiarse_masked": _fake(42.0, 39.0, labels),
+                    "heterofl": _fake(30.0, 29.0, labels, method="heterofl")},
+                2: {"fiarse_masked": _fake(44.0, 40.0, labels),
+                    "heterofl": _fake(34.0, 31.0, labels, method="heterofl")}}
+    agg = reproduce.aggregate(per_seed)
+    assert list(agg) == ["fiarse_masked", "heterofl"]     # failed in seed 0, not dropped
+    assert agg["heterofl"]["local"]["seeds"] == [30.0, 34.0]
+    assert agg["heterofl"]["num_seeds"] == 2
+    text = reproduce.markdown(per_seed, labels, {"heterofl (seed 0)": "boom"}, "cifar10_four",
+                              {"data": "x", "global test": "y"})
+    row = next(r for r in text.splitlines() if r.startswith("| `heterofl` |"))
+    assert "32.00 ± 2.83 (68.88, -36.88)" in row           # overall local beside the paper's
+    assert "heads n/a" in text                              # a summary without the field
+    assert "`fiarse_masked` − `heterofl`, local: +11.00 ± 1.41, above in 2 of 2 seeds" in text
+    one = {0: {"fiarse_masked": _fake(40.0, 38.0, labels)},
+           1: {"fiarse_masked": _fake(42.0, 39.0, labels), "heterofl": _fake(30.0, 29.0, labels)}}
+    row = next(r for r in reproduce.markdown(one, labels, {}, "", {"data": "x"}).splitlines()
+               if r.startswith("| `heterofl` |"))
+    assert "30.00 (1 seed)" in row                          # not "± 0.00"

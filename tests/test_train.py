@@ -223,6 +223,8 @@ def test_a_stale_lock_is_taken_over_and_overwrite_starts_over(tmp_path):
     fewer = small_config(num_rounds=1, eval_every=1, checkpoint_every=1)
     with pytest.raises(ConfigError, match="already at round 2"):
         train.train_and_evaluate(fewer, str(tmp_path))
+    # A refused resume leaves the run's config.json as it was.
+    assert json.loads((tmp_path / "config.json").read_text())["num_rounds"] == 2
     summary = train.train_and_evaluate(fewer, str(tmp_path), overwrite=True)
     assert summary["resumed_from_round"] is None and summary["final"]["round"] == 1
     rows = [json.loads(l) for l in (tmp_path / "rounds.jsonl").read_text().splitlines()]
