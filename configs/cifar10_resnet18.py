@@ -17,9 +17,10 @@ CIFAR-100 runs; exits = config.model.early_exits = True (an exit head after stag
 
 Paper numbers to reproduce (four sizes, global scope; per-size local accuracy
 1/64, 1/16, 1/4, 1, then global): FIARSE 73.12 / 77.20 / 77.24 / 82.04, global 73.75;
-global for HeteroFL 66.05, FedRolex 65.98, ScaleFL 67.37. The four methods from one
-command (one model for all: with `exits` the other methods carry the three untrained exit
-heads, 4,510 of 11.18 M parameters; see docs/scalefl.md):
+global for HeteroFL 66.05, FedRolex 65.98, ScaleFL 67.37 (every cell: fiarse_jax.reproduce.
+PAPER). The four methods from one command (`compare` and `reproduce` build the exit heads
+only for scalefl, which trains them; the others get the same ResNet without heads, every
+other parameter starting the same):
   fiarse-jax compare --config configs/cifar10_resnet18.py:four,global,exits \
       --methods fiarse,heterofl,fedrolex,scalefl --workdir runs/c10_cmp
 (`--config.model.early_exits=True` does the same as `exits`.) `scalefl` alone:
