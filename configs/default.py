@@ -4,6 +4,11 @@
 contiguous groups, 10 clients per round, K = 20 local SGD steps (lr 0.1, batch 20),
 global magnitude thresholds and the paper's Eq. 3 gradient.
 
+At round 0 the 1/16 level keeps only first-layer weights (global θ above every output
+weight at initialisation), so its first updates are 0 and its output ignores the input
+until the shared weights grow into its budget: the method, not a bug; the run prints a
+note and summary.json records it (disconnected_at_start; fiarse_jax/connectivity.py).
+
 Run:
   fiarse-jax --config configs/default.py --workdir runs/default
 Override any field, e.g.:
