@@ -402,7 +402,13 @@ def run_facts(config, configs: dict, summaries: dict, labels: Sequence[str],
     done = [s for per in summaries.values() for s in per.values()]
     first = done[0] if done else {}
     order = config.get("eval", {}).get("global_order", "clients")
-    models = {v: ", ".join(f"{k}={x}" for k, x in c.model.items()) for v, c in configs.items()}
+    fields = {v: dict(c.model.items()) for v, c in configs.items()}
+    first_fields = next(iter(fields.values()))
+    common = {k: x for k, x in first_fields.items()
+              if all(f.get(k, object()) == x for f in fields.values())}
+    odd = {v: {k: x for k, x in f.items() if k not in common} for v, f in fields.items()}
+    model = ", ".join(f"{k}={x}" for k, x in common.items()) + "".join(
+        f"; `{v}`: " + ", ".join(f"{k}={x}" for k, x in o.items()) for v, o in odd.items() if o)
     return {
         "data": f"{config.data.name} ({config.data.get('data_dir') or 'built in'})",
         "federation": f"{config.data.num_clients} clients, {config.clients_per_round} per "
@@ -414,8 +420,7 @@ def run_facts(config, configs: dict, summaries: dict, labels: Sequence[str],
                            "order (pooled clients' tests in a fixed mixed order where the "
                            "partition leaves no test split whole)")
                         + f" (eval.global_order = {order!r})"),
-        "model": "; ".join(f"{v}: {m}" for v, m in models.items())
-                 if len(set(models.values())) > 1 else next(iter(models.values())),
+        "model": model,
         "schedule": f"{config.num_rounds} rounds, K = {config.client.local_steps} "
                     f"{config.client.optimizer} steps (lr {config.client.learning_rate}, batch "
                     f"{config.client.batch_size}); evaluation batch "
