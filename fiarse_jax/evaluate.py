@@ -74,6 +74,131 @@ def resolve_levels(mode: str, backend: str | None = None) -> str:
     return "map" if backend == "cpu" else "vmap"
 
 
+def batch_steps(index: np.ndarray, x: np.ndarray, y: np.ndarray, spare: np.ndarray,
+                samples_per_step: int, side_by_side: int = 1) -> tuple:
+    """Batches ``index`` [n, length] (-1: none) as arrays [steps, step, length, ...] in steps
+    of about ``samples_per_step`` samples (over ``side_by_side`` sub-models run at once), the
+    last step filled with repeats (of ``spare``'s batches where ``index`` has none); returns
+    (x, y, index), the index padded with -1 (the repeats' results are dropped)."""
+    step = max(1, min(len(index), samples_per_step // (index.shape[1] * side_by_side)))
+    total = -(-len(index) // step) * step
+    real = index[index[:, 0] >= 0]
+    take = np.resize(real if len(real) else spare, (total, index.shape[1]))
+    index = np.concatenate([index, np.full((total - len(index), index.shape[1]), -1)])
+    shape = (total // step, step, index.shape[1])
+    return x[take].reshape(shape + x.shape[1:]), y[take].reshape(shape), index.reshape(shape)
+
+
+def evaluation_plan(data: FederatedData, assignment: np.ndarray, num_levels: int, *,
+                    batch_size: int, samples_per_step: int, side_by_side: int = 1
+                    ) -> tuple[dict, dict]:
+    """The test batches of one evaluation, in NumPy: global ``{length: (x, y, index)}``
+    (``batch_steps`` of the global test set cut in order); local the same with a leading
+    level axis — each client's test split cut alone, grouped by its client's level, each
+    level's batches padded to the longest level's count."""
+    gx, gy = (np.asarray(a) for a in data.global_test())
+    lx, ly = np.asarray(data.test_x), np.asarray(data.test_y)
+    owner = np.asarray(data.test_client)
+    glob = {n: batch_steps(b, gx, gy, b, samples_per_step, side_by_side)
+            for n, b in batch_plan([np.arange(len(gy))], batch_size).items()}
+    local = {}
+    for n, b in batch_plan([np.flatnonzero(owner == c) for c in np.unique(owner)],
+                           batch_size).items():
+        level_of = assignment[owner[b[:, 0]]]
+        most = np.bincount(level_of, minlength=num_levels).max()
+        per = []
+        for lvl in range(num_levels):
+            mine = b[level_of == lvl]
+            padded = np.concatenate([mine, np.full((most - len(mine), n), -1)])
+            per.append(batch_steps(padded, lx, ly, b, samples_per_step, side_by_side))
+        local[n] = tuple(np.stack(a) for a in zip(*per))
+    return glob, local
+
+
+def evaluation_metrics(scores: tuple[dict, dict], glob_index: dict, local_index: dict,
+                       data: FederatedData, assignment: np.ndarray, labels: Sequence[str],
+                       honest: np.ndarray | None = None) -> dict:
+    """The metrics dict from the scorer's host results: ``scores`` = (per global length the
+    full model's (correct, loss) and every level's correct; per local length every level's
+    correct), placed back on their samples by the plan's indices (-1: a repeat, dropped)."""
+    g, l = scores
+    test_client = np.asarray(data.test_client)
+    sample_level = np.asarray(assignment)[test_client]
+    n_global = len(data.global_test()[1])
+    correct, loss = np.zeros(n_global), np.zeros(n_global)
+    level_global = np.zeros((len(labels), n_global))
+    for n, idx in glob_index.items():
+        real = idx >= 0
+        correct[idx[real]], loss[idx[real]] = g[n][0][real], g[n][1][real]
+        level_global[:, idx[real]] = g[n][2][:, real]
+    c = np.zeros(len(test_client))   # 1/0 per local test sample, by its client's level
+    for n, idx in local_index.items():
+        real = idx >= 0
+        c[idx[real]] = l[n][real]
+    out = {"global_accuracy": float(correct.mean()), "global_loss": float(loss.mean()),
+           "local_accuracy": {}, "local_accuracy_client_mean": {},
+           "capacity_global_accuracy": {}}
+    if honest is not None:
+        out["local_accuracy_honest"] = {}
+    num_clients = len(assignment)
+    for lvl, label in enumerate(labels):
+        own = sample_level == lvl
+        out["capacity_global_accuracy"][label] = float(level_global[lvl].mean())
+        per_client_n = np.bincount(test_client[own], minlength=num_clients)
+        per_client_c = np.bincount(test_client[own], weights=c[own], minlength=num_clients)
+        has = per_client_n > 0
+        out["local_accuracy"][label] = float(c[own].mean()) if own.any() else float("nan")
+        if honest is not None:
+            mine = own & honest[test_client]
+            out["local_accuracy_honest"][label] = (float(c[mine].mean()) if mine.any()
+                                                   else float("nan"))
+        out["local_accuracy_client_mean"][label] = (
+            float((per_client_c[has] / per_client_n[has]).mean()) if has.any() else float("nan"))
+    return out
+
+
+def make_scorer(logits_fn: Callable[..., jax.Array], policy: MaskPolicy, num_levels: int, *,
+                key: jax.Array, transform: Callable[[jax.Array], jax.Array] | None = None,
+                mode: str = "map", options: dict | None = None) -> Callable:
+    """The jitted ``score(params, round_state, glob, local)``: ``glob`` {length: (x, y)}
+    batches [steps, step, length, ...], ``local`` the same with a leading level axis. Per
+    global length the full model's (correct, loss) and every level's correct [levels, ...];
+    per local length every level's correct on its own batches. Each level's sub-model is
+    extracted once (as a client of that level computes with it: x ⊙ 1[|x| ≥ θ] for FIARSE;
+    with HeteroFL's scaler on, the 1/r scale it was trained with); each batch is normalised
+    on its own; the levels run side by side (``mode="vmap"``) or one after another."""
+    def one(params, spec, xb, yb):   # one batch, normalised on its own
+        if transform is not None:
+            xb = transform(xb)
+        logits = logits_fn(params, xb, spec)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), yb)
+        return jnp.argmax(logits, -1) == yb, loss
+
+    def batches(params, spec, x, y):
+        """x: [steps, step, length, ...] -> (correct, loss) [steps, step, length]."""
+        run = jax.vmap(functools.partial(one, params, spec))
+        if len(x) == 1:   # one step: no loop
+            return jax.tree.map(lambda a: a[None], run(x[0], y[0]))
+        return lax.map(lambda b: run(*b), (x, y))
+
+    @functools.partial(engine.jit, options=options or {})
+    def score(params, round_state, glob, local):
+        def level(lvl, own):
+            spec = policy.client_spec(round_state, lvl, key)
+            sub = policy.apply(params, spec)
+            return ({n: batches(sub, spec, x, y)[0] for n, (x, y) in glob.items()},
+                    {n: batches(sub, spec, x, y)[0] for n, (x, y) in own.items()})
+        ids = jnp.arange(num_levels, dtype=jnp.int32)
+        if mode == "vmap":
+            levels_g, levels_l = jax.vmap(level)(ids, local)
+        else:
+            levels_g, levels_l = lax.map(lambda a: level(*a), (ids, local))
+        return ({n: (*batches(params, None, x, y), levels_g[n]) for n, (x, y) in glob.items()},
+                levels_l)
+
+    return score
+
+
 def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
                    capacities: Sequence[float], assignment: np.ndarray, *,
                    batch_size: int = 20, key: jax.Array | None = None,
@@ -81,7 +206,10 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
                    samples_per_step: int = 1280,
                    honest: np.ndarray | None = None,
                    xla: str = "auto", levels: str = "auto") -> Callable[..., dict]:
-    """``evaluate(params, round_state, data) -> metrics dict`` (see module docstring).
+    """``evaluate(params, round_state, data) -> metrics dict`` (see module docstring): the
+    batches planned once per dataset in NumPy (``evaluation_plan``) and kept on the device,
+    one jitted program and one host sync per evaluation (``make_scorer``), the metrics on
+    the host (``evaluation_metrics``).
 
     ``assignment[c]`` is the capacity level index of client ``c``;
     ``logits_fn(params, x, spec=None)`` (``spec`` picks a sub-model's readout head);
@@ -99,86 +227,18 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
     honest = None if honest is None else np.asarray(honest, bool)
     mode = resolve_levels(levels)
     labels = [capacity_label(r) for r in capacities]
-    num_levels = len(labels)
-    side_by_side = num_levels if mode == "vmap" else 1   # sub-models run at once
     assignment = np.asarray(assignment)
-    key = jax.random.PRNGKey(0) if key is None else key
-    options = engine.compiler_options(xla)
-
-    def one(params, spec, xb, yb):   # one batch, normalised on its own
-        if transform is not None:
-            xb = transform(xb)
-        logits = logits_fn(params, xb, spec)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), yb)
-        return jnp.argmax(logits, -1) == yb, loss
-
-    def batches(params, spec, x, y):
-        """x: [steps, step, length, ...] -> (correct, loss) [steps, step, length]."""
-        run = jax.vmap(functools.partial(one, params, spec))
-        if len(x) == 1:   # one step: no loop
-            return jax.tree.map(lambda a: a[None], run(x[0], y[0]))
-        return lax.map(lambda b: run(*b), (x, y))
-
-    def extract(params, round_state, level):
-        # The sub-model as a client of this level computes with it: x ⊙ 1[|x| ≥ θ] for
-        # FIARSE; with HeteroFL's scaler on, the 1/r scale it was trained with (a norm
-        # layer after it, as in ResNet-18, absorbs it; the MLP/CNN have none).
-        spec = policy.client_spec(round_state, level, key)
-        return policy.apply(params, spec), spec
-
-    @functools.partial(engine.jit, options=options)
-    def score(params, round_state, glob, local):
-        """The whole evaluation: ``glob`` {length: (x, y)} batches [steps, step, length, ...],
-        ``local`` the same with a leading level axis. Per global length the full model's
-        (correct, loss) and every level's correct [levels, ...]; per local length every
-        level's correct on its own batches. Each level's sub-model is extracted once."""
-        def level(lvl, own):
-            sub, spec = extract(params, round_state, lvl)
-            return ({n: batches(sub, spec, x, y)[0] for n, (x, y) in glob.items()},
-                    {n: batches(sub, spec, x, y)[0] for n, (x, y) in own.items()})
-        ids = jnp.arange(num_levels, dtype=jnp.int32)
-        if mode == "vmap":
-            levels_g, levels_l = jax.vmap(level)(ids, local)
-        else:
-            levels_g, levels_l = lax.map(lambda a: level(*a), (ids, local))
-        return ({n: (*batches(params, None, x, y), levels_g[n]) for n, (x, y) in glob.items()},
-                levels_l)
-
-    def steps(index: np.ndarray, x: np.ndarray, y: np.ndarray, spare: np.ndarray):
-        """Batches ``index`` [n, length] (-1: none) as arrays [steps, step, length, ...] in
-        steps of about ``samples_per_step`` samples, the last step filled with
-        repeats (of ``spare``'s batches where ``index`` has none); the index padded with -1."""
-        step = max(1, min(len(index), samples_per_step // (index.shape[1] * side_by_side)))
-        total = -(-len(index) // step) * step
-        real = index[index[:, 0] >= 0]
-        take = np.resize(real if len(real) else spare, (total, index.shape[1]))
-        index = np.concatenate([index, np.full((total - len(index), index.shape[1]), -1)])
-        shape = (total // step, step, index.shape[1])
-        return x[take].reshape(shape + x.shape[1:]), y[take].reshape(shape), index.reshape(shape)
-
-    plans: dict[int, tuple] = {}   # id(data) -> (data, global plan, local plan)
+    score = make_scorer(logits_fn, policy, len(labels),
+                        key=jax.random.PRNGKey(0) if key is None else key,
+                        transform=transform, mode=mode, options=engine.compiler_options(xla))
+    plans: dict[int, tuple] = {}   # id(data) -> (data, global plan, local plan), one dataset
 
     def plan(data: FederatedData):
-        """The batches on the device, built once per dataset: global ``{length: (x, y,
-        index)}`` (``steps``); local the same with a leading level axis, each level's
-        batches padded to the longest level's count."""
         if id(data) not in plans or plans[id(data)][0] is not data:
-            gx, gy = (np.asarray(a) for a in data.global_test())
-            lx, ly = np.asarray(data.test_x), np.asarray(data.test_y)
-            owner = np.asarray(data.test_client)
-            glob = {n: steps(b, gx, gy, b)
-                    for n, b in batch_plan([np.arange(len(gy))], batch_size).items()}
-            local = {}
-            for n, b in batch_plan([np.flatnonzero(owner == c) for c in np.unique(owner)],
-                                   batch_size).items():
-                level_of = assignment[owner[b[:, 0]]]
-                most = np.bincount(level_of, minlength=num_levels).max()
-                per = []
-                for lvl in range(num_levels):
-                    mine = b[level_of == lvl]
-                    padded = np.concatenate([mine, np.full((most - len(mine), n), -1)])
-                    per.append(steps(padded, lx, ly, b))
-                local[n] = tuple(np.stack(a) for a in zip(*per))
+            glob, local = evaluation_plan(
+                data, assignment, len(labels), batch_size=batch_size,
+                samples_per_step=samples_per_step,
+                side_by_side=len(labels) if mode == "vmap" else 1)
             # The test batches on the device (host arrays: no compiled ops), once per dataset.
             glob, local = ({n: (*jax.device_put((x, y)), i) for n, (x, y, i) in d.items()}
                            for d in (glob, local))
@@ -188,42 +248,12 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
 
     def evaluate(params, round_state, data: FederatedData) -> dict:
         glob, local = plan(data)
-        test_client = np.asarray(data.test_client)
-        num_clients = len(assignment)
-        sample_level = assignment[test_client]
-        n_global = len(data.global_test()[1])
-        correct, loss = np.zeros(n_global), np.zeros(n_global)
-        level_global = np.zeros((num_levels, n_global))
-        g, l = jax.device_get(score(params, round_state,
-                                    {n: (x, y) for n, (x, y, _) in glob.items()},
-                                    {n: (x, y) for n, (x, y, _) in local.items()}))
-        for n, (_, _, idx) in glob.items():
-            real = idx >= 0
-            correct[idx[real]], loss[idx[real]] = g[n][0][real], g[n][1][real]
-            level_global[:, idx[real]] = g[n][2][:, real]
-        c = np.zeros(len(test_client))   # 1/0 per local test sample, by its client's level
-        for n, (_, _, idx) in local.items():
-            real = idx >= 0
-            c[idx[real]] = l[n][real]
-        out = {"global_accuracy": float(correct.mean()), "global_loss": float(loss.mean()),
-               "local_accuracy": {}, "local_accuracy_client_mean": {},
-               "capacity_global_accuracy": {}}
-        if honest is not None:
-            out["local_accuracy_honest"] = {}
-        for lvl, label in enumerate(labels):
-            own = sample_level == lvl
-            out["capacity_global_accuracy"][label] = float(level_global[lvl].mean())
-            per_client_n = np.bincount(test_client[own], minlength=num_clients)
-            per_client_c = np.bincount(test_client[own], weights=c[own], minlength=num_clients)
-            has = per_client_n > 0
-            out["local_accuracy"][label] = float(c[own].mean()) if own.any() else float("nan")
-            if honest is not None:
-                mine = own & honest[test_client]
-                out["local_accuracy_honest"][label] = (float(c[mine].mean()) if mine.any()
-                                                       else float("nan"))
-            out["local_accuracy_client_mean"][label] = (
-                float((per_client_c[has] / per_client_n[has]).mean()) if has.any() else float("nan"))
-        return out
+        scores = jax.device_get(score(params, round_state,
+                                      {n: (x, y) for n, (x, y, _) in glob.items()},
+                                      {n: (x, y) for n, (x, y, _) in local.items()}))
+        return evaluation_metrics(scores, {n: i for n, (_, _, i) in glob.items()},
+                                  {n: i for n, (_, _, i) in local.items()}, data, assignment,
+                                  labels, honest)
 
     return evaluate
 
