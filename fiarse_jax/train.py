@@ -104,26 +104,13 @@ def _train(config, workdir: str, progress: bool | None, t_start: float) -> dict[
         params = build.load_pretrained(config, run.model, run.init_params) if may_resume \
             else run.init_params
         state, history, rounds = algorithm.init(params), [], []
-    if lead:   # the config this run uses (accepted: a refused resume stopped above)
-        metrics_lib.write_atomic(os.path.join(workdir, "config.json"),
-                                 json.dumps(config.to_dict(), indent=2,
-                                            default=run_summary.jsonable))
     if (restored and state.round == config.num_rounds and history
             and history[-1]["round"] == state.round):
         # A finished run asked again: its last evaluation with today's evaluation settings
         # (eval.* may change on resume); the same numbers when they did not change.
         history[-1] = {**history[-1], **evaluate(state.params, state.round)}
     start = state.round
-    # Levels whose initial sub-model is cut off from the input (a note, not an error); a
-    # method reading out at early exits drops the deeper layers on purpose.
-    disconnected = {} if policies.uses_exits(config.method) else connectivity.disconnected_levels(
-        run.policy, run.model, run.init_params, run.eval_state(run.init_params, 0),
-        [capacity_label(c) for c in run.capacities], run.eval_key)
-    if start == 0 and lead:   # who holds what, written before any training
-        metrics_lib.write_atomic(os.path.join(workdir, "partition.json"),
-                                 json.dumps(federated_summary(run.data)))
-        if disconnected:
-            print(f"fiarse-jax: {connectivity.note(disconnected)}", file=sys.stderr, flush=True)
+    disconnected = _start_files(run, config, workdir, fresh=start == 0, lead=lead)
     # The JSON-lines files are rewritten from the checkpoint's rows, so rounds a killed
     # run logged after its last checkpoint are not duplicated.
     writer = (metrics_lib.MetricWriter(workdir, evals=history, rounds=rounds,
@@ -175,6 +162,26 @@ def _train(config, workdir: str, progress: bool | None, t_start: float) -> dict[
         metrics_lib.write_atomic(os.path.join(workdir, "summary.json"),
                                  json.dumps(summary, indent=2, default=run_summary.jsonable))
     return summary
+
+
+def _start_files(run, config, workdir: str, *, fresh: bool, lead: bool) -> dict:
+    """What a run writes before training: ``config.json`` (the config accepted), and on a
+    fresh start ``partition.json`` and the note on levels whose initial sub-model is cut off
+    from the input (``connectivity``; not for a method reading out at early exits, which
+    drops the deeper layers on purpose). Returns those levels (``disconnected_at_start``)."""
+    disconnected = {} if policies.uses_exits(config.method) else connectivity.disconnected_levels(
+        run.policy, run.model, run.init_params, run.eval_state(run.init_params, 0),
+        [capacity_label(c) for c in run.capacities], run.eval_key)
+    if not lead:
+        return disconnected
+    metrics_lib.write_atomic(os.path.join(workdir, "config.json"),
+                             json.dumps(config.to_dict(), indent=2, default=run_summary.jsonable))
+    if fresh:   # who holds what, written before any training
+        metrics_lib.write_atomic(os.path.join(workdir, "partition.json"),
+                                 json.dumps(federated_summary(run.data)))
+        if disconnected:
+            print(f"fiarse-jax: {connectivity.note(disconnected)}", file=sys.stderr, flush=True)
+    return disconnected
 
 
 def _log_rounds(block, first: int, rounds: list, writer, config) -> None:
