@@ -123,13 +123,21 @@ def test_a_second_run_into_a_busy_workdir_and_ctrl_c_are_one_line_each(tmp_path)
     import signal
     import time
     work = tmp_path / "run"
+    # SIGINT back to its default in the child: a test run started in the background (nohup,
+    # `&`) ignores it, and a Python started with it ignored never raises KeyboardInterrupt.
     p = subprocess.Popen([sys.executable, "-m", "fiarse_jax", "--config", CONFIG, "--workdir",
                           str(work), "--config.num_rounds=100000", "--config.eval_every=2",
                           "--config.checkpoint_every=2", "--config.tensorboard=False"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    def saved():   # any finished checkpoint (only the last two are kept: 2 may be gone)
+        d = work / "checkpoints"
+        return d.is_dir() and any(n.isdigit() for n in os.listdir(d))
+
     deadline = time.time() + 240
-    while time.time() < deadline and not (work / "checkpoints" / "2").is_dir():
-        time.sleep(0.5)
+    while time.time() < deadline and not saved():
+        time.sleep(0.2)
+    assert saved(), "the run saved no checkpoint in 240 s"
     # A second run into the same workdir: refused, naming the holder, touching nothing.
     before = {f.name: f.stat().st_mtime_ns for f in work.iterdir() if f.is_file()}
     r = cli("--config", CONFIG, "--workdir", str(work), "--config.num_rounds=100000",
@@ -141,7 +149,10 @@ def test_a_second_run_into_a_busy_workdir_and_ctrl_c_are_one_line_each(tmp_path)
     assert not any(f.stat().st_mtime_ns != before[f.name] for f in work.iterdir()
                    if f.name in before and f.name not in ("metrics.jsonl", "rounds.jsonl"))
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    try:
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
     assert p.returncode == 130, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("fiarse-jax: interrupted; the last checkpoint is round ")

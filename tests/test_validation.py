@@ -63,9 +63,13 @@ def test_accepted_clients_aggregate_like_the_honest_ones_alone(name):
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(agg))
     keep = np.array(EXPECTED) == OK
     honest = jax.tree_util.tree_map(lambda x: x[keep], (deltas, masks))
-    # multi-Krum keeps n − f = 8 clients: all 6 accepted ones, so it is their mean.
-    want = aggregate_deltas("mean", *honest) if name == "multi_krum" else \
-        aggregate_deltas(name, *honest, **OPTIONS[name])
+    if name == "multi_krum":   # m = p − f over the accepted: its picks among them (NumPy)
+        from test_aggregators import np_krum_select
+        f = OPTIONS[name]["num_byzantine"]
+        picked = np_krum_select(*honest, f, int(keep.sum()) - f)
+        want = aggregate_deltas("mean", *honest, client_weights=picked.astype(np.float32))
+    else:
+        want = aggregate_deltas(name, *honest, **OPTIONS[name])
     chex.assert_trees_all_close((agg, counts), want, rtol=1e-5, atol=1e-6)
 
 
