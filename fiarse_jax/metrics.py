@@ -32,10 +32,15 @@ def _rows(rows: Sequence[dict]) -> str:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """The rows of a JSON-lines file ([] if it does not exist)."""
+    """The rows of a JSON-lines file ([] if it does not exist). A last line without its
+    newline (a running run caught mid-write, e.g. by ``fiarse-jax plot``) is left out."""
     if not paths.exists(path):
         return []
-    return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
+    text = paths.read_text(path)
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines = lines[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def scalars(row: dict[str, Any], prefix: str = "") -> dict[str, float]:

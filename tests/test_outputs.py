@@ -199,3 +199,11 @@ def test_a_read_only_export_target_is_one_line(runs, monkeypatch, capsys):
     assert done.value.code == 2
     assert capsys.readouterr().err == ("fiarse-jax: error: cannot write '/read-only/sub.npz' "
                                        "(Permission denied)\n")
+
+
+def test_a_json_lines_file_caught_mid_write_reads_its_whole_rows(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"round": 1}\n{"round": 2}\n{"round": 3, "glob')   # a run mid-write
+    assert read_jsonl(str(path)) == [{"round": 1}, {"round": 2}]
+    path.write_text('{"round": 1}\n{"round": 2}\n')
+    assert read_jsonl(str(path)) == [{"round": 1}, {"round": 2}]
