@@ -252,10 +252,16 @@ class Restored(NamedTuple):
     reputation: list | None  # [[screened, flagged], ...] per client (None: not recorded)
 
 
+def saved_rounds(workdir: str) -> list[int]:
+    """The rounds of ``workdir``'s finished checkpoints (step directories are bare integers;
+    a save in flight is not one yet), ascending; [] when there is none."""
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in paths.listdir(d) if n.isdigit()) if paths.isdir(d) else []
+
+
 def has_checkpoints(workdir: str) -> bool:
     """Whether ``workdir`` holds a checkpoint directory with a step in it."""
-    d = os.path.join(workdir, "checkpoints")
-    return paths.isdir(d) and any(n.isdigit() for n in paths.listdir(d))
+    return bool(saved_rounds(workdir))
 
 
 def open_run(workdir: str, config) -> RunCheckpoints | None:

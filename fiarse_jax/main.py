@@ -26,7 +26,17 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from fiarse_jax import catalog, compare, export, paths, plots, report, reproduce, robustness, train
+from fiarse_jax import (
+    catalog,
+    checkpoint,
+    compare,
+    export,
+    plots,
+    report,
+    reproduce,
+    robustness,
+    train,
+)
 from fiarse_jax.config import ConfigError, validate_config
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -124,7 +134,7 @@ def main(argv: list[str]) -> None:
     command = argv[1] if len(argv) > 1 else "train"
     if command not in COMMANDS or len(argv) > 2:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}; "
-                             f"sub-commands: {', '.join(COMMANDS)} (train is the default)")
+              f"sub-commands: {', '.join(COMMANDS)} (train is the default)")
     given = {n for n, f in _FLAGS.items() if f.value not in (None, False)}
     for name in sorted(_NEEDS[command] - given):
         _fail(f"`{command}` needs --{name}")
@@ -142,12 +152,10 @@ def main(argv: list[str]) -> None:
     try:
         run_command(command)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"fiarse-jax: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
     except PermissionError as e:   # a read-only --out or workdir
-        what = repr(e.filename) if e.filename else "a file"
-        print(f"fiarse-jax: error: cannot write {what} ({e.strerror or e})", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"cannot write {repr(e.filename) if e.filename else 'a file'} "
+              f"({e.strerror or e})")
     except train.TrainingError as e:
         print(f"fiarse-jax: error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -167,18 +175,13 @@ def interrupted_note(command: str, workdir: str | None) -> str:
     if command != "train":
         return ("rerun the same command to go on: every run resumes from its last checkpoint "
                 "(compare and reproduce read finished runs back)")
-    saved = _checkpoint_rounds(workdir)
+    try:
+        saved = checkpoint.saved_rounds(workdir)
+    except OSError:
+        saved = []
     if not saved:
         return "no checkpoint was saved yet: rerun the same command to start again"
     return f"the last checkpoint is round {max(saved)}: rerun the same command to resume from it"
-
-
-def _checkpoint_rounds(workdir: str) -> list[int]:
-    d = os.path.join(workdir, "checkpoints")
-    try:
-        return [int(n) for n in paths.listdir(d) if n.isdigit()] if paths.isdir(d) else []
-    except OSError:
-        return []
 
 
 #: ``--config.model.name=X`` and the other ``--config.model.FIELD=V`` of the command line,

@@ -44,8 +44,9 @@ def _save(fig, path: str) -> None:
 
 
 def by_size(capacities: dict[str, float]) -> list[str]:
-    """Capacity labels, smallest first (as the paper's tables)."""
-    return sorted(capacities, key=lambda k: capacities[k])   # label -> capacity
+    """The labels of ``capacities`` (label -> capacity), smallest first (as the paper's
+    tables; ``capacities.by_size``)."""
+    return labels_by_size(capacities)
 
 
 def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,
@@ -93,13 +94,11 @@ def plot_run(workdir: str, out: str | None = None, fmt: str = "png") -> list[str
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: must be one of {', '.join(FORMATS)}")
     config, summary = _run_facts(workdir)
-    evals = read_jsonl(os.path.join(workdir, "metrics.jsonl")) if paths.exists(
-        os.path.join(workdir, "metrics.jsonl")) else []
+    evals = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     if not evals:
         raise FileNotFoundError(f"{workdir!r} has no evaluation yet (metrics.jsonl is empty "
                                 f"or absent): plot again after round {config['eval_every']}")
-    rounds = (read_jsonl(os.path.join(workdir, "rounds.jsonl"))
-              if paths.exists(os.path.join(workdir, "rounds.jsonl")) else [])
+    rounds = read_jsonl(os.path.join(workdir, "rounds.jsonl"))
     out = workdir if out is None else out
     paths.makedirs(out)
     labels = labels_by_size(evals[-1]["local_accuracy"])

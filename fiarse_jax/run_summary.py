@@ -21,16 +21,16 @@ def kept_fractions(policy, params, round_state, capacities, is_maskable=None, ke
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     layers = [path_names(p)[0] for p, _ in flat]
     flags = maskable_flags(params, is_maskable)
-    total = sum(l.size for (_, l), f in zip(flat, flags) if f)
+    size = maskable_sizes(params, is_maskable)
+    total = sum(size.values())
     overall, per_layer = [], []
     for lvl in range(len(capacities)):
         spec = policy.client_spec(round_state, lvl, key)
         m = jax.tree_util.tree_leaves(policy.mask(params, spec))
-        kept, size = {}, {}
+        kept = {}
         for x, f, layer in zip(m, flags, layers):
             if f:
                 kept[layer] = kept.get(layer, 0.0) + float(x.sum())
-                size[layer] = size.get(layer, 0) + x.size
         overall.append(sum(kept.values()) / total)
         per_layer.append({k: kept[k] / size[k] for k in kept})
     return overall, per_layer
