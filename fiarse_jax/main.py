@@ -131,6 +131,7 @@ def main(argv: list[str]) -> None:
     # absl turns INFO on; JAX then logs every backend it probes (TPU, CUDA) as noise.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
+    quiet_interrupts()
     command = argv[1] if len(argv) > 1 else "train"
     if command not in COMMANDS or len(argv) > 2:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}; "
@@ -166,6 +167,21 @@ def main(argv: list[str]) -> None:
         # Now, without interpreter shutdown: a checkpoint save still in flight would print
         # its thread's error after this line (the step it writes is not a checkpoint yet).
         os._exit(130)
+
+
+class _DropInterrupts(logging.Filter):
+    """Drops a log record carrying a ``KeyboardInterrupt`` (Orbax logs one with its
+    traceback when Ctrl-C lands while it waits for a save); ``main`` says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
+def quiet_interrupts() -> None:
+    """Installs ``_DropInterrupts`` on absl's logger (the one Orbax logs to), once."""
+    logger = absl_logging.get_absl_logger()
+    if not any(isinstance(f, _DropInterrupts) for f in logger.filters):
+        logger.addFilter(_DropInterrupts())
 
 
 def interrupted_note(command: str, workdir: str | None) -> str:

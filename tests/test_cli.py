@@ -161,6 +161,34 @@ def test_a_second_run_into_a_busy_workdir_and_ctrl_c_are_one_line_each(tmp_path)
     assert f"round {saved}:" in last
 
 
+def test_an_interrupt_logged_with_its_traceback_is_dropped_other_errors_kept():
+    """Ctrl-C during Orbax's wait for a save: Orbax logs the KeyboardInterrupt with its
+    traceback (seen in CI); that record is dropped, any other error still shows."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    from fiarse_jax.main import quiet_interrupts
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger = absl_logging.get_absl_logger()
+    logger.addHandler(handler)
+    try:
+        quiet_interrupts()
+        quiet_interrupts()   # once only
+        for exc in (KeyboardInterrupt(), RuntimeError("disk full")):
+            try:
+                raise exc
+            except BaseException:
+                absl_logging.exception("Save Finalize thread failed.")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.exc_info[1].args for r in seen] == [("disk full",)]
+    assert sum(type(f).__name__ == "_DropInterrupts" for f in logger.filters) == 1
+
+
 def test_benchmark_suite_quick_runs_and_writes_json_and_png(tmp_path):
     """The benchmark suite stays runnable (timings are not asserted): the sharded strategy
     in a child process with forced host devices, XLA's FLOP count, the threshold timing,
