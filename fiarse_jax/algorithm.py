@@ -110,38 +110,63 @@ class Algorithm(NamedTuple):
 
 
 def build_algorithm(run: Run, config) -> Algorithm:
-    """The algorithm of ``config`` (method, server rule, DP, attack, engine) on ``run``."""
-    data, policy, assignment = run.data, run.policy, run.assignment
-    fns = client_lib.make_client_fns(run.loss_fn, policy, make_optimizer(config),
-                                     num_steps=local_steps(config, data.train_sizes),
-                                     local_epochs=config.client.get("local_epochs", 0.0),
-                                     batch_size=config.client.batch_size,
-                                     augment=run.train_transform,
-                                     min_rows=int(np.min(data.train_sizes)),
-                                     compute_dtype=COMPUTE_DTYPES[config.engine.dtype])
+    """The algorithm of ``config`` (method, server rule, DP, attack, engine) on ``run``:
+    wiring over its pieces, the clients' training (``client_fns``), the engine
+    strategy, the servers by σ (``ServerCache``), the round inputs
+    (``make_round_inputs``), the client chunk (``client_chunk``) and the rounds over them
+    (``_Rounds``: ``init``, ``apply``, the block program, ``conclude``)."""
+    fns = client_fns(run, config)
     strategy = engine.resolve_strategy(config.engine.strategy)
-    multi, lead = jax.process_count() > 1, jax.process_index() == 0
+    multi = jax.process_count() > 1
     if multi and strategy != "sharded":
         raise ConfigError(f"config.engine.strategy = {config.engine.strategy!r}: across "
                           f"{jax.process_count()} processes only 'sharded' runs")
-    # Across processes (jax.distributed) every process runs the same rounds on the same
-    # inputs; arrays the server step reads are global.
-    glob = engine.replicate if multi else (lambda x: x)
     streaming = stream_updates(config)
-    min_flags = config.server.get("exclude_after_flags", 0)
-    attack_kind = config.attack.kind if config.attack.kind in attacks.KINDS else "none"
-    attack = jax.jit(functools.partial(attacks.attack_updates, attack_kind,
-                                       scale=config.attack.scale,
-                                       noise_std=config.attack.noise_std))
-    client_specs = jax.jit(jax.vmap(policy.client_spec, in_axes=(None, 0, 0)))
-    divisor_fn = make_divisor(policy, run.capacities, assignment, sampling_rate(config))
+    sigma0 = noise_multiplier(config)   # a resume may recalibrate it (init)
+    servers = ServerCache(config, streaming, sigma0)   # built before any file is written
+    round_inputs = make_round_inputs(run)
+    chunk = client_chunk(config, run, fns, servers(sigma0)[0], strategy, round_inputs)
+    fused = (streaming and strategy in ("loop", "vmap") and not multi
+             and max_block(config) > 1)
+    rounds = _Rounds(run, config, fns, servers, round_inputs, strategy=strategy, chunk=chunk,
+                     multi=multi, sigma0=sigma0, capacity=max_block(config) if fused else 1)
+    return Algorithm(rounds.init, rounds.apply, rounds.apply_rounds, strategy,
+                     1 if strategy == "loop" else chunk, streaming, rounds.capacity)
 
-    levels_of = jnp.asarray(assignment)
 
-    def round_inputs(view, rnd, ids, train=data.train):
-        """Round ``rnd``'s named key streams (``rng``), policy state, client keys, specs
-        (drawn with each client's ``spec`` stream) and rows of ``train``; traceable (inside
-        a block of rounds ``rnd``, ``ids`` and ``train`` are the program's)."""
+def client_fns(run: Run, config) -> client_lib.ClientFns:
+    """The clients' local training (``client.make_client_fns``) as ``config.client`` and
+    ``config.engine.dtype`` set it, on ``run``'s loss, policy and data."""
+    sizes = run.data.train_sizes
+    return client_lib.make_client_fns(run.loss_fn, run.policy, make_optimizer(config),
+                                      num_steps=local_steps(config, sizes),
+                                      local_epochs=config.client.get("local_epochs", 0.0),
+                                      batch_size=config.client.batch_size,
+                                      augment=run.train_transform,
+                                      min_rows=int(np.min(sizes)),
+                                      compute_dtype=COMPUTE_DTYPES[config.engine.dtype])
+
+
+class RoundInputs(NamedTuple):
+    """What a round's clients train from (``make_round_inputs``)."""
+
+    streams: dict             # the round's named key streams (``rng.round_streams``)
+    round_state: Any          # the policy's state for the round (``policy.prepare``)
+    keys: jax.Array           # one key per client
+    specs: Any                # each client's sub-model spec (leading client axis)
+    batch: Any                # each client's rows of the training data (leading client axis)
+
+
+def make_round_inputs(run: Run) -> Callable[..., RoundInputs]:
+    """``round_inputs(view, rnd, ids, train=run.data.train) -> RoundInputs``: round
+    ``rnd``'s named key streams (``rng``), the policy's state prepared on ``view``, and the
+    keys, specs (drawn with each client's ``spec`` stream) and rows of ``train`` of clients
+    ``ids``. Traceable: inside a block of rounds ``rnd``, ``ids`` and ``train`` are the
+    program's."""
+    client_specs = jax.jit(jax.vmap(run.policy.client_spec, in_axes=(None, 0, 0)))
+    levels_of = jnp.asarray(run.assignment)
+
+    def round_inputs(view, rnd, ids, train=run.data.train) -> RoundInputs:
         ids = jnp.asarray(ids)
         streams = rng.round_streams(run.train_key, rnd)
         round_state = run.prepare(view, rnd, streams["policy"])
@@ -149,146 +174,164 @@ def build_algorithm(run: Run, config) -> Algorithm:
         spec_keys = jax.vmap(lambda k: rng.client_streams(k)["spec"])(keys)
         specs = client_specs(round_state, levels_of[ids], spec_keys)
         batch = jax.tree_util.tree_map(lambda a: a[ids], train)
-        return streams, round_state, keys, specs, batch
+        return RoundInputs(streams, round_state, keys, specs, batch)
 
-    xla = config.engine.get("xla", "auto")
-    sigma0 = noise_multiplier(config)   # a resume may recalibrate it (init)
-    servers = {sigma0: _server(config, sigma0, streaming)}   # built before any file is written
+    return round_inputs
+
+
+class ServerCache:
+    """``config``'s server at each DP noise σ, built on first use: ``cache(σ)`` is
+    ``_server``'s (the engine's ``reduce`` hook or None, streamed server or None, stacked
+    server step). σ changes only where a resume recalibrates it (``noise_multiplier``), so
+    a run holds one or two; the first, ``sigma0``'s, is built at once (a bad server rule
+    fails before any file is written)."""
+
+    def __init__(self, config, streaming: bool, sigma0: float):
+        self._config, self.streaming = config, streaming
+        self._servers: dict[float, tuple] = {}
+        self(sigma0)
+
+    def __call__(self, sigma: float) -> tuple:
+        if sigma not in self._servers:
+            self._servers[sigma] = _server(self._config, sigma, self.streaming)
+        return self._servers[sigma]
+
+
+def client_chunk(config, run: Run, fns: client_lib.ClientFns, reduce, strategy: str,
+                 round_inputs: Callable[..., RoundInputs]) -> int:
+    """``config.engine.clients_per_chunk``, where ``"auto"`` is decided by ``auto_chunk`` on
+    round 0's inputs (every round has the same shapes: round 0's decides)."""
     chunk = config.engine.clients_per_chunk
-    if chunk == "auto":   # every round has the same shapes: round 0's decides
-        ids0 = rng.sample_clients(config.seed, 0, config.data.num_clients,
-                                  config.clients_per_round)
-        chunk = auto_chunk(config, fns, servers[sigma0][0], strategy,
-                           lambda: (run.init_params, *round_inputs(run.init_params, 0, ids0)[2:]))
+    if chunk != "auto":
+        return chunk
+    ids0 = rng.sample_clients(config.seed, 0, config.data.num_clients, config.clients_per_round)
+    return auto_chunk(config, fns, reduce, strategy,
+                      lambda: (run.init_params, *round_inputs(run.init_params, 0, ids0)[2:]))
 
-    def server_at(sigma: float):
-        """``_server``'s (reduce hook, streamed server, stacked step) at DP noise σ."""
-        if sigma not in servers:
-            servers[sigma] = _server(config, sigma, streaming)
-        return servers[sigma]
 
-    @functools.cache
-    def rounds_at(sigma: float):
-        """(streamed server or None, stacked server step, client runner) at DP noise σ."""
-        reduce, stream, step = server_at(sigma)
-        return stream, step, engine.make_round_runner(fns, strategy, clients_per_chunk=chunk,
-                                                      reduce=reduce, xla=xla)
+def make_attack(config) -> Callable | None:
+    """The simulated attack on the stacked updates (``attacks.attack_updates``, jitted), or
+    None where ``config.attack.kind`` does not act on updates (``none``, ``label_flip``)."""
+    if config.attack.kind not in attacks.KINDS or config.attack.kind == "none":
+        return None
+    return jax.jit(functools.partial(attacks.attack_updates, config.attack.kind,
+                                     scale=config.attack.scale,
+                                     noise_std=config.attack.noise_std))
 
-    def init(params, rounds_done: int = 0, dp_segments: Sequence = (),
+
+class _Rounds:
+    """``Algorithm``'s ``init``, ``apply`` and ``apply_rounds`` over the pieces
+    ``build_algorithm`` wires: ``apply`` runs one round (streamed or stacked server inputs),
+    ``apply_rounds`` up to ``capacity`` rounds as one program (``rounds_program``), and both
+    finish each round on the host with ``conclude``."""
+
+    def __init__(self, run: Run, config, fns: client_lib.ClientFns, servers: ServerCache,
+                 round_inputs: Callable[..., RoundInputs], *, strategy: str, chunk: int,
+                 multi: bool, sigma0: float, capacity: int):
+        self.run, self.config, self.fns, self.servers = run, config, fns, servers
+        self.round_inputs, self.strategy, self.chunk = round_inputs, strategy, chunk
+        self.sigma0, self.capacity = sigma0, capacity   # capacity 1: no blocks of rounds
+        self.streaming = servers.streaming
+        # Across processes (jax.distributed) every process runs the same rounds on the same
+        # inputs; arrays the server step reads are global.
+        self.glob = engine.replicate if multi else (lambda x: x)
+        self.rules = HostRules.of(run, config)
+        self.attack = make_attack(config)
+        self.divisor = make_divisor(run.policy, run.capacities, run.assignment,
+                                    sampling_rate(config))
+        self.xla = config.engine.get("xla", "auto")
+        self._runners: dict[float, tuple] = {}
+        self._blocks: dict[float, Callable] = {}
+
+    def init(self, params, rounds_done: int = 0, dp_segments: Sequence = (),
              planned_rounds: int | None = None, record=None) -> ServerState:
         """The state after ``rounds_done`` rounds with these params (a fresh run: 0);
         ``dp_segments``/``planned_rounds``: the σ history and ``num_rounds`` of the
         checkpoint resumed from (DP recalibrates σ when ``num_rounds`` changed);
         ``record``: its screening record (default: empty)."""
+        config, sigma0 = self.config, self.sigma0
         spent = tuple((int(n), float(s)) for n, s in dp_segments)
         sigma = noise_multiplier(config, spent, planned_rounds) if sigma0 > 0 and spent else sigma0
-        if sigma != sigma0 and lead:
+        if sigma != sigma0 and jax.process_index() == 0:
             print(f"DP: σ = {sigma:.4g} for rounds {rounds_done + 1}–{config.num_rounds} (σ "
                   f"history {[list(s) for s in spent]}), so that the whole run spends ε = "
                   f"{config.dp.target_epsilon}", flush=True)
-        if strategy == "sharded":
+        if self.strategy == "sharded":
             params = engine.replicate(params)   # on every device, beside the sharded deltas
         record = (reputation.fresh(config.data.num_clients) if record is None
                   else np.asarray(record, np.int32).reshape(config.data.num_clients, 2))
         return ServerState(params, rounds_done, sigma, spent, record)
 
-    def apply(state: ServerState, ids: np.ndarray) -> tuple[ServerState, RoundStats]:
+    def runner_at(self, sigma: float) -> tuple:
+        """(streamed server or None, stacked server step, client runner) at DP noise σ."""
+        if sigma not in self._runners:
+            reduce, stream, step = self.servers(sigma)
+            self._runners[sigma] = (stream, step, engine.make_round_runner(
+                self.fns, self.strategy, clients_per_chunk=self.chunk, reduce=reduce,
+                xla=self.xla))
+        return self._runners[sigma]
+
+    def apply(self, state: ServerState, ids: np.ndarray) -> tuple[ServerState, RoundStats]:
         """Round ``state.round`` with clients ``ids`` (sorted ints); donates
         ``state.params``."""
-        t0, rnd, sigma = time.time(), state.round, state.sigma
-        stream, server_step, run_clients = rounds_at(sigma)
+        t0, sigma = time.time(), state.sigma
         view = engine.local_view(state.params)
-        streams, round_state, keys, specs, batch = round_inputs(view, rnd, ids)
-        in_round = run.attackers[ids]
-        excluded = reputation.excluded(state.reputation, ids, min_flags)
-        server_key = glob(streams["server"])
-        divisor = glob(divisor_fn(view, round_state) if sigma > 0 else 0.0)
-        if streaming:   # the server's sums accumulate while the clients train
-            sums, stats = run_clients(view, specs, batch, keys)
-            params = stream.finish(state.params, sums, server_key, divisor)
-            losses, info, norms = stats.loss, stats._asdict(), stats.norm
-        else:
-            result = run_clients(view, specs, batch, keys)
-            levels = glob(jnp.asarray(assignment[ids]))
-            deltas = (attack(result.delta, result.mask, glob(jnp.asarray(in_round)),
-                             glob(streams["attack"]), levels=levels)
-                      if attack_kind != "none" and in_round.any() else result.delta)
-            refused = (glob(jnp.asarray(excluded)),) if min_flags else ()   # reputation
-            params, info = server_step(state.params, deltas, result.mask, levels, server_key,
-                                       divisor, *refused)
-            losses, norms = result.loss, update_norms(deltas)
+        inputs = self.round_inputs(view, state.round, ids)
+        server_key = self.glob(inputs.streams["server"])
+        divisor = self.glob(self.divisor(view, inputs.round_state) if sigma > 0 else 0.0)
+        server = self._streamed_round if self.streaming else self._stacked_round
+        params, losses, info, norms = server(state, ids, view, inputs, server_key, divisor)
         losses = engine.to_host(losses)   # the round's one wait
-        return conclude(state, params, ids, losses, engine.to_host(info["accepted"]),
+        return conclude(self.rules, state, params, ids, losses, engine.to_host(info["accepted"]),
                         engine.to_host(info["reason"]), engine.to_host(norms), time.time() - t0)
 
-    def conclude(state: ServerState, params, ids, losses, accepted, reason, norms,
-                 seconds: float) -> tuple[ServerState, RoundStats]:
-        """The host's part of round ``state.round`` (its per-client results on the host):
-        the divergence check, the screening record, DP's ε, the ``RoundStats``."""
-        rnd, sigma, in_round = state.round, state.sigma, run.attackers[ids]
-        train_loss = float(np.mean(losses))
-        why = divergence(train_loss, reason, in_round, run.data.num_classes)
-        if why:
-            raise TrainingError(
-                f"training diverged in round {rnd + 1} ({why}); "
-                f"lower config.client.learning_rate ({config.client.learning_rate}) or "
-                f"config.server.learning_rate ({config.server.learning_rate})")
-        if not accepted.any():
-            print(f"fiarse-jax: warning: round {rnd + 1}: every update was rejected; "
-                  "the model is unchanged", file=sys.stderr, flush=True)
-        segments = dp_segments(state.dp_segments, 1, sigma)
-        record = reputation.update(state.reputation, ids, reason)
-        everyone = np.arange(record.shape[0])
-        excluded_total = (int(reputation.excluded(record, everyone, min_flags).sum())
-                          if min_flags else None)
-        epsilon = (privacy.epsilon_for_history(segments, sampling_rate=sampling_rate(config),
-                                               delta=config.dp.delta,
-                                               accountant=config.dp.accountant)
-                   if sigma > 0 else None)
-        return (ServerState(params, rnd + 1, sigma, segments, record),
-                RoundStats(train_loss, norms[accepted], accepted, reason, int(in_round.sum()),
-                           int((~accepted & ~in_round).sum()), excluded_total, epsilon,
-                           seconds))
+    def _streamed_round(self, state: ServerState, ids, view, inputs: RoundInputs, server_key,
+                        divisor) -> tuple:
+        """The server's sums accumulate while the clients train: (new params, client
+        losses, validation info, update norms), on the device."""
+        stream, _, run_clients = self.runner_at(state.sigma)
+        sums, stats = run_clients(view, inputs.specs, inputs.batch, inputs.keys)
+        params = stream.finish(state.params, sums, server_key, divisor)
+        return params, stats.loss, stats._asdict(), stats.norm
 
-    fused = (streaming and strategy in ("loop", "vmap") and not multi
-             and max_block(config) > 1)
-    capacity = max_block(config) if fused else 1
+    def _stacked_round(self, state: ServerState, ids, view, inputs: RoundInputs, server_key,
+                       divisor) -> tuple:
+        """Every client's update at once: the simulated attack, reputation's refusals and
+        the stacked server step. Returns as ``_streamed_round``."""
+        _, server_step, run_clients = self.runner_at(state.sigma)
+        glob, in_round, min_flags = self.glob, self.run.attackers[ids], self.rules.min_flags
+        result = run_clients(view, inputs.specs, inputs.batch, inputs.keys)
+        levels = glob(jnp.asarray(self.run.assignment[ids]))
+        deltas = (self.attack(result.delta, result.mask, glob(jnp.asarray(in_round)),
+                              glob(inputs.streams["attack"]), levels=levels)
+                  if self.attack is not None and in_round.any() else result.delta)
+        refused = ((glob(jnp.asarray(reputation.excluded(state.reputation, ids, min_flags))),)
+                   if min_flags else ())   # reputation
+        params, info = server_step(state.params, deltas, result.mask, levels, server_key,
+                                   divisor, *refused)
+        return params, result.loss, info, update_norms(deltas)
 
-    @functools.cache
-    def block_at(sigma: float):
-        """Up to ``capacity`` rounds at DP noise σ as one compiled program (no host sync
-        between them): ``(params, first, count, ids[capacity, C], train) -> (params,
-        ClientStats[capacity, C])``; rounds ``first … first + count − 1`` run, in a
-        ``while`` loop, so every block length shares the one program. A round whose mean
-        client loss is not finite ends the block (the host reports it: ``conclude``)."""
-        reduce, stream, _ = server_at(sigma)
-        clients = engine.program_runner(fns, strategy, clients_per_chunk=chunk, reduce=reduce)
+    def block_at(self, sigma: float) -> Callable:
+        """``rounds_program`` of this run's streamed round at DP noise σ, compiled:
+        ``(params, first, count, ids[capacity, C], train) -> (params, ClientStats[capacity,
+        C])``; it donates ``params``."""
+        if sigma not in self._blocks:
+            reduce, stream, _ = self.servers(sigma)
+            clients = engine.program_runner(self.fns, self.strategy,
+                                            clients_per_chunk=self.chunk, reduce=reduce)
+            round_inputs, divisor_fn = self.round_inputs, self.divisor
 
-        def one_round(params, rnd, ids, train):
-            streams, round_state, keys, specs, batch = round_inputs(params, rnd, ids, train)
-            divisor = divisor_fn(params, round_state) if sigma > 0 else 0.0
-            sums, stats = clients(params, specs, batch, keys)
-            return stream.finish(params, sums, streams["server"], divisor), stats
+            def one_round(params, rnd, ids, train):
+                streams, round_state, keys, specs, batch = round_inputs(params, rnd, ids, train)
+                divisor = divisor_fn(params, round_state) if sigma > 0 else 0.0
+                sums, stats = clients(params, specs, batch, keys)
+                return stream.finish(params, sums, streams["server"], divisor), stats
 
-        def block(params, first, count, ids, train):
-            shapes = jax.eval_shape(one_round, params, first, ids[0], train)[1]
-            table = jax.tree_util.tree_map(
-                lambda a: jnp.zeros((ids.shape[0], *a.shape), a.dtype), shapes)
+            self._blocks[sigma] = engine.jit(rounds_program(one_round),
+                                             engine.compiler_options(self.xla), donate_argnums=0)
+        return self._blocks[sigma]
 
-            def body(carry):
-                i, params, table, _ = carry
-                params, stats = one_round(params, first + i, ids[i], train)
-                table = jax.tree_util.tree_map(lambda t, x: t.at[i].set(x), table, stats)
-                return i + 1, params, table, jnp.isfinite(jnp.mean(stats.loss))
-
-            carry = (jnp.int32(0), params, table, jnp.bool_(True))
-            _, params, table, _ = jax.lax.while_loop(lambda c: (c[0] < count) & c[3], body,
-                                                     carry)
-            return params, table
-
-        return engine.jit(block, engine.compiler_options(xla), donate_argnums=0)
-
-    def apply_rounds(state: ServerState, id_rows: Sequence[np.ndarray]
+    def apply_rounds(self, state: ServerState, id_rows: Sequence[np.ndarray]
                      ) -> tuple[ServerState, list[RoundStats]]:
         """Rounds ``state.round``, ``state.round + 1``, … with clients ``id_rows[i]``: up to
         ``max_block(config)`` of them compiled together when the round can be (streamed
@@ -298,34 +341,144 @@ def build_algorithm(run: Run, config) -> Algorithm:
         ``TrainingError`` whose ``rounds`` holds the ``RoundStats`` of the rounds before it."""
         out: list[RoundStats] = []
         try:
-            return _apply_rounds(state, id_rows, out)
+            if self.capacity > 1:
+                for s in range(0, len(id_rows), self.capacity):
+                    state = self._apply_block(state, id_rows[s:s + self.capacity], out)
+            else:
+                for ids in id_rows:
+                    state, stats = self.apply(state, ids)
+                    out.append(stats)
+            return state, out
         except TrainingError as e:
             e.rounds = out
             raise
 
-    def _apply_rounds(state, id_rows, out):
-        if not fused:
-            for ids in id_rows:
-                state, stats = apply(state, ids)
-                out.append(stats)
-            return state, out
-        for s in range(0, len(id_rows), capacity):
-            rows = np.stack([np.asarray(i) for i in id_rows[s:s + capacity]])
-            t0, n = time.time(), len(rows)
-            padded = np.concatenate([rows, np.repeat(rows[-1:], capacity - n, axis=0)])
-            params, table = block_at(state.sigma)(state.params, jnp.int32(state.round),
-                                                  jnp.int32(n), jnp.asarray(padded), data.train)
-            table = jax.device_get(table)   # the block's one wait (one process here)
-            seconds = (time.time() - t0) / n
-            for i in range(n):
-                state, stats = conclude(state, params if i == n - 1 else None, rows[i],
-                                        table.loss[i], table.accepted[i], table.reason[i],
-                                        table.norm[i], seconds)
-                out.append(stats)
-        return state, out
+    def _apply_block(self, state: ServerState, id_rows: Sequence[np.ndarray],
+                     out: list[RoundStats]) -> ServerState:
+        """Rounds ``id_rows`` (at most ``capacity``) as one program, each round's stats
+        appended to ``out`` as the host concludes it; the state after them."""
+        rows = np.stack([np.asarray(i) for i in id_rows])
+        t0, n = time.time(), len(rows)
+        padded = np.concatenate([rows, np.repeat(rows[-1:], self.capacity - n, axis=0)])
+        params, table = self.block_at(state.sigma)(state.params, jnp.int32(state.round),
+                                                   jnp.int32(n), jnp.asarray(padded),
+                                                   self.run.data.train)
+        table = jax.device_get(table)   # the block's one wait (one process here)
+        return conclude_block(self.rules, state, params, rows, table, (time.time() - t0) / n,
+                              out)
 
-    return Algorithm(init, apply, apply_rounds, strategy, 1 if strategy == "loop" else chunk,
-                     streaming, capacity)
+
+def rounds_program(one_round: Callable) -> Callable:
+    """Up to ``capacity`` rounds as one program (no host sync between them): ``block(params,
+    first, count, ids[capacity, C], train) -> (params, stats[capacity, …])`` runs
+    ``one_round(params, rnd, ids, train) -> (params, stats)`` for rounds ``first … first +
+    count − 1`` in a ``while`` loop, so every block length shares the one program; row ``i``
+    of the table holds round ``first + i``'s per-client stats (rows past ``count``: zeros).
+    A round whose mean client loss is not finite ends the block (the host reports it:
+    ``conclude``)."""
+    def block(params, first, count, ids, train):
+        shapes = jax.eval_shape(one_round, params, first, ids[0], train)[1]
+        table = jax.tree_util.tree_map(
+            lambda a: jnp.zeros((ids.shape[0], *a.shape), a.dtype), shapes)
+
+        def body(carry):
+            i, params, table, _ = carry
+            params, stats = one_round(params, first + i, ids[i], train)
+            table = jax.tree_util.tree_map(lambda t, x: t.at[i].set(x), table, stats)
+            return i + 1, params, table, jnp.isfinite(jnp.mean(stats.loss))
+
+        carry = (jnp.int32(0), params, table, jnp.bool_(True))
+        _, params, table, _ = jax.lax.while_loop(lambda c: (c[0] < count) & c[3], body,
+                                                 carry)
+        return params, table
+
+    return block
+
+
+class HostRules(NamedTuple):
+    """What ``conclude`` (the host's part of a round) reads of the run and its config."""
+
+    attackers: np.ndarray     # bool per client: a simulated attacker (``Run.attackers``)
+    num_classes: int          # K, for the divergence bound (``divergence``)
+    min_flags: int            # server.exclude_after_flags (0: reputation excludes nobody)
+    sampling_rate: float      # q, for DP's ε
+    dp_delta: float
+    dp_accountant: str
+    client_lr: Any            # client.learning_rate and server.learning_rate, as the
+    server_lr: Any            # divergence error names them
+
+    @classmethod
+    def of(cls, run: Run, config) -> HostRules:
+        """``run``'s and ``config``'s."""
+        return cls(run.attackers, run.data.num_classes,
+                   config.server.get("exclude_after_flags", 0), sampling_rate(config),
+                   config.dp.delta, config.dp.accountant, config.client.learning_rate,
+                   config.server.learning_rate)
+
+
+def conclude(rules: HostRules, state: ServerState, params, ids: np.ndarray, losses: np.ndarray,
+             accepted: np.ndarray, reason: np.ndarray, norms: np.ndarray, seconds: float
+             ) -> tuple[ServerState, RoundStats]:
+    """The host's part of round ``state.round``, from its per-client results on the host
+    (NumPy only): the divergence check, the screening record, DP's ε, the ``RoundStats``.
+
+    Args:
+      params: the global model after the round, for the new state (inside a block of
+        rounds, None but for its last round).
+      ids: the round's clients; ``losses``, ``accepted``, ``reason`` (``validation.REASONS``
+        indices), ``norms``: theirs, in that order.
+      seconds: the round's wall time.
+
+    Raises:
+      TrainingError: the round diverged (``divergence`` says why).
+    """
+    rnd, sigma, in_round = state.round, state.sigma, rules.attackers[ids]
+    train_loss = float(np.mean(losses))
+    why = divergence(train_loss, reason, in_round, rules.num_classes)
+    if why:
+        raise TrainingError(
+            f"training diverged in round {rnd + 1} ({why}); "
+            f"lower config.client.learning_rate ({rules.client_lr}) or "
+            f"config.server.learning_rate ({rules.server_lr})")
+    if not accepted.any():
+        print(f"fiarse-jax: warning: round {rnd + 1}: every update was rejected; "
+              "the model is unchanged", file=sys.stderr, flush=True)
+    segments = dp_segments(state.dp_segments, 1, sigma)
+    record = reputation.update(state.reputation, ids, reason)
+    everyone = np.arange(record.shape[0])
+    excluded_total = (int(reputation.excluded(record, everyone, rules.min_flags).sum())
+                      if rules.min_flags else None)
+    epsilon = (privacy.epsilon_for_history(segments, sampling_rate=rules.sampling_rate,
+                                           delta=rules.dp_delta, accountant=rules.dp_accountant)
+               if sigma > 0 else None)
+    return (ServerState(params, rnd + 1, sigma, segments, record),
+            RoundStats(train_loss, norms[accepted], accepted, reason, int(in_round.sum()),
+                       int((~accepted & ~in_round).sum()), excluded_total, epsilon, seconds))
+
+
+def conclude_block(rules: HostRules, state: ServerState, params, rows: np.ndarray, table,
+                   seconds: float, out: list[RoundStats]) -> ServerState:
+    """``conclude`` for each round of a block (``rounds_program``), in turn; each round's
+    ``RoundStats`` is appended to ``out`` as it concludes, so when a round diverged
+    (``TrainingError``) ``out`` holds the rounds before it.
+
+    Args:
+      params: the global model after the block (the last round's state holds it).
+      rows: ``rows[i]``, the clients of round ``state.round + i``.
+      table: the block's per-client results on the host (``loss``, ``accepted``,
+        ``reason``, ``norm``, each ``[capacity, C]``; rows from ``len(rows)`` on unused).
+      seconds: each round's share of the block's wall time.
+
+    Returns:
+      The state after the block's rounds.
+    """
+    n = len(rows)
+    for i in range(n):
+        state, stats = conclude(rules, state, params if i == n - 1 else None, rows[i],
+                                table.loss[i], table.accepted[i], table.reason[i],
+                                table.norm[i], seconds)
+        out.append(stats)
+    return state
 
 
 def next_stop(config, rnd: int, extra: Sequence[int] = ()) -> int:

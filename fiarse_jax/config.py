@@ -102,8 +102,23 @@ def _ask(check, *args):
 
 
 def validate_config(config) -> None:
-    """Raise ``ConfigError`` naming the first bad field and its allowed values."""
+    """Raise ``ConfigError`` naming the first bad field and its allowed values.
+
+    The checks run in this order (the first bad field is the one named): the seed, the
+    data, the capacities, the method and model, the clients' training, the server's
+    robustness and DP, the engine, and the loop's evaluations and outputs."""
     _int(config, "seed", lo=0)
+    num_clients = _check_data(config)
+    num_levels = _check_capacities(config, num_clients)
+    method = _check_method_and_model(config)
+    _check_training(config, num_clients)
+    _check_robustness(config, method, num_clients, num_levels)
+    _check_engine(config)
+    _check_loop(config)
+
+
+def _check_data(config) -> int:
+    """data.*: the federation's fields, then the dataset's own; returns num_clients."""
     num_clients = _int(config, "data.num_clients")
     _positive(config, "data.alpha")
     tf = _get(config, "data.test_fraction")
@@ -111,7 +126,12 @@ def validate_config(config) -> None:
         _fail("data.test_fraction", tf, "must be in (0, 1)")
     _int(config, "data.min_client_size", lo=2)
     _ask(check_data_config, _get(config, "data"))   # name, partition, the dataset's own fields
+    return num_clients
 
+
+def _check_capacities(config, num_clients: int) -> int:
+    """capacities: distinct ratios in (0, 1] with distinct labels, no more levels than
+    clients; returns the number of levels."""
     caps = _get(config, "capacities")
     if not isinstance(caps, (tuple, list)) or not caps:
         _fail("capacities", caps, "must be a non-empty sequence of ratios in (0, 1]")
@@ -126,7 +146,11 @@ def validate_config(config) -> None:
     if len(caps) > num_clients:
         _fail("capacities", tuple(caps),
               f"more capacity levels than clients (data.num_clients = {num_clients})")
+    return len(caps)
 
+
+def _check_method_and_model(config) -> str:
+    """method, model.* and every method section present; returns the method."""
     method = _choice(config, "method", policies.METHODS)
     model_cls = _ask(models.check_model_config, _get(config, "model"))
     # Every method section present is checked, used by this run or not; the run's own
@@ -135,7 +159,11 @@ def validate_config(config) -> None:
         if name == method or name in config:
             _ask(policies.check_method_config, name, config.get(name),
                  config.model if name == method else None, model_cls)
+    return method
 
+
+def _check_training(config, num_clients: int) -> None:
+    """num_rounds, clients_per_round, client.* and server.learning_rate."""
     _int(config, "num_rounds")
     _int(config, "clients_per_round", hi=num_clients)
     _choice(config, "client.optimizer", OPTIMIZERS)
@@ -153,7 +181,10 @@ def validate_config(config) -> None:
         _number(config, "client.local_epochs", 0.0, 1e6)
     _int(config, "client.batch_size")
     _positive(config, "server.learning_rate")
-    _check_robustness(config, method, num_clients, len(caps))
+
+
+def _check_engine(config) -> None:
+    """engine.*: strategy, chunk, memory budget, dtype, XLA, rounds per program, reduce."""
     _choice(config, "engine.strategy", engine.STRATEGIES)
     chunk = _get(config, "engine.clients_per_chunk")
     if isinstance(chunk, str) and chunk != "auto":
@@ -172,6 +203,11 @@ def validate_config(config) -> None:
         if blocker:
             _fail("engine.reduce", "stream", f"cannot be used: {blocker} (use 'auto' or "
                   "'stack')")
+
+
+def _check_loop(config) -> None:
+    """The training loop's profile, evaluations (eval_every, eval.*), checkpoints and
+    TensorBoard switch."""
     _bool(config, "profile")
     _int(config, "eval_every")
     if "eval" in config:

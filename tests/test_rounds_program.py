@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -13,7 +14,7 @@ import default as default_config  # noqa: E402
 from helpers import override  # noqa: E402
 
 from fiarse_jax import algorithm as algorithm_lib  # noqa: E402
-from fiarse_jax import build, rng, train  # noqa: E402
+from fiarse_jax import build, privacy, rng, train  # noqa: E402
 from fiarse_jax.config import ConfigError  # noqa: E402
 
 
@@ -164,3 +165,68 @@ def test_divergence_inside_a_block_names_its_round_and_keeps_the_rounds_before(
         train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
     rows = (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()
     assert [json.loads(r)["round"] for r in rows] == [1]
+
+
+class _Table(NamedTuple):   # a block's per-client results on the host, as rounds_program's
+    loss: np.ndarray
+    norm: np.ndarray
+    accepted: np.ndarray
+    reason: np.ndarray
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.8])
+def test_conclude_block_is_the_numpy_bookkeeping_of_each_round(sigma):
+    """``conclude_block`` (the host's part of a block of rounds) against the round stats,
+    screening record and DP history re-derived here in plain NumPy, round by round."""
+    num_clients, C, n, capacity, min_flags = 12, 4, 3, 5, 1
+    attackers = np.zeros(num_clients, bool)
+    attackers[[2, 7]] = True
+    rules = algorithm_lib.HostRules(attackers, num_classes=10, min_flags=min_flags,
+                                    sampling_rate=C / num_clients, dp_delta=1e-5,
+                                    dp_accountant="rdp", client_lr=0.1, server_lr=1.0)
+    r = np.random.default_rng(0)
+    rows = np.stack([np.sort(r.choice(num_clients, C, replace=False)) for _ in range(n)])
+    reason = r.choice([0, 0, 1, 2, 3, 4], (capacity, C)).astype(np.int32)
+    reason[:, 0] = 0   # an honest-or-not client always accepted: no round is all non-finite
+    accepted = (reason == 0) | (reason == 3) & (r.random((capacity, C)) < 0.5)   # flagged, kept
+    table = _Table(r.random((capacity, C)).astype(np.float32), r.random((capacity, C)),
+                   accepted, reason)
+    start = algorithm_lib.ServerState("params", 5, sigma, ((5, sigma),),
+                                      np.zeros((num_clients, 2), np.int32))
+    out = []
+    state = algorithm_lib.conclude_block(rules, start, "new", rows, table, 0.25, out)
+
+    screened, flagged = np.zeros(num_clients, int), np.zeros(num_clients, int)
+    for i, stats in enumerate(out):
+        ids, acc, why = rows[i], accepted[i], reason[i]
+        for c, w in zip(ids, why):
+            screened[c] += w != 4            # "reputation": refused unread, not screened
+            flagged[c] += w in (1, 2, 3)     # non_finite, norm_outlier, direction
+        assert stats.train_loss == float(np.mean(table.loss[i]))
+        np.testing.assert_array_equal(stats.norms, table.norm[i][acc])
+        assert stats.attackers == sum(attackers[c] for c in ids)
+        assert stats.honest_rejected == sum(1 for c, a in zip(ids, acc) if not a and not attackers[c])
+        assert stats.excluded_total == int(((flagged >= min_flags) & (2 * flagged > screened)).sum())
+        assert stats.seconds == 0.25
+        if sigma:
+            eps = privacy.epsilon_for_history([(5 + i + 1, sigma)], sampling_rate=C / num_clients,
+                                              delta=1e-5, accountant="rdp")
+            assert stats.dp_epsilon == eps and (i == 0 or eps > out[i - 1].dp_epsilon)
+        else:
+            assert stats.dp_epsilon is None
+    assert len(out) == n and state.round == 5 + n and state.params == "new"
+    np.testing.assert_array_equal(state.reputation, np.stack([screened, flagged], 1))
+    assert state.dp_segments == ((5 + n, sigma),)   # the σ history is kept without DP too
+
+
+def test_conclude_block_stops_at_a_diverged_round_keeping_the_rounds_before():
+    rules = algorithm_lib.HostRules(np.zeros(6, bool), 10, 0, 0.5, 1e-5, "rdp", 0.1, 1.0)
+    table = _Table(np.array([[0.5, 0.7], [np.nan, 0.2], [0.1, 0.1]], np.float32),
+                   np.ones((3, 2)), np.ones((3, 2), bool), np.zeros((3, 2), np.int32))
+    state, out = algorithm_lib.ServerState(None, 0, 0.0, (), np.zeros((6, 2), np.int32)), []
+    with pytest.raises(algorithm_lib.TrainingError, match=r"diverged in round 2 \(mean client "
+                       r"loss nan\); lower config.client.learning_rate \(0.1\) or "
+                       r"config.server.learning_rate \(1.0\)"):
+        algorithm_lib.conclude_block(rules, state, None, np.array([[0, 1], [2, 3], [4, 5]]),
+                                     table, 1.0, out)
+    assert [s.train_loss for s in out] == [pytest.approx(0.6)]

@@ -144,12 +144,7 @@ def load_hf_roberta(path_or_dir: str | os.PathLike, template_params: Params, *,
     Raises ValueError listing every missing tensor and every shape mismatch (wrong layer
     count, hidden size, …); nothing is returned half-converted.
     """
-    try:
-        from safetensors.numpy import load_file  # optional dependency (the "text" extra)
-    except ImportError as e:
-        raise ImportError("reading Hugging Face weights needs safetensors: "
-                          "pip install 'fiarse-jax[text]' (or safetensors)") from e
-
+    load_file = _safetensors_loader()
     wrapped = "params" in template_params and "embeddings" not in template_params
     template = template_params["params"] if wrapped else template_params
     model_layers = sum(1 for k in template if re.fullmatch(r"layer_\d+", k))
@@ -158,9 +153,38 @@ def load_hf_roberta(path_or_dir: str | os.PathLike, template_params: Params, *,
                          "encoder layers")
     file = _checkpoint_file(path_or_dir)
     raw = load_file(str(file))
+    report = ConversionReport(source=str(file))
+    tensors, original = _read_tensors(raw, report)
+    problems = _layer_problems(tensors, model_layers, num_layers, report)
+    body = name_map(model_layers)
+    problems += [p for p in (_misfit(e, tensors, template) for e in body) if p]
+    if problems:
+        raise ValueError(f"cannot convert {file} into this RobertaClassifier:\n  "
+                         + "\n  ".join(problems))
+    taken = body + _take_head(tensors, template, report)
+    used = {e.hf for e in taken}
+    report.ignored += [original[k] for k in tensors if k not in used]
+    out = _fill(template, taken, tensors, report)
+    return ({"params": out} if wrapped else out), report
+
+
+def _safetensors_loader() -> Callable[[str], dict[str, np.ndarray]]:
+    """``safetensors.numpy.load_file``, an optional dependency (the "text" extra)."""
+    try:
+        from safetensors.numpy import load_file
+    except ImportError as e:
+        raise ImportError("reading Hugging Face weights needs safetensors: "
+                          "pip install 'fiarse-jax[text]' (or safetensors)") from e
+    return load_file
+
+
+def _read_tensors(raw: dict[str, np.ndarray], report: ConversionReport
+                  ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The checkpoint's tensors by normalised name (``_normalise``), less the ignored ones
+    (``_IGNORED``, added to ``report.ignored``), and each normalised name's name in the
+    file. ValueError when two names normalise to the same one."""
     tensors: dict[str, np.ndarray] = {}
     original: dict[str, str] = {}          # normalised name -> name in the file
-    report = ConversionReport(source=str(file))
     for name, value in raw.items():
         key = _normalise(name)
         if any(p.search(key) for p in _IGNORED):
@@ -169,39 +193,46 @@ def load_hf_roberta(path_or_dir: str | os.PathLike, template_params: Params, *,
         if key in tensors:
             raise ValueError(f"checkpoint has {key!r} twice ({original[key]!r} and {name!r})")
         tensors[key], original[key] = value, name
+    return tensors, original
+
+
+def _layer_problems(tensors: dict[str, np.ndarray], model_layers: int, num_layers: int | None,
+                    report: ConversionReport) -> list[str]:
+    """Why the checkpoint's encoder layer count does not fit the model's (empty: it does;
+    a deeper checkpoint with ``num_layers`` given fits, its first layers taken, as the
+    report notes)."""
     ckpt_layers = {int(m.group(1)) for k in tensors if (m := _LAYER.match(k))}
     n_ckpt = max(ckpt_layers) + 1 if ckpt_layers else 0
+    if n_ckpt == model_layers:
+        return []
+    if n_ckpt > model_layers and num_layers is not None:
+        report.notes.append(f"took the first {model_layers} of the checkpoint's {n_ckpt} "
+                            "encoder layers")
+        return []
+    hint = (f"; pass num_layers={model_layers} to take its first {model_layers}"
+            if n_ckpt > model_layers else "")
+    return [f"checkpoint has {n_ckpt} encoder layers, the model {model_layers}" + hint]
 
-    problems: list[str] = []
-    if n_ckpt != model_layers:
-        if n_ckpt > model_layers and num_layers is not None:
-            report.notes.append(f"took the first {model_layers} of the checkpoint's {n_ckpt} "
-                                "encoder layers")
-        else:
-            hint = (f"; pass num_layers={model_layers} to take its first {model_layers}"
-                    if n_ckpt > model_layers else "")
-            problems.append(f"checkpoint has {n_ckpt} encoder layers, the model {model_layers}"
-                            + hint)
 
-    def check(e: _Entry) -> str | None:
-        """None when ``e`` fits; otherwise why not."""
-        if e.hf not in tensors:
-            return f"missing {e.hf}"
-        want = e.hf_shape(tuple(units.leaf(template, e.ours).shape))
-        got = tuple(tensors[e.hf].shape)
-        if got != want:
-            return f"shape mismatch {e.hf}: checkpoint {got}, model {want} (for {'/'.join(e.ours)})"
-        return None
+def _misfit(e: _Entry, tensors: dict[str, np.ndarray], template: Params) -> str | None:
+    """None when the checkpoint's tensor for ``e`` fits the template; otherwise why not."""
+    if e.hf not in tensors:
+        return f"missing {e.hf}"
+    want = e.hf_shape(tuple(units.leaf(template, e.ours).shape))
+    got = tuple(tensors[e.hf].shape)
+    if got != want:
+        return f"shape mismatch {e.hf}: checkpoint {got}, model {want} (for {'/'.join(e.ours)})"
+    return None
 
-    body = name_map(model_layers)
-    problems += [p for p in map(check, body) if p]
-    if problems:
-        raise ValueError(f"cannot convert {file} into this RobertaClassifier:\n  "
-                         + "\n  ".join(problems))
 
-    taken = list(body)
+def _take_head(tensors: dict[str, np.ndarray], template: Params,
+               report: ConversionReport) -> list[_Entry]:
+    """The classification head's layers that fit the checkpoint (``head_map``: each layer
+    taken or kept from the template as a whole, as the report notes). ValueError when a
+    layer kept has only shapes in the template (``jax.eval_shape``)."""
+    taken: list[_Entry] = []
     for layer in head_map():
-        why = [p for p in map(check, layer) if p]
+        why = [p for p in (_misfit(e, tensors, template) for e in layer) if p]
         where = "/".join(layer[0].ours[:-1])
         if not why:
             taken += layer
@@ -214,8 +245,13 @@ def load_hf_roberta(path_or_dir: str | os.PathLike, template_params: Params, *,
     if shapeless:
         raise ValueError(f"{', '.join(shapeless)} not taken from the checkpoint and the "
                          "template has only shapes (jax.eval_shape): pass initialised params")
-    used = {e.hf for e in taken}
-    report.ignored += [original[k] for k in tensors if k not in used]
+    return taken
+
+
+def _fill(template: Params, taken: list[_Entry], tensors: dict[str, np.ndarray],
+          report: ConversionReport) -> Params:
+    """``template`` with every ``taken`` tensor converted into its place (our layout, the
+    template's dtype; added to ``report.loaded``); its other leaves as they are."""
     values = {}
     for e in taken:
         target = units.leaf(template, e.ours)
@@ -226,8 +262,7 @@ def load_hf_roberta(path_or_dir: str | os.PathLike, template_params: Params, *,
     def fill(path, leaf):
         key = tuple(str(getattr(k, "key", k)) for k in path)
         return jax.numpy.asarray(values[key]) if key in values else leaf
-    out = jax.tree_util.tree_map_with_path(fill, template)
-    return ({"params": out} if wrapped else out), report
+    return jax.tree_util.tree_map_with_path(fill, template)
 
 
 #: The hub cache (``HF_HUB_CACHE`` / ``HF_HOME`` …); one rule for weights and tokenizers.
