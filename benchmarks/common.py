@@ -1,6 +1,7 @@
 """What every benchmark records about where it ran, and how it reports."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -14,6 +15,28 @@ def environment() -> dict[str, Any]:
     """Backend, devices, CPU count, OS and jax version: the context a timing needs."""
     return {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
             "cpu_count": os.cpu_count(), "machine": platform.platform(), "jax": jax.__version__}
+
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+
+
+def load_config_file(file: str, arg: str | None = None):
+    """``configs/<file>``'s ``get_config(arg)`` (``get_config()`` without ``arg``)."""
+    spec = importlib.util.spec_from_file_location(file[:-3], os.path.join(CONFIGS, file))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def set_fields(config, fields: dict[str, Any]) -> None:
+    """Set ``config``'s fields by dotted name (``{"engine.strategy": "vmap"}``); a leaf
+    the config lacks is added."""
+    for field, value in fields.items():
+        node = config
+        *parents, leaf = field.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
 
 
 def report(result: dict, columns: Sequence[tuple[str, str, str]], out: str) -> None:

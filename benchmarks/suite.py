@@ -4,17 +4,22 @@ PyTorch reference side by side, scaling curves, and the cost of mask extraction.
 Usage:
   python benchmarks/suite.py [--quick] [--sections strategies,resnet,size,masks,text,memory]
       [--cnn-clients 10,100,1000] [--resnet-steps 100] [--rounds 2] [--no-torch]
-      [--no-torch-tuned]
+      [--no-torch-tuned] [--rounds-per-program 1]
       [--reduce stream|stack|stream,stack] [--memory-chunks 1,5]
       [--out benchmarks/results/suite_<backend>.json]
 
 Every measurement runs in its own subprocess (so peak memory is its own, and the sharded
 strategy can force host devices on CPU), all pinned to the same CPU cores; PyTorch gets
-``torch.set_num_threads(len(cores))``. A round is what the server does per round in both
-frameworks: thresholds of every level from |w|, the clients' K local steps (masked
-gradient, as the authors' released runs), and the holder-average step, its inputs summed
-while the clients train (``--reduce stream``, what training does by default) or stacked
-first. Times are per round after one warm-up (compile) round. Sections:
+``torch.set_num_threads(len(cores))``. The round timed is the one training runs: each
+workload is a training config (``round_config``: configs/default.py with FIARSE and the
+masked gradient, as the authors' released runs, on random data of the workload's shape,
+every client in every round), built by ``fiarse_jax.build.build_run`` and
+``fiarse_jax.algorithm.build_algorithm`` and run by ``Algorithm.apply_rounds``, as
+``fiarse_jax.train`` runs it: thresholds of every level from |w|, the clients' K local
+steps, and the holder-average step, its inputs summed while the clients train
+(``--reduce stream``, what training does by default) or stacked first, one program per
+round (``--rounds-per-program 1``, the default here) with the round's results on the
+host. Times are per round after one warm-up (compile) round. Sections:
 
 * ``strategies``: the CNN on digits-shaped data at each ``--cnn-clients`` count per round,
   for loop / vmap / vmap chunked / sharded, and the PyTorch reference (benchmarks/
@@ -26,22 +31,28 @@ first. Times are per round after one warm-up (compile) round. Sections:
 * ``text``: the RoBERTa classifier (``small`` on CPU, ``roberta_base`` on an accelerator)
   on random token ids, AdamW clients, per strategy: client steps/s, tokens/s, peak memory
   with one client at a time (``vmap:1``) and with a chunk of clients.
-* ``memory``: XLA's buffer assignment (``compiled.memory_analysis()``) of one whole vmap
-  round, compiled for this backend but never run, for ``roberta_base`` at
-  ``--text-clients`` and the CNN at 1,000 clients, per ``--memory-chunks`` chunk size
-  and with the server's inputs stacked or streamed: the per-round peak, and from two
-  chunk sizes what each client in a chunk adds (per-client training memory).
+* ``memory``: XLA's buffer assignment (``compiled.memory_analysis()``) of the program a
+  ``vmap`` round runs in training, compiled for this backend but never run, for
+  ``roberta_base`` at ``--text-clients`` and the CNN at 1,000 clients, per
+  ``--memory-chunks`` chunk size and with the server's inputs streamed (the whole round
+  as one program: thresholds, clients, server step) or stacked (the clients' program,
+  which returns every client's delta and mask; the server step is a program of its own
+  after it and is not counted): the per-round peak, and from two chunk sizes what each
+  client in a chunk adds (per-client training memory).
 * ``masks``: thresholds of all levels (``policy.prepare``: one k-th-largest pass) for ResNet-18
   and a 100 M-parameter synthetic pytree, beside the ResNet round.
 
-Also: XLA's FLOP count of a client step (always compiled for the CPU: XLA's GPU cost
-analysis leaves cuDNN convolutions out), the achieved FLOP/s and, on a GPU whose peak is
-known (``PEAK_FLOPS``), the model FLOPs utilisation. Prints tables, writes JSON and a PNG
-of the scaling curves beside it. ``--quick`` shrinks everything to seconds (the tests run it).
+Also: XLA's FLOP count of a client step (one client, K = 1, as training compiles the
+clients' program; always compiled for the CPU: XLA's GPU cost analysis leaves cuDNN
+convolutions out), the achieved FLOP/s and, on a GPU whose peak is known
+(``PEAK_FLOPS``), the model FLOPs utilisation. Prints tables, writes JSON and a PNG of the
+scaling curves beside it. ``--quick`` shrinks everything to seconds (the tests run it).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import math
 import os
@@ -56,6 +67,115 @@ CAPACITIES = (1.0, 0.25, 0.0625)
 PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "float32": 495e12},
               "H200": {"bfloat16": 989e12, "float32": 495e12},
               "A100": {"bfloat16": 312e12, "float32": 156e12}}
+#: The benchmark's dataset (``config.data.name``): random rows of a workload's shape.
+DATASET = "suite_random"
+
+
+# ---------------------------------------------------------------- the workload as a config
+
+def random_dataset(*, shape: str = "digits", rows: int = 100, vocab_size: int = 1000,
+                   max_length: int = 128):
+    """``rows`` random rows of digits (8×8×1 float), CIFAR (32×32×3 uint8, with CIFAR's
+    crop/flip/normalise as training applies it) or token-id (``[max_length]`` int32, no
+    padding: every token is real) shape, random labels of 10 classes."""
+    import numpy as np
+
+    from fiarse_jax.data import augment
+    from fiarse_jax.data.types import Dataset
+    rng = np.random.default_rng(0)
+    extra: dict = {}
+    if shape == "cifar":
+        x = rng.integers(0, 256, (rows, 32, 32, 3), dtype=np.uint8)
+        extra = {"train_transform": augment.cifar_train_transform(),
+                 "eval_transform": augment.cifar_eval_transform()}
+    elif shape == "tokens":
+        x = rng.integers(5, vocab_size, (rows, max_length), dtype=np.int32)
+        x[:, 0] = 0   # <s>
+        extra = {"model_options": {"vocab_size": vocab_size, "pad_token_id": 1,
+                                   "max_length": max_length}}
+    else:
+        x = rng.normal(size=(rows, 8, 8, 1)).astype(np.float32)
+    return Dataset(x=x, y=rng.integers(0, 10, rows).astype(np.int32), num_classes=10, **extra)
+
+
+def round_config(spec: dict):
+    """The training config of one benchmark workload ``spec`` (model, model_kwargs,
+    clients, steps, batch, samples per client, strategy, chunk, reduce, xla, dtype,
+    rounds timed, program / rounds_per_program): configs/default.py with FIARSE at
+    ``CAPACITIES`` and the masked gradient on random data (``random_dataset``), each of
+    the ``clients`` clients holding ``samples`` training rows (and one test row), all of
+    them in every round; SGD lr 0.1, or AdamW lr 1e-4 (β = 0.9, 0.95, no weight decay) for
+    the text model (the paper's optimisers); a warm-up round and the timed rounds, one
+    evaluation at the end, no checkpoints."""
+    import ml_collections
+    from common import load_config_file, set_fields
+
+    from fiarse_jax.data import DatasetSpec, register_dataset
+
+    register_dataset(DATASET, DatasetSpec(random_dataset, ("shape", "rows", "vocab_size",
+                                                           "max_length")), replace=True)
+    model, kw = spec["model"], dict(spec.get("model_kwargs") or {})
+    text, clients, samples = model == "roberta", spec["clients"], spec.get("samples", 100)
+    num_rounds = spec.get("rounds", 1) + 1
+    config = load_config_file("default.py")
+    config.model = ml_collections.ConfigDict({"name": model, **kw})
+    set_fields(config, {
+        "method": "fiarse", "capacities": CAPACITIES, "fiarse.gradient": "masked",
+        "data.name": DATASET, "data.partition": "iid", "data.num_clients": clients,
+        "data.shape": {"resnet18": "cifar", "roberta": "tokens"}.get(model, "digits"),
+        "data.rows": clients * (samples + 1), "data.test_fraction": 1e-3,   # 1 test row each
+        **({"data.vocab_size": kw["vocab_size"], "data.max_length": kw["max_length"],
+            "client.optimizer": "adamw", "client.learning_rate": 1e-4,
+            "client.betas": (0.9, 0.95), "client.weight_decay": 0.0} if text else
+           {"client.optimizer": "sgd", "client.learning_rate": 0.1}),
+        "client.local_steps": spec["steps"], "client.local_epochs": 0.0,
+        "client.batch_size": spec["batch"],
+        "clients_per_round": spec.get("clients_per_round", clients),
+        "num_rounds": num_rounds, "eval_every": num_rounds, "checkpoint_every": 0,
+        "tensorboard": False,
+        "engine.strategy": spec["strategy"], "engine.clients_per_chunk": spec.get("chunk", 0),
+        "engine.reduce": spec.get("reduce", "stream"), "engine.xla": spec.get("xla", "auto"),
+        "engine.dtype": spec.get("dtype", "float32"),
+        "engine.rounds_per_program": 0 if spec.get("program") else
+        spec.get("rounds_per_program", 1)})
+    return config
+
+
+def build_rounds(spec: dict):
+    """``(config, run, algorithm, state)`` of ``round_config(spec)``, built as training
+    builds them."""
+    from fiarse_jax import build
+    from fiarse_jax.algorithm import build_algorithm
+    config = round_config(spec)
+    run = build.build_run(config)
+    alg = build_algorithm(run, config)
+    return config, run, alg, alg.init(run.init_params)
+
+
+def _client_ids(config, first: int, count: int) -> list:
+    """The clients of rounds ``first`` … ``first + count − 1``, drawn as training draws them."""
+    from fiarse_jax import rng
+    return [rng.sample_clients(config.seed, r, config.data.num_clients,
+                               config.clients_per_round) for r in range(first, first + count)]
+
+
+def run_rounds(spec: dict):
+    """A warm-up round, then ``spec['rounds']`` timed rounds, as training runs them
+    (``Algorithm.apply_rounds``; results on the host, params ready): ``(state, algorithm,
+    first round's seconds, seconds per timed round)``."""
+    import jax
+    config, _, alg, state = build_rounds(spec)
+
+    def rounds(state, first: int, count: int):
+        ids = _client_ids(config, first, count)
+        t0 = time.perf_counter()
+        state, _ = alg.apply_rounds(state, ids)
+        jax.block_until_ready(state.params)
+        return state, time.perf_counter() - t0
+
+    state, first_s = rounds(state, 0, 1)
+    state, seconds = rounds(state, 1, spec["rounds"])
+    return state, alg, first_s, seconds / spec["rounds"]
 
 
 # ---------------------------------------------------------------- one measurement (child)
@@ -68,175 +188,123 @@ def _peak_memory_mb() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host RSS"
 
 
-def _data(model: str, clients: int, samples: int, kw: dict | None = None):
-    """Random per-client data of digits (8×8×1 float), CIFAR (32×32×3 uint8) or token-id
-    (``[max_length]`` int32, no padding: every token is real) shape."""
-    import numpy as np
-
-    from fiarse_jax.data import stack_clients
-    rng = np.random.default_rng(0)
-    n = clients * samples
-    if model == "resnet18":
-        x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    elif model == "roberta":
-        kw = kw or {}
-        x = rng.integers(5, kw.get("vocab_size", 1000), (n, kw.get("max_length", 128)),
-                         dtype=np.int32)
-        x[:, 0] = 0   # <s>
-    else:
-        x = rng.normal(size=(n, 8, 8, 1)).astype(np.float32)
-    y = rng.integers(0, 10, n).astype(np.int32)
-    return stack_clients(x, y, np.split(np.arange(n), clients))
-
-
-def _setup(spec: dict, clients: int, steps: int):
-    """(params, policy, client fns, data) of one benchmark configuration: FIARSE with the
-    masked gradient (the authors' released runs) on the model's own maskable leaves;
-    SGD lr 0.1, or AdamW lr 1e-4 for the text model (the paper's optimisers)."""
-    import jax
-    import optax
-
-    from fiarse_jax import models, policies
-    from fiarse_jax.build import COMPUTE_DTYPES, make_model_fns
-    from fiarse_jax.client import make_client_fns
-    from fiarse_jax.data import augment
-
-    name, kw = spec["model"], dict(spec.get("model_kwargs", {}))
-    model = models.build_model(name, 10, kw)
-    data = _data(name, clients, spec.get("samples", 100), kw)
-    cifar = name == "resnet18"
-    x_one = augment.cifar_eval_transform()(data.x[0, :1]) if cifar else data.x[0, :1]
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), x_one)["params"]
-    policy = policies.build_policy("fiarse", CAPACITIES, {"gradient": "masked"},
-                                   is_maskable=getattr(model, "is_maskable", None))
-    _, loss_fn = make_model_fns(model, policy)
-    opt = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.0) if name == "roberta" else \
-        optax.sgd(0.1)
-    fns = make_client_fns(loss_fn, policy, opt, num_steps=steps, batch_size=spec["batch"],
-                          augment=augment.cifar_train_transform() if cifar else None,
-                          compute_dtype=COMPUTE_DTYPES[spec.get("dtype", "float32")])
-    return params, policy, fns, data
-
-
-def _round_fn(spec: dict, policy, fns, clients: int):
-    """``one_round(params, r) -> params``: thresholds, the clients, the server step, with the
-    server's inputs stacked or streamed (``spec['reduce']``) as training does."""
-    import jax
-    import jax.numpy as jnp
-
-    from fiarse_jax import engine
-    from fiarse_jax.server_round import make_server_round, make_streaming_round
-
-    strategy, streamed = spec["strategy"], spec.get("reduce", "stream") == "stream"
-    stream = make_streaming_round()
-    levels = jnp.arange(clients) % len(CAPACITIES)
-    if spec.get("program") and streamed:   # the whole round as one program, as training runs it
-        clients_in = engine.program_runner(fns, strategy, clients_per_chunk=spec.get("chunk", 0),
-                                           reduce=stream.contribution)
-
-        def whole(params, r, data):
-            key = jax.random.PRNGKey(r)
-            keys = jax.random.split(key, clients)
-            specs = jax.vmap(policy.client_spec, in_axes=(None, 0, 0))(
-                policy.prepare(params, r, key), levels, keys)
-            return stream.finish(params, clients_in(params, specs, data, keys)[0], key, 0.0)
-
-        return engine.jit(whole, engine.compiler_options(spec.get("xla", "auto")),
-                          donate_argnums=0)
-    run = engine.make_round_runner(fns, strategy, clients_per_chunk=spec.get("chunk", 0),
-                                   reduce=stream.contribution if streamed else None,
-                                   xla=spec.get("xla", "auto"))
-    prepare = jax.jit(policy.prepare)
-    specs_fn = jax.jit(jax.vmap(policy.client_spec, in_axes=(None, 0, 0)))
-    server_step = make_server_round()   # what training runs: screen, holder average, update
-
-    def one_round(params, r, data):
-        key = jax.random.PRNGKey(r)
-        keys = jax.random.split(key, clients)
-        res = run(params, specs_fn(prepare(params, r, key), levels, keys), data, keys)
-        if streamed:
-            return stream.finish(params, res[0], key, 0.0)
-        return server_step(params, res.delta, res.mask, levels, key, 0.0)[0]
-
-    return one_round
-
-
 def measure_round(spec: dict) -> dict:
-    """Time ``spec['rounds']`` FIARSE rounds of ``spec['strategy']`` after a warm-up one."""
-    import functools
-
+    """Time ``spec['rounds']`` rounds of ``spec['strategy']`` after a warm-up one."""
     import jax
-
-    from fiarse_jax import engine
-
-    clients, steps, strategy = spec["clients"], spec["steps"], spec["strategy"]
-    params, policy, fns, data = _setup(spec, clients, steps)
-    one_round = functools.partial(_round_fn(spec, policy, fns, clients), data=data)
-    if strategy == "sharded":
-        params = engine.replicate(params)
-
-    t0 = time.perf_counter()
-    params = jax.block_until_ready(one_round(params, 0))
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for r in range(1, spec["rounds"] + 1):
-        params = one_round(params, r)
-    jax.block_until_ready(params)
-    round_s = (time.perf_counter() - t0) / spec["rounds"]
-
+    state, alg, first, round_s = run_rounds(spec)
+    clients, steps = spec["clients"], spec["steps"]
     mem, mem_kind = _peak_memory_mb()
-    return {"framework": "jax", "strategy": strategy, "chunk": spec.get("chunk", 0),
-            "reduce": spec.get("reduce", "stream"),
+    return {"framework": "jax", "strategy": alg.strategy, "chunk": spec.get("chunk", 0),
+            "reduce": spec.get("reduce", "stream"), "rounds_per_program": alg.rounds_per_program,
             "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
-            "num_params": int(sum(l.size for l in jax.tree_util.tree_leaves(params))),
+            "num_params": int(sum(l.size for l in jax.tree_util.tree_leaves(state.params))),
             "first_round_s": first, "round_s": round_s,
             "client_steps_per_s": clients * steps / round_s,
             "peak_mem_mb": mem, "mem_kind": mem_kind}
 
 
+class _Compiled(Exception):
+    """Raised by ``_compile_only`` instead of running a program: ``compiled`` is it."""
+
+    def __init__(self, compiled):
+        super().__init__("compiled, not run")
+        self.compiled = compiled
+
+
+@contextlib.contextmanager
+def _compile_only():
+    """Inside: the first program ``jax.jit`` makes here that is called from the host
+    (not inside another program's trace) is compiled and not run (``_Compiled``). The
+    algorithm makes a round's programs on its first round, so the first one a round
+    calls is the whole round (streamed server inputs, rounds compiled together) or its
+    clients' program; what it made before (thresholds, specs, server step) still runs."""
+    import jax
+    real = jax.jit
+
+    def jit(fun=None, *args, **kwargs):
+        if fun is None:   # the decorator form, @jax.jit(...)
+            return functools.partial(jit, *args, **kwargs)
+        jitted = real(fun, *args, **kwargs)
+
+        @functools.wraps(fun)
+        def call(*a, **kw):
+            if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((a, kw))):
+                return jitted(*a, **kw)   # part of the program being traced
+            raise _Compiled(jitted.lower(*a, **kw).compile())
+
+        call.lower = jitted.lower
+        return call
+
+    jax.jit = jit
+    try:
+        yield
+    finally:
+        jax.jit = real
+
+
+def compile_round(spec: dict):
+    """``(run, algorithm, compiled)``: the first program of ``round_config(spec)``'s
+    first round as training runs it, compiled for this backend and never run."""
+    import jax
+    config, run, alg, state = build_rounds(spec)
+    try:
+        with _compile_only():
+            alg.apply_rounds(state, _client_ids(config, 0, 1))
+    except _Compiled as c:
+        compiled = c.compiled
+    else:
+        raise RuntimeError("the round ran: its programs were made before it, so none was "
+                           "compiled alone (see _compile_only)")
+    ids = _client_ids(config, 0, 1)[0]
+    data = sum(a[ids].nbytes for a in jax.tree_util.tree_leaves(run.data.train))
+    if compiled.memory_analysis().argument_size_in_bytes < data:   # not the clients' program
+        raise RuntimeError("the program compiled first does not take the round's data")
+    return run, alg, compiled
+
+
 def measure_compiled(spec: dict) -> dict:
-    """XLA's buffer assignment for one whole ``vmap`` round (thresholds, clients, server
-    step) compiled for this backend and never run: the peak bytes a round needs, however
-    large the model, on a machine that could not run it in the time available."""
+    """XLA's buffer assignment of the program a ``vmap`` round runs in training (see the
+    module docstring; rounds compiled together, as training's default), compiled for this
+    backend and never run: the peak bytes a round needs, however large the model, on a
+    machine that could not run it in the time available."""
     import jax
 
     from fiarse_jax import engine
-
-    clients = spec["clients"]
-    params, policy, fns, data = _setup(spec, clients, spec["steps"])
-    compiled = jax.jit(_round_fn(spec, policy, fns, clients), donate_argnums=0).lower(
-        params, 0, data).compile()
+    run, alg, compiled = compile_round({**spec, "program": True})
     m = compiled.memory_analysis()
     mb = {k: getattr(m, f"{k}_size_in_bytes") / 2**20 for k in ("argument", "output", "temp",
                                                                   "alias")}
     leaves = jax.tree_util.tree_leaves
     return {"framework": "jax", "strategy": spec["strategy"], "chunk": spec.get("chunk", 0),
             "reduce": spec.get("reduce", "stream"), "device_kind": jax.devices()[0].device_kind,
-            "num_params": int(sum(l.size for l in leaves(params))),
-            "inputs_mb": sum(l.nbytes for l in leaves((params, data))) / 2**20,
+            "program": "round" if alg.rounds_per_program > 1 else "clients",
+            "num_params": int(sum(l.size for l in leaves(run.init_params))),
+            "inputs_mb": sum(l.nbytes for l in leaves((run.init_params, run.data.train)))
+            / 2**20,
             **{f"{k}_mb": v for k, v in mb.items()},
             "compiled_peak_mb": engine.peak_bytes(compiled) / 2**20}
 
 
 def measure_step_flops(spec: dict) -> dict:
-    """XLA's FLOP count of one client step (forward, backward, optimiser update) at ``spec``'s
-    model and batch, compiled for the CPU (the parent runs this with JAX_PLATFORMS=cpu:
-    XLA's GPU cost analysis leaves out cuDNN convolutions, so a GPU count is far too low)."""
-    import jax
-    import jax.numpy as jnp
-
-    params, policy, fns, data = _setup(spec, 1, 1)
-    data0 = jax.tree_util.tree_map(lambda a: a[0], data)
-    key = jax.random.PRNGKey(0)
-    spec0 = policy.client_spec(policy.prepare(params, 0, key), 0, key)
-    state = jax.jit(fns.init)(params, spec0, data0, key)
-    cost = jax.jit(fns.step).lower(state, spec0, data0, jnp.asarray(0)).compile().cost_analysis()
+    """XLA's FLOP count of one client step (forward, backward, optimiser update) at
+    ``spec``'s model and batch: the clients' program of a round of one client (of one per
+    capacity level) and K = 1 as training compiles it (``vmap``, stacked results: the
+    step plus the delta and mask, O(params)). Compiled for the CPU (the parent runs this
+    with JAX_PLATFORMS=cpu: XLA's GPU cost analysis leaves out cuDNN convolutions, so a
+    GPU count is far too low)."""
+    _, _, compiled = compile_round({
+        **spec, "clients": len(CAPACITIES), "clients_per_round": 1, "steps": 1,
+        "strategy": "vmap", "chunk": 0, "reduce": "stack", "program": False, "rounds": 1,
+        "rounds_per_program": 1})
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return {"step_gflops": float(cost.get("flops", float("nan"))) / 1e9}
 
 
 def measure_prepare(spec: dict) -> dict:
-    """Seconds for the thresholds of every level: ResNet-18 params or an N-param pytree."""
+    """Seconds for the thresholds of every level (``policy.prepare``, jitted as
+    ``build_run`` jits it): ResNet-18 params or an N-param pytree (no model of training's:
+    the threshold pass alone, at a size no CPU round reaches)."""
     import jax
     import jax.numpy as jnp
 
@@ -258,6 +326,11 @@ def measure_prepare(spec: dict) -> dict:
         times.append(time.perf_counter() - t0)
     return {"num_params": int(sum(l.size for l in jax.tree_util.tree_leaves(params))),
             "prepare_s": min(times)}
+
+
+#: ``spec['kind']`` -> its measurement (torch rows run benchmarks/torch_reference.py).
+MEASURES = {"jax": measure_round, "compiled": measure_compiled, "flops": measure_step_flops,
+            "prepare": measure_prepare}
 
 
 # ---------------------------------------------------------------- orchestration (parent)
@@ -382,9 +455,9 @@ def plot(result: dict, path: str) -> None:
     for r in result.get("strategies", []):
         if "round_s" in r:
             by.setdefault(label(r), []).append((r["clients"], r["round_s"]))
-    for label, pts in sorted(by.items()):
+    for name, pts in sorted(by.items()):
         pts.sort()
-        axes[0].plot(*zip(*pts), marker="o", label=label)
+        axes[0].plot(*zip(*pts), marker="o", label=name)
     if by:
         axes[0].set(xscale="log", yscale="log", xlabel="clients per round",
                     ylabel="s per round", title="CNN on digits-shaped data")
@@ -392,9 +465,9 @@ def plot(result: dict, path: str) -> None:
     for r in result.get("size", []):
         if "round_s" in r:
             by.setdefault(label(r), []).append((r["num_params"], r["round_s"]))
-    for label, pts in sorted(by.items()):
+    for name, pts in sorted(by.items()):
         pts.sort()
-        axes[1].plot(*zip(*pts), marker="o", label=label)
+        axes[1].plot(*zip(*pts), marker="o", label=name)
     resnet = [r for r in result.get("resnet", []) if "round_s" in r]
     if not by and resnet:   # no width section: the ResNet-18 round per strategy instead
         axes[1].bar([label(r) for r in resnet], [r["round_s"] for r in resnet])
@@ -439,15 +512,237 @@ def _plot_memory(rows: list[dict], axes) -> None:
         ax.legend(fontsize=8)
 
 
-def main(argv=None) -> dict:
+# ---------------------------------------------------------------- the sections (parent)
+
+#: The timed sections' table columns.
+COLS = [("clients", "clients", "d"), ("strategy", "strategy", ""), ("variant", "variant", ""),
+        ("chunk", "chunk", "d"),
+        ("reduce", "server in", ""),
+        ("round_s", "s/round", ".4f"), ("client_steps_per_s", "steps/s", ".1f"),
+        ("vs_torch", "vs torch", ".3f"), ("vs_torch_tuned", "vs tuned", ".3f"),
+        ("peak_mem_mb", "peak MB", ".0f"),
+        ("achieved_tflops", "TFLOP/s", ".4f"), ("mfu", "MFU", ".3f")]
+#: ``--resnet-variants``: name -> (model fields, strategy ("auto": the backend's), xla,
+#: dtype, whole rounds in one program).
+RESNET_VARIANTS = {"defaults": ({"conv": "xla"}, "loop", "default", None, False),
+                   "program": ({}, "auto", "auto", None, True),
+                   "patches": ({"conv": "patches"}, "vmap", "auto", None, False),
+                   "bf16": ({}, "vmap", "auto", "bfloat16", False)}
+CNN_WIDTHS = [((8, 16), (32,)), ((16, 32), (64,)), ((32, 64), (128,)), ((64, 128), (256,))]
+
+
+def _strategies(text: str) -> list[tuple[str, int]]:
+    """``"loop,vmap:100"`` -> ``[("loop", 0), ("vmap", 100)]`` (strategy, clients per chunk)."""
+    return [(s.split(":")[0], int(s.split(":")[1]) if ":" in s else 0) for s in text.split(",")]
+
+
+class Suite:
+    """One run of the suite: its settings (the arguments, shrunk by ``--quick``), the
+    result so far and where it goes."""
+
+    def __init__(self, args, ap: argparse.ArgumentParser):
+        import jax
+        from common import environment
+        self.args, self.backend = args, jax.default_backend()
+        self.cores = sorted(os.sched_getaffinity(0))
+        self.sections = set(args.sections.split(","))
+        self.multi_device = jax.device_count() > 1
+        self.torch_ok = not args.no_torch and _torch_available()
+        self.torch_variants = ["authors"] + ([] if args.no_torch_tuned else ["tuned"])
+        self.strategies = _strategies(args.strategies)
+        self.cnn_clients = [int(c) for c in args.cnn_clients.split(",")]
+        self.steps, self.resnet_steps, self.rounds, self.samples = (
+            args.steps, args.resnet_steps, args.rounds, 100)
+        self.widths, self.resnet_kw = CNN_WIDTHS, {}
+        if args.quick:   # every round holds ≥ 1 client per capacity level (3)
+            self.cnn_clients, self.steps, self.resnet_steps, self.rounds, self.samples = (
+                [4], 2, 1, 1, 20)
+            self.strategies = [(s, c if c == 0 else 2) for s, c in self.strategies]
+            self.widths, self.resnet_kw = CNN_WIDTHS[:2], {"widths": [4, 8, 8, 8]}
+        self.reduces = args.reduce.split(",")
+        if not set(self.reduces) <= {"stream", "stack"}:
+            ap.error(f"--reduce {args.reduce!r}: expected stream, stack or both, comma-separated")
+        names = (args.resnet_variants if args.resnet_variants is not None else
+                 "defaults,program" if self.backend == "cpu" else "program,patches,bf16")
+        self.resnet_variants = list(filter(None, names.split(",")))
+        bad = [n for n in self.resnet_variants if n not in RESNET_VARIANTS]
+        if bad:
+            ap.error(f"--resnet-variants: unknown {bad[0]!r}; expected some of "
+                     f"{sorted(RESNET_VARIANTS)}")
+        self.common = {"batch": 20, "rounds": self.rounds, "samples": self.samples,
+                       "dtype": args.dtype, "rounds_per_program": args.rounds_per_program,
+                       "host_devices": args.host_devices if self.backend == "cpu" else 0,
+                       # The PyTorch reference runs on the same kind of device as JAX.
+                       "torch_device": "cuda" if self.backend == "gpu" else "cpu"}
+        self.result: dict = {
+            "environment": {**environment(), "cores": self.cores, "torch": self.torch_ok,
+                            "quick": args.quick,
+                            "torch_variants": self.torch_variants if self.torch_ok else []},
+            "settings": {"capacities": CAPACITIES, "cnn_steps": self.steps,
+                         "resnet_steps": self.resnet_steps, "batch": 20, "rounds": self.rounds,
+                         "samples_per_client": self.samples, "dtype": args.dtype,
+                         "gradient": "masked", "rounds_per_program": args.rounds_per_program}}
+        self.out = args.out or os.path.join(HERE, "results", f"suite_{self.backend}.json")
+        os.makedirs(os.path.dirname(os.path.abspath(self.out)), exist_ok=True)
+
+    def save(self) -> None:
+        """Write the JSON and PNG so far (after every section: a cut-off run keeps its part)."""
+        from fiarse_jax.metrics import write_atomic
+        write_atomic(self.out, json.dumps(self.result, indent=2))
+        plot(self.result, os.path.splitext(self.out)[0] + ".png")
+
+    def group(self, model: str, clients: int, k: int, kw: dict, strats, torch_too: bool,
+              xla: str = "auto", dtype: str | None = None, program: bool = False) -> list[dict]:
+        """One row per JAX strategy × server-input mode (and per PyTorch reference), each
+        with the FLOP count of the client step."""
+        rows = []
+        for strategy, chunk in strats:
+            if chunk and chunk >= clients:
+                continue
+            for reduce in self.reduces:
+                spec = {"kind": "jax", "model": model, "clients": clients, "steps": k,
+                        "model_kwargs": kw, "strategy": strategy, "chunk": chunk,
+                        "reduce": reduce, "xla": xla, **self.common,
+                        **({"dtype": dtype} if dtype else {}),
+                        **({"program": True} if program else {})}
+                rows.append({"clients": clients, "model_kwargs": kw, **spec,
+                             **_child(spec, self.cores)})
+        for variant in self.torch_variants if torch_too else []:
+            spec = {"kind": "torch", "model": model, "clients": clients, "steps": k,
+                    "model_kwargs": kw, "variant": variant, **self.common}
+            rows.append({"clients": clients, **spec, **_child(spec, self.cores)})
+            if rows[-1].get("compile_error"):   # still timed, eagerly: say so beside the table
+                print(f"tuned PyTorch round ran eagerly: {rows[-1]['compile_error']}")
+        _with_flops(rows, _child({"kind": "flops", "model": model, "steps": k,
+                                  "model_kwargs": kw, **self.common}, self.cores))
+        _with_ratio(rows)
+        return rows
+
+    def text_kw(self, size: str) -> dict:
+        """The RoBERTa model's fields (and the random tokens' vocabulary and length)."""
+        quick = self.args.quick
+        kw = {"size": "tiny" if quick else size,
+              "max_length": 16 if quick else self.args.text_length}
+        kw["vocab_size"] = 50265 if kw["size"] == "roberta_base" else 8000
+        return kw
+
+
+def section_strategies(s: Suite) -> list[dict]:
+    rows = [r for c in s.cnn_clients
+            for r in s.group("cnn", c, s.steps, {}, s.strategies, s.torch_ok)]
+    _table(f"CNN (16,32 conv, 64 dense) on 8×8×1 data, K = {s.steps}, batch 20", rows, COLS)
+    return rows
+
+
+def section_resnet(s: Suite) -> list[dict]:
+    strats = [("loop", 0), ("vmap", 0)] + (
+        [("sharded", 0)] if s.backend != "cpu" and s.multi_device else [])
+    n = 3 if s.args.quick else 10
+    rows = s.group("resnet18", n, s.resnet_steps, s.resnet_kw, strats, s.torch_ok)
+    # Beside it, the variants (--resnet-variants): on CPU (where the per-backend choices
+    # differ from the defaults) the loop as it ran before them, XLA's default options and
+    # JAX's own conv gradient; on an accelerator the candidates for vmap, the patches
+    # convolution (batched matrix products) and bf16 compute; and everywhere the
+    # backend's strategy with whole rounds in one program (training's default).
+    auto = "loop" if s.backend == "cpu" else "vmap"
+    for name in s.resnet_variants:
+        kw, strategy, xla, dtype, program = RESNET_VARIANTS[name]
+        rows += [{**r, "variant": name} for r in s.group(
+            "resnet18", n, s.resnet_steps, {**s.resnet_kw, **kw},
+            [(auto if strategy == "auto" else strategy, 0)], False, xla=xla, dtype=dtype,
+            program=program)]
+    _with_ratio(rows)
+    _table(f"ResNet-18 on 32×32×3 data, K = {s.resnet_steps}, batch 20", rows, COLS)
+    return rows
+
+
+def section_size(s: Suite) -> list[dict]:
+    best = "loop" if s.backend == "cpu" else "vmap"
+    rows = [r for f, h in s.widths for r in s.group(
+        "cnn", 4 if s.args.quick else 10, s.steps, {"features": f, "hidden_sizes": h},
+        [(best, 0)], s.torch_ok)]
+    _table("CNN width at 10 clients per round", rows, [("num_params", "params", ",d")] + COLS[1:])
+    return rows
+
+
+def section_text(s: Suite) -> list[dict]:
+    args = s.args
+    kw = s.text_kw(args.text_size or ("small" if s.backend == "cpu" else "roberta_base"))
+    strats = _strategies(args.text_strategies or (
+        "loop,vmap:5" if s.backend == "cpu" else "loop,vmap:1,vmap:5"))
+    if args.quick:
+        strats = [(x, min(c, 1)) for x, c in strats]
+    k = 1 if args.quick else args.text_steps
+    rows = s.group("roberta", 3 if args.quick else args.text_clients, k, kw, strats, False)
+    for r in rows:
+        if "round_s" in r:
+            r["tokens_per_s"] = r["client_steps_per_s"] * r["batch"] * kw["max_length"]
+    _table(f"RoBERTa {kw['size']} on {kw['max_length']}-token sequences, K = {k} AdamW "
+           "steps, batch 20 (peak MB: the whole round; vmap:1 = one client at a time)", rows,
+           COLS[:5] + [("tokens_per_s", "tokens/s", ".0f")] + COLS[6:])
+    return rows
+
+
+def section_memory(s: Suite) -> list[dict]:
+    # Compiled, never run: roberta_base even on a CPU that could not train it here.
+    args, quick = s.args, s.args.quick
+    workloads = [w for w in [("roberta", s.text_kw(args.text_size or "roberta_base"),
+                              3 if quick else args.text_clients, 1 if quick else args.text_steps),
+                             ("cnn", {}, 4 if quick else 1000, s.steps)]
+                 if w[0] in args.memory_models.split(",")]
+    rows = []
+    for model, kw, clients, k in workloads:
+        for chunk in (int(c) for c in args.memory_chunks.split(",")):
+            for reduce in ("stack", "stream"):
+                spec = {"kind": "compiled", "model": model, "clients": clients, "steps": k,
+                        "model_kwargs": kw, "strategy": "vmap", "chunk": chunk,
+                        "reduce": reduce, **s.common}
+                rows.append({"model": model, "clients": clients, "model_kwargs": kw, **spec,
+                             **_child(spec, s.cores)})
+    _with_per_client(rows)
+    _table("XLA's compiled peak of a vmap round as training compiles it (buffer assignment, "
+           f"not run; {s.backend}): per chunk of clients, server inputs stacked (the clients' "
+           "program) or streamed (the whole round)", rows,
+           [("model", "model", ""), ("num_params", "params", ",d"),
+            ("clients", "clients", "d"), ("chunk", "chunk", "d"),
+            ("reduce", "server in", ""), ("argument_mb", "args MB", ".0f"),
+            ("temp_mb", "temp MB", ".0f"), ("compiled_peak_mb", "peak MB", ".0f"),
+            ("per_client_mb", "MB per client in a chunk", ".0f")])
+    return rows
+
+
+def section_masks(s: Suite) -> list[dict]:
+    trees = ([{"tree": "synthetic", "params": 10**6}] if s.args.quick else
+             [{"tree": "resnet18"}, {"tree": "synthetic", "params": 10**8}])
+    rows = [{**t, **_child({"kind": "prepare", **t}, s.cores)} for t in trees]
+    resnet_round = min((r["round_s"] for r in s.result.get("resnet", [])
+                        if r.get("framework") == "jax" and "round_s" in r), default=None)
+    for r in rows:
+        if resnet_round and "prepare_s" in r:
+            r["share_of_resnet_round_pct"] = 100 * r["prepare_s"] / resnet_round
+    _table("thresholds of all levels (policy.prepare)", rows,
+           [("num_params", "params", ",d"), ("prepare_s", "s", ".3f"),
+            ("share_of_resnet_round_pct", "% of round", ".2f")])
+    return rows
+
+
+#: ``--sections`` -> its function, run in this order (``masks`` reads the ResNet round).
+SECTIONS = {"strategies": section_strategies, "resnet": section_resnet, "size": section_size,
+            "text": section_text, "memory": section_memory, "masks": section_masks}
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
-    ap.add_argument("--sections", default="strategies,resnet,size,masks,text,memory")
+    ap.add_argument("--sections", default=",".join(SECTIONS))
     ap.add_argument("--cnn-clients", default="10,100,1000")
     ap.add_argument("--steps", type=int, default=20, help="local steps K for the CNN")
     ap.add_argument("--resnet-steps", type=int, default=100, help="local steps K for ResNet-18")
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds after the warm-up")
+    ap.add_argument("--rounds-per-program", type=int, default=1,
+                    help="engine.rounds_per_program of the timed rounds (1: a program per "
+                         "round; 0: every timed round in one, where the round allows it)")
     ap.add_argument("--text-size", default=None,
                     help="RoBERTa preset of the text section (default: small on CPU, "
                          "roberta_base on an accelerator)")
@@ -473,8 +768,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--resnet-variants", default=None,
                     help="resnet section: rows beside loop/vmap, comma-separated from "
                          "defaults (loop on XLA's and JAX's own defaults), program (the "
-                         "backend's strategy with the whole round one program, as training "
-                         "runs it), patches (vmap with model.conv=patches), bf16 (vmap, bf16 "
+                         "backend's strategy with whole rounds one program, training's "
+                         "default), patches (vmap with model.conv=patches), bf16 (vmap, bf16 "
                          "compute); '' for none (default: defaults,program on CPU, "
                          "program,patches,bf16 elsewhere)")
     ap.add_argument("--no-torch", action="store_true",
@@ -482,200 +777,30 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-torch-tuned", action="store_true",
                     help="skip only the tuned PyTorch reference")
     ap.add_argument("--out", default=None)
+    return ap
+
+
+def main(argv=None) -> dict:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.measure:
         spec = json.loads(args.measure)
-        measure = {"prepare": measure_prepare, "flops": measure_step_flops,
-                   "compiled": measure_compiled}.get(
-            spec["kind"], measure_round)
-        print(json.dumps(measure(spec)))
+        print(json.dumps(MEASURES[spec["kind"]](spec)))
         return {}
-
+    bad = [n for n in args.sections.split(",") if n not in SECTIONS]
+    if bad:
+        ap.error(f"--sections: unknown {bad[0]!r}; expected some of {list(SECTIONS)}")
     if args.cores:   # before jax starts its threads; the children inherit the affinity
         os.sched_setaffinity(0, {int(c) for c in args.cores.split(",")})
-    cores = sorted(os.sched_getaffinity(0))
     sys.path.insert(0, HERE)
-    import jax
-    from common import environment
-    backend = jax.default_backend()
-    sections = set(args.sections.split(","))
-    torch_ok = not args.no_torch and _torch_available()
-    torch_variants = ["authors"] + ([] if args.no_torch_tuned else ["tuned"])
-    strategies = [(s.split(":")[0], int(s.split(":")[1]) if ":" in s else 0)
-                  for s in args.strategies.split(",")]
-    cnn_clients = [int(c) for c in args.cnn_clients.split(",")]
-    steps, resnet_steps, rounds, samples = args.steps, args.resnet_steps, args.rounds, 100
-    widths = [((8, 16), (32,)), ((16, 32), (64,)), ((32, 64), (128,)), ((64, 128), (256,))]
-    resnet_kw: dict = {}
-    if args.quick:
-        cnn_clients, steps, resnet_steps, rounds, samples = [4], 2, 1, 1, 20
-        strategies = [(s, c if c == 0 else 2) for s, c in strategies]
-        widths = widths[:2]
-        resnet_kw = {"widths": [4, 8, 8, 8]}
-    reduces = args.reduce.split(",")
-    if not set(reduces) <= {"stream", "stack"}:
-        ap.error(f"--reduce {args.reduce!r}: expected stream, stack or both, comma-separated")
-    host_devices = args.host_devices if backend == "cpu" else 0
-    common = {"batch": 20, "rounds": rounds, "samples": samples, "dtype": args.dtype,
-              "host_devices": host_devices,
-              # The PyTorch reference runs on the same kind of device as JAX.
-              "torch_device": "cuda" if backend == "gpu" else "cpu"}
-    result: dict = {"environment": {**environment(), "cores": cores,
-                                    "torch": torch_ok, "quick": args.quick,
-                                    "torch_variants": torch_variants if torch_ok else []},
-                    "settings": {"capacities": CAPACITIES, "cnn_steps": steps,
-                                 "resnet_steps": resnet_steps, "batch": 20, "rounds": rounds,
-                                 "samples_per_client": samples, "dtype": args.dtype,
-                                 "gradient": "masked"}}
-    cols = [("clients", "clients", "d"), ("strategy", "strategy", ""), ("variant", "variant", ""),
-            ("chunk", "chunk", "d"),
-            ("reduce", "server in", ""),
-            ("round_s", "s/round", ".4f"), ("client_steps_per_s", "steps/s", ".1f"),
-            ("vs_torch", "vs torch", ".3f"), ("vs_torch_tuned", "vs tuned", ".3f"),
-            ("peak_mem_mb", "peak MB", ".0f"),
-            ("achieved_tflops", "TFLOP/s", ".4f"), ("mfu", "MFU", ".3f")]
-
-    out = args.out or os.path.join(HERE, "results", f"suite_{backend}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-
-    def save():
-        """Write the JSON and PNG so far (after every section: a cut-off run keeps its part)."""
-        from fiarse_jax.metrics import write_atomic
-        write_atomic(out, json.dumps(result, indent=2))
-        plot(result, os.path.splitext(out)[0] + ".png")
-
-    def group(model, clients, k, kw, strats, torch_too, xla="auto", dtype=None, program=False):
-        rows = []
-        for strategy, chunk in strats:
-            if chunk and chunk >= clients:
-                continue
-            for reduce in reduces:
-                spec = {"kind": "jax", "model": model, "clients": clients, "steps": k,
-                        "model_kwargs": kw, "strategy": strategy, "chunk": chunk,
-                        "reduce": reduce, "xla": xla, **common,
-                        **({"dtype": dtype} if dtype else {}),
-                        **({"program": True} if program else {})}
-                rows.append({"clients": clients, "model_kwargs": kw, **spec,
-                             **_child(spec, cores)})
-        for variant in torch_variants if torch_too else []:
-            spec = {"kind": "torch", "model": model, "clients": clients, "steps": k,
-                    "model_kwargs": kw, "variant": variant, **common}
-            rows.append({"clients": clients, **spec, **_child(spec, cores)})
-            if rows[-1].get("compile_error"):   # still timed, eagerly: say so beside the table
-                print(f"tuned PyTorch round ran eagerly: {rows[-1]['compile_error']}")
-        _with_flops(rows, _child({"kind": "flops", "model": model, "steps": k,
-                                  "model_kwargs": kw, **common}, cores))
-        _with_ratio(rows)
-        return rows
-
-    if "strategies" in sections:
-        result["strategies"] = [r for c in cnn_clients
-                                for r in group("cnn", c, steps, {}, strategies, torch_ok)]
-        _table(f"CNN (16,32 conv, 64 dense) on 8×8×1 data, K = {steps}, batch 20",
-               result["strategies"], cols)
-        save()
-    if "resnet" in sections:
-        strats = [("loop", 0), ("vmap", 0)] + (
-            [("sharded", 0)] if backend != "cpu" and jax.device_count() > 1 else [])
-        n_resnet = 2 if args.quick else 10
-        result["resnet"] = group("resnet18", n_resnet, resnet_steps, resnet_kw, strats, torch_ok)
-        # Beside it, the variants (--resnet-variants): on CPU (where the per-backend
-        # choices differ from the defaults) the loop as it ran before them, XLA's default
-        # options and JAX's own conv gradient; on an accelerator the candidates for vmap,
-        # the patches convolution (batched matrix products) and bf16 compute.
-        auto = "loop" if backend == "cpu" else "vmap"
-        variants = {"defaults": ({"conv": "xla"}, "loop", "default", None),
-                    "program": ({}, auto, "auto", None),
-                    "patches": ({"conv": "patches"}, "vmap", "auto", None),
-                    "bf16": ({}, "vmap", "auto", "bfloat16")}
-        names = (args.resnet_variants if args.resnet_variants is not None else
-                 "defaults,program" if backend == "cpu" else "program,patches,bf16")
-        for name in filter(None, names.split(",")):
-            if name not in variants:
-                ap.error(f"--resnet-variants: unknown {name!r}; expected some of {sorted(variants)}")
-            kw, strategy, xla, dtype = variants[name]
-            result["resnet"] += [{**r, "variant": name} for r in group(
-                "resnet18", n_resnet, resnet_steps, {**resnet_kw, **kw}, [(strategy, 0)],
-                False, xla=xla, dtype=dtype, program=name == "program")]
-        _with_ratio(result["resnet"])
-        _table(f"ResNet-18 on 32×32×3 data, K = {resnet_steps}, batch 20", result["resnet"], cols)
-        save()
-    if "size" in sections:
-        best = "loop" if backend == "cpu" else "vmap"
-        result["size"] = [r for f, h in widths for r in group(
-            "cnn", 10 if not args.quick else 4, steps, {"features": f, "hidden_sizes": h},
-            [(best, 0)], torch_ok)]
-        _table("CNN width at 10 clients per round", result["size"],
-               [("num_params", "params", ",d")] + cols[1:])
-        save()
-    def text_kw(size):
-        kw = {"size": "tiny" if args.quick else size, "max_length": 16 if args.quick else
-              args.text_length}
-        kw["vocab_size"] = 50265 if kw["size"] == "roberta_base" else 8000
-        return kw
-
-    if "text" in sections:
-        kw = text_kw(args.text_size or ("small" if backend == "cpu" else "roberta_base"))
-        strats = [(x.split(":")[0], int(x.split(":")[1]) if ":" in x else 0) for x in (
-            args.text_strategies or ("loop,vmap:5" if backend == "cpu" else "loop,vmap:1,vmap:5")
-        ).split(",")]
-        if args.quick:
-            strats = [(x, min(c, 1)) for x, c in strats]
-        n_clients = 2 if args.quick else args.text_clients
-        result["text"] = group("roberta", n_clients, 1 if args.quick else args.text_steps,
-                               kw, strats, False)
-        for r in result["text"]:
-            if "round_s" in r:
-                r["tokens_per_s"] = r["client_steps_per_s"] * r["batch"] * kw["max_length"]
-        _table(f"RoBERTa {kw['size']} on {kw['max_length']}-token sequences, K = "
-               f"{1 if args.quick else args.text_steps} AdamW steps, batch 20 (peak MB: the "
-               "whole round; vmap:1 = one client at a time)", result["text"],
-               cols[:5] + [("tokens_per_s", "tokens/s", ".0f")] + cols[6:])
-        save()
-    if "memory" in sections:
-        # Compiled, never run: roberta_base even on a CPU that could not train it here.
-        chunks = [int(c) for c in args.memory_chunks.split(",")]
-        workloads = [w for w in [("roberta", text_kw(args.text_size or "roberta_base"),
-                                  2 if args.quick else args.text_clients,
-                                  1 if args.quick else args.text_steps),
-                                 ("cnn", {}, 4 if args.quick else 1000, steps)]
-                     if w[0] in args.memory_models.split(",")]
-        result["memory"] = []
-        for model, kw, clients, k in workloads:
-            for chunk in chunks:
-                for reduce in ("stack", "stream"):
-                    spec = {"kind": "compiled", "model": model, "clients": clients,
-                            "steps": k, "model_kwargs": kw, "strategy": "vmap",
-                            "chunk": chunk, "reduce": reduce, **common}
-                    result["memory"].append({"model": model, "clients": clients,
-                                             "model_kwargs": kw, **spec,
-                                             **_child(spec, cores)})
-        _with_per_client(result["memory"])
-        _table("XLA's compiled peak of one vmap round (buffer assignment, not run; "
-               f"{backend}): per chunk of clients, server inputs stacked or streamed",
-               result["memory"],
-               [("model", "model", ""), ("num_params", "params", ",d"),
-                ("clients", "clients", "d"), ("chunk", "chunk", "d"),
-                ("reduce", "server in", ""), ("argument_mb", "args MB", ".0f"),
-                ("temp_mb", "temp MB", ".0f"), ("compiled_peak_mb", "peak MB", ".0f"),
-                ("per_client_mb", "MB per client in a chunk", ".0f")])
-        save()
-    if "masks" in sections:
-        trees = ([{"tree": "synthetic", "params": 10**6}] if args.quick else
-                 [{"tree": "resnet18"}, {"tree": "synthetic", "params": 10**8}])
-        result["masks"] = [{**t, **_child({"kind": "prepare", **t}, cores)} for t in trees]
-        resnet_round = min((r["round_s"] for r in result.get("resnet", [])
-                            if r.get("framework") == "jax" and "round_s" in r), default=None)
-        for r in result["masks"]:
-            if resnet_round and "prepare_s" in r:
-                r["share_of_resnet_round_pct"] = 100 * r["prepare_s"] / resnet_round
-        _table("thresholds of all levels (policy.prepare)", result["masks"],
-               [("num_params", "params", ",d"), ("prepare_s", "s", ".3f"),
-                ("share_of_resnet_round_pct", "% of round", ".2f")])
-
-    save()
-    print(f"\nwrote {out} and {os.path.splitext(out)[0] + '.png'}")
-    return result
+    suite = Suite(args, ap)
+    for name, section in SECTIONS.items():
+        if name in suite.sections:
+            suite.result[name] = section(suite)
+            suite.save()
+    suite.save()
+    print(f"\nwrote {suite.out} and {os.path.splitext(suite.out)[0] + '.png'}")
+    return suite.result
 
 
 if __name__ == "__main__":

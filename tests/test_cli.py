@@ -213,17 +213,20 @@ def test_benchmark_suite_quick_runs_and_writes_json_and_png(tmp_path):
 
 
 def test_benchmark_memory_measure_sees_the_round_inputs_and_streaming_save_memory():
-    """The memory section's measurement compiles (never runs) whole vmap rounds: XLA saw
-    exactly the round's inputs, and streaming the server's inputs needs no more than
-    stacking them (in-process; the CLI path runs in the quick suite test above)."""
+    """The memory section's measurement compiles (never runs) the program a vmap round
+    runs in training (streamed: the whole round; stacked: the clients' program): XLA saw
+    the round's inputs (plus the clients' keys and specs, a few bytes), and streaming the
+    server's inputs needs no more than stacking them (in-process; the CLI path runs in the
+    quick suite test above)."""
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     import suite
     rows = [{"model": "mlp", "clients": 4, **suite.measure_compiled(
         {"kind": "compiled", "model": "mlp", "clients": 4, "steps": 2, "samples": 20,
          "batch": 20, "strategy": "vmap", "chunk": chunk, "reduce": reduce})}
         for chunk in (1, 2) for reduce in ("stack", "stream")]
+    assert [x["program"] for x in rows] == ["clients", "round"] * 2
     for x in rows:
-        # the arguments are the params and the clients' data (plus the round number)
+        # the arguments are the params and the clients' data (plus round numbers, ids, keys)
         assert x["argument_mb"] == pytest.approx(x["inputs_mb"], abs=1e-3)
         assert x["compiled_peak_mb"] > x["argument_mb"]
     for chunk in (1, 2):

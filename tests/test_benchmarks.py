@@ -1,0 +1,53 @@
+"""benchmarks/suite.py times the round training runs: the suite builds its rounds with
+training's builder (``build_run`` + ``build_algorithm``), and a round as the suite runs it
+gives the same params as the same round run by ``train_and_evaluate``."""
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import suite  # noqa: E402
+
+#: A small digits-shaped workload: 4 clients (≥ one per capacity level), K = 2, batch 10.
+SPEC = {"kind": "jax", "model": "mlp", "model_kwargs": {"hidden_sizes": [16]}, "clients": 4,
+        "steps": 2, "batch": 10, "samples": 20, "rounds": 1, "reduce": "stream"}
+
+
+@pytest.mark.parametrize("strategy,program", [("loop", False), ("vmap", True)],
+                         ids=["loop-one-program-per-round", "vmap-rounds-in-one-program"])
+def test_benchmark_round_gives_the_training_rounds_params(tmp_path, monkeypatch, strategy,
+                                                          program):
+    """The suite's warm-up and timed rounds against ``train_and_evaluate`` on the same
+    config (same rounds, checkpoints off): the same params, bit for bit."""
+    from fiarse_jax import train
+    from fiarse_jax.algorithm import build_algorithm
+
+    spec = {**SPEC, "strategy": strategy, "program": program}
+    bench, alg, first_s, round_s = suite.run_rounds(spec)
+    assert alg.rounds_per_program == (2 if program else 1) and first_s > 0 and round_s > 0
+
+    finals = []
+
+    def recording(run, config):   # training's algorithm, its states kept
+        algorithm = build_algorithm(run, config)
+
+        def apply_rounds(state, ids):
+            state, stats = algorithm.apply_rounds(state, ids)
+            finals.append(state)
+            return state, stats
+
+        return algorithm._replace(apply_rounds=apply_rounds)
+
+    monkeypatch.setattr(train, "build_algorithm", recording)
+    config = suite.round_config(spec)
+    assert config.checkpoint_every == 0 and config.num_rounds == 2
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    trained = finals[-1]
+    assert trained.round == bench.round == 2
+    got, want = jax.device_get(bench.params), jax.device_get(trained.params)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
