@@ -58,8 +58,11 @@ def synthetic_images(path: str, *, n_train: int = 50_000, n_test: int = 2_000,
 
 
 def config(data_path: str, *, num_clients: int, clients_per_round: int, method: str = "fiarse",
-           local_steps: int = 20, batch_size: int = 20, seed: int = 0):
-    """The ``fiarse_jax`` config of the workload (configs/default.py with its fields set)."""
+           local_steps: int = 20, batch_size: int = 20, seed: int = 0,
+           partition: str = "dirichlet", min_client_size: int = 10):
+    """The ``fiarse_jax`` config of the workload (configs/default.py with its fields set).
+    ``partition="iid"`` with a small ``min_client_size`` spreads the 50,000 rows over
+    10,000 clients (the scaling run); Dirichlet(0.5) otherwise."""
     import importlib.util
     here = os.path.dirname(os.path.abspath(__file__))
     spec = importlib.util.spec_from_file_location(
@@ -69,7 +72,8 @@ def config(data_path: str, *, num_clients: int, clients_per_round: int, method: 
     c = module.get_config()
     c.seed, c.method, c.capacities = seed, method, CAPACITIES
     c.data.name, c.data.data_dir = "arrays", data_path
-    c.data.num_clients, c.data.min_client_size = num_clients, 10
+    c.data.num_clients, c.data.min_client_size = num_clients, min_client_size
+    c.data.partition = partition
     c.data.mean, c.data.std, c.data.augment = MEAN, STD, False
     c.model.name = "cnn"
     c.model.features, c.model.hidden_sizes = FEATURES, HIDDEN
