@@ -29,7 +29,6 @@ the measured compile times. Workloads:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -38,7 +37,6 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIGS = os.path.join(HERE, "..", "configs")
 
 #: name -> (config file, its argument, field overrides)
 WORKLOADS = {
@@ -69,23 +67,15 @@ def synthetic_cifar(path: str, seed: int = 0) -> str:
 def load_config(name: str, rounds_per_program: int, extra: dict | None = None):
     """The workload's config, checkpoints off, with ``engine.rounds_per_program`` and the
     ``extra`` fields (dotted names) set."""
+    sys.path.insert(0, HERE)
+    from common import load_config_file, set_fields
     file, arg, fields = WORKLOADS[name]
-    sys.path.insert(0, CONFIGS)
-    spec = importlib.util.spec_from_file_location(file[:-3], os.path.join(CONFIGS, file))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
+    config = load_config_file(file, arg)
     if fields.get("data.data_dir") == "SYNTHETIC_CIFAR":
         fields = {**fields, "data.data_dir": synthetic_cifar(
             os.path.join(os.environ.get("TMPDIR", "/tmp"), "fiarse_synthetic_cifar10.npz"))}
-    for field, value in {**fields, "checkpoint_every": 0,
-                         "engine.rounds_per_program": rounds_per_program,
-                         **(extra or {})}.items():
-        node = config
-        *parents, leaf = field.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    set_fields(config, {**fields, "checkpoint_every": 0,
+                        "engine.rounds_per_program": rounds_per_program, **(extra or {})})
     return config
 
 

@@ -44,6 +44,12 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 def one(job: dict) -> dict:
     """A child's work (``--one``): export the workload, or one side's simulation."""
+    if job["side"] == "flower":   # the exported file only: no JAX in this process
+        import flower_fiarse
+        return flower_fiarse.simulate(job["workload"], method=job["method"],
+                                      clients_per_round=job["clients_per_round"],
+                                      rounds=job["rounds"], eval_every=job["eval_every"],
+                                      num_cpus=os.cpu_count() or 1)
     import workload
     config = workload.config(job["data"], num_clients=job["num_clients"],
                              clients_per_round=job["clients_per_round"], method=job["method"],
@@ -54,14 +60,8 @@ def one(job: dict) -> dict:
         import ours
         ours.simulate(config, rounds=0, eval_every=1, export_to=job["workload"])
         return {}
-    if job["side"] == "ours":
-        import ours
-        return ours.simulate(config, rounds=job["rounds"], eval_every=job["eval_every"])
-    import flower_fiarse
-    return flower_fiarse.simulate(job["workload"], method=job["method"],
-                                  clients_per_round=job["clients_per_round"],
-                                  rounds=job["rounds"], eval_every=job["eval_every"],
-                                  num_cpus=os.cpu_count() or 1)
+    import ours
+    return ours.simulate(config, rounds=job["rounds"], eval_every=job["eval_every"])
 
 
 def _pss_mb(pid: int) -> float:

@@ -14,9 +14,12 @@ both sides start from the same weights and train on the same rows.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 #: The four sizes (capacity ratios) of the benchmark, as in the paper's CIFAR tables.
 CAPACITIES = (1.0, 0.25, 0.0625, 0.015625)
@@ -63,13 +66,8 @@ def config(data_path: str, *, num_clients: int, clients_per_round: int, method: 
     """The ``fiarse_jax`` config of the workload (configs/default.py with its fields set).
     ``partition="iid"`` with a small ``min_client_size`` spreads the 50,000 rows over
     10,000 clients (the scaling run); Dirichlet(0.5) otherwise."""
-    import importlib.util
-    here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location(
-        "default_config", os.path.join(here, "..", "..", "configs", "default.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    from common import load_config_file
+    c = load_config_file("default.py")
     c.seed, c.method, c.capacities = seed, method, CAPACITIES
     c.data.name, c.data.data_dir = "arrays", data_path
     c.data.num_clients, c.data.min_client_size = num_clients, min_client_size
