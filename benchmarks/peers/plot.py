@@ -12,8 +12,9 @@ import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "..", "results")
-COLORS = {"ours": "tab:blue", "flower": "tab:orange"}
-LABELS = {"ours": "fiarse_jax", "flower": "Flower + PyTorch"}
+COLORS = {"ours": "tab:blue", "ours_sharded": "tab:green", "flower": "tab:orange"}
+LABELS = {"ours": "fiarse_jax (loop)", "ours_sharded": "fiarse_jax (sharded, 1 device/core)",
+          "flower": "Flower + PyTorch"}
 
 
 def plot(peers: dict, scaling: dict | None, out: str) -> str:
@@ -25,7 +26,7 @@ def plot(peers: dict, scaling: dict | None, out: str) -> str:
     fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.6), constrained_layout=True)
     rows = peers["rows"]
     ax = axes[0]
-    for side in ("ours", "flower"):
+    for side in COLORS:
         pts = sorted((r["clients_per_round"], r["round_s"]) for r in rows if r["side"] == side)
         if pts:
             ax.plot(*zip(*pts), "o-", color=COLORS[side], label=LABELS[side])
@@ -57,7 +58,7 @@ def plot(peers: dict, scaling: dict | None, out: str) -> str:
                ylabel="seconds per round",
                title=f"fiarse_jax, K = {scaling['rows'][0]['local_steps']}, streamed sums")
         twin = ax.twinx()
-        twin.plot(c, mb, "s--", color="tab:green", label="peak memory (MB)")
+        twin.plot(c, mb, "s--", color="tab:purple", label="peak memory (MB)")
         twin.set(ylabel="peak memory, MB (PSS)", ylim=(0, max(mb) * 1.2))
         ax.legend(loc="upper left", fontsize=8)
         twin.legend(loc="lower right", fontsize=8)

@@ -22,6 +22,13 @@ the global accuracy of each size after the last round, and ``rounds_to_target`` 
 ``seconds_to_target``: the first evaluation where the full model reaches ``--target``, and
 the training seconds spent until then (evaluation not counted; the first round counted).
 
+Sides: ``ours`` runs the CPU default (the ``loop`` strategy: clients one after another, each
+step's operations on every core); ``ours_sharded`` runs ``engine.strategy = sharded`` with
+``clients_per_chunk = 1`` over one JAX CPU device per core
+(``XLA_FLAGS=--xla_force_host_platform_device_count=<cores>``): a client at a time on each
+device, as Flower runs one client per single-threaded actor; ``flower`` is
+``flower_fiarse.py``.
+
 ``--scaling``: ours alone at growing clients per round (streamed server sums), every client
 in every round (the 50,000 rows split i.i.d. over them: 5 each at 10,000), K =
 ``--scaling-steps``, two rounds each: seconds per round and peak memory.
@@ -60,6 +67,8 @@ def one(job: dict) -> dict:
         import ours
         ours.simulate(config, rounds=0, eval_every=1, export_to=job["workload"])
         return {}
+    if job["side"] == "ours_sharded":   # one client at a time on each host device
+        config.engine.strategy, config.engine.clients_per_chunk = "sharded", 1
     import ours
     return ours.simulate(config, rounds=job["rounds"], eval_every=job["eval_every"])
 
@@ -85,8 +94,12 @@ def measured(job: dict) -> dict:
     """Runs ``job`` in a child process; its result plus ``peak_mb`` and ``wall_s``."""
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        env = dict(os.environ)
+        if job["side"] == "ours_sharded":   # a JAX CPU device per core, before JAX starts
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                                f"device_count={os.cpu_count() or 1}").strip()
         p = subprocess.Popen([sys.executable, __file__, "--one", json.dumps(job)],
-                             stdout=out, stderr=err, text=True)
+                             stdout=out, stderr=err, text=True, env=env)
         peak, done = [0.0], threading.Event()
 
         def sample() -> None:
@@ -133,7 +146,10 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--clients-per-round", default="10,100,1000")
-    ap.add_argument("--sides", default="ours,flower")
+    ap.add_argument("--sides", default="ours,ours_sharded,flower",
+                    help="ours (the CPU default: loop), ours_sharded (engine.strategy="
+                         "sharded over one JAX CPU device per core, one client at a time "
+                         "on each), flower")
     ap.add_argument("--method", default="fiarse", choices=("fiarse", "heterofl"))
     ap.add_argument("--rounds", default="30,5,2", help="rounds per clients-per-round value")
     ap.add_argument("--eval-every", default="5,5,2")
@@ -176,11 +192,11 @@ def main(argv=None) -> dict:
             print(f"{side} {c} clients/round: {r['round_s']:.2f} s/round, "
                   f"{r['peak_mb']:.0f} MB, accuracy {r['final_accuracy']}",
                   file=sys.stderr, flush=True)
-    for r in rows:   # Flower's time over ours, same clients per round
-        o = next((q for q in rows if q["side"] == "ours"
+    for r in rows:   # Flower's time over each of ours, same clients per round
+        f = next((q for q in rows if q["side"] == "flower"
                   and q["clients_per_round"] == r["clients_per_round"]), None)
-        r["flower_over_ours"] = (r["round_s"] / o["round_s"]
-                                 if o and r["side"] == "flower" else None)
+        r["flower_over_ours"] = (f["round_s"] / r["round_s"]
+                                 if f and r["side"] != "flower" else None)
     import flwr
     import torch
     result = {"environment": {**environment(), "flwr": flwr.__version__,
