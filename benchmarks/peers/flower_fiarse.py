@@ -141,6 +141,20 @@ def thresholds(arrays: list[np.ndarray], capacities) -> list[float]:
     return [0.0 if k == len(a) else float(a[k - 1]) for k in ks]
 
 
+def holder_update(global_arrays: list[np.ndarray], updates) -> list[np.ndarray]:
+    """``w − Σ_i d_i / Σ_i m_i`` per coordinate (``w`` where nobody holds it), over the
+    ``(delta arrays, held masks)`` pairs of the round's clients; a client's delta is 0
+    outside what it holds (its masked forward gives those coordinates no gradient)."""
+    tot = [np.zeros_like(v) for v in global_arrays]
+    cnt = [np.zeros_like(v) for v in global_arrays]
+    for deltas, held in updates:
+        for t, c, d, h in zip(tot, cnt, deltas, held):
+            t += d
+            c += h
+    return [g - np.divide(t, c, out=np.zeros_like(t), where=c > 0)
+            for g, t, c in zip(global_arrays, tot, cnt)]
+
+
 def make_strategy(path: str, method: str, clients_per_round: int, num_clients: int,
                   eval_every: int, log: dict):
     """The ``FedAvg`` subclass averaging over holders (module docstring); ``log`` collects
@@ -167,21 +181,16 @@ def make_strategy(path: str, method: str, clients_per_round: int, num_clients: i
             return [masks[f"{level}/{k}"] for k in names]
 
         def aggregate_train(self, server_round, replies):
-            tot = [np.zeros_like(v) for v in self._global]
-            cnt = [np.zeros_like(v) for v in self._global]
-            held, losses = {}, []
+            held, losses, updates = {}, [], []
             for m in replies:
                 if m.has_error():
                     raise RuntimeError(f"a client failed: {m.error.reason}")
                 level = int(m.content["metrics"]["level"])
-                held.setdefault(level, self._held(level))
-                for t, c, d, h in zip(tot, cnt, m.content["arrays"].to_numpy_ndarrays(),
-                                      held[level]):
-                    t += d
-                    c += h
+                if level not in held:
+                    held[level] = self._held(level)
+                updates.append((m.content["arrays"].to_numpy_ndarrays(), held[level]))
                 losses.append(float(m.content["metrics"]["loss"]))
-            new = [g - np.divide(t, c, out=np.zeros_like(t), where=c > 0)
-                   for g, t, c in zip(self._global, tot, cnt)]
+            new = holder_update(self._global, updates)
             log["round_s"].append(time.perf_counter() - self._t)
             log["train_loss"].append(float(np.mean(losses)))
             return (ArrayRecord(numpy_ndarrays=new, keep_input=True),

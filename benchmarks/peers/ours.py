@@ -2,7 +2,8 @@
 
 ``simulate`` builds the run from the workload's config (``workload.config``), the round
 with ``fiarse_jax.algorithm.build_algorithm`` (what ``fiarse-jax`` trains with: on CPU the
-loop strategy with streamed server sums), and times each round on its own (clients sampled
+loop strategy with streamed server sums), one program per round (training's default
+compiles the rounds up to the next evaluation into one), and times each round on its own (clients sampled
 by ``fiarse_jax.rng.sample_clients``, results on the host). Every ``eval_every`` rounds the
 library's evaluator scores each size's sub-model on the global test set (not timed).
 """

@@ -16,14 +16,15 @@ clients each round (as its users get), so accuracies agree in kind, not bit for 
 
 Each (side, clients per round) runs in its own process; this process samples the
 proportional set size (PSS) of that process and all its descendants (Ray's raylet, GCS and
-actors included) every 0.5 s for ``peak_mb``. Per row: ``round_s`` (median over the rounds
+actors included) every 0.5 s for ``peak_mb`` (MiB). Per row: ``round_s`` (median over the rounds
 after the first: Flower's first round starts its actors, ours compiles), ``first_round_s``,
 the global accuracy of each size after the last round, and ``rounds_to_target`` /
 ``seconds_to_target``: the first evaluation where the full model reaches ``--target``, and
 the training seconds spent until then (evaluation not counted; the first round counted).
 
-Sides: ``ours`` runs the CPU default (the ``loop`` strategy: clients one after another, each
-step's operations on every core); ``ours_sharded`` runs ``engine.strategy = sharded`` with
+Sides: ``ours`` runs the CPU default strategy (``loop``: clients one after another, each
+step's operations on every core), one program per round so that each round is timed alone
+(training's default compiles the rounds between evaluations into one program); ``ours_sharded`` runs ``engine.strategy = sharded`` with
 ``clients_per_chunk = 1`` over one JAX CPU device per core
 (``XLA_FLAGS=--xla_force_host_platform_device_count=<cores>``): a client at a time on each
 device, as Flower runs one client per single-threaded actor; ``flower`` is
@@ -74,7 +75,8 @@ def one(job: dict) -> dict:
 
 
 def _pss_mb(pid: int) -> float:
-    """PSS of ``pid`` and its descendants, MiB (RSS where PSS cannot be read)."""
+    """PSS of ``pid`` and its descendants, MiB (RSS where PSS cannot be read; a process
+    that has exited meanwhile counts 0)."""
     import psutil
     try:
         procs = [psutil.Process(pid)]
@@ -84,7 +86,10 @@ def _pss_mb(pid: int) -> float:
     total = 0
     for p in procs:
         try:
-            total += getattr(p.memory_full_info(), "pss", None) or p.memory_info().rss
+            try:
+                total += p.memory_full_info().pss
+            except (psutil.AccessDenied, AttributeError):
+                total += p.memory_info().rss
         except psutil.Error:
             pass
     return total / 2**20
@@ -184,7 +189,7 @@ def main(argv=None) -> dict:
                "rounds": rounds[min(i, len(rounds) - 1)],
                "eval_every": evals[min(i, len(evals) - 1)],
                "workload": os.path.join(tempfile.gettempdir(), f"fiarse_peers_{args.method}_{n}.npz")}
-        if "flower" in sides and not os.path.exists(job["workload"]):
+        if "flower" in sides:   # written afresh: never another run's rows or weights
             measured({**job, "side": "export"})
         for side in sides:
             rows.append(row(side, job, measured({**job, "side": side}), args.target))
@@ -197,16 +202,19 @@ def main(argv=None) -> dict:
                   and q["clients_per_round"] == r["clients_per_round"]), None)
         r["flower_over_ours"] = (f["round_s"] / r["round_s"]
                                  if f and r["side"] != "flower" else None)
-    import flwr
-    import torch
-    result = {"environment": {**environment(), "flwr": flwr.__version__,
-                              "torch": torch.__version__},
+    versions = {}
+    for name in ("flwr", "torch"):   # only where installed (the peers extra)
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    result = {"environment": {**environment(), **versions},
               "args": vars(args), "rows": rows}
     name = "peers_scaling_cpu.json" if args.scaling else "peers_cpu.json"
     out = args.out or os.path.join(HERE, "..", "results", name)
     report(result, [("side", "side", ""), ("clients_per_round", "clients/round", "d"),
                     ("round_s", "s/round", ".2f"), ("first_round_s", "1st round s", ".1f"),
-                    ("flower_over_ours", "Flower/ours", ".2f"), ("peak_mb", "peak MB", ".0f"),
+                    ("flower_over_ours", "Flower/ours", ".2f"), ("peak_mb", "peak MiB", ".0f"),
                     ("rounds_to_target", "rounds to target", ""),
                     ("seconds_to_target", "s to target", ".0f")], out)
     return result
