@@ -24,8 +24,9 @@ the training seconds spent until then (evaluation not counted; the first round c
 
 Sides: ``ours`` runs the CPU default strategy (``loop``: clients one after another, each
 step's operations on every core), one program per round so that each round is timed alone
-(training's default compiles the rounds between evaluations into one program); ``ours_sharded`` runs ``engine.strategy = sharded`` with
-``clients_per_chunk = 1`` over one JAX CPU device per core
+(training's default compiles the rounds between evaluations into one program);
+``ours_sharded`` runs ``engine.strategy = sharded`` with ``clients_per_chunk = 1`` over one
+JAX CPU device per core
 (``XLA_FLAGS=--xla_force_host_platform_device_count=<cores>``): a client at a time on each
 device, as Flower runs one client per single-threaded actor; ``flower`` is
 ``flower_fiarse.py``.

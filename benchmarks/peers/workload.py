@@ -33,7 +33,8 @@ def synthetic_images(path: str, *, n_train: int = 50_000, n_test: int = 2_000,
 
     Each class is a smooth random colour pattern (4×4×3 Gaussian noise upsampled to 32×32);
     a sample is its class's pattern at a random contrast, shifted by up to 4 pixels (one
-    shift per block of 5,000 samples), plus pixel noise. A small CNN learns it within tens of rounds, not in one.
+    shift per block of 5,000 samples), plus pixel noise. A small CNN learns it within tens
+    of rounds, not in one.
     """
     if os.path.exists(path):
         return path
