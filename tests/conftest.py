@@ -59,3 +59,15 @@ def pytest_unconfigure(config):
 
     if getattr(config, "_fiarse_made_cache", False):
         shutil.rmtree(os.environ.pop(_CACHE_DIR), ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _registries_left_as_found():
+    """A dataset a test registers (e.g. benchmarks/suite.py's ``suite_random``, registered
+    when a test builds a suite round in-process) is removed after it, so tests that list
+    the registered datasets see the library's own whatever ran before them on the worker."""
+    from fiarse_jax.data import DATASETS
+    before = set(DATASETS)
+    yield
+    for name in set(DATASETS) - before:
+        del DATASETS[name]
