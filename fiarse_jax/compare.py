@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from fiarse_jax import paths, plots, policies, train, workdir_lock
-from fiarse_jax.capacities import capacity_label
+from fiarse_jax.capacities import by_size, capacity_label
 from fiarse_jax.config import ConfigError, validate_config
 from fiarse_jax.metrics import read_jsonl, write_atomic
 
@@ -66,7 +66,7 @@ def markdown_table(summaries: dict[str, dict | list[dict]], failures: dict[str, 
     are the first seed's."""
     failures = failures or {}
     runs = {m: s if isinstance(s, list) else [s] for m, s in summaries.items()}
-    labels = labels or plots.by_size(next(iter(runs.values()))[0]["capacities"])
+    labels = labels or by_size(next(iter(runs.values()))[0]["capacities"])
     head = (["method"] + [f"local {l}" for l in labels] + ["global (mean over sizes)", "full model"]
             + ["params held (" + " / ".join(labels) + ")", "forward FLOPs (" + " / ".join(labels) + ")",
                "FLOPs counted on"])

@@ -43,12 +43,6 @@ def _save(fig, path: str) -> None:
     _pyplot().close(fig)
 
 
-def by_size(capacities: dict[str, float]) -> list[str]:
-    """The labels of ``capacities`` (label -> capacity), smallest first (as the paper's
-    tables; ``capacities.by_size``)."""
-    return labels_by_size(capacities)
-
-
 def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,
                   ylim, path: str, errors: dict[str, Sequence[float]] | None = None) -> str:
     """One bar per series inside every group (``errors``: a series' ± error bars); a NaN
@@ -169,7 +163,7 @@ def plot_comparison(summaries: dict[str, dict | list[dict]], histories: dict[str
     runs = {m: s if isinstance(s, list) else [s] for m, s in summaries.items()}
     hists = {m: h if h and isinstance(h[0], list) else [h] for m, h in histories.items()}
     first = next(iter(runs.values()))[0]
-    labels = by_size(first["capacities"])
+    labels = labels_by_size(first["capacities"])
     panels = [(f"capacity {l}: local test", lambda m, l=l: m["local_accuracy"][l]) for l in labels]
     panels.append(("full model: global test", lambda m: m["global_accuracy"]))
     cols = min(3, len(panels))

@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from fiarse_jax import plots, train
+from fiarse_jax.capacities import by_size
 from fiarse_jax.config import validate_config
 from fiarse_jax.metrics import read_jsonl, write_atomic
 
@@ -100,7 +101,7 @@ def rejections(rows: list[dict], clients_per_round: int) -> dict[str, Any]:
 
 def markdown_table(summaries: dict[str, dict], rejected: dict[str, dict]) -> str:
     """The committed table: one row per run (scenario, defence), accuracies in %."""
-    labels = plots.by_size(next(iter(summaries.values()))["capacities"])
+    labels = by_size(next(iter(summaries.values()))["capacities"])
     head = (["scenario", "defence", "full model"] + [f"local {l} (honest)" for l in labels]
             + ["updates rejected", "honest rejected", "attackers excluded", "ε (δ)"])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
