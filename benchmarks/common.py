@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import platform
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +38,15 @@ def set_fields(config, fields: dict[str, Any]) -> None:
         for p in parents:
             node = node[p]
         node[leaf] = value
+
+
+def timed_rounds(algorithm, state, ids: list) -> tuple[Any, list, float]:
+    """``algorithm.apply_rounds(state, ids)`` timed to the params being ready on the host
+    side: ``(state, the rounds' stats, seconds)``."""
+    t0 = time.perf_counter()
+    state, stats = algorithm.apply_rounds(state, ids)
+    jax.block_until_ready(state.params)
+    return state, stats, time.perf_counter() - t0
 
 
 def report(result: dict, columns: Sequence[tuple[str, str, str]], out: str) -> None:

@@ -95,8 +95,8 @@ def main(argv=None) -> dict:
     import rounds as workloads
     from common import environment
 
-    from fiarse_jax import build, rng
-    from fiarse_jax.algorithm import build_algorithm
+    from fiarse_jax import build
+    from fiarse_jax.algorithm import build_algorithm, client_schedule
     if args.workload not in workloads.WORKLOADS:
         ap.error(f"--workload {args.workload!r}: expected one of {sorted(workloads.WORKLOADS)}")
     extra = {}
@@ -111,10 +111,7 @@ def main(argv=None) -> dict:
     state = alg.init(run.init_params)
 
     def rounds(state, first):
-        ids = [rng.sample_clients(config.seed, r, config.data.num_clients,
-                                  config.clients_per_round)
-               for r in range(first, first + args.rounds)]
-        state, _ = alg.apply_rounds(state, ids)
+        state, _ = alg.apply_rounds(state, client_schedule(config, first, first + args.rounds))
         jax.block_until_ready(state.params)
         return state
 

@@ -85,11 +85,11 @@ def measure(name: str, rounds_per_program: int, blocks: int, block: int = 0,
     ``block``: rounds per timed block (0: the config's ``eval_every``); the extrapolation
     still evaluates every ``eval_every`` rounds of the config and uses the first of
     ``levels`` (``eval.levels`` modes, each timed side by side: ``eval_s_<mode>``)."""
-    import jax
+    from common import timed_rounds
 
-    from fiarse_jax import build, rng
+    from fiarse_jax import build
     from fiarse_jax import evaluate as evaluate_lib
-    from fiarse_jax.algorithm import build_algorithm
+    from fiarse_jax.algorithm import build_algorithm, client_schedule
 
     config = load_config(name, rounds_per_program)
     eval_every = config.eval_every
@@ -102,12 +102,9 @@ def measure(name: str, rounds_per_program: int, blocks: int, block: int = 0,
     state, block = alg.init(run.init_params), config.eval_every
 
     def rounds(state, first: int):
-        ids = [rng.sample_clients(config.seed, r, config.data.num_clients,
-                                  config.clients_per_round) for r in range(first, first + block)]
-        t = time.perf_counter()
-        state, stats = alg.apply_rounds(state, ids)
-        jax.block_until_ready(state.params)
-        return state, time.perf_counter() - t, stats
+        state, stats, seconds = timed_rounds(alg, state,
+                                             client_schedule(config, first, first + block))
+        return state, seconds, stats
 
     state, first_block_s, _ = rounds(state, 0)
     times = []

@@ -152,29 +152,16 @@ def build_rounds(spec: dict):
     return config, run, alg, alg.init(run.init_params)
 
 
-def _client_ids(config, first: int, count: int) -> list:
-    """The clients of rounds ``first`` … ``first + count − 1``, drawn as training draws them."""
-    from fiarse_jax import rng
-    return [rng.sample_clients(config.seed, r, config.data.num_clients,
-                               config.clients_per_round) for r in range(first, first + count)]
-
-
 def run_rounds(spec: dict):
     """A warm-up round, then ``spec['rounds']`` timed rounds, as training runs them
     (``Algorithm.apply_rounds``; results on the host, params ready): ``(state, algorithm,
     first round's seconds, seconds per timed round)``."""
-    import jax
+    from common import timed_rounds
+
+    from fiarse_jax.algorithm import client_schedule
     config, _, alg, state = build_rounds(spec)
-
-    def rounds(state, first: int, count: int):
-        ids = _client_ids(config, first, count)
-        t0 = time.perf_counter()
-        state, _ = alg.apply_rounds(state, ids)
-        jax.block_until_ready(state.params)
-        return state, time.perf_counter() - t0
-
-    state, first_s = rounds(state, 0, 1)
-    state, seconds = rounds(state, 1, spec["rounds"])
+    state, _, first_s = timed_rounds(alg, state, client_schedule(config, 0, 1))
+    state, _, seconds = timed_rounds(alg, state, client_schedule(config, 1, 1 + spec["rounds"]))
     return state, alg, first_s, seconds / spec["rounds"]
 
 
@@ -246,17 +233,19 @@ def compile_round(spec: dict):
     """``(run, algorithm, compiled)``: the first program of ``round_config(spec)``'s
     first round as training runs it, compiled for this backend and never run."""
     import jax
+
+    from fiarse_jax.algorithm import client_schedule
     config, run, alg, state = build_rounds(spec)
+    ids = client_schedule(config, 0, 1)
     try:
         with _compile_only():
-            alg.apply_rounds(state, _client_ids(config, 0, 1))
+            alg.apply_rounds(state, ids)
     except _Compiled as c:
         compiled = c.compiled
     else:
         raise RuntimeError("the round ran: its programs were made before it, so none was "
                            "compiled alone (see _compile_only)")
-    ids = _client_ids(config, 0, 1)[0]
-    data = sum(a[ids].nbytes for a in jax.tree_util.tree_leaves(run.data.train))
+    data = sum(a[ids[0]].nbytes for a in jax.tree_util.tree_leaves(run.data.train))
     if compiled.memory_analysis().argument_size_in_bytes < data:   # not the clients' program
         raise RuntimeError("the program compiled first does not take the round's data")
     return run, alg, compiled

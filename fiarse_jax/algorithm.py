@@ -481,6 +481,13 @@ def conclude_block(rules: HostRules, state: ServerState, params, rows: np.ndarra
     return state
 
 
+def client_schedule(config, first: int, stop: int) -> list[np.ndarray]:
+    """The clients of rounds ``first`` … ``stop − 1`` (``rng.sample_clients``: a pure
+    function of the seed and the round), as ``apply_rounds`` takes them."""
+    return [rng.sample_clients(config.seed, r, config.data.num_clients,
+                               config.clients_per_round) for r in range(first, stop)]
+
+
 def next_stop(config, rnd: int, extra: Sequence[int] = ()) -> int:
     """The first round count after ``rnd`` at which the training loop acts on the host:
     an evaluation, a checkpoint, the end, a multiple of ``engine.rounds_per_program`` (0:

@@ -37,13 +37,18 @@ from fiarse_jax import (
     connectivity,
     paths,
     policies,
-    rng,
     run_summary,
     workdir_lock,
 )
 from fiarse_jax import evaluate as evaluate_lib
 from fiarse_jax import metrics as metrics_lib
-from fiarse_jax.algorithm import TrainingError, build_algorithm, next_stop, round_row
+from fiarse_jax.algorithm import (
+    TrainingError,
+    build_algorithm,
+    client_schedule,
+    next_stop,
+    round_row,
+)
 from fiarse_jax.capacities import capacity_label
 from fiarse_jax.data.summary import federated_summary
 
@@ -127,8 +132,7 @@ def _train(config, workdir: str, progress: bool | None, t_start: float) -> dict[
             # the algorithm can (``apply_rounds``); the profiled round runs on its own.
             rnd = state.round
             stop = next_stop(config, rnd, (profile_round, profile_round + 1))
-            ids = [rng.sample_clients(config.seed, r, config.data.num_clients,
-                                      config.clients_per_round) for r in range(rnd, stop)]
+            ids = client_schedule(config, rnd, stop)
             try:
                 with _trace(os.path.join(workdir, "profile"), rnd == profile_round):
                     state, block = algorithm.apply_rounds(state, ids)
