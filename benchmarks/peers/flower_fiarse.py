@@ -75,12 +75,34 @@ def _load(path: str) -> dict:
     return _WORKLOADS[path]
 
 
+def _images(w: dict, x: np.ndarray):
+    """uint8 NHWC images as the normalised NCHW float32 tensor the CNN takes."""
+    import torch
+    x = (x.astype(np.float32) / 255 - w["mean"]) / w["std"]
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2), np.float32))
+
+
+def _level_forward(w: dict, method: str, level: int, theta: float):
+    """The CNN's forward as a client of ``level`` computes: FIARSE's masked layers at
+    ``theta``, or HeteroFL's fixed masks of the level."""
+    import torch
+    if method == "fiarse":
+        theta_t = torch.tensor(theta)
+        for m in w["net"].modules():
+            if hasattr(m, "theta"):
+                m.theta = theta_t
+        return w["net"]
+    for k, v in w["masks"].items():
+        if k.startswith(f"{level}/"):
+            w["fixed"][k.split("/", 1)[1]] = torch.from_numpy(v)
+    return w["masked_forward"]
+
+
 def _client_rows(w: dict, pid: int, server_round: int):
     """The client's rows (normalised, NCHW) and a generator seeded by (seed, round, id)."""
     import torch
     lo, hi = int(w["offsets"][pid]), int(w["offsets"][pid + 1])
-    x = (w["x"][lo:hi].astype(np.float32) / 255 - w["mean"]) / w["std"]
-    x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2), np.float32))
+    x = _images(w, w["x"][lo:hi])
     y = torch.from_numpy(w["y"][lo:hi].astype(np.int64))
     gen = torch.Generator().manual_seed(int(w["seed"]) * 1_000_003 + server_round * 10_007 + pid)
     return x, y, gen
@@ -100,17 +122,7 @@ def train(msg, context):
     start = {k: torch.from_numpy(v) for k, v in
              zip(w["param_names"], msg.content["arrays"].to_numpy_ndarrays())}
     net.load_state_dict(start)
-    if cfg["method"] == "fiarse":
-        theta = torch.tensor(float(cfg[f"theta-{level}"]))
-        for m in net.modules():
-            if hasattr(m, "theta"):
-                m.theta = theta
-        forward = net
-    else:   # heterofl: the level's fixed masks
-        for k, v in w["masks"].items():
-            if k.startswith(f"{level}/"):
-                w["fixed"][k.split("/", 1)[1]] = torch.from_numpy(v)
-        forward = w["masked_forward"]
+    forward = _level_forward(w, str(cfg["method"]), level, float(cfg[f"theta-{level}"]))
     x, y, gen = _client_rows(w, pid, int(cfg["server-round"]))
     steps, batch, n = int(w["local_steps"]), int(w["batch_size"]), len(y)
     opt = torch.optim.SGD(net.parameters(), lr=float(w["learning_rate"]))
@@ -217,21 +229,10 @@ def evaluate_levels(path: str, method: str, arrays: list[np.ndarray]) -> list[fl
     w = _load(path)
     net, names = w["net"], list(w["param_names"])
     net.load_state_dict({k: torch.from_numpy(v) for k, v in zip(names, arrays)})
-    x = (w["test_x"].astype(np.float32) / 255 - w["mean"]) / w["std"]
-    x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2), np.float32))
-    y = torch.from_numpy(w["test_y"].astype(np.int64))
-    thetas, out = thresholds(arrays, w["capacities"]), []
-    for level, theta in enumerate(thetas):
-        if method == "fiarse":
-            for m in net.modules():
-                if hasattr(m, "theta"):
-                    m.theta = torch.tensor(theta)
-            forward = net
-        else:
-            for k, v in w["masks"].items():
-                if k.startswith(f"{level}/"):
-                    w["fixed"][k.split("/", 1)[1]] = torch.from_numpy(v)
-            forward = w["masked_forward"]
+    x, y = _images(w, w["test_x"]), torch.from_numpy(w["test_y"].astype(np.int64))
+    out = []
+    for level, theta in enumerate(thresholds(arrays, w["capacities"])):
+        forward = _level_forward(w, method, level, theta)
         with torch.no_grad():
             right = sum(int((forward(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum())
                         for i in range(0, len(y), 500))

@@ -2,9 +2,9 @@
 
 ``simulate`` builds the run from the workload's config (``workload.config``), the round
 with ``fiarse_jax.algorithm.build_algorithm`` (what ``fiarse-jax`` trains with: on CPU the
-loop strategy with streamed server sums), one program per round (training's default
-compiles the rounds up to the next evaluation into one), and times each round on its own (clients sampled
-by ``fiarse_jax.rng.sample_clients``, results on the host). Every ``eval_every`` rounds the
+loop strategy with streamed server sums) and training's client schedule, one program per
+round (training's default compiles the rounds up to the next evaluation into one), and
+times each round on its own (``common.timed_rounds``). Every ``eval_every`` rounds the
 library's evaluator scores each size's sub-model on the global test set (not timed).
 """
 from __future__ import annotations
@@ -12,32 +12,25 @@ from __future__ import annotations
 import time
 
 
-def simulate(config, *, rounds: int, eval_every: int, export_to: str | None = None) -> dict:
-    """Runs ``rounds`` rounds of ``config``; returns ``round_s``, ``train_loss``, ``evals``.
-    ``export_to``: also write the workload file for the other side there (``workload.export``)."""
-    import jax
+def simulate(config, *, rounds: int, eval_every: int) -> dict:
+    """Runs ``rounds`` rounds of ``config``; returns ``round_s``, ``train_loss``, ``evals``
+    and the strategy used."""
+    from common import timed_rounds
 
-    from fiarse_jax import build, rng
+    from fiarse_jax import build
     from fiarse_jax import evaluate as evaluate_lib
-    from fiarse_jax.algorithm import build_algorithm
+    from fiarse_jax.algorithm import build_algorithm, client_schedule
 
     config.engine.rounds_per_program = 1
     config.eval.batch_size = 500
     run = build.build_run(config)
-    if export_to:
-        import workload
-        workload.export(run, config, export_to)
     alg = build_algorithm(run, config)
     state = alg.init(run.init_params)
     evaluate = evaluate_lib.run_evaluator(run)
     log: dict = {"round_s": [], "train_loss": [], "evals": [], "strategy": alg.strategy}
     for r in range(rounds):
-        ids = [rng.sample_clients(config.seed, r, config.data.num_clients,
-                                  config.clients_per_round)]
-        t = time.perf_counter()
-        state, stats = alg.apply_rounds(state, ids)
-        jax.block_until_ready(state.params)
-        log["round_s"].append(time.perf_counter() - t)
+        state, stats, seconds = timed_rounds(alg, state, client_schedule(config, r, r + 1))
+        log["round_s"].append(seconds)
         log["train_loss"].append(float(stats[-1].train_loss))
         if (r + 1) % eval_every == 0:
             t = time.perf_counter()

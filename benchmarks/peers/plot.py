@@ -58,8 +58,8 @@ def plot(peers: dict, scaling: dict | None, out: str) -> str:
                ylabel="seconds per round",
                title=f"fiarse_jax, K = {scaling['rows'][0]['local_steps']}, streamed sums")
         twin = ax.twinx()
-        twin.plot(c, mb, "s--", color="tab:purple", label="peak memory (MB)")
-        twin.set(ylabel="peak memory, MB (PSS)", ylim=(0, max(mb) * 1.2))
+        twin.plot(c, mb, "s--", color="tab:purple", label="peak memory (MiB)")
+        twin.set(ylabel="peak memory, MiB (PSS)", ylim=(0, max(mb) * 1.2))
         ax.legend(loc="upper left", fontsize=8)
         twin.legend(loc="lower right", fontsize=8)
     fig.savefig(out, dpi=150)

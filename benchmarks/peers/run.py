@@ -65,9 +65,9 @@ def one(job: dict) -> dict:
                              local_steps=job.get("local_steps", 20),
                              partition=job.get("partition", "dirichlet"),
                              min_client_size=job.get("min_client_size", 10))
-    if job["side"] == "export":
-        import ours
-        ours.simulate(config, rounds=0, eval_every=1, export_to=job["workload"])
+    if job["side"] == "export":   # the run's data and initial weights, nothing trained
+        from fiarse_jax import build
+        workload.export(build.build_run(config), config, job["workload"])
         return {}
     if job["side"] == "ours_sharded":   # one client at a time on each host device
         config.engine.strategy, config.engine.clients_per_chunk = "sharded", 1
@@ -181,7 +181,7 @@ def main(argv=None) -> dict:
                    "local_steps": args.scaling_steps, "partition": "iid", "min_client_size": 2}
             rows.append(row("ours", job, measured(job), args.target))
             print(f"ours {c} clients/round: {rows[-1]['round_s']:.2f} s/round, "
-                  f"{rows[-1]['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
+                  f"{rows[-1]['peak_mb']:.0f} MiB", file=sys.stderr, flush=True)
     cprs = _ints(args.clients_per_round) if not args.scaling else []
     rounds, evals = _ints(args.rounds), _ints(args.eval_every)
     for i, c in enumerate(cprs):
@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
             rows.append(row(side, job, measured({**job, "side": side}), args.target))
             r = rows[-1]
             print(f"{side} {c} clients/round: {r['round_s']:.2f} s/round, "
-                  f"{r['peak_mb']:.0f} MB, accuracy {r['final_accuracy']}",
+                  f"{r['peak_mb']:.0f} MiB, accuracy {r['final_accuracy']}",
                   file=sys.stderr, flush=True)
     for r in rows:   # Flower's time over each of ours, same clients per round
         f = next((q for q in rows if q["side"] == "flower"
