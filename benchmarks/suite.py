@@ -3,7 +3,8 @@ PyTorch reference side by side, scaling curves, and the cost of mask extraction.
 
 Usage:
   python benchmarks/suite.py [--quick] [--sections strategies,resnet,size,masks,text,memory]
-      [--cnn-clients 10,100,1000] [--resnet-steps 100] [--rounds 2] [--no-torch]
+      [--cnn-clients 10,100,1000] [--resnet-steps 100] [--resnet-clients 10] [--rounds 2]
+      [--no-torch]
       [--no-torch-tuned] [--rounds-per-program 1]
       [--reduce stream|stack|stream,stack] [--memory-chunks 1,5]
       [--out benchmarks/results/suite_<backend>.json]
@@ -26,7 +27,8 @@ host. Times are per round after one warm-up (compile) round. Sections:
   torch_reference.py, clients one after another, the mask recomputed in every forward)
   twice: as the authors' code runs it (``vs torch``) and tuned (one reused local model,
   ``torch.compile``, bf16 autocast, channels_last; ``vs tuned``, ``--no-torch-tuned`` skips it).
-* ``resnet``: CIFAR ResNet-18 (11.2 M params) on CIFAR-shaped synthetic data, 10 clients.
+* ``resnet``: CIFAR ResNet-18 (11.2 M params) on CIFAR-shaped synthetic data, at each
+  ``--resnet-clients`` count per round × each ``--resnet-steps`` K (both comma-separated).
 * ``size``: time per round vs CNN width at 10 clients (best strategy and PyTorch).
 * ``text``: the RoBERTa classifier (``small`` on CPU, ``roberta_base`` on an accelerator)
   on random token ids, AdamW clients, per strategy: client steps/s, tokens/s, peak memory
@@ -433,8 +435,12 @@ def plot(result: dict, path: str) -> None:
     timed = [r for sec in ("strategies", "resnet", "size") for r in result.get(sec, [])]
     several = len({r.get("reduce") for r in timed if r.get("framework") == "jax"}) > 1
 
+    resnet = [r for r in result.get("resnet", []) if "round_s" in r]
+    shapes = len({(r["clients"], r["steps"]) for r in resnet}) > 1
+
     def label(r):
-        return (r["strategy"] + (f" (chunk {r['chunk']})" if r.get("chunk") else "")
+        return ((f"{r['clients']}×K{r['steps']} " if shapes and r in resnet else "")
+                + r["strategy"] + (f" (chunk {r['chunk']})" if r.get("chunk") else "")
                 + (f", {r['reduce']}" if several and r.get("reduce") else "")
                 + (f" ({r['variant']})" if r.get("variant") else ""))
 
@@ -457,12 +463,12 @@ def plot(result: dict, path: str) -> None:
     for name, pts in sorted(by.items()):
         pts.sort()
         axes[1].plot(*zip(*pts), marker="o", label=name)
-    resnet = [r for r in result.get("resnet", []) if "round_s" in r]
     if not by and resnet:   # no width section: the ResNet-18 round per strategy instead
         axes[1].bar([label(r) for r in resnet], [r["round_s"] for r in resnet])
         axes[1].tick_params(axis="x", labelsize=8, labelrotation=20)   # long variant labels
-        axes[1].set(ylabel="s per round", title=f"ResNet-18, {resnet[0]['clients']} "
-                    f"clients × K = {resnet[0]['steps']}")
+        axes[1].set(ylabel="s per round", yscale="log" if shapes else "linear",
+                    title="ResNet-18, clients × K" if shapes else
+                    f"ResNet-18, {resnet[0]['clients']} clients × K = {resnet[0]['steps']}")
     elif by:
         axes[1].set(xscale="log", yscale="log", xlabel="parameters", ylabel="s per round",
                     title="CNN width, 10 clients per round")
@@ -520,6 +526,17 @@ RESNET_VARIANTS = {"defaults": ({"conv": "xla"}, "loop", "default", None, False)
 CNN_WIDTHS = [((8, 16), (32,)), ((16, 32), (64,)), ((32, 64), (128,)), ((64, 128), (256,))]
 
 
+def _counts(ap: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    """``"5,20,100"`` -> ``[5, 20, 100]``; anything but positive integers is a parser error."""
+    try:
+        out = [int(v) for v in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        ap.error(f"{flag} {text!r}: expected positive integers, comma-separated")
+    return out
+
+
 def _strategies(text: str) -> list[tuple[str, int]]:
     """``"loop,vmap:100"`` -> ``[("loop", 0), ("vmap", 100)]`` (strategy, clients per chunk)."""
     return [(s.split(":")[0], int(s.split(":")[1]) if ":" in s else 0) for s in text.split(",")]
@@ -540,12 +557,14 @@ class Suite:
         self.torch_variants = ["authors"] + ([] if args.no_torch_tuned else ["tuned"])
         self.strategies = _strategies(args.strategies)
         self.cnn_clients = [int(c) for c in args.cnn_clients.split(",")]
-        self.steps, self.resnet_steps, self.rounds, self.samples = (
-            args.steps, args.resnet_steps, args.rounds, 100)
+        self.steps, self.rounds, self.samples = args.steps, args.rounds, 100
+        self.resnet_steps = _counts(ap, "--resnet-steps", args.resnet_steps)
+        self.resnet_clients = _counts(ap, "--resnet-clients", args.resnet_clients)
         self.widths, self.resnet_kw = CNN_WIDTHS, {}
         if args.quick:   # every round holds ≥ 1 client per capacity level (3)
             self.cnn_clients, self.steps, self.resnet_steps, self.rounds, self.samples = (
-                [4], 2, 1, 1, 20)
+                [4], 2, [1], 1, 20)
+            self.resnet_clients = [3]
             self.strategies = [(s, c if c == 0 else 2) for s, c in self.strategies]
             self.widths, self.resnet_kw = CNN_WIDTHS[:2], {"widths": [4, 8, 8, 8]}
         self.reduces = args.reduce.split(",")
@@ -626,8 +645,17 @@ def section_strategies(s: Suite) -> list[dict]:
 def section_resnet(s: Suite) -> list[dict]:
     strats = [("loop", 0), ("vmap", 0)] + (
         [("sharded", 0)] if s.backend != "cpu" and s.multi_device else [])
-    n = 3 if s.args.quick else 10
-    rows = s.group("resnet18", n, s.resnet_steps, s.resnet_kw, strats, s.torch_ok)
+    rows = s.result["resnet"] = []
+    for n in s.resnet_clients:
+        for k in s.resnet_steps:
+            rows += _resnet_rows(s, n, k, strats)
+            s.save()   # a long sweep cut off keeps the groups it finished
+    return rows
+
+
+def _resnet_rows(s: Suite, n: int, k: int, strats) -> list[dict]:
+    """ResNet-18 at ``n`` clients × K = ``k``: each strategy, the references and the variants."""
+    rows = s.group("resnet18", n, k, s.resnet_kw, strats, s.torch_ok)
     # Beside it, the variants (--resnet-variants): on CPU (where the per-backend choices
     # differ from the defaults) the loop as it ran before them, XLA's default options and
     # JAX's own conv gradient; on an accelerator the candidates for vmap, the patches
@@ -637,11 +665,11 @@ def section_resnet(s: Suite) -> list[dict]:
     for name in s.resnet_variants:
         kw, strategy, xla, dtype, program = RESNET_VARIANTS[name]
         rows += [{**r, "variant": name} for r in s.group(
-            "resnet18", n, s.resnet_steps, {**s.resnet_kw, **kw},
+            "resnet18", n, k, {**s.resnet_kw, **kw},
             [(auto if strategy == "auto" else strategy, 0)], False, xla=xla, dtype=dtype,
             program=program)]
     _with_ratio(rows)
-    _table(f"ResNet-18 on 32×32×3 data, K = {s.resnet_steps}, batch 20", rows, COLS)
+    _table(f"ResNet-18 on 32×32×3 data, {n} clients, K = {k}, batch 20", rows, COLS)
     return rows
 
 
@@ -727,7 +755,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--sections", default=",".join(SECTIONS))
     ap.add_argument("--cnn-clients", default="10,100,1000")
     ap.add_argument("--steps", type=int, default=20, help="local steps K for the CNN")
-    ap.add_argument("--resnet-steps", type=int, default=100, help="local steps K for ResNet-18")
+    ap.add_argument("--resnet-steps", default="100",
+                    help="local steps K for ResNet-18 (comma-separated: one row group each)")
+    ap.add_argument("--resnet-clients", default="10",
+                    help="ResNet-18 clients per round (comma-separated, × each K)")
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds after the warm-up")
     ap.add_argument("--rounds-per-program", type=int, default=1,
                     help="engine.rounds_per_program of the timed rounds (1: a program per "
