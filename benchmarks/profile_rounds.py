@@ -95,8 +95,8 @@ def main(argv=None) -> dict:
     import rounds as workloads
     from common import environment
 
-    from fiarse_jax import build
-    from fiarse_jax.algorithm import build_algorithm, client_schedule
+    from fiarse_jax.experiment import build
+    from fiarse_jax.federated.algorithm import build_algorithm, client_schedule
     if args.workload not in workloads.WORKLOADS:
         ap.error(f"--workload {args.workload!r}: expected one of {sorted(workloads.WORKLOADS)}")
     extra = {}

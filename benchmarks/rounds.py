@@ -87,9 +87,9 @@ def measure(name: str, rounds_per_program: int, blocks: int, block: int = 0,
     ``levels`` (``eval.levels`` modes, each timed side by side: ``eval_s_<mode>``)."""
     from common import timed_rounds
 
-    from fiarse_jax import build
-    from fiarse_jax import evaluate as evaluate_lib
-    from fiarse_jax.algorithm import build_algorithm, client_schedule
+    from fiarse_jax.experiment import build
+    from fiarse_jax.federated import evaluate as evaluate_lib
+    from fiarse_jax.federated.algorithm import build_algorithm, client_schedule
 
     config = load_config(name, rounds_per_program)
     eval_every = config.eval_every
@@ -179,7 +179,7 @@ def main(argv=None) -> dict:
         return {}
     names, levels = args.workloads.split(","), args.eval_levels.split(",")
     # Checked by name: resolving "auto" would start a backend here, held while children run.
-    from fiarse_jax.evaluate import LEVEL_MODES
+    from fiarse_jax.federated.evaluate import LEVEL_MODES
     bad = [m for m in levels if m not in LEVEL_MODES]
     if bad:
         ap.error(f"--eval-levels: eval.levels = {bad[0]!r}: must be one of {LEVEL_MODES}")

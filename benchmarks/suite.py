@@ -14,9 +14,9 @@ strategy can force host devices on CPU), all pinned to the same CPU cores; PyTor
 ``torch.set_num_threads(len(cores))``. The round timed is the one training runs: each
 workload is a training config (``round_config``: configs/default.py with FIARSE and the
 masked gradient, as the authors' released runs, on random data of the workload's shape,
-every client in every round), built by ``fiarse_jax.build.build_run`` and
-``fiarse_jax.algorithm.build_algorithm`` and run by ``Algorithm.apply_rounds``, as
-``fiarse_jax.train`` runs it: thresholds of every level from |w|, the clients' K local
+every client in every round), built by ``fiarse_jax.experiment.build.build_run`` and
+``fiarse_jax.federated.algorithm.build_algorithm`` and run by ``Algorithm.apply_rounds``, as
+``fiarse_jax.experiment.train`` runs it: thresholds of every level from |w|, the clients' K local
 steps, and the holder-average step, its inputs summed while the clients train
 (``--reduce stream``, what training does by default) or stacked first, one program per
 round (``--rounds-per-program 1``, the default here) with the round's results on the
@@ -146,8 +146,8 @@ def round_config(spec: dict):
 def build_rounds(spec: dict):
     """``(config, run, algorithm, state)`` of ``round_config(spec)``, built as training
     builds them."""
-    from fiarse_jax import build
-    from fiarse_jax.algorithm import build_algorithm
+    from fiarse_jax.experiment import build
+    from fiarse_jax.federated.algorithm import build_algorithm
     config = round_config(spec)
     run = build.build_run(config)
     alg = build_algorithm(run, config)
@@ -160,7 +160,7 @@ def run_rounds(spec: dict):
     first round's seconds, seconds per timed round)``."""
     from common import timed_rounds
 
-    from fiarse_jax.algorithm import client_schedule
+    from fiarse_jax.federated.algorithm import client_schedule
     config, _, alg, state = build_rounds(spec)
     state, _, first_s = timed_rounds(alg, state, client_schedule(config, 0, 1))
     state, _, seconds = timed_rounds(alg, state, client_schedule(config, 1, 1 + spec["rounds"]))
@@ -236,7 +236,7 @@ def compile_round(spec: dict):
     first round as training runs it, compiled for this backend and never run."""
     import jax
 
-    from fiarse_jax.algorithm import client_schedule
+    from fiarse_jax.federated.algorithm import client_schedule
     config, run, alg, state = build_rounds(spec)
     ids = client_schedule(config, 0, 1)
     try:
@@ -260,7 +260,7 @@ def measure_compiled(spec: dict) -> dict:
     machine that could not run it in the time available."""
     import jax
 
-    from fiarse_jax import engine
+    from fiarse_jax.federated import engine
     run, alg, compiled = compile_round({**spec, "program": True})
     m = compiled.memory_analysis()
     mb = {k: getattr(m, f"{k}_size_in_bytes") / 2**20 for k in ("argument", "output", "temp",
@@ -595,7 +595,7 @@ class Suite:
 
     def save(self) -> None:
         """Write the JSON and PNG so far (after every section: a cut-off run keeps its part)."""
-        from fiarse_jax.metrics import write_atomic
+        from fiarse_jax.experiment.metrics import write_atomic
         write_atomic(self.out, json.dumps(self.result, indent=2))
         plot(self.result, os.path.splitext(self.out)[0] + ".png")
 

@@ -40,7 +40,7 @@ import sys
 
 import ml_collections
 
-from fiarse_jax.config import parse_config_arg
+from fiarse_jax.experiment.config import parse_config_arg
 
 sys.path.insert(0, os.path.dirname(__file__))
 import default  # noqa: E402

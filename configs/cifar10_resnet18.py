@@ -17,7 +17,7 @@ CIFAR-100 runs; exits = config.model.early_exits = True (an exit head after stag
 
 Paper numbers to reproduce (four sizes, global scope; per-size local accuracy
 1/64, 1/16, 1/4, 1, then global): FIARSE 73.12 / 77.20 / 77.24 / 82.04, global 73.75;
-global for HeteroFL 66.05, FedRolex 65.98, ScaleFL 67.37 (every cell: fiarse_jax.reproduce.
+global for HeteroFL 66.05, FedRolex 65.98, ScaleFL 67.37 (every cell: fiarse_jax.cli.reproduce.
 PAPER). The four methods from one command (`compare` and `reproduce` build the exit heads
 only for scalefl, which trains them; the others get the same ResNet without heads, every
 other parameter starting the same):
@@ -39,7 +39,7 @@ import sys
 
 import ml_collections
 
-from fiarse_jax.config import parse_config_arg
+from fiarse_jax.experiment.config import parse_config_arg
 
 sys.path.insert(0, os.path.dirname(__file__))
 import default  # noqa: E402
@@ -70,7 +70,7 @@ def cifar_config(dataset: str, arg: str) -> ml_collections.ConfigDict:
     config.scalefl.depth_exponent = 0.25
 
     config.data.name = dataset
-    # The paper's cells `fiarse-jax reproduce` puts beside ours (fiarse_jax.reproduce.PAPER).
+    # The paper's cells `fiarse-jax reproduce` puts beside ours (fiarse_jax.cli.reproduce.PAPER).
     config.paper = f"{dataset}_four" if capacities == CAPACITY_SETS["four"] else ""
     config.data.partition = "balanced_dirichlet"
     config.data.num_clients = 100

@@ -7,7 +7,7 @@ global magnitude thresholds and the paper's Eq. 3 gradient.
 At round 0 the 1/16 level keeps only first-layer weights (global θ above every output
 weight at initialisation), so its first updates are 0 and its output ignores the input
 until the shared weights grow into its budget: the method, not a bug; the run prints a
-note and summary.json records it (disconnected_at_start; fiarse_jax/connectivity.py).
+note and summary.json records it (disconnected_at_start; fiarse_jax/core/connectivity.py).
 
 Run:
   fiarse-jax --config configs/default.py --workdir runs/default
@@ -112,7 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.server.exclude_after_flags = 0
 
     # Attack simulation: kind none | sign_flip | scale | gaussian | free_rider | nan |
-    # label_flip | alie | adaptive (the last two coordinated: fiarse_jax/attacks.py); a
+    # label_flip | alie | adaptive (the last two coordinated: fiarse_jax/robust/attacks.py); a
     # seeded `fraction` of clients, at any capacity level (or only at the level indices in
     # `levels`).
     config.attack = ml_collections.ConfigDict()

@@ -1,4 +1,4 @@
 """``python -m fiarse_jax`` is the ``fiarse-jax`` command."""
-from fiarse_jax.main import run
+from fiarse_jax.cli.main import run
 
 run()

@@ -22,10 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fiarse_jax import engine, models, policies, server
-from fiarse_jax.client import make_client_fns
+from fiarse_jax import models, policies
+from fiarse_jax.core import server
 from fiarse_jax.data import stack_clients
-from fiarse_jax.server_round import make_streaming_round
+from fiarse_jax.federated import engine
+from fiarse_jax.federated.client import make_client_fns
+from fiarse_jax.federated.server_round import make_streaming_round
 
 
 def problem(num_clients: int, compute_dtype=None, hidden=(16, 8)):
@@ -106,7 +108,8 @@ if __name__ == "__main__":
 
         from helpers import mock_gcs
 
-        from fiarse_jax import main, train
+        from fiarse_jax.cli import main
+        from fiarse_jax.experiment import train
         workdir, port, pid, nproc = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
         rest = sys.argv[6:] + [None] * 2
         cfg = short_config()

@@ -46,7 +46,7 @@ def count(tree) -> int:
 
 def by_path(tree) -> dict:
     """{path tuple: leaf}, paths as plain key names (``masks.path_names``)."""
-    from fiarse_jax import masks
+    from fiarse_jax.core import masks
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {masks.path_names(p): l for p, l in flat}
 
@@ -66,7 +66,7 @@ def record_builds(monkeypatch) -> list:
     """Every ``Run`` that ``build.build_run`` returns from here on (``train``, ``export``),
     in order: a test reads the run a command built instead of building it again (a model
     init compile and the data each time)."""
-    from fiarse_jax import build
+    from fiarse_jax.experiment import build
     runs, real = [], build.build_run
 
     def spy(*args, **kwargs):

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from fiarse_jax import aggregators
-from fiarse_jax.aggregators import aggregate_deltas
+from fiarse_jax.robust import aggregators
+from fiarse_jax.robust.aggregators import aggregate_deltas
 
 N = 7
 SHAPES = {"conv": {"kernel": (3, 2, 2)}, "dense": (4, 5), "norm": (6,)}

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from fiarse_jax import attacks, validation
+from fiarse_jax.robust import attacks, validation
 
 ATTACKERS = np.array([True, False, True, False, False, True])
 # Rows 0 and 5 (attackers) sit at levels 0 and 3, which have no honest row; row 2 shares level 1

@@ -23,8 +23,8 @@ def test_benchmark_round_gives_the_training_rounds_params(tmp_path, monkeypatch,
                                                           program):
     """The suite's warm-up and timed rounds against ``train_and_evaluate`` on the same
     config (same rounds, checkpoints off): the same params, bit for bit."""
-    from fiarse_jax import train
-    from fiarse_jax.algorithm import build_algorithm
+    from fiarse_jax.experiment import train
+    from fiarse_jax.federated.algorithm import build_algorithm
 
     spec = {**SPEC, "strategy": strategy, "program": program}
     bench, alg, first_s, round_s = suite.run_rounds(spec)

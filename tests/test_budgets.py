@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiarse_jax import masks, models, policies, units
+from fiarse_jax import models, policies
+from fiarse_jax.core import masks, units
 from fiarse_jax.policies import structured
 
 FOUR = (1.0, 0.25, 1 / 16, 1 / 64)

@@ -15,8 +15,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
 from helpers import override, read_scalars  # noqa: E402
 
-from fiarse_jax import checkpoint, train  # noqa: E402
-from fiarse_jax.config import ConfigError  # noqa: E402
+from fiarse_jax.experiment import checkpoint, train  # noqa: E402
+from fiarse_jax.experiment.config import ConfigError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = 12

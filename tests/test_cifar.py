@@ -88,7 +88,7 @@ def test_smoke_config_runs_under_both_strategies_and_its_export_reproduces_accur
     import cifar_smoke
     from helpers import record_builds
 
-    from fiarse_jax import export, train
+    from fiarse_jax.experiment import export, train
     builds = record_builds(monkeypatch)   # the runs train built (no third ResNet init compile)
     out, runs = {}, {}
     for strategy in ("loop", "vmap"):

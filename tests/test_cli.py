@@ -35,7 +35,7 @@ def test_cli_bad_value_is_one_line_and_writes_nothing(tmp_path):
 
 def test_console_script_is_declared():
     eps = importlib.metadata.entry_points(group="console_scripts")
-    assert any(ep.name == "fiarse-jax" and ep.value == "fiarse_jax.main:run" for ep in eps)
+    assert any(ep.name == "fiarse-jax" and ep.value == "fiarse_jax.cli.main:run" for ep in eps)
 
 
 def test_cli_unknown_field_is_one_line(tmp_path):
@@ -55,7 +55,7 @@ def cli(*args, **kw):
 @pytest.mark.parametrize("command", [None, "train", "compare", "reproduce", "robustness", "plot",
                                      "export", "list", "config"])
 def test_help_for_the_command_and_every_subcommand_exits_0(command, capsys):
-    from fiarse_jax import main
+    from fiarse_jax.cli import main
     argv = ["fiarse-jax"] + ([command] if command else []) + ["-h" if command else "--help"]
     with pytest.raises(SystemExit) as done:
         main._parse_flags(argv)
@@ -73,8 +73,9 @@ def test_help_list_and_config_from_the_shell(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("fiarse-jax: ") and not r.stderr.strip()
     r = cli("list")
     assert r.returncode == 0, r.stderr
-    from fiarse_jax import aggregators, attacks, models, policies
+    from fiarse_jax import models, policies
     from fiarse_jax.data.registry import DATASETS
+    from fiarse_jax.robust import aggregators, attacks
     for name in [*policies.METHODS, *models.MODELS, *DATASETS, *aggregators.AGGREGATORS,
                  *attacks.KINDS]:
         assert f"\n  {name} " in r.stdout, name
@@ -103,7 +104,7 @@ def test_help_list_and_config_from_the_shell(tmp_path):
     ("def get_config(arg):\n    raise ValueError(f'config argument {arg!r}: expected a|b')\n",
      ":c", "config argument 'c': expected a|b")])
 def test_a_bad_config_file_is_one_line(tmp_path, capsys, text, arg, message):
-    from fiarse_jax import main
+    from fiarse_jax.cli import main
     path = tmp_path / "cfg.py"
     if text is not None:
         path.write_text(text)
@@ -168,7 +169,7 @@ def test_an_interrupt_logged_with_its_traceback_is_dropped_other_errors_kept():
 
     from absl import logging as absl_logging
 
-    from fiarse_jax.main import quiet_interrupts
+    from fiarse_jax.cli.main import quiet_interrupts
 
     seen = []
     handler = logging.Handler()
@@ -237,7 +238,7 @@ def test_benchmark_memory_measure_sees_the_round_inputs_and_streaming_save_memor
 
 
 def test_the_model_switch_reads_values_as_the_new_models_field_types(capsys):
-    from fiarse_jax import main
+    from fiarse_jax.cli import main
     argv = ["fiarse-jax", "--config", CONFIG, "--config.model.name", "mlp",
             "--config.model.early_exits=FALSE", "--config.model.hidden_sizes=64", "--workdir", "w"]
     assert main.take_model_switch(argv) == ["fiarse-jax", "--config", CONFIG, "--workdir", "w"]

@@ -6,9 +6,11 @@ import numpy as np
 import optax
 import pytest
 
-from fiarse_jax import engine, masks, models, policies
-from fiarse_jax.client import client_update, make_client_fns
+from fiarse_jax import models, policies
+from fiarse_jax.core import masks
 from fiarse_jax.data import ClientData, stack_clients
+from fiarse_jax.federated import engine
+from fiarse_jax.federated.client import client_update, make_client_fns
 
 
 def linear_loss(p, x, y, rng, spec=None):

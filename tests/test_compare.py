@@ -10,8 +10,8 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
 
-from fiarse_jax import compare  # noqa: E402
-from fiarse_jax.config import ConfigError  # noqa: E402
+from fiarse_jax.cli import compare  # noqa: E402
+from fiarse_jax.experiment.config import ConfigError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,7 +69,7 @@ def test_compare_cli(tmp_path):
 
 
 def test_a_failing_method_leaves_the_others_and_marks_its_row(tmp_path, monkeypatch):
-    from fiarse_jax import train
+    from fiarse_jax.experiment import train
     real = train.train_and_evaluate
 
     def flaky(cfg, workdir, **kw):
@@ -155,7 +155,7 @@ def test_only_methods_that_train_exit_heads_are_built_with_them():
 
 
 def test_a_finished_run_is_read_back_only_when_it_measured_the_same_thing(tmp_path):
-    from fiarse_jax import train
+    from fiarse_jax.experiment import train
     c = tiny()
     c.num_rounds, c.eval_every = 2, 2
     run = str(tmp_path / "run")
@@ -181,7 +181,7 @@ def test_a_finished_run_is_read_back_only_when_it_measured_the_same_thing(tmp_pa
 
 
 def test_a_busy_run_directory_stops_the_comparison_instead_of_racing_it(tmp_path):
-    from fiarse_jax import workdir_lock
+    from fiarse_jax.experiment import workdir_lock
     with workdir_lock.hold(str(tmp_path / "cmp" / "heterofl")):   # another command's run
         with pytest.raises(workdir_lock.WorkdirBusy, match="is in use by process"):
             compare.compare(tiny(), ["fiarse", "heterofl", "fedavg_full"], str(tmp_path / "cmp"))

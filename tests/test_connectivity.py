@@ -5,8 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fiarse_jax import connectivity, models, policies
-from fiarse_jax.masks import maskable_flags
+from fiarse_jax import models, policies
+from fiarse_jax.core import connectivity
+from fiarse_jax.core.masks import maskable_flags
 
 
 def _theta(params, r):

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from fiarse_jax.validation import REASONS, validate_updates
+from fiarse_jax.robust.validation import REASONS, validate_updates
 
 OK, NON_FINITE, NORM, DIRECTION, REPUTATION = range(5)
 assert REASONS == ("ok", "non_finite", "norm_outlier", "direction", "reputation")
@@ -128,7 +128,7 @@ def test_direction_action_flag_uses_the_update_and_keeps_the_verdict():
     """direction_action="flag": an update against the consensus is aggregated (reason still
     ``direction``, for the record); a norm outlier and an excluded client are refused either
     way. The aggregate is the holder mean over exactly the used clients."""
-    from fiarse_jax.server_round import make_server_round
+    from fiarse_jax.federated.server_round import make_server_round
     levels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
     d, mask = nested(levels, seed=1)
     d[1] *= -1.0       # against the consensus

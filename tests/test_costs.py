@@ -2,9 +2,11 @@
 import jax
 import jax.numpy as jnp
 
-from fiarse_jax import costs, models, policies
+from fiarse_jax import models, policies
 
 # MLP 4 → 6 → 3 (float32): Dense_0 4·6+6 = 30, Dense_1 6·3+3 = 21; N = 51.
+from fiarse_jax.experiment import costs
+
 CAPS = (1.0, 0.5)
 
 

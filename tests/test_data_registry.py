@@ -10,7 +10,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 
 import default as default_config  # noqa: E402
 
-from fiarse_jax.config import ConfigError, validate_config  # noqa: E402
 from fiarse_jax.data import (  # noqa: E402
     DATASETS,
     Dataset,
@@ -21,6 +20,7 @@ from fiarse_jax.data import (  # noqa: E402
     load_from_config,
     register_dataset,
 )
+from fiarse_jax.experiment.config import ConfigError, validate_config  # noqa: E402
 
 
 def load_toy(*, size: int = 60, scale: float = 1.0) -> Dataset:

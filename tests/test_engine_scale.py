@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiarse_jax import engine
+from fiarse_jax.federated import engine
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _engine_worker import problem  # noqa: E402
@@ -84,8 +84,9 @@ def test_two_processes_on_a_gs_workdir_stop_resume_and_equal_one(tmp_path):
     export read the bucket."""
     from helpers import mock_gcs
 
-    from fiarse_jax import export, plots
-    from fiarse_jax.metrics import read_jsonl
+    from fiarse_jax.cli import plots
+    from fiarse_jax.experiment import export
+    from fiarse_jax.experiment.metrics import read_jsonl
     store, run = str(tmp_path / "store"), "gs://bucket/multi"
     logs = _two_processes(run, 2, store)
     assert logs[1].count("round 2/2") == 0 and logs[0].count("round 2/2") == 1
@@ -133,7 +134,7 @@ def test_bf16_compute_keeps_float32_state_and_tracks_float32():
 def test_fit_chunk_takes_the_largest_chunk_whose_compiled_round_fits(monkeypatch):
     """Against every candidate chunk size's own compiled peak, at budgets on and between
     the peaks: the largest candidate that fits, in a logarithmic number of compiles."""
-    from fiarse_jax.server_round import make_streaming_round
+    from fiarse_jax.federated.server_round import make_streaming_round
     n = 7
     assert engine.chunk_candidates(n) == [1, 2, 3, 4, 7]   # 5 and 6 run 2 chunks, as 4
     fns, params, specs, data, keys = problem(n, hidden=(256, 256))
@@ -172,8 +173,8 @@ def test_auto_chunk_in_a_run_is_decided_before_anything_is_written(tmp_path, cap
     import default
     from helpers import override
 
-    from fiarse_jax import train
-    from fiarse_jax.config import ConfigError
+    from fiarse_jax.experiment import train
+    from fiarse_jax.experiment.config import ConfigError
 
     def cfg(budget_gb):
         return override(default.get_config(), **{

@@ -5,9 +5,10 @@ import numpy as np
 import optax
 import pytest
 
-from fiarse_jax import masks, policies
+from fiarse_jax import policies
+from fiarse_jax.core import masks
 from fiarse_jax.data import FederatedData, stack_clients
-from fiarse_jax.evaluate import capacity_label, make_evaluator
+from fiarse_jax.federated.evaluate import capacity_label, make_evaluator
 
 
 def test_capacity_labels():
@@ -241,9 +242,9 @@ def test_levels_auto_is_map_on_cpu_and_vmap_elsewhere_and_a_bad_mode_is_one_line
     import os
     import sys
 
-    from fiarse_jax import train
-    from fiarse_jax.config import ConfigError
-    from fiarse_jax.evaluate import resolve_levels
+    from fiarse_jax.experiment import train
+    from fiarse_jax.experiment.config import ConfigError
+    from fiarse_jax.federated.evaluate import resolve_levels
     assert [resolve_levels("auto", b) for b in ("cpu", "gpu", "tpu")] == ["map", "vmap", "vmap"]
     assert resolve_levels("vmap", "cpu") == "vmap"
     with pytest.raises(ValueError, match=r"^eval.levels = 'both': must be one of"):
@@ -298,8 +299,8 @@ def test_both_level_modes_equal_a_batch_by_batch_reference(method):
 
     from helpers import override
 
-    from fiarse_jax import build
-    from fiarse_jax.evaluate import run_evaluator
+    from fiarse_jax.experiment import build
+    from fiarse_jax.federated.evaluate import run_evaluator
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
     import default  # noqa: PLC0415
     # Batches of one (a single batch length: one compile here and in the reference).

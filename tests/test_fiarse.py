@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import MASKABLE, make_params
 
-from fiarse_jax import fiarse, masks
+from fiarse_jax.core import fiarse, masks
 
 
 def np_tcb(x, theta):

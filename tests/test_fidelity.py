@@ -7,8 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from fiarse_jax import algorithm, build, train
-from fiarse_jax.config import ConfigError, validate_config
+from fiarse_jax.experiment import build, train
+from fiarse_jax.experiment.config import ConfigError, validate_config
+from fiarse_jax.federated import algorithm
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402

@@ -14,8 +14,8 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
 
-from fiarse_jax.config import ConfigError, validate_config  # noqa: E402
 from fiarse_jax.data import DATASETS, augment, files, load_dataset  # noqa: E402
+from fiarse_jax.experiment.config import ConfigError, validate_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("cat", "ant", "bee")   # written unsorted: the loader sorts them
@@ -420,7 +420,7 @@ def test_config_checks_normalisation_fields(field, value, words):
 
 
 def test_loader_errors_reach_build_run_as_config_errors(tmp_path):
-    from fiarse_jax import build
+    from fiarse_jax.experiment import build
     with pytest.raises(ConfigError, match="config.data: image_folder: directory .* does not"):
         build.build_run(config_for("image_folder", str(tmp_path / "missing")))
 

@@ -15,9 +15,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
 from helpers import mock_gcs, override, read_scalars  # noqa: E402
 
-from fiarse_jax import build, checkpoint, export, paths, plots, train  # noqa: E402
-from fiarse_jax.config import ConfigError  # noqa: E402
-from fiarse_jax.metrics import read_jsonl  # noqa: E402
+from fiarse_jax.cli import plots  # noqa: E402
+from fiarse_jax.experiment import build, checkpoint, export, train
+from fiarse_jax.experiment.config import ConfigError  # noqa: E402
+from fiarse_jax.experiment.metrics import read_jsonl  # noqa: E402
+from fiarse_jax.utils import paths
 
 RUN = "gs://bucket/run"
 TIMING = ("elapsed_s", "round_time_s")

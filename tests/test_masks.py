@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import MASKABLE, make_params
 
-from fiarse_jax import masks
+from fiarse_jax.core import masks
 
 RATIOS = (1.0, 0.64, 0.5, 0.37, 0.25, 0.1, 1 / 16, 1 / 64)
 #: The same ratios as exact fractions, for a reference ⌈r·N⌉ free of float noise.

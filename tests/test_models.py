@@ -2,7 +2,8 @@
 import jax
 import numpy as np
 
-from fiarse_jax import masks, models
+from fiarse_jax import models
+from fiarse_jax.core import masks
 
 
 def count(params):

@@ -12,9 +12,11 @@ import default as default_config  # noqa: E402
 import digits_scalefl  # noqa: E402
 from helpers import read_scalars, record_builds  # noqa: E402
 
-from fiarse_jax import algorithm, export, plots, train  # noqa: E402
-from fiarse_jax.config import ConfigError  # noqa: E402
-from fiarse_jax.metrics import read_jsonl  # noqa: E402
+from fiarse_jax.cli import plots  # noqa: E402
+from fiarse_jax.experiment import export, train
+from fiarse_jax.experiment.config import ConfigError  # noqa: E402
+from fiarse_jax.experiment.metrics import read_jsonl  # noqa: E402
+from fiarse_jax.federated import algorithm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,8 +106,8 @@ def test_plot_a_stopped_run_elsewhere_as_pdf_and_a_read_only_workdir_is_one_line
 
 
 def test_plot_into_a_read_only_folder_is_one_line(runs, tmp_path, monkeypatch):
-    from fiarse_jax import main
-    from fiarse_jax.config import ConfigError
+    from fiarse_jax.cli import main
+    from fiarse_jax.experiment.config import ConfigError
     w, _ = runs["fiarse"]
 
     def denied(fig, path, **kw):   # as a read-only folder answers (root would write anyway)
@@ -182,7 +184,8 @@ def test_export_leaves_an_in_flight_save_alone(runs, tmp_path):
 
 
 def test_a_read_only_export_target_is_one_line(runs, monkeypatch, capsys):
-    from fiarse_jax import export, main
+    from fiarse_jax.cli import main
+    from fiarse_jax.experiment import export
     w, _ = runs["fiarse"]
 
     def denied(*a, **kw):   # as a read-only folder answers (root would write anyway)

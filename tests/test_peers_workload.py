@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from fiarse_jax import masks
+from fiarse_jax.core import masks
 from fiarse_jax.models import build_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "peers"))
@@ -58,7 +58,7 @@ def test_flax_to_torch_gives_the_same_function_in_pytorchs_layout():
 
 
 def test_flower_servers_thresholds_are_fiarse_jaxs_global_thresholds():
-    """θ_r of the Flower strategy (NumPy over its arrays) = ``fiarse_jax.masks``'
+    """θ_r of the Flower strategy (NumPy over its arrays) = ``fiarse_jax.core.masks``'
     global-scope thresholds over the same weights and biases, for the four sizes."""
     rng = np.random.default_rng(3)
     params = {"a": {"kernel": rng.normal(size=(7, 5)).astype(np.float32),
@@ -72,7 +72,7 @@ def test_flower_servers_thresholds_are_fiarse_jaxs_global_thresholds():
 def test_flower_servers_update_is_fiarse_jaxs_holder_average():
     """The Flower strategy's update (``holder_update``) = ``server.holder_average`` then
     ``apply_update`` on the same deltas and masks (three clients, overlapping holdings)."""
-    from fiarse_jax import server
+    from fiarse_jax.core import server
     rng = np.random.default_rng(4)
     shapes = [(6, 4), (4,)]
     g = [rng.normal(size=s).astype(np.float32) for s in shapes]
@@ -107,9 +107,9 @@ def test_flower_client_and_ours_train_the_same_given_the_same_rows(tmp_path):
     torch = pytest.importorskip("torch")
     import torch.nn.functional as F
 
-    from fiarse_jax import build
-    from fiarse_jax.algorithm import client_fns
-    from fiarse_jax.client import batch_rows
+    from fiarse_jax.experiment import build
+    from fiarse_jax.federated.algorithm import client_fns
+    from fiarse_jax.federated.client import batch_rows
 
     data = workload.synthetic_images(str(tmp_path / "d.npz"), n_train=1_500, n_test=50)
     config = workload.config(data, num_clients=8, clients_per_round=4, local_steps=5)

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import pytest
 from conftest import make_params
 
-from fiarse_jax import masks, policies
+from fiarse_jax import policies
+from fiarse_jax.core import masks
 
 CAPS = (1.0, 0.25, 1 / 16)
 

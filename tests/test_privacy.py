@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiarse_jax import privacy
+from fiarse_jax.robust import privacy
 
 
 def make_updates(clients=5, seed=0):

@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 from conftest import make_params
 
-from fiarse_jax import aggregators, fiarse, masks, models, options, policies
+from fiarse_jax import models, policies
+from fiarse_jax.core import fiarse, masks
 from fiarse_jax.policies import base, scalefl, structured
+from fiarse_jax.robust import aggregators
+from fiarse_jax.utils import options
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
@@ -362,8 +365,8 @@ def test_a_toy_model_registers_and_checks():
 
 
 def test_the_active_aggregation_rule_options_are_checked_before_anything_runs(tmp_path):
-    from fiarse_jax import train
-    from fiarse_jax.config import ConfigError
+    from fiarse_jax.experiment import train
+    from fiarse_jax.experiment.config import ConfigError
 
     config = default_config.get_config()
     config.server.aggregator = "trimmed_mean"
@@ -375,7 +378,7 @@ def test_the_active_aggregation_rule_options_are_checked_before_anything_runs(tm
     # Another rule's section is not this run's: its keys are the rule's business when used.
     config = default_config.get_config()
     config.server.trimmed_mean.betta = 0.2
-    from fiarse_jax.config import validate_config
+    from fiarse_jax.experiment.config import validate_config
     validate_config(config)
     assert aggregators.check_options("multi_krum", aggregators.multi_krum,
                                      {"num_byzantine": 1, "num_selected": None}) is None

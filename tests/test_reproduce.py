@@ -9,8 +9,8 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import digits_scalefl  # noqa: E402
 
-from fiarse_jax import reproduce  # noqa: E402
-from fiarse_jax.config import ConfigError  # noqa: E402
+from fiarse_jax.cli import reproduce  # noqa: E402
+from fiarse_jax.experiment.config import ConfigError  # noqa: E402
 
 
 def tiny():

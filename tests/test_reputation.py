@@ -10,9 +10,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
 from helpers import override  # noqa: E402
 
-from fiarse_jax import checkpoint, reputation, train  # noqa: E402
-from fiarse_jax.config import ConfigError, validate_config  # noqa: E402
-from fiarse_jax.metrics import read_jsonl  # noqa: E402
+from fiarse_jax.experiment import checkpoint, train  # noqa: E402
+from fiarse_jax.experiment.config import ConfigError, validate_config  # noqa: E402
+from fiarse_jax.experiment.metrics import read_jsonl  # noqa: E402
+from fiarse_jax.robust import reputation
 
 
 def test_record_and_rule_by_hand():

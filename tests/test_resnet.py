@@ -10,7 +10,8 @@ import optax
 import pytest
 from helpers import by_path, count, random_units
 
-from fiarse_jax import masks, models, policies, units
+from fiarse_jax import models, policies
+from fiarse_jax.core import masks, units
 from fiarse_jax.policies.structured import leading_units
 
 NARROW = {"widths": (4, 8, 8, 16)}

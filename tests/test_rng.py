@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiarse_jax import rng, server_round, train
+from fiarse_jax.core import rng
+from fiarse_jax.experiment import train
+from fiarse_jax.federated import server_round
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402

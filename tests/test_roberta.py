@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from helpers import by_path, count, random_units
 
-from fiarse_jax import masks, models, units
+from fiarse_jax import models
+from fiarse_jax.core import masks, units
 from fiarse_jax.models import convert_roberta as cr
 from fiarse_jax.models.roberta import RobertaClassifier
 
@@ -534,7 +535,7 @@ def test_model_loads_pretrained_by_path_or_cached_repo_id(tiny, tmp_path, monkey
 
     # download=True: fetched through huggingface_hub when the cache lacks it (faked here),
     # and a clear error at once when the hub cannot be reached.
-    from fiarse_jax import hub
+    from fiarse_jax.utils import hub
     fetched = []
     monkeypatch.setattr(hub, "online", lambda timeout=5.0: True)
     monkeypatch.setitem(sys.modules, "huggingface_hub", type(

@@ -13,9 +13,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
 from helpers import override  # noqa: E402
 
-from fiarse_jax import algorithm as algorithm_lib  # noqa: E402
-from fiarse_jax import build, privacy, rng, train  # noqa: E402
-from fiarse_jax.config import ConfigError  # noqa: E402
+from fiarse_jax.core import rng  # noqa: E402
+from fiarse_jax.experiment import build, train
+from fiarse_jax.experiment.config import ConfigError  # noqa: E402
+from fiarse_jax.federated import algorithm as algorithm_lib  # noqa: E402
+from fiarse_jax.robust import privacy
 
 
 def _config(**overrides):

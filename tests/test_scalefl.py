@@ -22,14 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiarse_jax import costs, evaluate, masks, models, policies, units
+from fiarse_jax import models, policies
+from fiarse_jax.core import masks, units
+from fiarse_jax.experiment import costs
+from fiarse_jax.federated import evaluate
 from fiarse_jax.policies import scalefl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
 
-from fiarse_jax import train  # noqa: E402
-from fiarse_jax.config import ConfigError, validate_config  # noqa: E402
+from fiarse_jax.experiment import train  # noqa: E402
+from fiarse_jax.experiment.config import ConfigError, validate_config  # noqa: E402
 
 CAPS = (1.0, 0.25, 0.11)
 HIDDEN = (8, 6, 4)

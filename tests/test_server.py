@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from fiarse_jax import server
+from fiarse_jax.core import server
 
 
 def np_aggregate(params, deltas, masks, lr):

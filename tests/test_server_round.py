@@ -10,8 +10,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
 from helpers import override  # noqa: E402
 
-from fiarse_jax import build, rng, robustness, train, validation  # noqa: E402
-from fiarse_jax.server_round import make_server_round  # noqa: E402
+from fiarse_jax.cli import robustness  # noqa: E402
+from fiarse_jax.core import rng
+from fiarse_jax.experiment import build, train
+from fiarse_jax.federated.server_round import make_server_round  # noqa: E402
+from fiarse_jax.robust import validation
 
 
 def updates(n=6, p=40, seed=0):

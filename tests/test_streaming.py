@@ -17,10 +17,11 @@ import default as default_config  # noqa: E402
 from _engine_worker import problem  # noqa: E402
 from helpers import override  # noqa: E402
 
-from fiarse_jax import algorithm, engine, train  # noqa: E402
-from fiarse_jax.client import ClientResult  # noqa: E402
-from fiarse_jax.config import ConfigError, validate_config  # noqa: E402
-from fiarse_jax.server_round import make_server_round, make_streaming_round  # noqa: E402
+from fiarse_jax.experiment import train  # noqa: E402
+from fiarse_jax.experiment.config import ConfigError, validate_config  # noqa: E402
+from fiarse_jax.federated import algorithm, engine
+from fiarse_jax.federated.client import ClientResult  # noqa: E402
+from fiarse_jax.federated.server_round import make_server_round, make_streaming_round  # noqa: E402
 
 
 def np_sums(result: ClientResult):

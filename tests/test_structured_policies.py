@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiarse_jax import models, policies, units
+from fiarse_jax import models, policies
+from fiarse_jax.core import units
 
 CAPS = (1.0, 0.5, 0.25)
 #: kept units (Dense_0, Dense_1) per level and budget on the (12, 8) MLP (module docstring)

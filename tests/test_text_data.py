@@ -8,10 +8,10 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 tokenizers = pytest.importorskip("tokenizers")
 
-from fiarse_jax import hub  # noqa: E402
 from fiarse_jax.data import DATASETS, load_dataset, text  # noqa: E402
 from fiarse_jax.data import tfds as tfds_data  # noqa: E402
 from fiarse_jax.data.tfds import DataUnavailable  # noqa: E402
+from fiarse_jax.utils import hub  # noqa: E402
 
 SENTENCES = [
     "Oil prices rose sharply on Tuesday after a pipeline outage in the Gulf of Mexico.",

@@ -11,8 +11,8 @@ pytest.importorskip("tokenizers", reason="the text path needs tokenizers (the 't
 
 from helpers import override, record_builds  # noqa: E402
 
-from fiarse_jax import build, train  # noqa: E402
-from fiarse_jax.config import ConfigError  # noqa: E402
+from fiarse_jax.experiment import build, train  # noqa: E402
+from fiarse_jax.experiment.config import ConfigError  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import agnews_smoke  # noqa: E402
@@ -137,7 +137,7 @@ def assert_export_reproduces(workdir, summary, builds, *, dense: bool):
     and, for a structured method, the kept heads / units per layer, scores exactly the
     accuracy the run reported on all clients' test data. ``builds``: ``record_builds``'
     list; the run export rebuilt from the checkpoint is read from it."""
-    from fiarse_jax import export
+    from fiarse_jax.experiment import export
     before = len(builds)
     info = export.export_submodel(str(workdir), "1/4", str(workdir / "q.npz"))
     sub = export.load_submodel(str(workdir / "q.npz"))

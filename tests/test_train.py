@@ -9,8 +9,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import default as default_config  # noqa: E402
 from helpers import override  # noqa: E402
 
-from fiarse_jax import build, engine, rng, train  # noqa: E402
-from fiarse_jax.config import ConfigError, validate_config  # noqa: E402
+from fiarse_jax.core import rng  # noqa: E402
+from fiarse_jax.experiment import build, train
+from fiarse_jax.experiment.config import ConfigError, validate_config  # noqa: E402
+from fiarse_jax.federated import engine
 
 
 def small_config(**overrides):
@@ -201,7 +203,7 @@ def test_sampling_is_a_pure_function_of_seed_and_round():
 
 
 def test_config_file_arguments_pick_one_option_per_group():
-    from fiarse_jax.config import parse_config_arg
+    from fiarse_jax.experiment.config import parse_config_arg
     groups = {"sizes": ("four", "five"), "scope": ("global", "layer"), "exits": ("", "exits")}
     assert parse_config_arg(None, **groups) == {"sizes": "four", "scope": "global", "exits": ""}
     assert parse_config_arg(" layer,exits ,five", **groups) == {
@@ -212,7 +214,7 @@ def test_config_file_arguments_pick_one_option_per_group():
 
 
 def test_a_stale_lock_is_taken_over_and_overwrite_starts_over(tmp_path):
-    from fiarse_jax import workdir_lock
+    from fiarse_jax.experiment import workdir_lock
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / workdir_lock.LOCK_NAME).write_text('{"pid": 1, "host": "gone"}')   # a killed run's
     config = small_config(num_rounds=2, eval_every=2, checkpoint_every=2)
@@ -235,8 +237,8 @@ def test_a_stale_lock_is_taken_over_and_overwrite_starts_over(tmp_path):
 def test_divergence_covers_absurd_losses_and_all_non_finite_updates():
     import numpy as np
 
-    from fiarse_jax.algorithm import divergence
-    from fiarse_jax.validation import REASONS
+    from fiarse_jax.federated.algorithm import divergence
+    from fiarse_jax.robust.validation import REASONS
     ok, nf = REASONS.index("ok"), REASONS.index("non_finite")
     honest = np.zeros(3, bool)
     assert divergence(2.3, np.array([ok, ok, ok]), honest, 10) is None

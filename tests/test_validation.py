@@ -5,8 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from fiarse_jax.aggregators import AGGREGATORS, aggregate_deltas
-from fiarse_jax.validation import REASONS, robust_z, validate_updates
+from fiarse_jax.robust.aggregators import AGGREGATORS, aggregate_deltas
+from fiarse_jax.robust.validation import REASONS, robust_z, validate_updates
 
 N = 10
 LEVELS = np.array([0] * 5 + [1] * 5)
@@ -143,7 +143,7 @@ def test_dp_refuses_the_norm_and_direction_screens(dp_field):
     import default as default_config
     from helpers import override
 
-    from fiarse_jax.config import ConfigError, validate_config
+    from fiarse_jax.experiment.config import ConfigError, validate_config
 
     field, value = dp_field
     validate_config(override(default_config.get_config(), **{field: value}))

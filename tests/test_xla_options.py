@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiarse_jax import engine
-from fiarse_jax.config import ConfigError, validate_config
+from fiarse_jax.experiment.config import ConfigError, validate_config
+from fiarse_jax.federated import engine
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 DN = ("NHWC", "HWIO", "NHWC")

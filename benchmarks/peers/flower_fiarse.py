@@ -147,7 +147,7 @@ def train(msg, context):
 
 def thresholds(arrays: list[np.ndarray], capacities) -> list[float]:
     """θ_r = the ⌈r·N⌉-th largest |w| over every array (all weights and biases); 0 when
-    that is all N (as ``fiarse_jax.masks``: the same mask, every coordinate held)."""
+    that is all N (as ``fiarse_jax.core.masks``: the same mask, every coordinate held)."""
     a = np.sort(np.concatenate([np.abs(v).ravel() for v in arrays]))[::-1]
     ks = [min(len(a), max(1, math.ceil(r * len(a)))) for r in capacities]
     return [0.0 if k == len(a) else float(a[k - 1]) for k in ks]

@@ -1,7 +1,7 @@
 """The peer benchmark's workload run by ``fiarse_jax``, as training runs it.
 
 ``simulate`` builds the run from the workload's config (``workload.config``), the round
-with ``fiarse_jax.algorithm.build_algorithm`` (what ``fiarse-jax`` trains with: on CPU the
+with ``fiarse_jax.federated.algorithm.build_algorithm`` (what ``fiarse-jax`` trains with: on CPU the
 loop strategy with streamed server sums) and training's client schedule, one program per
 round (training's default compiles the rounds up to the next evaluation into one), and
 times each round on its own (``common.timed_rounds``). Every ``eval_every`` rounds the
@@ -17,9 +17,9 @@ def simulate(config, *, rounds: int, eval_every: int) -> dict:
     and the strategy used."""
     from common import timed_rounds
 
-    from fiarse_jax import build
-    from fiarse_jax import evaluate as evaluate_lib
-    from fiarse_jax.algorithm import build_algorithm, client_schedule
+    from fiarse_jax.experiment import build
+    from fiarse_jax.federated import evaluate as evaluate_lib
+    from fiarse_jax.federated.algorithm import build_algorithm, client_schedule
 
     config.engine.rounds_per_program = 1
     config.eval.batch_size = 500

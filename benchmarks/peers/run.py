@@ -66,7 +66,7 @@ def one(job: dict) -> dict:
                              partition=job.get("partition", "dirichlet"),
                              min_client_size=job.get("min_client_size", 10))
     if job["side"] == "export":   # the run's data and initial weights, nothing trained
-        from fiarse_jax import build
+        from fiarse_jax.experiment import build
         workload.export(build.build_run(config), config, job["workload"])
         return {}
     if job["side"] == "ours_sharded":   # one client at a time on each host device

@@ -106,7 +106,7 @@ def flax_to_torch(params: Any) -> dict[str, np.ndarray]:
 
 
 def export(run, config, path: str) -> str:
-    """Writes the workload of ``run`` (built by ``fiarse_jax.build.build_run(config)``) for
+    """Writes the workload of ``run`` (built by ``fiarse_jax.experiment.build.build_run(config)``) for
     the other framework at ``path`` (see the module docstring) and returns ``path``."""
     data = run.data
     counts = np.asarray(data.train.count)

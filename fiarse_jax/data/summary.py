@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from fiarse_jax import paths
+from fiarse_jax.utils import paths
 
 
 def partition_summary(labels: np.ndarray, parts: Sequence[np.ndarray],

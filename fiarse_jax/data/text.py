@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fiarse_jax import hub
 from fiarse_jax.data import checks
 from fiarse_jax.data import tfds as tfds_data
 from fiarse_jax.data.tfds import DataUnavailable
 from fiarse_jax.data.types import Dataset
+from fiarse_jax.utils import hub
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

@@ -23,8 +23,8 @@ import contextlib
 import os
 from collections.abc import Sequence
 
-from fiarse_jax import hub
 from fiarse_jax.data import checks
+from fiarse_jax.utils import hub
 
 #: config.data fields every TFDS dataset takes (where the data is, whether to fetch it).
 SOURCE_OPTIONS = ("data_dir", "download", "mock_examples")

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from fiarse_jax import connectivity, units
+from fiarse_jax.core import connectivity, units
 from fiarse_jax.models import conv as conv_lib
 
 

@@ -25,7 +25,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from fiarse_jax import hub, units
+from fiarse_jax.core import units
+from fiarse_jax.utils import hub
 
 Params = Any
 

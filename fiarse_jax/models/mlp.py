@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fiarse_jax import connectivity, units
+from fiarse_jax.core import connectivity, units
 
 
 class MLP(nn.Module):

@@ -42,7 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fiarse_jax import units
+from fiarse_jax.core import units
 from fiarse_jax.models import conv as conv_lib
 
 #: PyTorch's default conv/linear weight init (kaiming_uniform, a=√5): U(±1/√fan_in),

@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fiarse_jax import units
+from fiarse_jax.core import units
 
 #: Architecture presets (``RobertaClassifier.size``). ``roberta_base`` is Hugging Face's
 #: ``roberta-base``; ``small`` and ``tiny`` keep its vocabulary and positions (so the

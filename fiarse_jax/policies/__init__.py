@@ -27,7 +27,6 @@ import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from typing import Any
 
-from fiarse_jax import options as options_lib
 from fiarse_jax.policies import heterofl, scalefl
 from fiarse_jax.policies.base import BUILDER_ARGS, MaskPolicy, MethodSpec, select_level
 from fiarse_jax.policies.fed_dropout import fed_dropout_policy
@@ -37,6 +36,7 @@ from fiarse_jax.policies.fiarse import fiarse_policy
 from fiarse_jax.policies.fiarse_neuron import fiarse_neuron_policy
 from fiarse_jax.policies.heterofl import heterofl_policy
 from fiarse_jax.policies.scalefl import scalefl_policy
+from fiarse_jax.utils import options as options_lib
 
 #: name -> MethodSpec: the registry (``register_method``).
 METHODS: dict[str, MethodSpec] = {}

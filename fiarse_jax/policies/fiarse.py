@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fiarse_jax import fiarse as fiarse_lib
-from fiarse_jax import masks as masks_lib
+from fiarse_jax.core import fiarse as fiarse_lib
+from fiarse_jax.core import masks as masks_lib
 from fiarse_jax.policies.base import Gradient, MaskPolicy, Scope, select_level
 
 

@@ -36,8 +36,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from fiarse_jax import units
-from fiarse_jax.masks import _check_scope, keep_count
+from fiarse_jax.core import units
+from fiarse_jax.core.masks import _check_scope, keep_count
 from fiarse_jax.policies.base import Scope
 from fiarse_jax.policies.structured import (
     Budget,

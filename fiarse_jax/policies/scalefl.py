@@ -48,8 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fiarse_jax import units
-from fiarse_jax.masks import keep_count
+from fiarse_jax.core import units
+from fiarse_jax.core.masks import keep_count
 from fiarse_jax.policies.base import MaskPolicy, select_level
 from fiarse_jax.policies.structured import maskable_shapes
 

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fiarse_jax import units
-from fiarse_jax.masks import default_maskable, keep_count, maskable_flags, path_names
+from fiarse_jax.core import units
+from fiarse_jax.core.masks import default_maskable, keep_count, maskable_flags, path_names
 from fiarse_jax.policies.base import MaskPolicy, select_level
 
 
