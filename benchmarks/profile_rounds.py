@@ -107,11 +107,11 @@ def main(argv=None) -> dict:
         extra[field] = _value(value)
     config = workloads.load_config(args.workload, 0, {"eval_every": args.rounds, **extra})
     run = build.build_run(config)
-    alg = build_algorithm(run, config)
+    alg = build_algorithm(run)
     state = alg.init(run.init_params)
 
     def rounds(state, first):
-        state, _ = alg.apply_rounds(state, client_schedule(config, first, first + args.rounds))
+        state, _ = alg.apply_rounds(state, client_schedule(run.options.schedule, first, first + args.rounds))
         jax.block_until_ready(state.params)
         return state
 

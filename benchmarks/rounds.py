@@ -29,6 +29,7 @@ the measured compile times. Workloads:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -97,13 +98,13 @@ def measure(name: str, rounds_per_program: int, blocks: int, block: int = 0,
         config.eval_every = block
     t0 = time.perf_counter()
     run = build.build_run(config)
-    alg = build_algorithm(run, config)
+    alg = build_algorithm(run)
     build_s = time.perf_counter() - t0
     state, block = alg.init(run.init_params), config.eval_every
 
     def rounds(state, first: int):
         state, stats, seconds = timed_rounds(alg, state,
-                                             client_schedule(config, first, first + block))
+                                             client_schedule(run.options.schedule, first, first + block))
         return state, seconds, stats
 
     state, first_block_s, _ = rounds(state, 0)
@@ -114,8 +115,9 @@ def measure(name: str, rounds_per_program: int, blocks: int, block: int = 0,
     done = (blocks + 1) * block
     by_levels, scores = {}, {}
     for mode in levels:   # a first (compiling) and a second evaluation each
-        run.config.eval.levels = mode
-        evaluate, eval_times = evaluate_lib.run_evaluator(run), []
+        options = run.options._replace(eval=dataclasses.replace(run.options.eval, levels=mode))
+        evaluate = evaluate_lib.run_evaluator(run._replace(options=options))
+        eval_times = []
         for _ in range(2):
             t = time.perf_counter()
             metrics = evaluate(state.params, done)

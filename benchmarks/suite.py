@@ -150,7 +150,7 @@ def build_rounds(spec: dict):
     from fiarse_jax.federated.algorithm import build_algorithm
     config = round_config(spec)
     run = build.build_run(config)
-    alg = build_algorithm(run, config)
+    alg = build_algorithm(run)
     return config, run, alg, alg.init(run.init_params)
 
 
@@ -161,9 +161,10 @@ def run_rounds(spec: dict):
     from common import timed_rounds
 
     from fiarse_jax.federated.algorithm import client_schedule
-    config, _, alg, state = build_rounds(spec)
-    state, _, first_s = timed_rounds(alg, state, client_schedule(config, 0, 1))
-    state, _, seconds = timed_rounds(alg, state, client_schedule(config, 1, 1 + spec["rounds"]))
+    _, run, alg, state = build_rounds(spec)
+    schedule = run.options.schedule
+    state, _, first_s = timed_rounds(alg, state, client_schedule(schedule, 0, 1))
+    state, _, seconds = timed_rounds(alg, state, client_schedule(schedule, 1, 1 + spec["rounds"]))
     return state, alg, first_s, seconds / spec["rounds"]
 
 
@@ -238,7 +239,7 @@ def compile_round(spec: dict):
 
     from fiarse_jax.federated.algorithm import client_schedule
     config, run, alg, state = build_rounds(spec)
-    ids = client_schedule(config, 0, 1)
+    ids = client_schedule(run.options.schedule, 0, 1)
     try:
         with _compile_only():
             alg.apply_rounds(state, ids)
@@ -260,7 +261,7 @@ def measure_compiled(spec: dict) -> dict:
     machine that could not run it in the time available."""
     import jax
 
-    from fiarse_jax.federated import engine
+    from fiarse_jax.federated import memory
     run, alg, compiled = compile_round({**spec, "program": True})
     m = compiled.memory_analysis()
     mb = {k: getattr(m, f"{k}_size_in_bytes") / 2**20 for k in ("argument", "output", "temp",
@@ -273,7 +274,7 @@ def measure_compiled(spec: dict) -> dict:
             "inputs_mb": sum(l.nbytes for l in leaves((run.init_params, run.data.train)))
             / 2**20,
             **{f"{k}_mb": v for k, v in mb.items()},
-            "compiled_peak_mb": engine.peak_bytes(compiled) / 2**20}
+            "compiled_peak_mb": memory.peak_bytes(compiled) / 2**20}
 
 
 def measure_step_flops(spec: dict) -> dict:

@@ -141,7 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.engine.clients_per_chunk = config_dict.FieldReference(0, field_type=object)  # int | "auto"
     config.engine.memory_budget_gb = 0.0
     config.engine.dtype = "float32"       # "bfloat16": mixed-precision local training
-    # XLA options: "auto" = the per-backend choices of engine.compiler_options (CPU:
+    # XLA options: "auto" = the per-backend choices of xla.compiler_options (CPU:
     # convolutions on Eigen, not YNNPACK) | "default" = XLA's own defaults
     config.engine.xla = "auto"
     # "stream": the server's sums accumulate while clients train (its inputs take O(params),

@@ -25,7 +25,7 @@ import optax
 from fiarse_jax import models, policies
 from fiarse_jax.core import server
 from fiarse_jax.data import stack_clients
-from fiarse_jax.federated import engine
+from fiarse_jax.federated import devices, engine
 from fiarse_jax.federated.client import make_client_fns
 from fiarse_jax.federated.server_round import make_streaming_round
 
@@ -71,13 +71,13 @@ def compare(cases) -> dict:
         ref_params = server.aggregate(params, ref_n.delta, ref_n.mask)
         out = engine.make_round_runner(fns, "sharded", clients_per_chunk=chunk)(
             params, first(specs), first(data), first(keys))
-        new_params = server.aggregate(engine.replicate(params), out.delta, out.mask)
+        new_params = server.aggregate(devices.replicate(params), out.delta, out.mask)
         # Streamed: per-device sums, psum-ed across devices; padding must add nothing.
         stream = make_streaming_round()
         sums, stats = engine.make_round_runner(
             fns, "sharded", clients_per_chunk=chunk, reduce=stream.contribution)(
             params, first(specs), first(data), first(keys))
-        fresh = engine.replicate(jax.tree_util.tree_map(jnp.copy, params))   # donated
+        fresh = devices.replicate(jax.tree_util.tree_map(jnp.copy, params))   # donated
         streamed = stream.finish(fresh, sums, jax.random.PRNGKey(0), 0.0)
         run = {"replicated": jax.tree_util.tree_leaves(new_params)[0].sharding.is_fully_replicated,
                "result": max_diff(out, ref_n), "shape": list(out.loss.shape),

@@ -32,8 +32,8 @@ def test_benchmark_round_gives_the_training_rounds_params(tmp_path, monkeypatch,
 
     finals = []
 
-    def recording(run, config):   # training's algorithm, its states kept
-        algorithm = build_algorithm(run, config)
+    def recording(run):   # training's algorithm, its states kept
+        algorithm = build_algorithm(run)
 
         def apply_rounds(state, ids):
             state, stats = algorithm.apply_rounds(state, ids)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiarse_jax.federated import engine
+from fiarse_jax.federated import engine, memory
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _engine_worker import problem  # noqa: E402
@@ -93,7 +93,7 @@ def test_two_processes_on_a_gs_workdir_stop_resume_and_equal_one(tmp_path):
     logs = _two_processes(run, 3, store)
     assert logs[1].count("round 3/3") == 0 and logs[0].count("round 3/3") == 1
     subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]);"
-                    "from _engine_worker import short_config; from fiarse_jax import train;"
+                    "from _engine_worker import short_config; from fiarse_jax.experiment import train;"
                     "train.train_and_evaluate(short_config(), sys.argv[2], progress=False)",
                     os.path.dirname(WORKER), str(tmp_path / "single")], env=_env(4), check=True,
                    timeout=600, capture_output=True)
@@ -136,12 +136,12 @@ def test_fit_chunk_takes_the_largest_chunk_whose_compiled_round_fits(monkeypatch
     the peaks: the largest candidate that fits, in a logarithmic number of compiles."""
     from fiarse_jax.federated.server_round import make_streaming_round
     n = 7
-    assert engine.chunk_candidates(n) == [1, 2, 3, 4, 7]   # 5 and 6 run 2 chunks, as 4
+    assert memory.chunk_candidates(n) == [1, 2, 3, 4, 7]   # 5 and 6 run 2 chunks, as 4
     fns, params, specs, data, keys = problem(n, hidden=(256, 256))
     reduce = make_streaming_round().contribution
     peaks = {c: engine.compiled_peak_bytes(fns, params, specs, data, keys, reduce=reduce,
                                            clients_per_chunk=0 if c == n else c)
-             for c in engine.chunk_candidates(n)}
+             for c in memory.chunk_candidates(n)}
     assert peaks[1] < peaks[2] < peaks[3] < peaks[4]   # each client in a chunk adds memory
 
     def fit(budget):
@@ -193,8 +193,8 @@ def test_auto_chunk_in_a_run_is_decided_before_anything_is_written(tmp_path, cap
 
 def test_memory_budget_on_cpu_is_a_share_of_the_hosts_ram(monkeypatch):
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert 0 < engine.memory_budget() <= 0.9 * total
-    assert engine.memory_budget(0.5) < engine.memory_budget(0.9)
+    assert 0 < memory.memory_budget() <= 0.9 * total
+    assert memory.memory_budget(0.5) < memory.memory_budget(0.9)
 
     class Gpu:   # a device reporting its allocator's limit and use
         platform, device_kind = "gpu", "fake"
@@ -207,7 +207,7 @@ def test_memory_budget_on_cpu_is_a_share_of_the_hosts_ram(monkeypatch):
             return None
 
     monkeypatch.setattr(jax, "local_devices", lambda: [Gpu()])
-    assert engine.memory_budget(0.5) == 400
+    assert memory.memory_budget(0.5) == 400
     monkeypatch.setattr(jax, "local_devices", lambda: [Silent()])
     with pytest.raises(RuntimeError, match="memory_budget_gb"):
-        engine.memory_budget()
+        memory.memory_budget()

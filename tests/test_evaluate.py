@@ -266,7 +266,7 @@ def _reference(run, params) -> dict:
     gx, gy = (np.asarray(a) for a in run.data.global_test())
     lx, ly = np.asarray(run.data.test_x), np.asarray(run.data.test_y)
     owner = np.asarray(run.data.test_client)
-    b = run.config.eval.batch_size
+    b = run.options.eval.batch_size
     logits = jax.jit(run.logits_fn)
 
     def correct(p, spec, x, y):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fiarse_jax.experiment import build, train
-from fiarse_jax.experiment.config import ConfigError, validate_config
+from fiarse_jax.experiment.config import ConfigError, round_options, validate_config
 from fiarse_jax.federated import algorithm
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
@@ -85,17 +85,23 @@ def test_dp_epsilon_after_a_resume_that_changes_num_rounds_is_the_true_compositi
     assert _composed([(6, sigma_new)], q, delta) < eps[-1] - 0.01
 
 
+def _sigma(config, spent=None, planned_rounds=None) -> float:
+    """``algorithm.noise_multiplier`` on ``config``'s typed options."""
+    o = round_options(config)
+    return algorithm.noise_multiplier(o.dp, o.schedule, spent, planned_rounds)
+
+
 def test_dp_resume_of_the_planned_run_keeps_sigma_exactly():
     """A resume that keeps num_rounds continues at the checkpoint's σ bit for bit (even one
     recalibrated earlier), and a run without a target keeps its fixed σ."""
     c = _dp_config(6)
-    assert algorithm.noise_multiplier(c, [[3, 1.2345], [2, 3.456789]], planned_rounds=6) == 3.456789
+    assert _sigma(c, [[3, 1.2345], [2, 3.456789]], planned_rounds=6) == 3.456789
     c.dp.target_epsilon, c.dp.noise_multiplier = 0.0, 0.7
-    assert algorithm.noise_multiplier(c, [[3, 0.7]], planned_rounds=3) == 0.7
+    assert _sigma(c, [[3, 0.7]], planned_rounds=3) == 0.7
 
 
 def test_dp_resume_refuses_a_target_already_spent():
     c = _dp_config(6)
-    sigma3 = algorithm.noise_multiplier(_dp_config(3))
+    sigma3 = _sigma(_dp_config(3))
     with pytest.raises(ConfigError, match="config.dp.target_epsilon = 2.0: .*spent"):
-        algorithm.noise_multiplier(c, [[3, sigma3 / 4]], planned_rounds=3)
+        _sigma(c, [[3, sigma3 / 4]], planned_rounds=3)

@@ -136,3 +136,63 @@ def test_data_has_no_import_cycle():
 def test_package_has_no_import_cycle():
     found = cycles(import_graph())
     assert not found, _show(found)
+
+
+#: The layers, lowest first: a module imports only modules of its own layer or lower ones.
+LAYERS = [("utils",), ("core",), ("data", "models", "policies"), ("robust",), ("federated",),
+          ("experiment",), ("cli",)]
+
+
+def layer(module: str) -> int | None:
+    """``module``'s index in ``LAYERS`` (None for the package's root modules)."""
+    parts = module.split(".")
+    if len(parts) < 2:
+        return None
+    return next((i for i, names in enumerate(LAYERS) if parts[1] in names), None)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Every (importer, imported) pair where the imported module sits in a higher layer."""
+    return sorted((a, b) for a, targets in graph.items() for b in targets
+                  if layer(a) is not None and layer(b) is not None and layer(b) > layer(a))
+
+
+def test_every_module_of_the_package_is_in_a_layer():
+    top = sorted(m for m in import_graph() if m.count(".") == 1 and layer(m) is None)
+    assert top == ["fiarse_jax.__main__"], top   # the root __init__ is "fiarse_jax" itself
+    assert upward_imports({"fiarse_jax.core.masks": {"fiarse_jax.cli.main"},
+                           "fiarse_jax.cli.main": {"fiarse_jax.core.masks"}}) == [
+        ("fiarse_jax.core.masks", "fiarse_jax.cli.main")]
+
+
+def test_each_layer_imports_only_its_own_and_lower_layers():
+    found = upward_imports(import_graph())
+    assert not found, "imports of a higher layer:\n" + "\n".join(f"{a} -> {b}" for a, b in found)
+
+
+#: The experiment layer is the boundary: below it no module sees a ``ConfigDict``.
+BOUNDARY = next(i for i, names in enumerate(LAYERS) if "experiment" in names)
+
+
+def config_readers(name: str, path: Path) -> list[str]:
+    """Where module ``name`` imports ``ml_collections`` or takes a ``config`` argument."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+            found += [f"{name}: imports {m}" for m in mods if (m or "").startswith("ml_collections")]
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            a = node.args
+            found += [f"{name}: {getattr(node, 'name', 'lambda')}({arg.arg})"
+                      for arg in a.posonlyargs + a.args + a.kwonlyargs if arg.arg == "config"]
+    return found
+
+
+def test_below_the_experiment_layer_nothing_reads_a_config(tmp_path):
+    probe = tmp_path / "m.py"
+    probe.write_text("import ml_collections\ndef f(x, config): pass\n")
+    assert config_readers("m", probe) == ["m: imports ml_collections", "m: f(config)"]
+    found = [r for name, path in modules().items()
+             if layer(name) is not None and layer(name) < BOUNDARY
+             for r in config_readers(name, path)]
+    assert not found, "\n".join(found)

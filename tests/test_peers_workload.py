@@ -115,7 +115,7 @@ def test_flower_client_and_ours_train_the_same_given_the_same_rows(tmp_path):
     config = workload.config(data, num_clients=8, clients_per_round=4, local_steps=5)
     run = build.build_run(config)
     path = workload.export(run, config, str(tmp_path / "w.npz"))
-    z, fns, key = np.load(path), client_fns(run, config), jax.random.PRNGKey(5)
+    z, fns, key = np.load(path), client_fns(run), jax.random.PRNGKey(5)
     names, state = list(z["param_names"]), run.prepare(run.init_params, 0, key)
     thetas = flower_fiarse.thresholds([z[f"init/{k}"] for k in names], z["capacities"])
     w = flower_fiarse._load(path)

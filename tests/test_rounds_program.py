@@ -15,7 +15,7 @@ from helpers import override  # noqa: E402
 
 from fiarse_jax.core import rng  # noqa: E402
 from fiarse_jax.experiment import build, train
-from fiarse_jax.experiment.config import ConfigError  # noqa: E402
+from fiarse_jax.experiment.config import ConfigError, round_options  # noqa: E402
 from fiarse_jax.federated import algorithm as algorithm_lib  # noqa: E402
 from fiarse_jax.robust import privacy
 
@@ -35,7 +35,7 @@ def _ids(config, rounds):
 def _run_both(config, rounds: int):
     """(params, stats) after ``rounds`` rounds one program each, and as one block."""
     run = build.build_run(config)
-    alg = algorithm_lib.build_algorithm(run, config)
+    alg = algorithm_lib.build_algorithm(run)
     copy = lambda t: jax.tree_util.tree_map(np.array, t)  # noqa: E731  (blocks donate params)
     state, one = alg.init(copy(run.init_params)), []
     for ids in _ids(config, range(rounds)):
@@ -122,14 +122,15 @@ def _stops_by_hand(config, start, extra=()):
 @pytest.mark.parametrize("start", [0, 13])
 def test_stops_are_the_evaluations_checkpoints_limits_and_extras(fields, start):
     config = override(default_config.get_config(), **fields)
+    schedule = round_options(config).schedule
     for extra in ((), (start + 1, start + 2)):
         rnd, got = start, []
         while rnd < config.num_rounds:
-            rnd = algorithm_lib.next_stop(config, rnd, extra)
+            rnd = algorithm_lib.next_stop(schedule, rnd, extra)
             got.append(rnd)
         assert got == _stops_by_hand(config, start, extra), (fields, start, extra)
     everything = [0, *_stops_by_hand(config, 0)]
-    assert algorithm_lib.max_block(config) == max(b - a for a, b in zip(everything,
+    assert algorithm_lib.max_block(schedule) == max(b - a for a, b in zip(everything,
                                                                         everything[1:]))
 
 
@@ -157,7 +158,7 @@ def test_divergence_inside_a_block_names_its_round_and_keeps_the_rounds_before(
         tmp_path, monkeypatch, per_program):
     config = _config(**{"engine.rounds_per_program": per_program})
     run = _poisoned_run(config, 1)   # the block is rounds 1–3: the second round diverges
-    alg = algorithm_lib.build_algorithm(run, config)
+    alg = algorithm_lib.build_algorithm(run)
     with pytest.raises(algorithm_lib.TrainingError, match="diverged in round 2 ") as err:
         alg.apply_rounds(alg.init(run.init_params), _ids(config, range(3)))
     assert len(err.value.rounds) == 1 and np.isfinite(err.value.rounds[0].train_loss)

@@ -18,7 +18,7 @@ from _engine_worker import problem  # noqa: E402
 from helpers import override  # noqa: E402
 
 from fiarse_jax.experiment import train  # noqa: E402
-from fiarse_jax.experiment.config import ConfigError, validate_config  # noqa: E402
+from fiarse_jax.experiment.config import ConfigError, round_options, validate_config  # noqa: E402
 from fiarse_jax.federated import algorithm, engine
 from fiarse_jax.federated.client import ClientResult  # noqa: E402
 from fiarse_jax.federated.server_round import make_server_round, make_streaming_round  # noqa: E402
@@ -139,13 +139,13 @@ def test_config_check_refuses_stream_exactly_where_the_rule_needs_every_update(f
     cfg = small(**{"engine.reduce": "stream", **fields})
     if blocked is None:
         validate_config(cfg)
-        assert algorithm.stream_updates(cfg)
+        assert algorithm.stream_updates(round_options(cfg))
     else:
         with pytest.raises(ConfigError, match=f"engine.reduce = 'stream'.*{blocked}"):
             validate_config(cfg)
         auto = small(**{"engine.reduce": "auto", **fields})
         validate_config(auto)
-        assert not algorithm.stream_updates(auto)
+        assert not algorithm.stream_updates(round_options(auto))
 
 
 @pytest.mark.parametrize("kw", [

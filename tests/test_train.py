@@ -12,7 +12,7 @@ from helpers import override  # noqa: E402
 from fiarse_jax.core import rng  # noqa: E402
 from fiarse_jax.experiment import build, train
 from fiarse_jax.experiment.config import ConfigError, validate_config  # noqa: E402
-from fiarse_jax.federated import engine
+from fiarse_jax.federated import xla
 
 
 def small_config(**overrides):
@@ -46,7 +46,7 @@ def test_short_run_learns_and_writes_metrics(tmp_path, capsys):
                              "train_loss", "capacity_global_accuracy"}
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["final"] == final and on_disk["config"]["num_rounds"] == 40
-    assert on_disk["xla_options"] == engine.compiler_options() and on_disk["conv"] is None  # mlp
+    assert on_disk["xla_options"] == xla.compiler_options() and on_disk["conv"] is None  # mlp
 
 
 def test_same_seed_same_results_and_other_seed_differs(tmp_path):

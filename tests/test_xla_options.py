@@ -1,4 +1,4 @@
-"""engine.compiler_options: per-backend XLA options, and the programs compiled with them."""
+"""xla.compiler_options: per-backend XLA options, and the programs compiled with them."""
 import os
 import re
 import sys
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fiarse_jax.experiment.config import ConfigError, validate_config
-from fiarse_jax.federated import engine
+from fiarse_jax.federated import xla
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 DN = ("NHWC", "HWIO", "NHWC")
@@ -46,8 +46,8 @@ def test_cpu_choice_is_the_default_less_ynnpack_convolutions():
     while the dot, elementwise and reduction fusions stay."""
     args = _probe_args()
     key = "xla_cpu_experimental_ynn_fusion_type"
-    auto = engine.compiler_options("auto")
-    assert auto == {key: engine._CPU_YNN_NO_CONV}
+    auto = xla.compiler_options("auto")
+    assert auto == {key: xla._CPU_YNN_NO_CONV}
     default = _hlo(_probe, *args)
     with_conv = {key: auto[key] + ",LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
     assert _hlo(_probe, *args, options=with_conv) == default   # jaxlib's default unchanged
@@ -65,18 +65,18 @@ def test_cpu_choice_is_the_default_less_ynnpack_convolutions():
                    for block in text.split("\n\n"))
     assert conv_in_ynn(default) and not conv_in_ynn(tuned)
     assert "ynn_fusion" in tuned   # the other library fusions stay
-    for got, want in zip(engine.jit(_probe, auto)(*args), jax.jit(_probe)(*args)):
+    for got, want in zip(xla.jit(_probe, auto)(*args), jax.jit(_probe)(*args)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)   # sums of 288 terms ~ 17
 
 
 def test_settings_and_backends(monkeypatch):
-    assert engine.compiler_options("default", "cpu") == {}
+    assert xla.compiler_options("default", "cpu") == {}
     if jax.default_backend() == "cpu":   # a jaxlib whose default is not the one checked
-        monkeypatch.setattr(engine, "_cpu_choice_holds", lambda: False)
-        assert engine.compiler_options("auto") == {}
-    assert engine.compiler_options("auto", "gpu") == engine.compiler_options("auto", "tpu") == {}
+        monkeypatch.setattr(xla, "_cpu_choice_holds", lambda: False)
+        assert xla.compiler_options("auto") == {}
+    assert xla.compiler_options("auto", "gpu") == xla.compiler_options("auto", "tpu") == {}
     with pytest.raises(ValueError, match="engine.xla = 'fast'"):
-        engine.compiler_options("fast")
+        xla.compiler_options("fast")
 
 
 def test_bad_engine_xla_is_one_line():
@@ -88,9 +88,9 @@ def test_bad_engine_xla_is_one_line():
 
 
 def test_a_tuned_program_nests_inside_another_jit():
-    """jax refuses compiler_options on a nested jit: engine.jit falls back to a plain one
+    """jax refuses compiler_options on a nested jit: xla.jit falls back to a plain one
     there (a runner inside a whole round compiled at once), and agrees with itself to rounding."""
-    f = engine.jit(lambda x: jnp.tanh(x) * 2)   # this backend's options (CPU: some)
+    f = xla.jit(lambda x: jnp.tanh(x) * 2)   # this backend's options (CPU: some)
     x = jnp.linspace(-1.0, 1.0, 7)
     np.testing.assert_allclose(jax.jit(lambda y: f(y) + 1)(x), f(x) + 1, rtol=1e-6)
     # ... also when the nested call's arguments are constants, not the outer trace's

@@ -24,12 +24,12 @@ def simulate(config, *, rounds: int, eval_every: int) -> dict:
     config.engine.rounds_per_program = 1
     config.eval.batch_size = 500
     run = build.build_run(config)
-    alg = build_algorithm(run, config)
+    alg = build_algorithm(run)
     state = alg.init(run.init_params)
     evaluate = evaluate_lib.run_evaluator(run)
     log: dict = {"round_s": [], "train_loss": [], "evals": [], "strategy": alg.strategy}
     for r in range(rounds):
-        state, stats, seconds = timed_rounds(alg, state, client_schedule(config, r, r + 1))
+        state, stats, seconds = timed_rounds(alg, state, client_schedule(run.options.schedule, r, r + 1))
         log["round_s"].append(seconds)
         log["train_loss"].append(float(stats[-1].train_loss))
         if (r + 1) % eval_every == 0:

@@ -36,9 +36,9 @@ import numpy as np
 
 from fiarse_jax.cli import compare, plots
 from fiarse_jax.core.capacities import capacity_label
+from fiarse_jax.experiment import config as config_lib
 from fiarse_jax.experiment.config import ConfigError, validate_config
 from fiarse_jax.experiment.metrics import write_atomic
-from fiarse_jax.federated import evaluate
 from fiarse_jax.utils import paths
 
 #: variant -> (method, config overrides, the paper's method name)
@@ -426,7 +426,7 @@ def run_facts(config, configs: dict, summaries: dict, labels: Sequence[str],
         "schedule": f"{config.num_rounds} rounds, K = {config.client.local_steps} "
                     f"{config.client.optimizer} steps (lr {config.client.learning_rate}, batch "
                     f"{config.client.batch_size}); evaluation batch "
-                    f"{evaluate.eval_batch_size(config)}",
+                    f"{config_lib.eval_batch_size(config)}",
         "seeds": ", ".join(str(s) for s in seeds) if seeds else f"{config.seed} (the config's)",
         "cut off at round 0": disconnected_note(summaries),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

@@ -1,15 +1,14 @@
 """Construction: everything a run is built from, derived from its config alone.
 
-``build_run(config)`` validates the config and builds data → model → initial params →
-mask policy → model functions; the optimiser, the client's local steps and compute dtype,
-pretrained weights and the simulated attackers are decided here too. Nothing here trains:
-``algorithm.build_algorithm`` turns a ``Run`` into rounds, ``train`` runs them.
+``build_run(config)`` validates the config, parses it into the typed ``Options``
+(``config.round_options``) and builds data → model → initial params → mask policy → model
+functions; pretrained weights and the simulated attackers are decided here too. Nothing
+here trains: ``algorithm.build_algorithm`` turns the ``Run`` into rounds, ``train`` runs
+them. ``Run`` itself is ``federated.run.Run`` (re-exported here).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,39 +16,14 @@ import numpy as np
 import optax
 
 from fiarse_jax import models, policies
-from fiarse_jax.core import rng
 from fiarse_jax.core.capacities import assign_capacities
 from fiarse_jax.data import DATASETS, federate, load_from_config
-from fiarse_jax.experiment.config import ConfigError, validate_config
+from fiarse_jax.experiment.config import ConfigError, round_options, validate_config
+from fiarse_jax.federated.run import Run
 from fiarse_jax.robust import attacks
 
-#: config.engine.dtype → the client's compute dtype (None: the parameters' own).
-COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
-
-
-def local_steps(config, train_sizes) -> int:
-    """K, the local steps a round runs: ``client.local_steps``, or with
-    ``client.local_epochs`` E > 0 the largest client's ⌈E·n/batch⌉ (each client stops at
-    its own count; see ``client.make_client_fns``)."""
-    epochs = config.client.get("local_epochs", 0.0)
-    if epochs <= 0:
-        return int(config.client.local_steps)
-    return max(1, math.ceil(epochs * int(np.max(train_sizes)) / config.client.batch_size))
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-    """The client optimiser, created afresh every round (clients keep no state).
-
-    ``sgd``: plain SGD (no momentum, no weight decay), as the paper's CIFAR runs.
-    ``adamw``: optax's AdamW with ``client.betas`` and ``client.weight_decay`` (optax's
-    defaults (0.9, 0.999) and 1e-4 when a config lacks them; the paper's AG News runs
-    use (0.9, 0.95) and 0).
-    """
-    c = config.client
-    if c.optimizer == "sgd":
-        return optax.sgd(c.learning_rate)
-    b1, b2 = (float(b) for b in c.get("betas", (0.9, 0.999)))
-    return optax.adamw(c.learning_rate, b1=b1, b2=b2, weight_decay=c.get("weight_decay", 1e-4))
+__all__ = ["Run", "build_model", "build_run", "choose_attackers", "load_pretrained",
+           "make_model_fns"]
 
 
 def make_model_fns(model, policy):
@@ -79,46 +53,23 @@ def make_model_fns(model, policy):
     return logits_fn, loss_fn
 
 
-class Run(NamedTuple):
-    """Everything a run is built from, derived from its config alone (no state)."""
-
-    config: Any
-    capacities: tuple[float, ...]
-    data: Any                       # FederatedData
-    model: Any
-    init_params: Any
-    train_key: jax.Array
-    unit_groups: Any
-    policy: policies.MaskPolicy
-    logits_fn: Any                  # (params, x, spec=None) -> logits
-    loss_fn: Any                    # (params, x, y, rng, spec) -> loss
-    assignment: np.ndarray          # client -> capacity level index
-    prepare: Any                    # jitted policy.prepare
-    attackers: Any = None           # bool[num_clients]: the simulated malicious clients
-    train_transform: Any = None     # (x, key) -> x: on-device augmentation, or None
-    eval_transform: Any = None      # x -> x: evaluation preprocessing, or None
-    x_one: Any = None               # one preprocessed input (model init, FLOP counts)
-    is_maskable: Any = None         # the model's own maskability rule, or None (default)
-
-    def eval_state(self, params, rounds_done: int):
-        """The policy's round state the evaluation after ``rounds_done`` rounds uses: the
-        last trained round's (index ``rounds_done − 1``, its key; FedRolex: the window
-        trained last) on ``params``; before any round, round 0's."""
-        last = max(rounds_done - 1, 0)
-        return self.prepare(params, last, rng.round_streams(self.train_key, last)["policy"])
-
-    @property
-    def eval_key(self) -> jax.Array:
-        """The key every evaluation draws a random policy's sub-model with (``rng``)."""
-        return rng.eval_key(self.train_key)
-
-
 def build_run(config, *, pretrained: bool = True) -> Run:
     """Validate ``config`` and build data, model, initial params and policy from it.
 
-    ``pretrained``: start from ``config.model.pretrained``'s weights (when set); False
-    when a checkpoint will replace the initial parameters anyway (resume, export), so
-    that those need not find the weights again."""
+    Args:
+      config: the run's ``ConfigDict``; parsed once into ``Run.options``
+        (``config.round_options``).
+      pretrained: start from ``config.model.pretrained``'s weights (when set); False
+        when a checkpoint will replace the initial parameters anyway (resume, export), so
+        that those need not find the weights again.
+
+    Returns:
+      The ``Run``: options, federated data, model, initial params, policy, loss and
+      logits functions, capacity assignment and simulated attackers.
+
+    Raises:
+      ConfigError: the first bad field, in one line (nothing is built or written).
+    """
     validate_config(config)
     capacities = tuple(float(c) for c in config.capacities)
     d = config.data
@@ -161,8 +112,8 @@ def build_run(config, *, pretrained: bool = True) -> Run:
     if config.attack.kind == "label_flip":   # the attackers train on flipped labels
         data = data._replace(train=data.train._replace(y=attacks.flip_labels(
             data.train.y, data.num_classes, jnp.asarray(attackers))))
-    return Run(config, capacities, data, model, params, train_key, unit_groups, policy,
-               logits_fn, loss_fn, assignment, jax.jit(policy.prepare), attackers,
+    return Run(round_options(config), capacities, data, model, params, train_key, unit_groups,
+               policy, logits_fn, loss_fn, assignment, jax.jit(policy.prepare), attackers,
                ds.train_transform, ds.eval_transform, x_one, is_maskable)
 
 

@@ -1,15 +1,27 @@
-"""Config validation: every bad value stops the run before any work, in one line."""
+"""The boundary between the config and the library: ``validate_config`` stops every bad
+value before any work, in one line; ``round_options`` then parses the config once into the
+typed ``Options`` that everything below the experiment layer reads (no module there sees a
+``ConfigDict``)."""
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
 from typing import Any
 
 from fiarse_jax import models, policies
 from fiarse_jax.core.capacities import capacity_label
 from fiarse_jax.data import check_data_config
 from fiarse_jax.data.federation import GLOBAL_ORDERS
-from fiarse_jax.federated import engine, evaluate, server_round
+from fiarse_jax.federated import algorithm, engine, evaluate, server_round, xla
+from fiarse_jax.federated.client import ClientOptions
+from fiarse_jax.federated.engine import EngineOptions
+from fiarse_jax.federated.evaluate import EvalOptions
+from fiarse_jax.federated.run import Options, Schedule
+from fiarse_jax.federated.server_round import ServerOptions
 from fiarse_jax.robust import aggregators, attacks, privacy, validation
+from fiarse_jax.robust.attacks import AttackOptions
+from fiarse_jax.robust.privacy import DPOptions
 from fiarse_jax.utils.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -187,7 +199,7 @@ def _check_engine(config) -> None:
         _number(config, "engine.memory_budget_gb", 0.0, math.inf, hi_open=True)
     _choice(config, "engine.dtype", ("float32", "bfloat16"))
     if "xla" in config.engine:
-        _choice(config, "engine.xla", engine.XLA_SETTINGS)
+        _choice(config, "engine.xla", xla.XLA_SETTINGS)
     if "rounds_per_program" in config.engine:
         _int(config, "engine.rounds_per_program", lo=0)
     if "reduce" in config.engine and _choice(config, "engine.reduce", REDUCE_MODES) == "stream":
@@ -224,14 +236,7 @@ REDUCE_MODES = ("auto", "stack", "stream")
 
 def stream_blocker(config) -> str | None:
     """Why this config's server needs every client's update at once (None: it can stream)."""
-    validate = config.server.validate
-    kind = config.attack.kind   # label_flip acts on the data, not on the updates
-    return server_round.stream_blocker(
-        aggregator=config.server.aggregator,
-        attack=kind if kind in attacks.KINDS else "none",
-        z_threshold=config.server.z_threshold if validate else None,
-        cosine_threshold=config.server.cosine_threshold if validate else None,
-        reputation=config.server.get("exclude_after_flags", 0) > 0)
+    return algorithm.stream_blocker(server_options(config), attack_options(config))
 
 
 def _check_robustness(config, method: str, num_clients: int, num_levels: int) -> None:
@@ -291,3 +296,59 @@ def _check_robustness(config, method: str, num_clients: int, num_levels: int) ->
     if (sigma > 0 or eps > 0) and policies.METHODS[method].per_client_random_masks:
         _fail("method", method, f"differential privacy needs per-level masks; {method}'s "
               "are random per client")
+
+
+# --------------------------------------------------------------- the typed options (parse once)
+
+def _section(cls, section, **fields):
+    """``cls`` from the fields of config section ``section`` that it declares (a field the
+    section lacks keeps the class default), ``fields`` overriding."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    return cls(**{**{n: section[n] for n in names if n in section}, **fields})
+
+
+def server_options(config) -> ServerOptions:
+    """``config.server`` with its aggregator's own options (``server.<aggregator>``)."""
+    s = config.server
+    return _section(ServerOptions, s, aggregator_options=types.MappingProxyType(
+        dict(s.get(s.aggregator, {}))))
+
+
+def attack_options(config) -> AttackOptions:
+    return _section(AttackOptions, config.attack, levels=tuple(config.attack.get("levels", ())))
+
+
+def eval_batch_size(config) -> int:
+    """``eval.batch_size``, or ``client.batch_size`` when 0 or absent (the authors score
+    every test set in batches of their client batch size)."""
+    b = config.get("eval", {}).get("batch_size", 0)
+    return int(b) if b else int(config.client.batch_size)
+
+
+def round_options(config) -> Options:
+    """The typed options of a validated ``config`` (``validate_config``): what the rounds,
+    the server, DP, the attack and the evaluation read, one frozen class per section.
+
+    Args:
+      config: the run's ``ConfigDict`` (configs/default.py's fields).
+
+    Returns:
+      ``Options``: ``schedule``, ``client``, ``engine``, ``server``, ``dp``, ``attack``,
+      ``eval``.
+    """
+    client = config.client
+    return Options(
+        schedule=Schedule(seed=int(config.seed), num_rounds=int(config.num_rounds),
+                          num_clients=int(config.data.num_clients),
+                          clients_per_round=int(config.clients_per_round),
+                          eval_every=int(config.eval_every),
+                          checkpoint_every=int(config.checkpoint_every),
+                          rounds_per_program=int(config.engine.get("rounds_per_program", 0))),
+        client=_section(ClientOptions, client,
+                        betas=tuple(float(b) for b in client.get("betas", (0.9, 0.999)))),
+        engine=_section(EngineOptions, config.engine),
+        server=server_options(config),
+        dp=_section(DPOptions, config.dp),
+        attack=attack_options(config),
+        eval=EvalOptions(batch_size=eval_batch_size(config),
+                         levels=config.get("eval", {}).get("levels", "auto")))

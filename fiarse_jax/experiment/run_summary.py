@@ -11,7 +11,7 @@ from fiarse_jax import policies
 from fiarse_jax.core.capacities import capacity_label
 from fiarse_jax.core.masks import maskable_flags, path_names
 from fiarse_jax.experiment import costs
-from fiarse_jax.federated import engine
+from fiarse_jax.federated import devices, xla
 from fiarse_jax.models import conv as conv_lib
 from fiarse_jax.robust import reputation
 
@@ -51,15 +51,15 @@ def maskable_sizes(params, is_maskable=None) -> dict[str, int]:
     return out
 
 
-def summarize(run, algorithm, state, history: list, rounds: list, *,
+def summarize(config, run, algorithm, state, history: list, rounds: list, *,
               resumed_from: int | None, t_start: float,
               disconnected_at_start: dict[str, list[str]] | None = None) -> dict[str, Any]:
-    """The summary of a finished run (``run``: ``build.Run``; ``state``: the final
+    """The summary of a finished run of ``config`` (``run``: its ``Run``; ``state``: the final
     ``algorithm.ServerState``; ``history``/``rounds``: the evaluation and round rows;
     ``disconnected_at_start``: ``connectivity.disconnected_levels`` of the initial model)."""
-    config, capacities, assignment = run.config, run.capacities, run.assignment
-    params = engine.local_view(state.params)
-    final_state = run.eval_state(params, config.num_rounds)
+    capacities, assignment, o = run.capacities, run.assignment, run.options
+    params = devices.local_view(state.params)
+    final_state = run.eval_state(params, o.schedule.num_rounds)
     labels = [capacity_label(c) for c in capacities]
     kept_overall, kept_layers = kept_fractions(run.policy, params, final_state, capacities,
                                                run.is_maskable, run.eval_key)
@@ -90,18 +90,17 @@ def summarize(run, algorithm, state, history: list, rounds: list, *,
         "rounds_per_program": algorithm.rounds_per_program,
         "backend": jax.default_backend(),
         # what computes differently per backend (``engine.xla``, ``model.conv``), as resolved
-        "xla_options": engine.compiler_options(config.engine.get("xla", "auto")),
+        "xla_options": xla.compiler_options(o.engine.xla),
         "conv": conv_lib.resolve(run.model.conv) if hasattr(run.model, "conv") else None,
         "devices": jax.device_count(),
         "processes": jax.process_count(),
         "resumed_from_round": resumed_from,
-        "attackers": int(run.attackers.sum()) if config.attack.kind != "none" else 0,
-        "reputation": reputation.summary(state.reputation,
-                                         config.server.get("exclude_after_flags", 0),
+        "attackers": int(run.attackers.sum()) if o.attack.kind != "none" else 0,
+        "reputation": reputation.summary(state.reputation, o.server.exclude_after_flags,
                                          np.asarray(run.attackers, bool)
-                                         & (config.attack.kind != "none")),
+                                         & (o.attack.kind != "none")),
         "dp": ({"noise_multiplier": state.sigma, "epsilon": rounds[-1].get("dp_epsilon"),
-                "delta": config.dp.delta, "segments": [list(s) for s in state.dp_segments]}
+                "delta": o.dp.delta, "segments": [list(s) for s in state.dp_segments]}
                if state.sigma > 0 else None),
         "wall_time_s": round(time.time() - t_start, 2),
     }

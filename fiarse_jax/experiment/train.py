@@ -57,13 +57,25 @@ RUN_OUTPUTS = ("checkpoints", "tensorboard", "profile", "metrics.jsonl", "rounds
 
 def train_and_evaluate(config, workdir: str, *, progress: bool | None = None,
                        overwrite: bool = False) -> dict[str, Any]:
-    """Train ``config.method`` federatedly and evaluate it; returns the summary dict.
+    """Train ``config.method`` federatedly and evaluate it, resuming from ``workdir``.
 
-    ``progress``: show a tqdm bar (``None``: only on an interactive terminal).
-    ``overwrite``: start over — remove what an earlier run left in ``workdir``
-    (``RUN_OUTPUTS``, PNGs) instead of resuming from it.
     The run holds ``workdir``'s lock (``workdir_lock``): a second run into the same
     workdir is refused with one line naming the holder.
+
+    Args:
+      config: the run's ``ConfigDict`` (configs/default.py's fields); validated and
+        parsed into typed options once (``build.build_run``).
+      workdir: a local path or ``gs://`` URL for checkpoints, metrics and the summary.
+      progress: show a tqdm bar (``None``: only on an interactive terminal).
+      overwrite: start over: remove what an earlier run left in ``workdir``
+        (``RUN_OUTPUTS``, PNGs) instead of resuming from it.
+
+    Returns:
+      The run's summary (what ``summary.json`` holds).
+
+    Raises:
+      ConfigError: a bad config field or workdir, in one line, before any work.
+      TrainingError: the run diverged (the rounds before it are logged).
     """
     t_start = time.time()
     paths.check_workdir(workdir)   # a wrong bucket or permission: one line, before any work
@@ -90,7 +102,7 @@ def _train(config, workdir: str, progress: bool | None, t_start: float) -> dict[
     lead = jax.process_index() == 0
     may_resume = checkpoint.has_checkpoints(workdir)   # pretrained weights only when fresh
     run = build.build_run(config, pretrained=not may_resume)
-    algorithm = build_algorithm(run, config)
+    algorithm = build_algorithm(run)
     evaluate = evaluate_lib.run_evaluator(run)
     paths.makedirs(workdir)
     ckpt = checkpoint.open_run(workdir, config)
@@ -126,8 +138,8 @@ def _train(config, workdir: str, progress: bool | None, t_start: float) -> dict[
             # Rounds up to the next evaluation or checkpoint: one compiled program where
             # the algorithm can (``apply_rounds``); the profiled round runs on its own.
             rnd = state.round
-            stop = next_stop(config, rnd, (profile_round, profile_round + 1))
-            ids = client_schedule(config, rnd, stop)
+            stop = next_stop(run.options.schedule, rnd, (profile_round, profile_round + 1))
+            ids = client_schedule(run.options.schedule, rnd, stop)
             try:
                 with _trace(os.path.join(workdir, "profile"), rnd == profile_round):
                     state, block = algorithm.apply_rounds(state, ids)
@@ -154,7 +166,7 @@ def _train(config, workdir: str, progress: bool | None, t_start: float) -> dict[
         writer.close()
         if ckpt is not None:
             ckpt.close()
-    summary = run_summary.summarize(run, algorithm, state, history, rounds,
+    summary = run_summary.summarize(config, run, algorithm, state, history, rounds,
                                     resumed_from=restored.round if restored else None,
                                     t_start=t_start, disconnected_at_start=disconnected)
     if lead:

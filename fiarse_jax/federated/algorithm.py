@@ -1,4 +1,4 @@
-"""The federated algorithm as a builder: ``build_algorithm(run, config) -> Algorithm``.
+"""The federated algorithm as a builder: ``build_algorithm(run) -> Algorithm``.
 
 As fedjax's ``FederatedAlgorithm``, an algorithm is a pair of functions, and the loop
 that calls them (``train.train_and_evaluate``) knows nothing of what is inside:
@@ -9,21 +9,21 @@ that calls them (``train.train_and_evaluate``) knows nothing of what is inside:
 * ``apply_rounds(state, [client_ids, ...]) -> (state, [RoundStats, ...])``: consecutive
   rounds, compiled as one program where the round allows it (streamed server inputs, the
   loop or vmap strategy, one process): sampling's keys, thresholds, client training and
-  the server step of up to ``max_block(config)`` rounds (``engine.rounds_per_program``;
+  the server step of up to ``max_block(schedule)`` rounds (``rounds_per_program``;
   default: up to the next evaluation or checkpoint) run with no host sync in between.
 
 ``ServerState`` holds what persists across rounds: the global params, the rounds done,
 DP's σ for the rounds ahead and its history (ε composes over it), and each client's
 screening record (``reputation``). Everything else a round uses is a pure function of
 (seed, round) (``rng``), so a checkpoint of the params, the round, the σ history (σ
-follows from it and the config) and the record resumes a run exactly.
+follows from it and the options) and the record resumes a run exactly.
 
 Inside ``apply``: the policy prepares every level's extraction from the global model
 (``policy.prepare``: one threshold pass for FIARSE), each client gets its spec and rows, the
 clients train with the chosen strategy (``engine``), and the server step aggregates over
 holders. Its internals: streamed sums (the server's inputs summed while the clients
 train) or stacked deltas (robust rules, screens and simulated attacks need all updates
-at once, ``config.stream_blocker``), update validation, DP-FedAvg's clipping, noise and
+at once, ``stream_blocker``), update validation, DP-FedAvg's clipping, noise and
 accounting, the auto-sized client chunk, and the multi-process glue.
 """
 from __future__ import annotations
@@ -40,11 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from fiarse_jax.core import rng
-from fiarse_jax.experiment.build import COMPUTE_DTYPES, Run, local_steps, make_optimizer
-from fiarse_jax.experiment.config import ConfigError, stream_blocker
 from fiarse_jax.federated import client as client_lib
-from fiarse_jax.federated import engine, server_round
+from fiarse_jax.federated import devices, engine, memory, server_round, xla
+from fiarse_jax.federated.run import Options, Run, Schedule
+from fiarse_jax.federated.server_round import ServerOptions
 from fiarse_jax.robust import attacks, privacy, reputation, validation
+from fiarse_jax.robust.attacks import AttackOptions
+from fiarse_jax.robust.privacy import DPOptions
+from fiarse_jax.utils.errors import ConfigError
 
 #: A mean client loss above this many times chance (ln K) is a diverged run, not a slow one.
 DIVERGED_LOSS_FACTOR = 1000.0
@@ -111,42 +114,55 @@ class Algorithm(NamedTuple):
     rounds_per_program: int   # rounds compiled together at most (1: a program per round)
 
 
-def build_algorithm(run: Run, config) -> Algorithm:
-    """The algorithm of ``config`` (method, server rule, DP, attack, engine) on ``run``:
+def build_algorithm(run: Run) -> Algorithm:
+    """The algorithm of ``run.options`` (server rule, DP, attack, engine) on ``run``:
     wiring over its pieces, the clients' training (``client_fns``), the engine
     strategy, the servers by σ (``ServerCache``), the round inputs
     (``make_round_inputs``), the client chunk (``client_chunk``) and the rounds over them
-    (``_Rounds``: ``init``, ``apply``, the block program, ``conclude``)."""
-    fns = client_fns(run, config)
-    strategy = engine.resolve_strategy(config.engine.strategy)
+    (``_Rounds``: ``init``, ``apply``, the block program, ``conclude``).
+
+    Args:
+      run: what the rounds train (``experiment.build.build_run``), with its ``Options``.
+
+    Returns:
+      The ``Algorithm``: ``init``, ``apply``, ``apply_rounds`` and what it chose.
+
+    Raises:
+      ConfigError: options this machine cannot run (a strategy across processes, an
+        ``"auto"`` chunk that fits nowhere, an ε target already spent).
+    """
+    o = run.options
+    fns = client_fns(run)
+    strategy = engine.resolve_strategy(o.engine.strategy)
     multi = jax.process_count() > 1
     if multi and strategy != "sharded":
-        raise ConfigError(f"config.engine.strategy = {config.engine.strategy!r}: across "
+        raise ConfigError(f"config.engine.strategy = {o.engine.strategy!r}: across "
                           f"{jax.process_count()} processes only 'sharded' runs")
-    streaming = stream_updates(config)
-    sigma0 = noise_multiplier(config)   # a resume may recalibrate it (init)
-    servers = ServerCache(config, streaming, sigma0)   # built before any file is written
+    streaming = stream_updates(o)
+    sigma0 = noise_multiplier(o.dp, o.schedule)   # a resume may recalibrate it (init)
+    servers = ServerCache(o.server, o.dp, streaming, sigma0)   # before any file is written
     round_inputs = make_round_inputs(run)
-    chunk = client_chunk(config, run, fns, servers(sigma0)[0], strategy, round_inputs)
+    chunk = client_chunk(run, fns, servers(sigma0)[0], strategy, round_inputs)
     fused = (streaming and strategy in ("loop", "vmap") and not multi
-             and max_block(config) > 1)
-    rounds = _Rounds(run, config, fns, servers, round_inputs, strategy=strategy, chunk=chunk,
-                     multi=multi, sigma0=sigma0, capacity=max_block(config) if fused else 1)
+             and max_block(o.schedule) > 1)
+    rounds = _Rounds(run, fns, servers, round_inputs, strategy=strategy, chunk=chunk,
+                     multi=multi, sigma0=sigma0,
+                     capacity=max_block(o.schedule) if fused else 1)
     return Algorithm(rounds.init, rounds.apply, rounds.apply_rounds, strategy,
                      1 if strategy == "loop" else chunk, streaming, rounds.capacity)
 
 
-def client_fns(run: Run, config) -> client_lib.ClientFns:
-    """The clients' local training (``client.make_client_fns``) as ``config.client`` and
-    ``config.engine.dtype`` set it, on ``run``'s loss, policy and data."""
-    sizes = run.data.train_sizes
-    return client_lib.make_client_fns(run.loss_fn, run.policy, make_optimizer(config),
-                                      num_steps=local_steps(config, sizes),
-                                      local_epochs=config.client.get("local_epochs", 0.0),
-                                      batch_size=config.client.batch_size,
+def client_fns(run: Run) -> client_lib.ClientFns:
+    """The clients' local training (``client.make_client_fns``) as the client options and
+    the engine's dtype set it, on ``run``'s loss, policy and data."""
+    sizes, c = run.data.train_sizes, run.options.client
+    return client_lib.make_client_fns(run.loss_fn, run.policy, client_lib.make_optimizer(c),
+                                      num_steps=client_lib.local_steps(c, sizes),
+                                      local_epochs=c.local_epochs, batch_size=c.batch_size,
                                       augment=run.train_transform,
                                       min_rows=int(np.min(sizes)),
-                                      compute_dtype=COMPUTE_DTYPES[config.engine.dtype])
+                                      compute_dtype=client_lib.COMPUTE_DTYPES[
+                                          run.options.engine.dtype])
 
 
 class RoundInputs(NamedTuple):
@@ -182,43 +198,43 @@ def make_round_inputs(run: Run) -> Callable[..., RoundInputs]:
 
 
 class ServerCache:
-    """``config``'s server at each DP noise σ, built on first use: ``cache(σ)`` is
+    """The server at each DP noise σ, built on first use: ``cache(σ)`` is
     ``_server``'s (the engine's ``reduce`` hook or None, streamed server or None, stacked
     server step). σ changes only where a resume recalibrates it (``noise_multiplier``), so
     a run holds one or two; the first, ``sigma0``'s, is built at once (a bad server rule
     fails before any file is written)."""
 
-    def __init__(self, config, streaming: bool, sigma0: float):
-        self._config, self.streaming = config, streaming
+    def __init__(self, server: ServerOptions, dp: DPOptions, streaming: bool, sigma0: float):
+        self._server, self._dp, self.streaming = server, dp, streaming
         self._servers: dict[float, tuple] = {}
         self(sigma0)
 
     def __call__(self, sigma: float) -> tuple:
         if sigma not in self._servers:
-            self._servers[sigma] = _server(self._config, sigma, self.streaming)
+            self._servers[sigma] = _server(self._server, self._dp.clip_norm, sigma,
+                                           self.streaming)
         return self._servers[sigma]
 
 
-def client_chunk(config, run: Run, fns: client_lib.ClientFns, reduce, strategy: str,
+def client_chunk(run: Run, fns: client_lib.ClientFns, reduce, strategy: str,
                  round_inputs: Callable[..., RoundInputs]) -> int:
-    """``config.engine.clients_per_chunk``, where ``"auto"`` is decided by ``auto_chunk`` on
+    """The engine's ``clients_per_chunk``, where ``"auto"`` is decided by ``auto_chunk`` on
     round 0's inputs (every round has the same shapes: round 0's decides)."""
-    chunk = config.engine.clients_per_chunk
+    chunk = run.options.engine.clients_per_chunk
     if chunk != "auto":
         return chunk
-    ids0 = rng.sample_clients(config.seed, 0, config.data.num_clients, config.clients_per_round)
-    return auto_chunk(config, fns, reduce, strategy,
+    ids0 = client_schedule(run.options.schedule, 0, 1)[0]
+    return auto_chunk(run.options.engine, fns, reduce, strategy,
                       lambda: (run.init_params, *round_inputs(run.init_params, 0, ids0)[2:]))
 
 
-def make_attack(config) -> Callable | None:
+def make_attack(attack: AttackOptions) -> Callable | None:
     """The simulated attack on the stacked updates (``attacks.attack_updates``, jitted), or
-    None where ``config.attack.kind`` does not act on updates (``none``, ``label_flip``)."""
-    if config.attack.kind not in attacks.KINDS or config.attack.kind == "none":
+    None where ``attack.kind`` does not act on updates (``none``, ``label_flip``)."""
+    if attack.kind not in attacks.KINDS or attack.kind == "none":
         return None
-    return jax.jit(functools.partial(attacks.attack_updates, config.attack.kind,
-                                     scale=config.attack.scale,
-                                     noise_std=config.attack.noise_std))
+    return jax.jit(functools.partial(attacks.attack_updates, attack.kind, scale=attack.scale,
+                                     noise_std=attack.noise_std))
 
 
 class _Rounds:
@@ -227,21 +243,21 @@ class _Rounds:
     ``apply_rounds`` up to ``capacity`` rounds as one program (``rounds_program``), and both
     finish each round on the host with ``conclude``."""
 
-    def __init__(self, run: Run, config, fns: client_lib.ClientFns, servers: ServerCache,
+    def __init__(self, run: Run, fns: client_lib.ClientFns, servers: ServerCache,
                  round_inputs: Callable[..., RoundInputs], *, strategy: str, chunk: int,
                  multi: bool, sigma0: float, capacity: int):
-        self.run, self.config, self.fns, self.servers = run, config, fns, servers
+        self.run, self.options, self.fns, self.servers = run, run.options, fns, servers
         self.round_inputs, self.strategy, self.chunk = round_inputs, strategy, chunk
         self.sigma0, self.capacity = sigma0, capacity   # capacity 1: no blocks of rounds
         self.streaming = servers.streaming
         # Across processes (jax.distributed) every process runs the same rounds on the same
         # inputs; arrays the server step reads are global.
-        self.glob = engine.replicate if multi else (lambda x: x)
-        self.rules = HostRules.of(run, config)
-        self.attack = make_attack(config)
+        self.glob = devices.replicate if multi else (lambda x: x)
+        self.rules = HostRules.of(run)
+        self.attack = make_attack(run.options.attack)
         self.divisor = make_divisor(run.policy, run.capacities, run.assignment,
-                                    sampling_rate(config))
-        self.xla = config.engine.get("xla", "auto")
+                                    sampling_rate(run.options.schedule))
+        self.xla = run.options.engine.xla
         self._runners: dict[float, tuple] = {}
         self._blocks: dict[float, Callable] = {}
 
@@ -251,17 +267,19 @@ class _Rounds:
         ``dp_segments``/``planned_rounds``: the σ history and ``num_rounds`` of the
         checkpoint resumed from (DP recalibrates σ when ``num_rounds`` changed);
         ``record``: its screening record (default: empty)."""
-        config, sigma0 = self.config, self.sigma0
+        o, sigma0 = self.options, self.sigma0
         spent = tuple((int(n), float(s)) for n, s in dp_segments)
-        sigma = noise_multiplier(config, spent, planned_rounds) if sigma0 > 0 and spent else sigma0
+        sigma = (noise_multiplier(o.dp, o.schedule, spent, planned_rounds)
+                 if sigma0 > 0 and spent else sigma0)
         if sigma != sigma0 and jax.process_index() == 0:
-            print(f"DP: σ = {sigma:.4g} for rounds {rounds_done + 1}–{config.num_rounds} (σ "
-                  f"history {[list(s) for s in spent]}), so that the whole run spends ε = "
-                  f"{config.dp.target_epsilon}", flush=True)
+            print(f"DP: σ = {sigma:.4g} for rounds {rounds_done + 1}–{o.schedule.num_rounds} "
+                  f"(σ history {[list(s) for s in spent]}), so that the whole run spends ε = "
+                  f"{o.dp.target_epsilon}", flush=True)
         if self.strategy == "sharded":
-            params = engine.replicate(params)   # on every device, beside the sharded deltas
-        record = (reputation.fresh(config.data.num_clients) if record is None
-                  else np.asarray(record, np.int32).reshape(config.data.num_clients, 2))
+            params = devices.replicate(params)   # on every device, beside the sharded deltas
+        n = o.schedule.num_clients
+        record = (reputation.fresh(n) if record is None
+                  else np.asarray(record, np.int32).reshape(n, 2))
         return ServerState(params, rounds_done, sigma, spent, record)
 
     def runner_at(self, sigma: float) -> tuple:
@@ -277,15 +295,15 @@ class _Rounds:
         """Round ``state.round`` with clients ``ids`` (sorted ints); donates
         ``state.params``."""
         t0, sigma = time.time(), state.sigma
-        view = engine.local_view(state.params)
+        view = devices.local_view(state.params)
         inputs = self.round_inputs(view, state.round, ids)
         server_key = self.glob(inputs.streams["server"])
         divisor = self.glob(self.divisor(view, inputs.round_state) if sigma > 0 else 0.0)
         server = self._streamed_round if self.streaming else self._stacked_round
         params, losses, info, norms = server(state, ids, view, inputs, server_key, divisor)
-        losses = engine.to_host(losses)   # the round's one wait
-        return conclude(self.rules, state, params, ids, losses, engine.to_host(info["accepted"]),
-                        engine.to_host(info["reason"]), engine.to_host(norms), time.time() - t0)
+        losses = devices.to_host(losses)   # the round's one wait
+        return conclude(self.rules, state, params, ids, losses, devices.to_host(info["accepted"]),
+                        devices.to_host(info["reason"]), devices.to_host(norms), time.time() - t0)
 
     def _streamed_round(self, state: ServerState, ids, view, inputs: RoundInputs, server_key,
                         divisor) -> tuple:
@@ -329,14 +347,14 @@ class _Rounds:
                 sums, stats = clients(params, specs, batch, keys)
                 return stream.finish(params, sums, streams["server"], divisor), stats
 
-            self._blocks[sigma] = engine.jit(rounds_program(one_round),
-                                             engine.compiler_options(self.xla), donate_argnums=0)
+            self._blocks[sigma] = xla.jit(rounds_program(one_round),
+                                          xla.compiler_options(self.xla), donate_argnums=0)
         return self._blocks[sigma]
 
     def apply_rounds(self, state: ServerState, id_rows: Sequence[np.ndarray]
                      ) -> tuple[ServerState, list[RoundStats]]:
         """Rounds ``state.round``, ``state.round + 1``, … with clients ``id_rows[i]``: up to
-        ``max_block(config)`` of them compiled together when the round can be (streamed
+        ``max_block(schedule)`` of them compiled together when the round can be (streamed
         server inputs, the loop or vmap strategy, one process), else one by one. Each
         round's ``seconds`` is its block's wall time over the block's rounds. As ``apply``,
         it donates ``state.params`` (the state passed in is spent). A diverged round raises
@@ -398,7 +416,7 @@ def rounds_program(one_round: Callable) -> Callable:
 
 
 class HostRules(NamedTuple):
-    """What ``conclude`` (the host's part of a round) reads of the run and its config."""
+    """What ``conclude`` (the host's part of a round) reads of the run and its options."""
 
     attackers: np.ndarray     # bool per client: a simulated attacker (``Run.attackers``)
     num_classes: int          # K, for the divergence bound (``divergence``)
@@ -410,12 +428,12 @@ class HostRules(NamedTuple):
     server_lr: Any            # divergence error names them
 
     @classmethod
-    def of(cls, run: Run, config) -> HostRules:
-        """``run``'s and ``config``'s."""
-        return cls(run.attackers, run.data.num_classes,
-                   config.server.get("exclude_after_flags", 0), sampling_rate(config),
-                   config.dp.delta, config.dp.accountant, config.client.learning_rate,
-                   config.server.learning_rate)
+    def of(cls, run: Run) -> HostRules:
+        """``run``'s and its options'."""
+        o = run.options
+        return cls(run.attackers, run.data.num_classes, o.server.exclude_after_flags,
+                   sampling_rate(o.schedule), o.dp.delta, o.dp.accountant,
+                   o.client.learning_rate, o.server.learning_rate)
 
 
 def conclude(rules: HostRules, state: ServerState, params, ids: np.ndarray, losses: np.ndarray,
@@ -483,34 +501,34 @@ def conclude_block(rules: HostRules, state: ServerState, params, rows: np.ndarra
     return state
 
 
-def client_schedule(config, first: int, stop: int) -> list[np.ndarray]:
+def client_schedule(schedule: Schedule, first: int, stop: int) -> list[np.ndarray]:
     """The clients of rounds ``first`` … ``stop − 1`` (``rng.sample_clients``: a pure
     function of the seed and the round), as ``apply_rounds`` takes them."""
-    return [rng.sample_clients(config.seed, r, config.data.num_clients,
-                               config.clients_per_round) for r in range(first, stop)]
+    return [rng.sample_clients(schedule.seed, r, schedule.num_clients,
+                               schedule.clients_per_round) for r in range(first, stop)]
 
 
-def next_stop(config, rnd: int, extra: Sequence[int] = ()) -> int:
+def next_stop(schedule: Schedule, rnd: int, extra: Sequence[int] = ()) -> int:
     """The first round count after ``rnd`` at which the training loop acts on the host:
-    an evaluation, a checkpoint, the end, a multiple of ``engine.rounds_per_program`` (0:
+    an evaluation, a checkpoint, the end, a multiple of ``rounds_per_program`` (0:
     no limit of its own), or one of ``extra``. Multiples of absolute round counts, so a
     resumed run cuts its rounds into the same blocks as the uninterrupted one."""
-    return min([config.num_rounds, *((rnd // e + 1) * e for e in _stop_periods(config)),
+    return min([schedule.num_rounds,
+                *((rnd // e + 1) * e for e in _stop_periods(schedule)),
                 *(x for x in extra if x > rnd)])
 
 
-def max_block(config) -> int:
-    """The most rounds between two stops (``next_stop``) of ``config``'s run: the shortest
+def max_block(schedule: Schedule) -> int:
+    """The most rounds between two stops (``next_stop``) of the run: the shortest
     period (every multiple of it is a stop, the first one after round 0 included), or
     the whole run if shorter."""
-    return max(1, min([config.num_rounds, *_stop_periods(config)]))
+    return max(1, min([schedule.num_rounds, *_stop_periods(schedule)]))
 
 
-def _stop_periods(config) -> list[int]:
+def _stop_periods(schedule: Schedule) -> list[int]:
     """The periods (in rounds) of the training loop's stops: evaluations, checkpoints and
-    ``engine.rounds_per_program`` (0: none)."""
-    periods = (config.eval_every, config.checkpoint_every,
-               config.engine.get("rounds_per_program", 0))
+    ``rounds_per_program`` (0: none)."""
+    periods = (schedule.eval_every, schedule.checkpoint_every, schedule.rounds_per_program)
     return [p for p in periods if p > 0]
 
 
@@ -544,65 +562,72 @@ def update_norms(deltas) -> jax.Array:
     return jnp.sqrt(sq)
 
 
-def stream_updates(config) -> bool:
-    """Whether rounds sum the server's inputs while clients train (``config.engine.reduce``:
+def stream_blocker(server: ServerOptions, attack: AttackOptions) -> str | None:
+    """Why this server rule needs every client's update at once (None: it can stream)."""
+    return server_round.stream_blocker(
+        aggregator=server.aggregator,
+        attack=attack.kind if attack.kind in attacks.KINDS else "none",   # label_flip: data
+        z_threshold=server.z_threshold if server.validate else None,
+        cosine_threshold=server.cosine_threshold if server.validate else None,
+        reputation=server.exclude_after_flags > 0)
+
+
+def stream_updates(options: Options) -> bool:
+    """Whether rounds sum the server's inputs while clients train (the engine's ``reduce``:
     ``auto`` streams whenever the server rule allows, ``stream`` always (``validate_config``
     refuses it where it cannot), ``stack`` never)."""
-    mode = config.engine.get("reduce", "auto")
-    return mode == "stream" or (mode == "auto" and stream_blocker(config) is None)
+    mode = options.engine.reduce
+    return mode == "stream" or (
+        mode == "auto" and stream_blocker(options.server, options.attack) is None)
 
 
-def _server(config, sigma: float, streaming: bool):
+def _server(server: ServerOptions, clip_norm: float, sigma: float, streaming: bool):
     """(the engine's ``reduce`` hook or None, streamed server or None, stacked server step)
-    of ``config``'s rule at DP noise σ."""
-    options = dict(config.server.get(config.server.aggregator, {}))
-    validate = config.server.validate
+    of the ``server`` rule at DP noise σ and clip norm C."""
+    options = dict(server.aggregator_options)
     stream = (server_round.make_streaming_round(
-        server_lr=config.server.learning_rate, dp_noise_multiplier=sigma,
-        dp_clip_norm=config.dp.clip_norm, aggregator=config.server.aggregator,
-        aggregator_options=options) if streaming else None)
+        server_lr=server.learning_rate, dp_noise_multiplier=sigma, dp_clip_norm=clip_norm,
+        aggregator=server.aggregator, aggregator_options=options) if streaming else None)
     step = server_round.make_server_round(
-        aggregator=config.server.aggregator, aggregator_options=options,
-        z_threshold=config.server.z_threshold if validate else None,
-        cosine_threshold=config.server.cosine_threshold if validate else None,
-        screen=config.server.get("screen", "held"),
-        direction_action=config.server.get("direction_action", "reject"),
-        server_lr=config.server.learning_rate, dp_noise_multiplier=sigma,
-        dp_clip_norm=config.dp.clip_norm)
+        aggregator=server.aggregator, aggregator_options=options,
+        z_threshold=server.z_threshold if server.validate else None,
+        cosine_threshold=server.cosine_threshold if server.validate else None,
+        screen=server.screen, direction_action=server.direction_action,
+        server_lr=server.learning_rate, dp_noise_multiplier=sigma, dp_clip_norm=clip_norm)
     return (stream.contribution if streaming else None), stream, step
 
 
 # --- differential privacy (DP-FedAvg) -------------------------------------------------------
 
-def sampling_rate(config) -> float:
+def sampling_rate(schedule: Schedule) -> float:
     """q: the chance a client is sampled in a round."""
-    return config.clients_per_round / config.data.num_clients
+    return schedule.clients_per_round / schedule.num_clients
 
 
-def noise_multiplier(config, spent: Sequence | None = None, planned_rounds: int | None = None
-                     ) -> float:
+def noise_multiplier(dp: DPOptions, schedule: Schedule, spent: Sequence | None = None,
+                     planned_rounds: int | None = None) -> float:
     """σ of DP-FedAvg for the rounds still to run: ``dp.noise_multiplier``, or calibrated to
-    ``dp.target_epsilon`` over ``num_rounds`` (0: no DP).
+    ``dp.target_epsilon`` over ``schedule.num_rounds`` (0: no DP).
 
     ``spent``: the ``[rounds, σ]`` segments a resumed run already ran (``dp_segments`` in
     its checkpoint), planned for ``planned_rounds`` rounds. With a target, σ stays the last
     segment's when ``num_rounds`` is still the planned one (bit-for-bit resumes); when it
     changed, σ for the remaining rounds is calibrated on top of what was spent
     (``privacy.calibrate_remaining``), so that the whole run spends the target."""
-    if config.dp.target_epsilon <= 0:
-        return float(config.dp.noise_multiplier)
-    opts = dict(sampling_rate=sampling_rate(config), delta=config.dp.delta,
-                accountant=config.dp.accountant)
+    if dp.target_epsilon <= 0:
+        return float(dp.noise_multiplier)
+    rounds = schedule.num_rounds
+    opts = dict(sampling_rate=sampling_rate(schedule), delta=dp.delta, accountant=dp.accountant)
     if not spent:
-        return privacy.calibrate_noise(config.dp.target_epsilon, config.num_rounds, **opts)
+        return privacy.calibrate_noise(dp.target_epsilon, rounds, **opts)
     done = sum(int(n) for n, _ in spent)
-    if planned_rounds == config.num_rounds or done >= config.num_rounds:
+    if planned_rounds == rounds or done >= rounds:
         return float(spent[-1][1])   # the planned run, or no round left to run
     try:
-        return privacy.calibrate_remaining(config.dp.target_epsilon, [tuple(x) for x in spent],
-                                           config.num_rounds - done, **opts)
+        return privacy.calibrate_remaining(dp.target_epsilon, [tuple(x) for x in spent],
+                                           rounds - done, **opts)
     except ValueError as e:
-        raise ConfigError(f"config.dp.target_epsilon = {config.dp.target_epsilon}: {e}") from None
+        raise ConfigError(f"config.dp.target_epsilon = {dp.target_epsilon}: {e}") from None
 
 
 def dp_segments(spent: Sequence, rounds: int, sigma: float) -> tuple[tuple[int, float], ...]:
@@ -633,9 +658,9 @@ def make_divisor(policy, capacities, assignment, q: float):
 
 # --- the client chunk ---------------------------------------------------------------------
 
-def auto_chunk(config, fns, reduce, strategy: str, inputs) -> int:
-    """``engine.clients_per_chunk = "auto"``: the most clients per device trained at once
-    whose round fits ``engine.memory_budget_gb`` (GiB; 0: 90 % of the device memory still
+def auto_chunk(options: engine.EngineOptions, fns, reduce, strategy: str, inputs) -> int:
+    """``clients_per_chunk = "auto"``: the most clients per device trained at once
+    whose round fits ``options.memory_budget_gb`` (GiB; 0: 90 % of the device memory still
     free), by XLA's compiled peak of the client round (``engine.fit_chunk``; every round
     has the same shapes, so one round's answer holds for all). The server step is not
     counted: with stacked server inputs and a robust rule, or rounds compiled together
@@ -644,16 +669,16 @@ def auto_chunk(config, fns, reduce, strategy: str, inputs) -> int:
     anyway: 0. Across processes every one decides, and all take the smallest answer."""
     if strategy == "loop":
         return 0
-    budget_gb = config.engine.get("memory_budget_gb", 0.0)
+    budget_gb = options.memory_budget_gb
     params, keys, specs, data = inputs()
     if strategy == "sharded":   # the chunk is per device: fit one device's share
         per_device = -(-keys.shape[0] // jax.device_count())
         keys, specs, data = jax.tree_util.tree_map(lambda a: a[:per_device], (keys, specs, data))
     n, t0 = keys.shape[0], time.time()
     try:
-        budget = int(budget_gb * 2**30) if budget_gb > 0 else engine.memory_budget()
+        budget = int(budget_gb * 2**30) if budget_gb > 0 else memory.memory_budget()
         chunk, peak = engine.fit_chunk(fns, params, specs, data, keys, budget_bytes=budget,
-                                       reduce=reduce, xla=config.engine.get("xla", "auto"))
+                                       reduce=reduce, xla=options.xla)
         problem = ""
     except (MemoryError, RuntimeError) as e:
         chunk, peak, problem = -1, 0, str(e)
@@ -672,6 +697,6 @@ def auto_chunk(config, fns, reduce, strategy: str, inputs) -> int:
     if jax.process_index() == 0:
         print(f"engine: clients_per_chunk = auto → {chunk or n} of {n} clients at once"
               f"{' per device' if strategy == 'sharded' else ''} (XLA's compiled peak "
-              f"{engine.size_text(peak)}, budget {engine.size_text(budget)}; "
+              f"{memory.size_text(peak)}, budget {memory.size_text(budget)}; "
               f"{time.time() - t0:.0f} s to decide)", flush=True)
     return chunk

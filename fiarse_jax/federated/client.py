@@ -25,11 +25,14 @@ Conventions:
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fiarse_jax.core import rng as rng_lib
@@ -37,6 +40,55 @@ from fiarse_jax.data.types import ClientData
 from fiarse_jax.policies.base import MaskPolicy
 
 Params = Any
+#: ``EngineOptions.dtype`` → the client's compute dtype (None: the parameters' own).
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientOptions:
+    """The clients' local training (``config.client``; defaults: configs/default.py's).
+
+    Attributes:
+      optimizer: ``sgd`` (plain: no momentum, no weight decay, as the paper's CIFAR runs)
+        or ``adamw``.
+      learning_rate: η of the local optimiser.
+      batch_size: rows per local step.
+      local_steps: K, every client's local steps (unless ``local_epochs`` > 0).
+      local_epochs: E > 0: each client runs ⌈E·n/batch⌉ steps of its own n rows instead.
+      betas: AdamW's (β1, β2).
+      weight_decay: AdamW's decoupled weight decay.
+    """
+
+    learning_rate: float = 0.1
+    batch_size: int = 20
+    local_steps: int = 20
+    local_epochs: float = 0.0
+    optimizer: str = "sgd"
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+
+
+def make_optimizer(options: ClientOptions) -> optax.GradientTransformation:
+    """The client optimiser, created afresh every round (clients keep no state).
+
+    ``sgd``: plain SGD, as the paper's CIFAR runs. ``adamw``: optax's AdamW with
+    ``betas`` and ``weight_decay`` (the paper's AG News runs use (0.9, 0.95) and 0).
+    """
+    if options.optimizer == "sgd":
+        return optax.sgd(options.learning_rate)
+    b1, b2 = (float(b) for b in options.betas)
+    return optax.adamw(options.learning_rate, b1=b1, b2=b2, weight_decay=options.weight_decay)
+
+
+def local_steps(options: ClientOptions, train_sizes) -> int:
+    """K, the local steps a round runs: ``local_steps``, or with ``local_epochs`` E > 0
+    the largest client's ⌈E·n/batch⌉ (each client stops at its own count; see
+    ``make_client_fns``)."""
+    if options.local_epochs <= 0:
+        return int(options.local_steps)
+    return max(1, math.ceil(options.local_epochs * int(np.max(train_sizes))
+                            / options.batch_size))
+
 #: (sub-model params, x batch, y batch, rng, client spec) -> scalar mean loss.
 LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array, Any], jax.Array]
 

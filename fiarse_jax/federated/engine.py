@@ -19,8 +19,9 @@
 as traceable functions, for a larger program: ``algorithm`` compiles several whole
 rounds together with them.
 
-Every program compiles with ``compiler_options(xla)`` (per-backend XLA options; on CPU
-convolutions run on Eigen rather than YNNPACK).
+Every program compiles with ``xla.compiler_options(xla)`` (per-backend XLA options; on CPU
+convolutions run on Eigen rather than YNNPACK); the mesh and replication are
+``devices``', the memory budget and compiled peaks ``memory``'s.
 All run the same ``ClientFns``, so with the same keys one round agrees up to
 float rounding (tested). Over many rounds the tiny differences can flip a
 threshold decision |w| ≥ θ, so long trajectories drift apart like any two
@@ -41,29 +42,45 @@ the norm-bounded mean, DP-FedAvg). (Training itself holds c clients at once: wit
 """
 from __future__ import annotations
 
-import functools
-import re
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fiarse_jax.data.types import ClientData
 from fiarse_jax.federated.client import ClientFns, ClientResult, client_update
+from fiarse_jax.federated.devices import CLIENT_AXIS, client_mesh, put
+from fiarse_jax.federated.memory import chunk_candidates, peak_bytes, size_text
+from fiarse_jax.federated.xla import compiler_options, jit
 
 STRATEGIES = ("auto", "loop", "vmap", "sharded")
-#: ``config.engine.xla``: "auto" compiles with ``compiler_options``' per-backend choices,
-#: "default" with XLA's defaults.
-XLA_SETTINGS = ("auto", "default")
-#: XLA:CPU's default YNNPACK library fusions less convolutions (checked against the
-#: default in the tests: if a jaxlib changes its default, they say so).
-_CPU_YNN_NO_CONV = ",".join("LIBRARY_FUSION_TYPE_" + t for t in
-                            ("DOT", "REDUCE", "INDIVIDUAL_DOT"))
-CLIENT_AXIS = "clients"
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """How a round's clients run (``config.engine``; defaults: configs/default.py's).
+
+    Attributes:
+      strategy: ``loop``, ``vmap``, ``sharded`` or ``auto`` (``resolve_strategy``).
+      clients_per_chunk: clients trained at once per device (0: all), or ``"auto"``: the
+        most that fit ``memory_budget_gb`` (``fit_chunk``).
+      memory_budget_gb: the budget of ``"auto"`` (0: 90 % of the free device memory).
+      dtype: the clients' compute dtype (``client.COMPUTE_DTYPES``).
+      xla: ``auto`` (``compiler_options``' per-backend choices) or ``default``.
+      reduce: the server's inputs: ``stream`` (summed while clients train), ``stack``
+        (every client's update first) or ``auto`` (stream where the server rule allows).
+    """
+
+    strategy: str = "auto"
+    clients_per_chunk: int | str = 0
+    memory_budget_gb: float = 0.0
+    dtype: str = "float32"
+    xla: str = "auto"
+    reduce: str = "auto"
 RoundRunner = Callable[[Any, Any, ClientData, jax.Array], Any]
 #: One client's ``ClientResult`` → ``(sums, stats)``: ``sums`` (a pytree) are added up
 #: over the round's clients in their own dtype (so give them one that holds the total,
@@ -102,91 +119,6 @@ def resolve_strategy(strategy: str, *, backend: str | None = None,
     if backend == "cpu":
         return "loop"
     return "sharded" if local_devices > 1 else "vmap"
-
-
-def _ynn_probe(x, w, a, b):
-    """A convolution, and a dense layer's step: what the YNNPACK option list must leave as
-    XLA:CPU's default compiles it (``_cpu_choice_holds``)."""
-    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    def loss(m):
-        return jnp.sum(jnp.tanh(a @ m) ** 2)
-    return y, b - 0.1 * jax.grad(loss)(b), jnp.exp(b).max(1)
-
-
-@functools.cache
-def _cpu_choice_holds() -> bool:
-    """Whether this jaxlib knows the option and ``_CPU_YNN_NO_CONV`` plus convolutions is
-    exactly its default (the probe compiles identically): only then does leaving
-    convolutions out change nothing else. Another jaxlib: XLA's defaults."""
-    args = [jnp.ones(s, jnp.float32) for s in ((2, 16, 16, 32), (3, 3, 32, 32), (20, 64),
-                                               (64, 128))]
-
-    def text(options):
-        compiled = jax.jit(_ynn_probe, compiler_options=options).lower(*args).compile()
-        return re.sub(r"metadata=\{.*?\}", "", compiled.as_text())
-
-    key = "xla_cpu_experimental_ynn_fusion_type"
-    try:
-        return text(None) == text({key: _CPU_YNN_NO_CONV
-                                   + ",LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"})
-    except Exception:   # noqa: BLE001 — an unknown option or value is an XLA runtime error
-        return False
-
-
-def compiler_options(setting: str = "auto", backend: str | None = None) -> dict[str, str]:
-    """XLA options the engine's programs (and evaluation) compile with on ``backend``.
-
-    ``"auto"`` on CPU: XLA's YNNPACK fusions stay as by default, but convolutions go to
-    XLA's Eigen convolution instead of YNNPACK's (with ``models.conv``'s canonical backward
-    convolutions a CIFAR ResNet-18 round took 31.8 s instead of 36.9 s on 2 cores in one
-    run of ``benchmarks/suite.py --sections resnet``, 32.9 s instead of 33.2 s in another:
-    the gain is within this machine's run-to-run spread; docs/profile.md shows the time
-    leaving YNNPACK's convolutions). Only where this jaxlib's default is the
-    one checked (``_cpu_choice_holds``); otherwise none. Other backends: none yet (XLA's
-    defaults) — GPU choices wait for a measurement. ``"default"``: none anywhere.
-
-    Args:
-      setting: one of ``XLA_SETTINGS``.
-      backend: default JAX's ``default_backend()``.
-
-    Returns:
-      ``{option: value}`` for ``jax.jit(..., compiler_options=...)`` (may be empty).
-    """
-    if setting not in XLA_SETTINGS:
-        raise ValueError(f"engine.xla = {setting!r}: expected one of {XLA_SETTINGS}")
-    backend = jax.default_backend() if backend is None else backend
-    options = {}
-    if setting == "auto" and backend == "cpu":
-        options = {"xla_cpu_experimental_ynn_fusion_type": _CPU_YNN_NO_CONV}
-    if not options or backend != jax.default_backend():
-        return options
-    return options if _cpu_choice_holds() else {}
-
-
-def jit(fun, options: dict[str, str] | None = None, **kwargs):
-    """``jax.jit(fun, **kwargs)`` compiled with ``options`` (``compiler_options()`` if None).
-
-    Called inside another trace (an outer ``jit``, e.g. a whole round compiled at once)
-    it is a plain nested ``jax.jit``: XLA options belong to the outermost program.
-    """
-    options = compiler_options() if options is None else options
-    plain = jax.jit(fun, **kwargs)
-    if not options:
-        return plain
-    tuned = jax.jit(fun, compiler_options=options, **kwargs)
-
-    @functools.wraps(fun)
-    def call(*args, **kw):
-        try:
-            return tuned(*args, **kw)
-        except ValueError as e:   # inside another trace: jax refuses the options there
-            if "compiler_options" not in str(e):
-                raise
-            return plain(*args, **kw)
-
-    call.lower = tuned.lower
-    return call
 
 
 def _index(tree, i):
@@ -315,77 +247,6 @@ def _chunked(fns: ClientFns, clients_per_chunk: int, reduce: Reduce):
     return run
 
 
-def client_mesh(devices=None) -> Mesh:
-    """A 1-D mesh named ``clients`` over ``devices``.
-
-    Args:
-      devices: the devices; default all of them, every process's.
-
-    Returns:
-      A ``Mesh`` with the one axis ``CLIENT_AXIS``.
-    """
-    devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (CLIENT_AXIS,))
-
-
-def _put(tree, sharding: NamedSharding):
-    """Place ``tree`` with ``sharding``; across processes every process holds the
-    same full value (same seed, same data), and contributes its addressable slices."""
-    if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
-
-    def put(a):
-        host = np.asarray(a)
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-    return jax.tree_util.tree_map(put, tree)
-
-
-def replicate(tree, mesh: Mesh | None = None):
-    """``tree`` copied to every device of ``mesh`` (the global model for ``sharded``).
-
-    Across processes every process must hold the same full value (same seed, same
-    data); each contributes its addressable copies.
-
-    Args:
-      tree: a pytree of arrays.
-      mesh: the mesh; default ``client_mesh()``.
-
-    Returns:
-      The pytree, replicated over ``mesh``.
-    """
-    return _put(tree, NamedSharding(mesh or client_mesh(), P()))
-
-
-def local_view(tree):
-    """This process's copy of a replicated ``tree`` (itself when there is one process).
-
-    Args:
-      tree: a pytree of replicated arrays.
-
-    Returns:
-      The pytree with each leaf this process's first addressable shard.
-    """
-    if jax.process_count() == 1:
-        return tree
-    return jax.tree_util.tree_map(lambda a: a.addressable_data(0), tree)
-
-
-def to_host(x) -> np.ndarray:
-    """``x`` as a NumPy array on every process (an all-gather when it spans processes).
-
-    Args:
-      x: an array, possibly sharded across processes.
-
-    Returns:
-      The full value as a NumPy array.
-    """
-    if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True):
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def _sharded_runner(fns: ClientFns, clients_per_chunk: int, mesh: Mesh, reduce: Reduce,
                     options: dict):
     local = _chunked(fns, clients_per_chunk, reduce)
@@ -408,8 +269,8 @@ def _sharded_runner(fns: ClientFns, clients_per_chunk: int, mesh: Mesh, reduce: 
     def run(params, specs, data, keys):
         n = keys.shape[0]
         valid = jnp.arange(n + (-n % mesh.size)) < n
-        inputs = _put((*_pad_clients((specs, data, keys), mesh.size), valid), over_clients)
-        sums, stats = mapped(_put(params, replicated), inputs)
+        inputs = put((*_pad_clients((specs, data, keys), mesh.size), valid), over_clients)
+        sums, stats = mapped(put(params, replicated), inputs)
         return sums, (stats if valid.shape[0] == n else slice_to(stats, n))
 
     return run
@@ -439,93 +300,6 @@ def compiled_peak_bytes(fns: ClientFns, params, specs, data: ClientData, keys: j
     run = jit(lambda p, s, d, k: local(p, s, d, k, jnp.ones(k.shape[0], bool)),
               compiler_options(xla))
     return peak_bytes(run.lower(params, specs, data, keys).compile())
-
-
-def peak_bytes(compiled) -> int:
-    """Everything a compiled program holds at once, by XLA's buffer assignment.
-
-    Inputs, outputs less what reuses a (donated) input, and the temporaries' arena.
-
-    Args:
-      compiled: a compiled program (``jax.jit(f).lower(...).compile()``).
-
-    Returns:
-      The peak in bytes.
-    """
-    m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
-
-
-def size_text(nbytes: float) -> str:
-    """Bytes for people: GiB from 1 GiB up, else MiB.
-
-    Args:
-      nbytes: a byte count.
-
-    Returns:
-      e.g. ``"1.50 GiB"`` or ``"12.0 MiB"``.
-    """
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
-
-
-def _host_available_bytes() -> int:
-    """The kernel's estimate of RAM available without swapping (Linux ``MemAvailable``)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    raise RuntimeError("cannot tell how much host memory is available; set "
-                       "config.engine.memory_budget_gb")
-
-
-def memory_budget(fraction: float = 0.9) -> int:
-    """``fraction`` of the memory still free on the first local device.
-
-    That is its allocator's limit less what is in use (on a GPU, JAX's pool: 75 % of
-    the card by default), or on a CPU the host's available RAM (shared by forced
-    host devices).
-
-    Args:
-      fraction: the share of the free memory to budget.
-
-    Returns:
-      The budget in bytes.
-
-    Raises:
-      RuntimeError: the device reports neither (no allocator limit, or a CPU host
-        whose available RAM cannot be read), asking for an explicit budget
-        (``config.engine.memory_budget_gb``).
-    """
-    device = jax.local_devices()[0]
-    stats = device.memory_stats() or {}
-    if "bytes_limit" in stats:
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    elif device.platform == "cpu":
-        free = _host_available_bytes() // max(1, jax.local_device_count())
-    else:
-        raise RuntimeError(f"{device.device_kind} reports no memory limit; set "
-                           "config.engine.memory_budget_gb")
-    return int(fraction * free)
-
-
-def chunk_candidates(n: int) -> list[int]:
-    """Chunk sizes worth trying for n clients.
-
-    For each number of chunks k, the smallest chunk that needs only k (⌈n/k⌉). A
-    size between two of these runs as many chunks as the larger-count one, so it
-    costs memory without saving a step.
-
-    Args:
-      n: the number of clients.
-
-    Returns:
-      The sizes, ascending.
-    """
-    return sorted({-(-n // k) for k in range(1, n + 1)})
 
 
 def fit_chunk(fns: ClientFns, params, specs, data: ClientData, keys: jax.Array, *,
@@ -585,7 +359,7 @@ def make_round_runner(fns: ClientFns, strategy: str = "auto", *, clients_per_chu
       reduce: one client's ``ClientResult`` → ``(sums, stats)``, jit-able: the runner
         returns ``(Σ over clients of sums, stats stacked per client)`` instead, and
         never holds more than a chunk of client results.
-      xla: one of ``XLA_SETTINGS``: the programs compile with ``compiler_options(xla)``.
+      xla: one of ``xla.XLA_SETTINGS``: the programs compile with ``compiler_options(xla)``.
 
     Returns:
       The runner. Its inputs carry a leading client axis (``specs``, ``data``,

@@ -30,6 +30,7 @@ with fewer batches than another repeats some, whose results are dropped.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
@@ -41,8 +42,24 @@ from jax import lax
 
 from fiarse_jax.core.capacities import capacity_label
 from fiarse_jax.data.types import FederatedData
-from fiarse_jax.federated import engine
+from fiarse_jax.federated import devices
+from fiarse_jax.federated import xla as xla_lib
 from fiarse_jax.policies.base import MaskPolicy
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """The evaluation (``config.eval``).
+
+    Attributes:
+      batch_size: test rows per batch (``config.eval.batch_size``, or the clients' batch
+        size where that is 0: the authors score every test set in batches of it).
+      levels: ``auto``, ``vmap`` (the capacity levels' sub-models side by side) or ``map``
+        (one after another): ``resolve_levels``.
+    """
+
+    batch_size: int = 20
+    levels: str = "auto"
 
 
 def batch_plan(groups: Sequence[np.ndarray], batch_size: int) -> dict[int, np.ndarray]:
@@ -181,7 +198,7 @@ def make_scorer(logits_fn: Callable[..., jax.Array], policy: MaskPolicy, num_lev
             return jax.tree.map(lambda a: a[None], run(x[0], y[0]))
         return lax.map(lambda b: run(*b), (x, y))
 
-    @functools.partial(engine.jit, options=options or {})
+    @functools.partial(xla_lib.jit, options=options or {})
     def score(params, round_state, glob, local):
         def level(lvl, own):
             spec = policy.client_spec(round_state, lvl, key)
@@ -211,18 +228,26 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
     one jitted program and one host sync per evaluation (``make_scorer``), the metrics on
     the host (``evaluation_metrics``).
 
-    ``assignment[c]`` is the capacity level index of client ``c``;
-    ``logits_fn(params, x, spec=None)`` (``spec`` picks a sub-model's readout head);
-    ``batch_size``: the evaluation batch (the authors': the client batch size);
-    ``key``: the draw of a random policy's sub-model (default ``PRNGKey(0)``);
-    ``transform(x)`` prepares stored test images (e.g. CIFAR normalisation);
-    ``samples_per_step``: about how many test samples one step of the program scores (over
-    the levels side by side with ``"vmap"``; at least one batch per level), which bounds
-    the activations' memory;
-    ``honest``: bool per client; when given, also ``local_accuracy_honest`` (pooled over the
-    local tests of the capacity's honest clients only);
-    ``xla``: the programs compile with ``engine.compiler_options(xla)``;
-    ``levels``: ``resolve_levels``' mode (``"auto"`` resolved here, on JAX's backend).
+    Args:
+      logits_fn: ``(params, x, spec=None) -> logits`` (``spec`` picks a sub-model's
+        readout head).
+      policy: the method's ``MaskPolicy`` (its ``apply`` gives each level's sub-model).
+      capacities: the capacity levels r.
+      assignment: ``assignment[c]``, the capacity level index of client ``c``.
+      batch_size: the evaluation batch (the authors': the client batch size).
+      key: the draw of a random policy's sub-model (default ``PRNGKey(0)``).
+      transform: ``transform(x)`` prepares stored test images (e.g. CIFAR normalisation).
+      samples_per_step: about how many test samples one step of the program scores (over
+        the levels side by side with ``"vmap"``; at least one batch per level), which
+        bounds the activations' memory.
+      honest: bool per client; when given, also ``local_accuracy_honest`` (pooled over
+        the local tests of the capacity's honest clients only).
+      xla: the programs compile with ``xla_lib.compiler_options(xla)``.
+      levels: ``resolve_levels``' mode (``"auto"`` resolved here, on JAX's backend).
+
+    Returns:
+      ``evaluate(params, round_state, data) -> dict`` of the full model's and every
+      capacity's accuracies and losses (module docstring).
     """
     honest = None if honest is None else np.asarray(honest, bool)
     mode = resolve_levels(levels)
@@ -230,7 +255,7 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
     assignment = np.asarray(assignment)
     score = make_scorer(logits_fn, policy, len(labels),
                         key=jax.random.PRNGKey(0) if key is None else key,
-                        transform=transform, mode=mode, options=engine.compiler_options(xla))
+                        transform=transform, mode=mode, options=xla_lib.compiler_options(xla))
     plans: dict[int, tuple] = {}   # id(data) -> (data, global plan, local plan), one dataset
 
     def plan(data: FederatedData):
@@ -258,13 +283,6 @@ def make_evaluator(logits_fn: Callable[..., jax.Array], policy: MaskPolicy,
     return evaluate
 
 
-def eval_batch_size(config) -> int:
-    """``eval.batch_size``, or ``client.batch_size`` when 0 or absent (the authors score
-    every test set in batches of their client batch size)."""
-    b = config.get("eval", {}).get("batch_size", 0)
-    return int(b) if b else int(config.client.batch_size)
-
-
 def _one_copy(tree):
     """One device's copy of each replicated multi-device leaf (the ``sharded`` strategy's
     parameters): the evaluation runs on one device, its test batches stay where they are."""
@@ -277,18 +295,17 @@ def _one_copy(tree):
 
 
 def run_evaluator(run) -> Callable[[object, int], dict]:
-    """``(params, rounds_done) -> metrics`` of a ``build.Run``: every capacity's sub-model
+    """``(params, rounds_done) -> metrics`` of a ``run.Run``: every capacity's sub-model
     on the global test set and on its clients' local tests (``make_evaluator``), with the
     policy's round state of the last trained round (``Run.eval_state``)."""
     evaluator = make_evaluator(run.logits_fn, run.policy, run.capacities, run.assignment,
-                               batch_size=eval_batch_size(run.config), key=run.eval_key,
+                               batch_size=run.options.eval.batch_size, key=run.eval_key,
                                transform=run.eval_transform,
                                honest=~run.attackers if run.attackers.any() else None,
-                               xla=run.config.engine.get("xla", "auto"),
-                               levels=run.config.get("eval", {}).get("levels", "auto"))
+                               xla=run.options.engine.xla, levels=run.options.eval.levels)
 
     def evaluate_run(params, rounds_done: int) -> dict:
-        view = _one_copy(engine.local_view(params))
+        view = _one_copy(devices.local_view(params))
         return evaluator(view, run.eval_state(view, rounds_done), run.data)
 
     return evaluate_run

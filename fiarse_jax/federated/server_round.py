@@ -28,7 +28,9 @@ statistics, Krum, the norm/direction screens and attacks look at all the updates
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import types
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -36,6 +38,31 @@ import jax.numpy as jnp
 
 from fiarse_jax.core.server import apply_update, holder_average, holder_mean
 from fiarse_jax.robust import aggregators, privacy, validation
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptions:
+    """The server's rule (``config.server``; defaults: configs/default.py's).
+
+    Attributes:
+      learning_rate: η_g of ``w ← w − η_g · aggregate(deltas)``.
+      aggregator: the rule (``aggregators.AGGREGATORS``), ``aggregator_options`` its
+        options (``config.server.<aggregator>``).
+      validate: screen updates (``z_threshold``, ``cosine_threshold``, ``screen``,
+        ``direction_action``; see ``make_server_round``).
+      exclude_after_flags: reputation: exclude a client flagged this many times (0: never).
+    """
+
+    learning_rate: float = 1.0
+    aggregator: str = "mean"
+    aggregator_options: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))
+    validate: bool = False
+    z_threshold: float = 3.5
+    cosine_threshold: float = 0.0
+    screen: str = "held"
+    direction_action: str = "reject"
+    exclude_after_flags: int = 0
 
 Params = Any
 #: What a direction verdict does (``make_server_round``).

@@ -35,6 +35,7 @@ none does, the attacker keeps its own value there.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -45,6 +46,25 @@ import numpy as np
 from jax.scipy.stats import norm as jnorm
 
 from fiarse_jax.robust.validation import group_median
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackOptions:
+    """The simulated attack (``config.attack``; defaults: configs/default.py's, none).
+
+    Attributes:
+      kind: ``none``, ``label_flip`` (on the data) or one of ``KINDS`` (on the updates).
+      fraction: the share of clients that attack.
+      scale: λ of ``scale``.
+      noise_std: the standard deviation of ``gaussian``.
+      levels: the capacity levels attackers are drawn from (empty: all).
+    """
+
+    kind: str = "none"
+    fraction: float = 0.0
+    scale: float = 10.0
+    noise_std: float = 1.0
+    levels: tuple = ()
 
 Params = Any
 KINDS = ("none", "sign_flip", "scale", "gaussian", "free_rider", "nan", "alie", "adaptive")

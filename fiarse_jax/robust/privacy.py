@@ -40,6 +40,7 @@ use, so this module imports without it). A run whose σ changed part-way (recali
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -50,6 +51,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from fiarse_jax.core.server import held, holder_sums
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOptions:
+    """DP-FedAvg (``config.dp``; defaults: configs/default.py's, no DP).
+
+    Attributes:
+      noise_multiplier: σ (0: no noise), unless ``target_epsilon`` > 0 calibrates it.
+      target_epsilon: > 0: σ such that the run's rounds spend this ε (``calibrate_noise``).
+      clip_norm: C, each client's update clipped to this L2 norm.
+      delta: δ of (ε, δ)-DP.
+      accountant: ``rdp`` or ``pld``.
+    """
+
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    clip_norm: float = 1.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
 
 Params = Any
 ACCOUNTANTS = ("rdp", "pld")
