@@ -523,7 +523,7 @@ COLS = [("clients", "clients", "d"), ("strategy", "strategy", ""), ("variant", "
 RESNET_VARIANTS = {"defaults": ({"conv": "xla"}, "loop", "default", None, False),
                    "program": ({}, "auto", "auto", None, True),
                    "patches": ({"conv": "patches"}, "vmap", "auto", None, False),
-                   "bf16": ({}, "vmap", "auto", "bfloat16", False)}
+                   "bf16": ({}, "auto", "auto", "bfloat16", False)}
 CNN_WIDTHS = [((8, 16), (32,)), ((16, 32), (64,)), ((32, 64), (128,)), ((64, 128), (256,))]
 
 
@@ -790,8 +790,8 @@ def parser() -> argparse.ArgumentParser:
                     help="resnet section: rows beside loop/vmap, comma-separated from "
                          "defaults (loop on XLA's and JAX's own defaults), program (the "
                          "backend's strategy with whole rounds one program, training's "
-                         "default), patches (vmap with model.conv=patches), bf16 (vmap, bf16 "
-                         "compute); '' for none (default: defaults,program on CPU, "
+                         "default), patches (vmap with model.conv=patches), bf16 (the "
+                         "backend's strategy, bf16 compute); '' for none (default: defaults,program on CPU, "
                          "program,patches,bf16 elsewhere)")
     ap.add_argument("--no-torch", action="store_true",
                     help="skip the PyTorch references (authors' and tuned)")

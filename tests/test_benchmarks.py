@@ -51,3 +51,29 @@ def test_benchmark_round_gives_the_training_rounds_params(tmp_path, monkeypatch,
     got, want = jax.device_get(bench.params), jax.device_get(trained.params)
     assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+
+
+def test_resnet_sweep_plot_reads_the_suites_ratios_and_draws(tmp_path):
+    """``resnet_sweep_plot`` keeps the JAX rows that have a PyTorch ratio, from every file,
+    and writes the PNG; a file without such rows is a one-line parser error."""
+    import json
+
+    import resnet_sweep_plot as rsp
+    rows = [{"framework": "jax", "strategy": "loop", "clients": 3, "steps": k, "vs_torch": r}
+            for k, r in ((5, 1.2), (20, 1.3))]
+    rows += [{"framework": "torch", "strategy": "torch", "clients": 3, "steps": 5,
+              "vs_torch": 1.0},
+             {"framework": "jax", "strategy": "vmap", "clients": 3, "steps": 5,
+              "error": "failed"}]
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"resnet": rows}))
+    b.write_text(json.dumps({"resnet": [{**rows[0], "clients": 10, "vs_torch": 1.25,
+                                         "variant": "program"}]}))
+    found = rsp.rows([str(a), str(b)])
+    assert [(r["clients"], r["steps"], rsp.label(r)) for r in found] == [
+        (3, 5, "loop"), (3, 20, "loop"), (10, 5, "loop (program)")]
+    rsp.main([str(a), str(b), "--out", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").stat().st_size > 0
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        rsp.main([str(tmp_path / "empty.json"), "--out", str(tmp_path / "q.png")])
