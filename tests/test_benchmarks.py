@@ -77,3 +77,24 @@ def test_resnet_sweep_plot_reads_the_suites_ratios_and_draws(tmp_path):
     (tmp_path / "empty.json").write_text("{}")
     with pytest.raises(SystemExit):
         rsp.main([str(tmp_path / "empty.json"), "--out", str(tmp_path / "q.png")])
+
+
+def test_conv_options_times_every_option_set_and_writes_json(tmp_path, monkeypatch):
+    """``conv_options`` on a tiny shape: every option set compiles and is timed, ours is
+    ``compiler_options("auto")``'s, and the JSON holds what was printed."""
+    import json
+
+    import conv_options
+
+    from fiarse_jax.federated import xla
+    sets = conv_options.option_sets()
+    assert sets["ours (engine.xla=auto)"] == xla.compiler_options("auto")
+    assert sets["XLA defaults"] == {} and len(sets) == 5
+    monkeypatch.setattr(conv_options, "SHAPES", [(4, 2, 3)])
+    monkeypatch.setattr(conv_options, "time_torch", lambda repeats: None)
+    out = tmp_path / "conv.json"
+    result = conv_options.main(["--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["ms"] == result["ms"]
+    assert list(result["ms"]) == list(sets) and min(result["ms"].values()) > 0
+    with pytest.raises(SystemExit):
+        conv_options.main(["--repeats", "0", "--out", str(out)])
