@@ -21,6 +21,7 @@ from fiarse_jax.data import DATASETS, federate, load_from_config
 from fiarse_jax.experiment.config import ConfigError, round_options, validate_config
 from fiarse_jax.federated.run import Run
 from fiarse_jax.robust import attacks
+from fiarse_jax.robust.attacks import AttackOptions
 
 __all__ = ["Run", "build_model", "build_run", "choose_attackers", "load_pretrained",
            "make_model_fns"]
@@ -107,12 +108,13 @@ def build_run(config, *, pretrained: bool = True) -> Run:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config.{config.method}: {e}") from None
     logits_fn, loss_fn = make_model_fns(model, policy)
-    assignment = assign_capacities(config.data.num_clients, len(capacities))
-    attackers = choose_attackers(config, assignment)
-    if config.attack.kind == "label_flip":   # the attackers train on flipped labels
+    options = round_options(config)
+    assignment = assign_capacities(options.schedule.num_clients, len(capacities))
+    attackers = choose_attackers(options.attack, options.schedule.seed, assignment)
+    if options.attack.kind == "label_flip":   # the attackers train on flipped labels
         data = data._replace(train=data.train._replace(y=attacks.flip_labels(
             data.train.y, data.num_classes, jnp.asarray(attackers))))
-    return Run(round_options(config), capacities, data, model, params, train_key, unit_groups,
+    return Run(options, capacities, data, model, params, train_key, unit_groups,
                policy, logits_fn, loss_fn, assignment, jax.jit(policy.prepare), attackers,
                ds.train_transform, ds.eval_transform, x_one, is_maskable)
 
@@ -160,12 +162,11 @@ def build_model(config, ds):
         raise ConfigError(f"config.model: {e}") from None
 
 
-def choose_attackers(config, assignment: np.ndarray) -> np.ndarray:
-    """bool[num_clients]: the clients ``config.attack`` marks as malicious, a pure function
-    of the seed (none when ``fraction`` is 0). With kind ``none`` they stay honest: a clean
+def choose_attackers(attack: AttackOptions, seed: int, assignment: np.ndarray) -> np.ndarray:
+    """bool[num_clients]: the clients ``attack`` marks as malicious, a pure function of the
+    run's ``seed`` (none when ``fraction`` is 0). With kind ``none`` they stay honest: a clean
     twin of an attacked run, scored on the same honest clients (``local_accuracy_honest``)."""
-    a = config.attack
-    if a.fraction == 0:
+    if attack.fraction == 0:
         return np.zeros(len(assignment), bool)
-    return attacks.choose_attackers(config.seed + 1, len(assignment), a.fraction,
-                                    levels=tuple(a.levels) or None, assignment=assignment)
+    return attacks.choose_attackers(seed + 1, len(assignment), attack.fraction,
+                                    levels=tuple(attack.levels) or None, assignment=assignment)

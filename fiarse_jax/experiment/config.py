@@ -338,12 +338,8 @@ def round_options(config) -> Options:
     """
     client = config.client
     return Options(
-        schedule=Schedule(seed=int(config.seed), num_rounds=int(config.num_rounds),
-                          num_clients=int(config.data.num_clients),
-                          clients_per_round=int(config.clients_per_round),
-                          eval_every=int(config.eval_every),
-                          checkpoint_every=int(config.checkpoint_every),
-                          rounds_per_program=int(config.engine.get("rounds_per_program", 0))),
+        schedule=_section(Schedule, config, num_clients=config.data.num_clients,
+                          rounds_per_program=config.engine.get("rounds_per_program", 0)),
         client=_section(ClientOptions, client,
                         betas=tuple(float(b) for b in client.get("betas", (0.9, 0.999)))),
         engine=_section(EngineOptions, config.engine),

@@ -246,7 +246,7 @@ class _Rounds:
     def __init__(self, run: Run, fns: client_lib.ClientFns, servers: ServerCache,
                  round_inputs: Callable[..., RoundInputs], *, strategy: str, chunk: int,
                  multi: bool, sigma0: float, capacity: int):
-        self.run, self.options, self.fns, self.servers = run, run.options, fns, servers
+        self.run, self.fns, self.servers = run, fns, servers
         self.round_inputs, self.strategy, self.chunk = round_inputs, strategy, chunk
         self.sigma0, self.capacity = sigma0, capacity   # capacity 1: no blocks of rounds
         self.streaming = servers.streaming
@@ -267,7 +267,7 @@ class _Rounds:
         ``dp_segments``/``planned_rounds``: the σ history and ``num_rounds`` of the
         checkpoint resumed from (DP recalibrates σ when ``num_rounds`` changed);
         ``record``: its screening record (default: empty)."""
-        o, sigma0 = self.options, self.sigma0
+        o, sigma0 = self.run.options, self.sigma0
         spent = tuple((int(n), float(s)) for n, s in dp_segments)
         sigma = (noise_multiplier(o.dp, o.schedule, spent, planned_rounds)
                  if sigma0 > 0 and spent else sigma0)
